@@ -1,0 +1,136 @@
+"""Tiny DocEV assets made locally: an HF-format checkpoint and a tokenizer.
+
+Nothing can be downloaded at run time, so the demo and the tests use a checkpoint with the
+released key layout (DESIGN §4) at toy widths, random weights, safetensors shards + index,
+``config.json``, ``preprocessor_config.json`` and a byte-level BPE tokenizer trained here
+on synthetic document text. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from docev.models.docev._arch import ARCHS, DocEVArch, hf_config, hf_param_shapes
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+IMAGE_TOKEN = "<image>"
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+def bundled_template(name: str = "docev_chatml") -> str:
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text()
+
+
+def init_weights(arch: DocEVArch, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the HF layout: norms at 1, biases small, matrices N(0, 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in hf_param_shapes(arch).items():
+        if name.endswith("norm.weight") or ".layer_norm" in name and name.endswith(".weight"):
+            t = torch.ones(shape)
+        elif len(shape) == 1 or name.endswith("probe"):
+            t = torch.randn(shape, generator=gen) * 0.01
+        else:
+            t = torch.randn(shape, generator=gen) * 0.02
+        out[name] = t.contiguous()
+    return out
+
+
+def save_sharded(
+    tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict | None = None
+) -> list[str]:
+    """``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json`` (HF convention)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return files
+
+
+def train_tokenizer(arch: DocEVArch, seed: int = 0):
+    """Byte-level BPE with exactly ``arch.vocab_size`` base ids; ``<image>`` = the first fusion id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from docev.synth import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=arch.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(seed=seed), trainer)
+    if tok.get_vocab_size() != arch.vocab_size:
+        raise RuntimeError(f"tokenizer corpus too small: {tok.get_vocab_size()} ids, need {arch.vocab_size}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", IMAGE_TOKEN],
+    )
+    fast.chat_template = bundled_template()
+    if fast.convert_tokens_to_ids(IMAGE_TOKEN) != arch.image_token_id:
+        raise RuntimeError(f"{IMAGE_TOKEN} got id {fast.convert_tokens_to_ids(IMAGE_TOKEN)}")
+    return fast
+
+
+def init_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, max_shard_mb: float = 1.0) -> Path:
+    """Write a DocEV HF-format checkpoint folder (weights, configs, tokenizer) to ``out``."""
+    if size not in ARCHS or size == "preview":
+        raise ValueError(f"--size {size!r}: only 'tiny' can be generated (the preview model is 11.6B)")
+    arch = ARCHS[size]()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = init_weights(arch, seed)
+    save_sharded(weights, out, max_shard_bytes=math.ceil(max_shard_mb * 2**20))
+    config = hf_config(arch)
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    preprocessor = {
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,  # PIL bicubic
+        "image_grid_pinpoints": config["image_grid_pinpoints"],
+        "size": {"height": arch.tile_size, "width": arch.tile_size},
+        "crop_size": {"height": arch.tile_size, "width": arch.tile_size},
+        "do_pad": True,
+        "rescale_factor": 1 / 255,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    train_tokenizer(arch, seed).save_pretrained(str(out))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": _token_id(out, "<|im_end|>"), "pad_token_id": 0}, indent=2)
+    )
+    return out
+
+
+def _token_id(folder: Path, token: str) -> int:
+    vocab = json.loads((folder / "tokenizer.json").read_text())
+    for added in vocab["added_tokens"]:
+        if added["content"] == token:
+            return added["id"]
+    raise KeyError(token)

@@ -1,0 +1,472 @@
+"""The one config schema.
+
+A single YAML file drives every pipeline step. The torchtune sections keep their
+keys (``_component_`` + keyword arguments) so the recipe can ``config.instantiate``
+them; the pipeline sections (``validate``, ``preprocess``, ``train``, ``export``,
+``kubernetes``) are ours. Loading = ``yaml.safe_load`` → OmegaConf (for ``${...}``
+interpolation and ``a.b=value`` overrides) → pydantic validation. Every error names
+the file, the dotted path, and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config problem; ``errors`` holds one line per problem: ``file: path: message``."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Component(BaseModel):
+    """A torchtune-style ``_component_`` section: a dotted path plus keyword arguments."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    component: str = Field(alias="_component_", description="Dotted path of the callable to instantiate.")
+
+
+class ModelSection(_Strict):
+    component: str = Field("docev.models.docev.docev_tiny", alias="_component_")
+    decoder_trainable: bool = True
+    encoder_trainable: bool = False
+    fusion_trainable: bool = True
+    image_token_id: int | None = Field(None, description="Token id of <image>; must match the tokenizer.")
+    tile_size: int | None = None
+    patch_size: int | None = None
+    max_num_tiles: int | None = None
+    min_num_tiles: int | None = None
+
+
+class TokenizerSection(_Strict):
+    """Arguments of ``docev.data.transform.docev_preview_transform``."""
+
+    component: str = Field("docev.data.transform.docev_preview_transform", alias="_component_")
+    model_name_or_path: str
+    image_token: str = "<image>"
+    image_token_id: int | None = None
+    stop_tokens: list[str] = ["<|im_end|>"]
+    tile_size: int = 560
+    patch_size: int = 14
+    max_num_tiles: int = Field(9, ge=1)
+    min_num_tiles: int = Field(1, ge=1)
+    vision_feature_select_strategy: Literal["full", "default"] = "full"
+    sampling_ratio: list[int] = [2, 3]
+    apply_random_sampling_ratio: bool = True
+    max_seq_len: int = Field(8192, gt=0)
+    chat_template: str = Field(
+        "docev_chatml", description="A bundled template name (docev_chatml) or an inline Jinja2 template."
+    )
+    add_vision_id: bool = False
+    overflow_policy: list[Literal["larger_ratio", "truncate_text", "drop"]] = [
+        "larger_ratio",
+        "truncate_text",
+        "drop",
+    ]
+    ufx_type: Literal["instruction", "pretrain"] = "instruction"
+
+    @field_validator("vision_feature_select_strategy")
+    @classmethod
+    def _no_cls_token(cls, v: str) -> str:
+        if v == "default":
+            raise ValueError(
+                "'default' drops token 0 (CLIP's CLS token); DocEV's SigLIP encoder has no CLS token, "
+                "so it would drop a real image patch. Use 'full'."
+            )
+        return v
+
+    @field_validator("max_num_tiles")
+    @classmethod
+    def _anyres_limit(cls, v: int) -> int:
+        if v > 9:
+            raise ValueError("at most 9 (DocEV's anyres grids are 1..9 tiles)")
+        return v
+
+    @field_validator("sampling_ratio")
+    @classmethod
+    def _some_ratio(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one ratio")
+        return v
+
+
+class CheckpointerSection(_Strict):
+    component: str = Field("docev.models.docev.DocEVCheckpointer", alias="_component_")
+    checkpoint_dir: str
+    checkpoint_files: list[str] | dict[str, str] | None = None
+    model_type: str = "DOCEV"
+    output_dir: str | None = None
+
+
+class DatasetSource(_Strict):
+    """One UFX source (DESIGN §5)."""
+
+    source: str = Field(description="Folder holding a save_to_disk dataset or *.jsonl / *.parquet files.")
+    name: str | None = None
+    weight: float = Field(1.0, gt=0)
+    ufx_type: Literal["instruction", "pretrain"] = "instruction"
+    context_col: str = "context"
+    image_files_col: str = "image_files"
+    new_system_prompt: str | None = None
+
+
+class DataloaderSection(_Strict):
+    num_workers: int = Field(0, ge=0)
+    shuffle: bool = True
+    packed: bool = False
+    merge_datasets: bool = True
+    bucket_by_length: bool = False
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+
+
+class ValidateSection(_Strict):
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    min_image_size: int = Field(14, ge=1)
+    max_image_pixels: int = Field(178_956_970, gt=0)
+    allowed_roots: list[str] = []
+    workers: int = Field(1, ge=1)
+    thumbnails: int = Field(6, ge=0)
+
+
+class PreprocessSection(_Strict):
+    workers: int = Field(1, ge=1)
+    records_per_shard: int = Field(256, ge=1)
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+
+class Resources(_Strict):
+    cpu: str = "8"
+    memory: str = "64Gi"
+    gpu: int = Field(0, ge=0)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_type: str | None = None
+    shm_size: str = "16Gi"
+
+
+class TrainSection(_Strict):
+    backend: Literal["local", "kubernetes"] = "local"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    image: str = "ghcr.io/docev/docev-pipelines:0.1.0"
+    resources: Resources = Resources()
+    timeout_seconds: int = Field(7 * 24 * 3600, gt=0)
+    delete_job_on_success: bool = True
+
+
+class ExportSection(_Strict):
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_shard_size: str = "5GB"
+    destination: str | None = None
+    checkpoint: str = "latest"
+    smoke_prompt: str = "What does this document say?"
+    smoke_max_new_tokens: int = Field(16, ge=1)
+
+
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class KubernetesSection(_Strict):
+    namespace: str = "docev"
+    service_account: str = "docev-pipeline"
+    pvc: str = "docev-data"
+    mount_path: str = "/mnt/docev"
+    storage_class: str | None = None
+    wandb_secret: str | None = "docev-wandb"
+    wandb_secret_key: str = "api-key"
+    node_selector: dict[str, str] = {}
+    tolerations: list[Toleration] = []
+
+
+class SyntheticSection(_Strict):
+    """The embedded default: ``docev run`` makes the tiny checkpoint and synthetic UFX data when missing."""
+
+    records: int = Field(48, ge=1)
+    seed: int = 0
+    format: Literal["jsonl", "parquet", "hf"] = "jsonl"
+    checkpoint_size: Literal["tiny"] = "tiny"
+    data_dir: str
+
+
+class DocEVConfig(_Strict):
+    """The whole run. Top-level keys mirror torchtune's recipe configs plus the pipeline sections."""
+
+    output_dir: str
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cuda"
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+    model: ModelSection
+    tokenizer: TokenizerSection
+    checkpointer: CheckpointerSection
+    resume_from_checkpoint: bool | Literal["auto"] = "auto"
+    datasets: list[DatasetSource] = Field(min_length=1)
+    dataloader: DataloaderSection = DataloaderSection()
+
+    epochs: int = Field(1, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    optimizer: Component
+    optimizer_in_bwd: bool = False
+    lr_scheduler: Component | None = None
+    loss: Component
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    compile: bool = False
+    enable_activation_checkpointing: bool = False
+    enable_activation_offloading: bool = False
+    metric_logger: Component
+    log_every_n_steps: int = Field(1, ge=1)
+    log_peak_memory_stats: bool = True
+    save_every_n_steps: int = Field(100, ge=1)
+    keep_last_n_checkpoints: int = Field(2, ge=1)
+
+    validate_: ValidateSection = Field(ValidateSection(), alias="validate")
+    preprocess: PreprocessSection = PreprocessSection()
+    train: TrainSection = TrainSection()
+    export: ExportSection = ExportSection()
+    kubernetes: KubernetesSection = KubernetesSection()
+    synthetic: SyntheticSection | None = None
+
+    def cross_checks(self) -> list[tuple[str, str]]:
+        """Rules spanning sections, as (dotted path, message)."""
+        errors = []
+        tok = self.tokenizer
+        for key in ("tile_size", "patch_size", "max_num_tiles", "min_num_tiles", "image_token_id"):
+            m, t = getattr(self.model, key), getattr(tok, key)
+            if m is not None and t is not None and m != t:
+                errors.append((f"model.{key}", f"{m} disagrees with tokenizer.{key} = {t}; state it once"))
+        if tok.tile_size % tok.patch_size:
+            errors.append(("tokenizer.tile_size", f"{tok.tile_size} is not a multiple of patch_size {tok.patch_size}"))
+        if tok.min_num_tiles > tok.max_num_tiles:
+            errors.append(("tokenizer.min_num_tiles", f"{tok.min_num_tiles} > max_num_tiles {tok.max_num_tiles}"))
+        side = tok.tile_size // tok.patch_size
+        bad = [r for r in tok.sampling_ratio if not 1 <= r <= side]
+        if bad:
+            errors.append(("tokenizer.sampling_ratio", f"{bad} outside 1..{side} (the per-tile patch grid side)"))
+        elif (s := side // max(tok.sampling_ratio)) * s >= tok.max_seq_len:
+            errors.append(
+                (
+                    "tokenizer.max_seq_len",
+                    f"{tok.max_seq_len} cannot hold one image: the base tile "
+                    f"alone costs {s * s} tokens at sampling_ratio {max(tok.sampling_ratio)}",
+                )
+            )
+        if self.dataloader.packed and self.dataloader.bucket_by_length:
+            errors.append(
+                (
+                    "dataloader.bucket_by_length",
+                    "excludes dataloader.packed: packing already fills rows to max_seq_len; choose one",
+                )
+            )
+        return errors
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections (for caches and shard compatibility)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        blob = json.dumps({s: data[s] for s in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4`` as a float (YAML 1.1 wants ``5.0e-4``)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+)$"),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b.c=value`` → (path, yaml-parsed value). Bad syntax is a ConfigError."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError([f"override {item!r}: expected key.sub=value (e.g. optimizer.lr=2e-5)"])
+        try:
+            value = safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"override {item!r}: value is not valid YAML ({exc.problem})"]) from exc
+        out.append((key, value))
+    return out
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """YAML (safe) + overrides + ``${...}`` interpolation, before schema validation."""
+    path = Path(path)
+    try:
+        data = safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    return resolve(data, overrides or [], origin=str(path))
+
+
+def resolve(data: dict[str, Any], overrides: list[str], origin: str = "<config>") -> dict[str, Any]:
+    """Apply overrides and resolve interpolations on an already-parsed mapping."""
+    cfg = OmegaConf.create(data)
+    for key, value in parse_overrides(overrides):
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError([f"{origin}: override {key}: {_omega_msg(exc)}"]) from exc
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        where = getattr(exc, "full_key", "") or "?"
+        raise ConfigError([f"{origin}: {where}: interpolation failed: {_omega_msg(exc)}"]) from exc
+
+
+def _omega_msg(exc: Exception) -> str:
+    return str(exc).splitlines()[0]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DocEVConfig:
+    """Load, override, interpolate, validate. Raises ConfigError listing every problem."""
+    return validate_dict(load_raw(path, overrides), origin=str(path))
+
+
+def validate_dict(data: dict[str, Any], origin: str = "<config>") -> DocEVConfig:
+    try:
+        cfg = DocEVConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(err, origin) for err in exc.errors()]) from None
+    errors = [f"{origin}: {path}: {msg}" for path, msg in cfg.cross_checks()]
+    for name in COMPONENT_SECTIONS:
+        errors += [f"{origin}: {name}.{msg}" for msg in _component_errors(getattr(cfg, name))]
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+COMPONENT_SECTIONS = ("optimizer", "lr_scheduler", "loss", "metric_logger")
+# Arguments the recipe passes itself; a config must not set them.
+_RECIPE_SUPPLIED = {"params", "optimizer", "num_training_steps"}
+
+
+def _component_errors(section: Component | None) -> list[str]:
+    """Check a ``_component_`` section against the callable's signature: importable, known keyword
+    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path."""
+    if section is None:
+        return []
+    path = section.component
+    module_name, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {path!r}"]
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    names = [n for n in params if n not in _RECIPE_SUPPLIED]
+    errors = []
+    for key, value in (section.model_extra or {}).items():
+        if key not in params or key in _RECIPE_SUPPLIED:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(names)})"
+            errors.append(f"{key}: unknown argument of {path}{hint}")
+            continue
+        expected = params[key].default
+        if isinstance(expected, bool) and not isinstance(value, bool):
+            errors.append(f"{key}: expected a boolean, got {value!r}")
+        elif isinstance(expected, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+    return errors
+
+
+def _format_error(err: dict[str, Any], origin: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc) or "<top>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key" + _suggest(loc)
+    elif kind == "missing":
+        msg = "required key is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], dict | list):
+            msg += f" (got {err['input']!r})"
+    return f"{origin}: {path}: {msg}"
+
+
+def _suggest(loc: list[str]) -> str:
+    """'did you mean' for an unknown key, from the fields of the model at that location."""
+    model: Any = DocEVConfig
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = _field(model, part)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+        if model is None:
+            return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(sorted(names))})"
+
+
+def _field(model: type[BaseModel], name: str):
+    for fname, f in model.model_fields.items():
+        if name in (fname, f.alias):
+            return f
+    return None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the config, for editors (``docev config schema``)."""
+    return DocEVConfig.model_json_schema(by_alias=True)

@@ -1,0 +1,1 @@
+"""DocEV Preview for torchtune: architecture sizes, builders and weight conversion."""

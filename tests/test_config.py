@@ -1,0 +1,126 @@
+import json
+
+import pytest
+import yaml
+from conftest import CONFIGS
+
+from docev.cli import main
+from docev.config import ConfigError, json_schema, load_config, parse_overrides
+
+TINY = CONFIGS / "tiny.yaml"
+
+
+def _errors(overrides, path=TINY):
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, overrides)
+    return exc.value.errors
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "docev_preview.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.datasets and cfg.tokenizer.chat_template == "docev_chatml"
+
+
+def test_preview_config_carries_reference_values():
+    cfg = load_config(CONFIGS / "docev_preview.yaml")
+    tok = cfg.tokenizer
+    assert (tok.tile_size, tok.patch_size, tok.min_num_tiles, tok.max_num_tiles) == (560, 14, 1, 9)
+    assert tok.sampling_ratio == [2, 3] and tok.apply_random_sampling_ratio and tok.max_seq_len == 8192
+    assert cfg.optimizer.model_extra == {"lr": 1e-5, "weight_decay": 0.0, "fused": True}
+    assert cfg.lr_scheduler.model_extra["num_warmup_steps"] == 100
+    assert cfg.loss.component.endswith("CEWithChunkedOutputLoss")
+    assert (cfg.clip_grad_norm, cfg.compile, cfg.dtype, cfg.gradient_accumulation_steps) == (1.0, True, "bf16", 32)
+    assert cfg.metric_logger.component.endswith("WandBLogger")
+    # interpolation resolved across sections
+    assert cfg.checkpointer.checkpoint_dir == tok.model_name_or_path
+
+
+def test_unknown_key_names_path_and_suggests():
+    assert _errors(["model.tile_siz=112"]) == [f"{TINY}: model.tile_siz: unknown key (did you mean 'tile_size'?)"]
+    assert _errors(["datasets.1.wieght=2"]) == [f"{TINY}: datasets.1.wieght: unknown key (did you mean 'weight'?)"]
+    assert _errors(["optimizer.lrr=0.1"]) == [
+        f"{TINY}: optimizer.lrr: unknown argument of torch.optim.AdamW (did you mean 'lr'?)"
+    ]
+
+
+def test_unknown_key_in_file(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    data["dataloder"] = {"num_workers": 1}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert _errors([], path) == [f"{path}: dataloder: unknown key (did you mean 'dataloader'?)"]
+
+
+def test_wrong_type_names_path_and_value():
+    (err,) = _errors(["batch_size=two"])
+    assert err.startswith(f"{TINY}: batch_size: ") and "integer" in err and "'two'" in err
+    (err,) = _errors(["optimizer.lr=fast"])
+    assert err == f"{TINY}: optimizer.lr: expected a number, got 'fast'"
+
+
+def test_missing_required(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    del data["tokenizer"]["model_name_or_path"]
+    data["checkpointer"]["checkpoint_dir"] = "/x"
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert _errors([], path) == [f"{path}: tokenizer.model_name_or_path: required key is missing"]
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=1", "a..b=1", "a.b=[unclosed"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(ConfigError) as exc:
+        parse_overrides([bad])
+    assert repr(bad) in str(exc.value)
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    cfg = load_config(TINY, ["optimizer.lr=5e-4", "dataloader.packed=true", "tokenizer.sampling_ratio=[3]"])
+    assert cfg.optimizer.model_extra["lr"] == 5e-4 and cfg.dataloader.packed and cfg.tokenizer.sampling_ratio == [3]
+    # interpolation sees the override
+    cfg = load_config(TINY, ["output_dir=/tmp/elsewhere"])
+    assert cfg.checkpointer.checkpoint_dir == "/tmp/elsewhere/base_checkpoint"
+
+
+def test_broken_interpolation():
+    (err,) = _errors(["output_dir=${nowhere}"])
+    assert err.startswith(f"{TINY}: output_dir: interpolation failed")
+
+
+def test_cross_section_rules():
+    assert _errors(["model.tile_size=56"]) == [
+        f"{TINY}: model.tile_size: 56 disagrees with tokenizer.tile_size = 112; state it once"
+    ]
+    assert _errors(["tokenizer.image_token_id=7"])[0].startswith(f"{TINY}: model.image_token_id: 1024 disagrees")
+    assert "not a multiple" in _errors(["tokenizer.tile_size=100"])[0]
+    assert "min_num_tiles" in _errors(["tokenizer.min_num_tiles=4", "tokenizer.max_num_tiles=2"])[0]
+    assert "outside 1..8" in _errors(["tokenizer.sampling_ratio=[9]"])[0]
+    assert "cannot hold one image" in _errors(["tokenizer.max_seq_len=16", "tokenizer.sampling_ratio=[2]"])[0]
+    assert "packing" in _errors(["dataloader.packed=true", "dataloader.bucket_by_length=true"])[0]
+
+
+def test_default_feature_select_rejected_with_reason():
+    (err,) = _errors(["tokenizer.vision_feature_select_strategy=default"])
+    assert "tokenizer.vision_feature_select_strategy" in err and "no CLS token" in err
+
+
+def test_unimportable_component():
+    (err,) = _errors(["loss._component_=torchtune.modules.loss.NoSuchLoss"])
+    assert err == f"{TINY}: loss._component_: cannot import 'torchtune.modules.loss.NoSuchLoss'"
+
+
+def test_json_schema_lists_sections():
+    schema = json_schema()
+    for key in ("model", "tokenizer", "checkpointer", "datasets", "validate", "kubernetes", "train", "export"):
+        assert key in schema["properties"]
+    assert schema["properties"]["model"]["$ref"]
+
+
+def test_cli_validate_ok_and_error_exit_code(capsys):
+    assert main(["config", "validate", str(TINY), "epochs=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 3
+    assert main(["config", "validate", str(TINY), "epochz=3"]) == 2
+    assert "epochz: unknown key (did you mean 'epochs'?)" in capsys.readouterr().err
+    assert main(["config", "schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "DocEVConfig"
