@@ -28,3 +28,14 @@ def test_shape_errors(record, needle):
     with pytest.raises(ValidationError) as exc:
         UFXRecord.model_validate(record)
     assert needle in str(exc.value)
+
+
+def test_ufx_error_carries_reason_field_and_record():
+    from docev.ufx import REASONS, UFXError
+
+    err = UFXError("unknown_role", "'robot' is not system/user/assistant", field="context.0.role", record_id="r1")
+    assert (err.reason, err.field, err.record_id) == ("unknown_role", "context.0.role", "r1")
+    assert "record 'r1' context.0.role: unknown_role" in str(err)
+    assert isinstance(err, ValueError) and "placeholder_mismatch" in REASONS
+    with pytest.raises(ValueError, match="unknown UFX reason code"):
+        UFXError("made_up", "x")

@@ -61,3 +61,29 @@ class UFXRecord(BaseModel):
         if self.text is not None:
             return self.text.count(IMAGE_PLACEHOLDER)
         return sum(m.image_count() for m in self.context or [])
+
+
+REASONS = (
+    "missing_field",  # a required column/key is absent (id, context/text, role, content)
+    "wrong_type",  # a value has the wrong JSON type (content not str/list, image_files not a list, ...)
+    "unknown_role",  # a message role outside system/user/assistant
+    "bad_part",  # a content part that is not {"type": "image"} / {"type": "text", "text": str}
+    "empty_conversation",  # context is an empty list, or pretraining text is empty
+    "no_assistant_turn",  # an instruction conversation with nothing to learn from
+    "placeholder_mismatch",  # number of <image> placeholders != len(image_files)
+)
+
+
+class UFXError(ValueError):
+    """A record that cannot become a training sample.
+
+    ``reason`` is one of :data:`REASONS` (stable codes: the validator writes them to ``rejects.jsonl``),
+    ``field`` the dotted path inside the record (e.g. ``context.2.role``), ``detail`` a human sentence.
+    """
+
+    def __init__(self, reason: str, detail: str, *, field: str | None = None, record_id: str | None = None):
+        if reason not in REASONS:
+            raise ValueError(f"unknown UFX reason code {reason!r}; expected one of {REASONS}")
+        self.reason, self.detail, self.field, self.record_id = reason, detail, field, record_id
+        where = " ".join(x for x in (f"record {record_id!r}" if record_id else "", field or "") if x)
+        super().__init__(f"{where}: {reason}: {detail}" if where else f"{reason}: {detail}")
