@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from docev.ufx import UFXRecord
+from docev.ufx import UFXError, UFXRecord, parse_record
 
 
 def test_string_and_part_placeholders_count():
@@ -39,3 +39,34 @@ def test_ufx_error_carries_reason_field_and_record():
     assert isinstance(err, ValueError) and "placeholder_mismatch" in REASONS
     with pytest.raises(ValueError, match="unknown UFX reason code"):
         UFXError("made_up", "x")
+
+
+@pytest.mark.parametrize(
+    "record, ufx_type, reason, field",
+    [
+        ({"id": "a", "context": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}]},
+         "instruction", "placeholder_mismatch", None),
+        ({"id": "a", "context": [{"role": "robot", "content": "x"}]}, "instruction", "unknown_role", "context.0.role"),
+        ({"id": "a", "context": []}, "instruction", "empty_conversation", "context"),
+        ({"id": "a", "context": [{"role": "user", "content": "hi"}]}, "instruction", "no_assistant_turn", "context"),
+        ({"id": "a"}, "instruction", "missing_field", "context"),
+        ({"id": "a", "context": [{"role": "user", "content": "hi"}]}, "pretrain", "missing_field", "text"),
+        ({"context": [{"role": "assistant", "content": "hi"}]}, "instruction", "missing_field", "id"),
+        ({"id": 3, "context": [{"role": "assistant", "content": "hi"}]}, "instruction", "wrong_type", "id"),
+        ({"id": "a", "context": [{"role": "user", "content": [{"type": "video"}]}]}, "instruction", "bad_part",
+         "context.0.content.0.type"),
+        ({"id": "a", "context": [{"role": "user", "content": 5}]}, "instruction", "wrong_type", "context.0.content"),
+        ({"id": "a", "text": "  "}, "pretrain", "empty_conversation", "text"),
+    ],
+)  # fmt: skip
+def test_parse_record_reason_codes(record, ufx_type, reason, field):
+    with pytest.raises(UFXError) as exc:
+        parse_record(record, ufx_type)
+    assert (exc.value.reason, exc.value.field) == (reason, field)
+
+
+def test_parse_record_accepts_both_content_forms():
+    rec = parse_record({"id": "a", "image_files": ["x.png"], "context": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "ok"}]})  # fmt: skip
+    assert rec.placeholder_count() == 1
