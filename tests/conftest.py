@@ -20,3 +20,15 @@ def synth_sources(tmp_path_factory) -> dict[str, Path]:
     from docev.synth import synth_data
 
     return synth_data(tmp_path_factory.mktemp("synth"), 20, seed=3, fmt="jsonl", workers=1)
+
+
+def tiny_config(output_dir: Path, checkpoint: Path, datasets: list[dict] | None = None, *overrides: str):
+    """configs/tiny.yaml pointed at a test's folders (no synthetic section: the test brings its data)."""
+    import json
+
+    from docev.config import load_config
+
+    args = [f"output_dir={output_dir}", f"tokenizer.model_name_or_path={checkpoint}", "synthetic=null"]
+    if datasets is not None:
+        args.append(f"datasets={json.dumps(datasets)}")
+    return load_config(CONFIGS / "tiny.yaml", [*args, *overrides])
