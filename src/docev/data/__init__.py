@@ -1,0 +1,1 @@
+"""The data path: UFX → messages → token ids + tiles, shards, sampler, collate."""
