@@ -1,1 +1,1 @@
-"""The data path: UFX → messages → token ids + tiles, shards, sampler, collate."""
+"""Data side of DocEV: UFX records → messages → the model transform (tokens, loss masks, tiles)."""

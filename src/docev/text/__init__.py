@@ -1,0 +1,1 @@
+"""Text side of the transform: chat template rendering and loss masks."""

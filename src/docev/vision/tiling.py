@@ -1,0 +1,120 @@
+"""Anyres pixels: an image becomes a base tile plus a padded canvas cut into tiles (LLaVA-NeXT).
+
+The arithmetic (which canvas, which resized size) lives in :mod:`docev.vision.geometry`; this
+module only moves pixels, and keeps them uint8 until :func:`normalize`: uint8 is 4× smaller
+than float32 in shards, in the loader's queues and on the host-to-device copy, and
+normalisation is one fused multiply-add that belongs in the collate or on the device.
+The reference is transformers' ``LlavaNextImageProcessorPil``: the canvas is the image resized
+with the same PIL filter and padded with zeros, split evenly (the odd pixel goes after); the
+base tile is the whole image resized to tile × tile (aspect not kept).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from docev.vision.geometry import TilePlan, plan_tiles
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """Normalisation and resampling of a checkpoint (``preprocessor_config.json``)."""
+
+    mean: tuple[float, float, float] = SIGLIP_MEAN
+    std: tuple[float, float, float] = SIGLIP_STD
+    resample: Image.Resampling = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> PixelConfig:
+        """Read ``preprocessor_config.json`` in ``path``; SigLIP 0.5/0.5 and bicubic when absent."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        mean, std = tuple(data.get("image_mean", SIGLIP_MEAN)), tuple(data.get("image_std", SIGLIP_STD))
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            raise ValueError(f"{file}: image_mean/image_std need 3 values each, std > 0 (got {mean}, {std})")
+        try:
+            resample = Image.Resampling(int(data.get("resample", Image.Resampling.BICUBIC)))
+        except ValueError as exc:
+            raise ValueError(f"{file}: resample {data.get('resample')!r} is not a PIL filter id (0..5)") from exc
+        return cls(mean=mean, std=std, resample=resample)  # type: ignore[arg-type]
+
+
+@dataclass
+class TiledImage:
+    """One image ready for the vision tower, still uint8: ``base`` (tile × tile) and ``canvas``
+    (the plan's canvas: the aspect-resized image centred, zero padding around it)."""
+
+    plan: TilePlan
+    base: Image.Image
+    canvas: Image.Image
+
+    def pixels(self, tile_size: int) -> torch.Tensor:
+        """uint8 [1 + rows·cols, 3, T, T]: the base tile, then the grid tiles row-major."""
+        return torch.cat([to_chw(self.base)[None], cut_tiles(to_chw(self.canvas), tile_size)])
+
+
+def tile_image(
+    image: Image.Image,
+    *,
+    tile_size: int,
+    min_num_tiles: int = 1,
+    max_num_tiles: int = 9,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> TiledImage:
+    """image → (base uint8, canvas uint8, plan): the one step the preprocessor stores."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image (see docev.vision.image_io.load_image), got mode {image.mode!r}")
+    w, h = image.size
+    plan = plan_tiles(h, w, tile_size, min_num_tiles, max_num_tiles)
+    (ch, cw), (rh, rw) = plan.canvas, plan.resized
+    resized = image if (rh, rw) == (h, w) else image.resize((rw, rh), resample)
+    if (rh, rw) == (ch, cw):
+        canvas = resized
+    else:
+        canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
+        canvas.paste(resized, ((cw - rw) // 2, (ch - rh) // 2))
+    base = image if (h, w) == (tile_size, tile_size) else image.resize((tile_size, tile_size), resample)
+    return TiledImage(plan=plan, base=base, canvas=canvas)
+
+
+def to_chw(image: Image.Image) -> torch.Tensor:
+    """uint8 [3, H, W] copy of an RGB image's pixels (PIL buffers are read-only)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def cut_tiles(canvas: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """[3, rows·T, cols·T] → [rows·cols, 3, T, T], row-major (any dtype; one copy)."""
+    c, h, w = canvas.shape
+    if h % tile_size or w % tile_size:
+        raise ValueError(f"canvas {h}x{w} is not a multiple of the tile size {tile_size}")
+    rows, cols = h // tile_size, w // tile_size
+    tiles = canvas.reshape(c, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
+    return tiles.reshape(rows * cols, c, tile_size, tile_size)
+
+
+def normalize(
+    pixels: torch.Tensor,
+    mean: tuple[float, ...] = SIGLIP_MEAN,
+    std: tuple[float, ...] = SIGLIP_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 [..., 3, H, W] → ``(x / 255 - mean) / std`` in ``dtype`` (computed in float32)."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return ((pixels.to(torch.float32) / 255.0 - mean_t) / std_t).to(dtype)
