@@ -1,0 +1,166 @@
+"""Checkpointer for ``checkpointer._component_``: HF-format DocEV folders in, HF-format folders out.
+
+A training checkpoint is itself a loadable HF checkpoint (so export and resume read the same
+thing): ``step_N/`` holds the sharded safetensors + index, ``config.json`` (dtype updated), the
+tokenizer/processor/template files copied from the source folder, and ``recipe_state.pt`` when
+the recipe saves more than the model. ``latest`` names the newest complete folder; folders are
+written under a temporary name and renamed, so a crash never leaves a half-written ``step_N``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from docev import assets
+from docev.models.docev._arch import hf_param_shapes
+from docev.models.docev._convert_weights import (
+    arch_from_hf_config,
+    check_hf_state_dict,
+    docev_hf_to_tune,
+    docev_tune_to_hf,
+)
+
+RECIPE_STATE = "recipe_state.pt"
+LATEST = "latest"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST}
+
+
+class DocEVCheckpointer:
+    """Load a DocEV HF checkpoint as a torchtune state dict; save torchtune state dicts as HF folders.
+
+    Args:
+        checkpoint_dir (str | Path): folder with ``config.json`` and the weights (a base model or a ``step_N``).
+        checkpoint_files (Sequence[str] | Mapping[str, str] | None): weight files inside ``checkpoint_dir``;
+            None reads ``model.safetensors.index.json`` (else every ``*.safetensors``, else
+            ``pytorch_model*.bin``); torchtune's ``{"filename_format", "max_filename"}`` form is accepted.
+        model_type (str): must be ``DOCEV``.
+        output_dir (str | Path | None): where ``save_checkpoint`` writes ``step_N/`` and ``latest``.
+        max_shard_bytes (int): shard size limit of saved safetensors files.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        checkpoint_files: Sequence[str] | Mapping[str, str] | None = None,
+        model_type: str = "DOCEV",
+        output_dir: str | Path | None = None,
+        max_shard_bytes: int = 5_000_000_000,
+    ):
+        if model_type.upper() != "DOCEV":
+            raise ValueError(f"checkpointer.model_type {model_type!r}: this checkpointer reads DOCEV checkpoints only")
+        self.checkpoint_dir = Path(checkpoint_dir)
+        config_path = self.checkpoint_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_path} does not exist")
+        self.hf_config = json.loads(config_path.read_text())
+        self.arch = arch_from_hf_config(self.hf_config, origin=str(config_path))
+        self.checkpoint_files = self._resolve_files(checkpoint_files)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.max_shard_bytes = max_shard_bytes
+        self._unused: dict[str, torch.Tensor] | None = None
+
+    def _resolve_files(self, files: Sequence[str] | Mapping[str, str] | None) -> list[Path]:
+        d = self.checkpoint_dir
+        if files is None:
+            index = d / "model.safetensors.index.json"
+            if index.is_file():
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            else:
+                names = sorted(p.name for p in d.glob("*.safetensors")) or sorted(
+                    p.name for p in d.glob("pytorch_model*.bin")
+                )
+            if not names:
+                raise FileNotFoundError(f"{d}: no model.safetensors.index.json, *.safetensors or pytorch_model*.bin")
+        elif isinstance(files, Mapping):
+            try:
+                fmt, last = files["filename_format"], str(files["max_filename"])
+            except KeyError as exc:
+                raise ValueError(f"checkpointer.checkpoint_files: the mapping form needs {exc.args[0]!r}") from None
+            names = [fmt.format(str(i).zfill(len(last)), last) for i in range(1, int(last) + 1)]
+        else:
+            names = list(files)
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpointer.checkpoint_files: {missing} not found in {d}")
+        return [d / n for n in names]
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """``{"model": torchtune state dict}`` plus the entries of ``recipe_state.pt`` when the folder has one."""
+        tensors: dict[str, torch.Tensor] = {}
+        where: dict[str, str] = {}
+        for path in self.checkpoint_files:
+            for key, value in _read_weights(path).items():
+                if key in tensors:
+                    raise ValueError(f"{key} is in both {where[key]} and {path.name}")
+                tensors[key], where[key] = value, path.name
+        check_hf_state_dict(tensors, self.arch, where)
+        model, self._unused = docev_hf_to_tune(tensors, self.arch)
+        out: dict[str, Any] = {"model": model}
+        recipe = self.checkpoint_dir / RECIPE_STATE
+        if recipe.is_file():
+            out.update(torch.load(recipe, map_location="cpu", weights_only=True))
+        return out
+
+    def save_checkpoint(self, state_dict: Mapping[str, Any], step: int) -> Path:
+        """Write ``output_dir/step_{step}`` (HF layout, unused checkpoint tensors carried through) and
+        point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``. Returns the folder."""
+        if self.output_dir is None:
+            raise ValueError("checkpointer.output_dir is not set; cannot save")
+        if self._unused is None:
+            raise RuntimeError("call load_checkpoint() before save_checkpoint(): unused tensors are carried from it")
+        hf = docev_tune_to_hf(state_dict["model"], self.arch)
+        hf.update(self._unused)
+        order = list(hf_param_shapes(self.arch))
+        ordered = {k: hf[k].contiguous() for k in order if k in hf}
+        ordered.update({k: v.contiguous() for k, v in hf.items() if k not in ordered})
+
+        name = f"step_{step}"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        assets.save_sharded(ordered, tmp, self.max_shard_bytes)
+        for src in self.checkpoint_dir.iterdir():
+            if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
+                shutil.copy2(src, tmp / src.name)
+        config = dict(self.hf_config)
+        config["torch_dtype"] = str(state_dict["model"]["image_newline"].dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        extra = {k: v for k, v in state_dict.items() if k != "model"}
+        if extra:
+            torch.save(extra, tmp / RECIPE_STATE)
+
+        final = self.output_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = self.output_dir / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, self.output_dir / LATEST)
+        return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The folder ``output_dir/latest`` names, or None before the first save."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which does not exist")
+    return folder
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

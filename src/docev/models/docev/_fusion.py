@@ -1,0 +1,238 @@
+"""DocEV early fusion: tiles -> vision tower -> LDPv2 -> LLaVA-NeXT packing -> ``<image>`` slots.
+
+The decoder is a plain torchtune ``TransformerDecoder``; like torchtune's ``EarlyFusionModel`` its
+token embedding (a ``FusionEmbedding``: base rows + 64 trainable fusion rows) moves up to this
+module so image features can replace the ``<image>`` positions before the first layer. Our own
+class instead of ``EarlyFusionModel`` because the number of features per image varies (anyres
+grid, unpad, per-batch sampling ratio) and every mismatch must name the sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.model_fusion import get_fusion_params
+
+from docev.models.docev._connector import LDPv2Connector
+from docev.models.docev._vision import SiglipVisionEncoder
+from docev.vision.geometry import packed_grid, pooled_side, unpad_shape
+
+
+def image_feature_counts(
+    image_sizes: Sequence[Sequence[int]], image_grids: Sequence[Sequence[int]], side: int
+) -> list[int]:
+    """Features per image: base tile side² + unpadded rows × (cols + 1), from the shared geometry."""
+    counts = []
+    for (h, w), grid in zip(image_sizes, image_grids, strict=True):
+        rows, cols = packed_grid(h, w, tuple(grid), side)
+        counts.append(side * side + rows * (cols + 1))
+    return counts
+
+
+def pack_image_features(
+    tile_features: Sequence[torch.Tensor],
+    image_sizes: Sequence[Sequence[int]],
+    image_grids: Sequence[Sequence[int]],
+    image_newline: torch.Tensor,
+) -> torch.Tensor:
+    """LLaVA-NeXT arrangement of each image's pooled tiles, concatenated over images.
+
+    ``tile_features[i]`` is [1 + rows·cols, s, s, d] (base tile first, then the grid row-major).
+    Per image: base s² features, then the grid as a (rows·s, cols·s) map, unpadded to the
+    image's aspect ratio, each row followed by ``image_newline``. Returns [Σ features, d].
+    """
+    packed = []
+    for feats, (h, w), (rows, cols) in zip(tile_features, image_sizes, image_grids, strict=True):
+        s, d = feats.shape[1], feats.shape[-1]
+        base = feats[0].reshape(s * s, d)
+        grid = feats[1:].view(rows, cols, s, s, d).permute(0, 2, 1, 3, 4).reshape(rows * s, cols * s, d)
+        top, bottom, left, right = unpad_shape(h, w, rows * s, cols * s)
+        grid = grid[top:bottom, left:right]
+        newline = image_newline.to(grid.dtype).expand(grid.shape[0], 1, d)
+        packed += [base, torch.cat([grid, newline], dim=1).reshape(-1, d)]
+    return torch.cat(packed)
+
+
+class DocEVModel(nn.Module):
+    """Vision tower + LDPv2 connector + ``image_newline`` + Llama decoder, fused at the input.
+
+    Parameter groups (see ``set_trainable``): ``decoder`` = ``decoder.*`` and the base embedding
+    rows ``tok_embeddings.weight``; ``encoder`` = ``encoder.*`` except its unused last layer and
+    final norm (always frozen: they are never run); ``fusion`` = ``connector.*``, ``image_newline``
+    and ``tok_embeddings.fusion_embedding.weight`` (torchtune's ``get_fusion_params`` finds exactly these).
+
+    Args:
+        decoder (TransformerDecoder): decoder whose ``tok_embeddings`` is a ``FusionEmbedding``.
+        encoder (SiglipVisionEncoder): vision tower.
+        connector (LDPv2Connector): registered as a fusion module.
+        image_token_id (int): the ``<image>`` id in token sequences.
+        tile_size (int): tile side in pixels.
+        patch_size (int): vision patch side in pixels.
+        decoder_trainable (bool): train the decoder group.
+        encoder_trainable (bool): train the vision tower.
+        fusion_trainable (bool): train the fusion group.
+    """
+
+    def __init__(
+        self,
+        decoder: TransformerDecoder,
+        encoder: SiglipVisionEncoder,
+        connector: LDPv2Connector,
+        *,
+        image_token_id: int,
+        tile_size: int,
+        patch_size: int,
+        decoder_trainable: bool = True,
+        encoder_trainable: bool = False,
+        fusion_trainable: bool = True,
+    ):
+        super().__init__()
+        self.tok_embeddings = decoder.tok_embeddings
+        decoder.tok_embeddings = nn.Identity()
+        vocab = self.tok_embeddings.num_embeddings
+        if not 0 <= image_token_id < vocab:
+            raise ValueError(f"image_token_id {image_token_id} outside the embedding's 0..{vocab - 1}")
+        self.decoder = decoder
+        self.encoder = encoder
+        self.connector = connector
+        self.image_newline = nn.Parameter(torch.empty(self.tok_embeddings.dim))
+        nn.init.normal_(self.image_newline, std=self.tok_embeddings.dim**-0.5)
+        self.image_token_id = image_token_id
+        self.tile_size = tile_size
+        self.patch_size = patch_size
+        self.set_trainable(decoder=decoder_trainable, encoder=encoder_trainable, fusion=fusion_trainable)
+
+    def fusion_params(self) -> list[str]:
+        """Marks ``image_newline`` as a fusion parameter for torchtune's ``get_fusion_params``."""
+        return ["image_newline"]
+
+    def param_groups(self) -> dict[str, list[str]]:
+        """Parameter names by trainable group, plus ``unused`` (held for the checkpoint only)."""
+        fusion = set(get_fusion_params(self))
+        unused = {f"encoder.{n}" for n in self.encoder.unused_params()}
+        groups: dict[str, list[str]] = {"decoder": [], "encoder": [], "fusion": [], "unused": []}
+        for name, _ in self.named_parameters():
+            if name in fusion:
+                groups["fusion"].append(name)
+            elif name in unused:
+                groups["unused"].append(name)
+            elif name.startswith("encoder."):
+                groups["encoder"].append(name)
+            else:
+                groups["decoder"].append(name)
+        return groups
+
+    def set_trainable(self, *, decoder: bool, encoder: bool, fusion: bool) -> None:
+        flags = {"decoder": decoder, "encoder": encoder, "fusion": fusion, "unused": False}
+        params = dict(self.named_parameters())
+        for group, names in self.param_groups().items():
+            for name in names:
+                params[name].requires_grad_(flags[group])
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        """For ``CEWithChunkedOutputLoss``; call before the first forward (torchtune convention)."""
+        self.decoder.set_num_output_chunks(num_output_chunks)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        sampling_ratio: int | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Logits [B, S, vocab + fusion] (a list of chunks after ``set_num_output_chunks``).
+
+        Args:
+            tokens (torch.Tensor): [B, S] ids; each image fills its count of consecutive ``<image>`` ids.
+            mask (torch.Tensor | None): [B, S, S] bool document mask for packed rows (True = may attend).
+            input_pos (torch.Tensor | None): [B, S] position ids for packed rows.
+            pixel_values (torch.Tensor | None): [N_img, max_tiles, 3, T, T] normalised tiles in the model
+                dtype, images in order over the batch (row-major: row, then position); tile 0 = base,
+                then the grid row-major; tiles past 1 + rows·cols are padding and ignored.
+            image_sizes (torch.Tensor | None): [N_img, 2] original (height, width).
+            image_grids (torch.Tensor | None): [N_img, 2] (rows, cols) of the grid, base tile not counted.
+            sampling_ratio (int | None): pooling ratio for every image of the batch.
+
+        Raises:
+            ValueError: when ``<image>`` tokens and image features disagree, naming the batch row.
+        """
+        embeds = self.tok_embeddings(tokens)
+        is_image = tokens == self.image_token_id
+        if pixel_values is None:
+            rows = is_image.any(dim=1).nonzero().flatten().tolist()
+            if rows:
+                raise ValueError(f"batch row(s) {rows} hold <image> tokens but the batch has no pixel_values")
+        else:
+            features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio, is_image)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        return self.decoder(embeds, mask=mask, input_pos=input_pos)
+
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None,
+        image_grids: torch.Tensor | None,
+        sampling_ratio: int | None,
+        is_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """Packed features of every image, checked against the ``<image>`` slots before any compute."""
+        if image_sizes is None or image_grids is None or sampling_ratio is None:
+            raise ValueError("pixel_values needs image_sizes, image_grids and sampling_ratio")
+        n_img, max_tiles = pixel_values.shape[:2]
+        sizes, grids = image_sizes.tolist(), image_grids.tolist()
+        if len(sizes) != n_img or len(grids) != n_img:
+            raise ValueError(f"{n_img} images in pixel_values, {len(sizes)} image_sizes, {len(grids)} image_grids")
+        tiles_per_image = [1 + r * c for r, c in grids]
+        for i, n in enumerate(tiles_per_image):
+            if n > max_tiles:
+                raise ValueError(f"image {i}: grid {grids[i]} needs {n} tiles, pixel_values holds {max_tiles}")
+        side = pooled_side(self.tile_size, self.patch_size, sampling_ratio)
+        check_image_slots(is_image, image_feature_counts(sizes, grids, side))
+
+        tiles = torch.cat([pixel_values[i, :n] for i, n in enumerate(tiles_per_image)])
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            vision = self.encoder(tiles)
+        pooled = self.connector(vision, sampling_ratio)
+        return pack_image_features(pooled.split(tiles_per_image), sizes, grids, self.image_newline)
+
+
+def check_image_slots(is_image: torch.Tensor, counts: list[int]) -> None:
+    """Images fill the batch rows in order; each row's ``<image>`` tokens must be whole images,
+    and each image's tokens must be consecutive. Errors name the batch row (the sample)."""
+    per_row = is_image.sum(dim=1).tolist()
+    first = 0
+    for row, n in enumerate(per_row):
+        taken, last = 0, first
+        while taken < n and last < len(counts):
+            taken += counts[last]
+            last += 1
+        if taken != n:
+            images = f"images {first}..{last - 1} need {counts[first:last]}" if last > first else "no image is left"
+            raise ValueError(f"batch row {row}: {n} <image> tokens do not match whole images ({images} features)")
+        first = last
+    if first != len(counts):
+        raise ValueError(
+            f"images {first}..{len(counts) - 1} have no <image> tokens: the batch holds {sum(per_row)}, "
+            f"the images need {sum(counts)}"
+        )
+    if not counts:
+        return
+    pos = is_image.nonzero()
+    lengths = torch.tensor(counts, device=pos.device)
+    ends = lengths.cumsum(0) - 1
+    starts, stops = pos[ends - lengths + 1].tolist(), pos[ends].tolist()
+    for i, ((row, a), (_, b), n) in enumerate(zip(starts, stops, counts, strict=True)):
+        if b - a != n - 1:
+            raise ValueError(
+                f"batch row {row}: image {i} needs {n} consecutive <image> tokens, "
+                f"found them spread over {b - a + 1} positions"
+            )

@@ -1,0 +1,69 @@
+"""DocEV model builders named in configs (``model._component_``).
+
+The keyword arguments are the config's ``model`` section: trainable flags, ``image_token_id``,
+and tiling sizes. Tiling sizes that are given must agree with the architecture (the position
+embedding and the checkpoint are fixed by them); the tile counts only bound the grids the
+transform produces, which the model reads from each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from docev.models.docev._arch import DocEVArch, preview, tiny
+from docev.models.docev._component_builders import docev
+from docev.models.docev._fusion import DocEVModel
+
+
+def _build(
+    arch: DocEVArch,
+    *,
+    decoder_trainable: bool,
+    encoder_trainable: bool,
+    fusion_trainable: bool,
+    image_token_id: int | None,
+    tile_size: int | None,
+    patch_size: int | None,
+    max_num_tiles: int | None,
+    min_num_tiles: int | None,
+) -> DocEVModel:
+    for name, value in (("tile_size", tile_size), ("patch_size", patch_size)):
+        if value is not None and value != getattr(arch, name):
+            raise ValueError(f"model.{name} = {value}, but this architecture's checkpoint has {getattr(arch, name)}")
+    given = {"max_num_tiles": max_num_tiles, "min_num_tiles": min_num_tiles}
+    arch = replace(arch, **{k: v for k, v in given.items() if v is not None})
+    return docev(
+        arch,
+        image_token_id=image_token_id,
+        decoder_trainable=decoder_trainable,
+        encoder_trainable=encoder_trainable,
+        fusion_trainable=fusion_trainable,
+    )
+
+
+def docev_preview(
+    decoder_trainable: bool = True,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
+) -> DocEVModel:
+    """DocEV Preview (11.6B): SigLIP so400m/14 at 560 px, LDPv2, 48-layer Solar-mini decoder."""
+    return _build(preview(), **locals())
+
+
+def docev_tiny(
+    decoder_trainable: bool = True,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
+) -> DocEVModel:
+    """The same structure at toy widths (tests, local demo); matches ``docev init-checkpoint``."""
+    return _build(tiny(), **locals())
