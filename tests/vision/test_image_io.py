@@ -1,0 +1,101 @@
+"""Decoding: every mode ends as upright 8-bit RGB, sizes from headers match the decoded pixels."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from docev.vision.image_io import EXIF_ORIENTATION, ImageLoadError, load_image, read_image_size, to_rgb
+
+
+def _save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def test_rgb_png_roundtrip(tmp_path):
+    src = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    out = load_image(_save(src, tmp_path / "a.png"))
+    assert out.mode == "RGB" and out.size == (50, 30)
+    assert np.array_equal(np.asarray(out), np.asarray(src))
+    assert read_image_size(tmp_path / "a.png") == (30, 50)
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent → white paper
+     ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+     ("LA", (0, 128), (128, 128, 128)),  # half-transparent black over white
+     ("L", 77, (77, 77, 77)),
+     ("1", 1, (255, 255, 255))],
+)  # fmt: skip
+def test_alpha_and_grey_modes(tmp_path, mode, value, expected):
+    out = load_image(_save(Image.new(mode, (4, 3), value), tmp_path / "x.png"))
+    assert out.mode == "RGB"
+    px = out.getpixel((1, 1))
+    assert all(abs(a - b) <= 1 for a, b in zip(px, expected, strict=True)), px
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    p.putpixel((0, 0), 1)
+    assert load_image(_save(p, tmp_path / "p.png")).getpixel((0, 0)) == (0, 0, 255)
+    assert load_image(tmp_path / "p.png").getpixel((2, 2)) == (255, 0, 0)
+    p.info["transparency"] = 0  # index 0 (red) is transparent → white
+    out = load_image(_save(p, tmp_path / "pt.png", transparency=0))
+    assert out.getpixel((2, 2)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_cmyk_jpeg(tmp_path):
+    out = load_image(_save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "c.jpg", quality=95))
+    r, g, b = out.getpixel((8, 8))
+    assert out.mode == "RGB" and r > 230 and g < 30 and b < 30  # pure red
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "g16.png")  # opens as I;16 (or I)
+    assert Image.open(path).mode in ("I;16", "I")
+    out = load_image(path)
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (100, 100, 100), (255, 255, 255)]
+
+
+def test_float_image():
+    img = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    assert [to_rgb(img).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+@pytest.mark.parametrize("orientation, rotated", [(1, False), (3, False), (6, True), (8, True)])
+def test_exif_orientation(tmp_path, orientation, rotated):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255  # left half white
+    src = Image.fromarray(arr)
+    exif = src.getexif()
+    exif[EXIF_ORIENTATION] = orientation
+    path = _save(src, tmp_path / "o.jpg", exif=exif.tobytes(), quality=95)
+    out = load_image(path)
+    assert (out.height, out.width) == ((40, 20) if rotated else (20, 40)) == read_image_size(path)
+    if orientation == 6:  # rotate 270° (clockwise 90°): the white left half ends on top
+        assert out.getpixel((10, 5))[0] > 200 and out.getpixel((10, 35))[0] < 50
+
+
+def test_multi_frame_tiff_first_frame(tmp_path):
+    first, second = Image.new("RGB", (8, 6), (1, 2, 3)), Image.new("RGB", (8, 6), (9, 9, 9))
+    path = tmp_path / "m.tif"
+    first.save(path, save_all=True, append_images=[second])
+    out = load_image(path)
+    assert out.getpixel((0, 0)) == (1, 2, 3) and out.size == (8, 6)
+
+
+def test_errors_name_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="bad.png") as exc:
+        load_image(tmp_path / "bad.png")
+    assert exc.value.path.endswith("bad.png")
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        read_image_size(tmp_path / "missing.png")
+    full = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(full)
+    (tmp_path / "cut.png").write_bytes(full.read_bytes()[:400])
+    with pytest.raises(ImageLoadError, match="cut.png"):
+        load_image(tmp_path / "cut.png")
