@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -154,13 +154,53 @@ class PreprocessSection(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
 
 
+# Kubernetes object names: DNS-1123 labels (namespaces) and subdomains (most other objects).
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _k8s_name(value: str | None, pattern: re.Pattern[str], limit: int, what: str) -> str | None:
+    if value is not None and (len(value) > limit or not pattern.match(value)):
+        raise ValueError(f"{value!r} is not a valid Kubernetes {what} (lowercase a-z, 0-9, '-', at most {limit} chars)")
+    return value
+
+
 class Resources(_Strict):
+    """Per-node (per-pod) resources of the training job; quantities use Kubernetes syntax (``8``, ``64Gi``)."""
+
     cpu: str = "8"
     memory: str = "64Gi"
     gpu: int = Field(0, ge=0)
     gpu_resource: str = "nvidia.com/gpu"
     gpu_type: str | None = None
-    shm_size: str = "16Gi"
+    shm_size: str = Field("16Gi", description="Size limit of the memory-backed /dev/shm (counts against memory).")
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        from kubernetes.utils import parse_quantity
+
+        try:
+            amount = parse_quantity(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
+        if amount <= 0:
+            raise ValueError(f"{v!r} must be positive")
+        return v
+
+
+class RunPolicy(_Strict):
+    """The PyTorchJob's ``runPolicy`` (``train.timeout_seconds`` becomes its ``activeDeadlineSeconds``)."""
+
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running",
+        description="Which pods the operator deletes when the job ends. 'Running' stops stragglers but keeps "
+        "finished pods, so the launcher can still read a failed pod's log.",
+    )
+    backoff_limit: int = Field(3, ge=0, description="Pod restarts (restartPolicy OnFailure) before the job fails.")
+    ttl_seconds_after_finished: int | None = Field(
+        7 * 24 * 3600, ge=0, description="Delete a finished job (and its pods) after this long; null keeps it."
+    )
 
 
 class TrainSection(_Strict):
@@ -168,9 +208,13 @@ class TrainSection(_Strict):
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
     image: str = "ghcr.io/docev/docev-pipelines:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: Resources = Resources()
     timeout_seconds: int = Field(7 * 24 * 3600, gt=0)
     delete_job_on_success: bool = True
+    run_policy: RunPolicy = RunPolicy()
+    poll_seconds: float = Field(10.0, gt=0, description="How often the launcher reads the job's status.")
+    failure_log_lines: int = Field(50, ge=1, description="Log lines of the failing pod quoted in the step's error.")
 
 
 class ExportSection(_Strict):
@@ -188,17 +232,58 @@ class Toleration(_Strict):
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
+    @model_validator(mode="after")
+    def _api_rules(self) -> Toleration:
+        # The API server's rules for a toleration (core/v1 validation).
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is 'Exists'")
+        if self.operator == "Equal" and not self.key:
+            raise ValueError("operator 'Equal' needs a key (use operator 'Exists' to tolerate every taint)")
+        return self
+
 
 class KubernetesSection(_Strict):
     namespace: str = "docev"
     service_account: str = "docev-pipeline"
-    pvc: str = "docev-data"
+    pvc: str = Field("docev-data", description="Shared volume for data and outputs, mounted at mount_path.")
     mount_path: str = "/mnt/docev"
+    checkpoint_pvc: str | None = Field(
+        "docev-checkpoints",
+        description="Volume for checkpoints, mounted over the checkpoint folder (the same path as on the data "
+        "volume, via subPath); null keeps checkpoints on the data volume.",
+    )
     storage_class: str | None = None
     wandb_secret: str | None = "docev-wandb"
     wandb_secret_key: str = "api-key"
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
+    run_as_user: int = Field(1000, ge=1, description="Non-root uid of the training pods (the image's user).")
+    run_as_group: int = Field(1000, ge=0)
+    fs_group: int = Field(1000, ge=0, description="Group owning the mounted volumes, so the non-root user can write.")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return _k8s_name(v, _DNS1123_LABEL, 63, "namespace name")
+
+    @field_validator("service_account", "pvc", "checkpoint_pvc", "wandb_secret")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        return _k8s_name(v, _DNS1123_SUBDOMAIN, 253, "object name")
+
+    @field_validator("wandb_secret_key")
+    @classmethod
+    def _secret_key(cls, v: str) -> str:
+        if not re.fullmatch(r"[-._a-zA-Z0-9]{1,253}", v):
+            raise ValueError(f"{v!r} is not a valid Secret key (letters, digits, '-', '_', '.')")
+        return v
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or v.rstrip("/") == "":
+            raise ValueError(f"{v!r} must be an absolute path below / (where the pods mount the volume)")
+        return v.rstrip("/")
 
 
 class SyntheticSection(_Strict):
