@@ -47,30 +47,6 @@ def _llava_pack(features, sizes, side, newline):
     return torch.cat(packed)
 
 
-def make_batch(rows, ratio, seed=0, text=5):
-    """rows: per batch row, the (h, w) of its images. Text, then each image's slots followed by text."""
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [s for row in rows for s in row]
-    grids = [plan_tiles(h, w, T, ARCH.min_num_tiles, ARCH.max_num_tiles).grid for h, w in sizes]
-    seqs = []
-    for row in rows:
-        seq = torch.randint(0, ARCH.vocab_size, (text,), generator=gen).tolist()
-        for h, w in row:
-            seq += [IMAGE] * num_image_tokens(h, w, ratio, tile_size=T, patch_size=P)
-            seq += torch.randint(0, ARCH.vocab_size, (text,), generator=gen).tolist()
-        seqs.append(seq)
-    length = max(map(len, seqs))
-    tokens = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
-    max_tiles = max(1 + r * c for r, c in grids)
-    return {
-        "tokens": tokens,
-        "pixel_values": torch.randn(len(sizes), max_tiles, 3, T, T, generator=gen),
-        "image_sizes": torch.tensor(sizes),
-        "image_grids": torch.tensor(grids),
-        "sampling_ratio": ratio,
-    }
-
-
 def _forward(model, batch):
     return model(batch["tokens"], **{k: v for k, v in batch.items() if k != "tokens"})
 
@@ -146,7 +122,7 @@ def _reference_image_logits(hf_tensors, batch):
 
 
 @pytest.mark.parametrize("ratio", [2, 3])
-def test_image_path_matches_transformers_composition(tiny_model, hf_tensors, ratio):
+def test_image_path_matches_transformers_composition(tiny_model, hf_tensors, make_batch, ratio):
     batch = make_batch([[(300, 500), (150, 120)], [(500, 170)]], ratio, seed=ratio)
     with torch.no_grad():
         got = _forward(tiny_model, batch)
@@ -161,7 +137,7 @@ def test_image_path_matches_transformers_composition(tiny_model, hf_tensors, rat
 
 
 @pytest.mark.parametrize("ratio", [2, 3])
-def test_forward_backward_two_image_sample(tiny_model, ratio):
+def test_forward_backward_two_image_sample(tiny_model, make_batch, ratio):
     tiny_model.train()
     batch = make_batch([[(300, 500), (200, 90)], [(480, 480)]], ratio, seed=10 + ratio)
     logits = _forward(tiny_model, batch)
@@ -189,7 +165,7 @@ def test_text_only_batch_and_chunked_output(tiny_model):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full)
 
 
-def test_placeholder_mismatches_name_the_row(tiny_model):
+def test_placeholder_mismatches_name_the_row(tiny_model, make_batch):
     batch = make_batch([[(300, 500)], [(200, 90), (480, 480)]], 2)
     short = batch["tokens"].clone()
     short[1, (short[1] == IMAGE).nonzero()[-1]] = 3  # one slot fewer in row 1

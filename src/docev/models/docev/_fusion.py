@@ -60,10 +60,13 @@ def pack_image_features(
 class DocEVModel(nn.Module):
     """Vision tower + LDPv2 connector + ``image_newline`` + Llama decoder, fused at the input.
 
-    Parameter groups (see ``set_trainable``): ``decoder`` = ``decoder.*`` and the base embedding
-    rows ``tok_embeddings.weight``; ``encoder`` = ``encoder.*`` except its unused last layer and
-    final norm (always frozen: they are never run); ``fusion`` = ``connector.*``, ``image_newline``
-    and ``tok_embeddings.fusion_embedding.weight`` (torchtune's ``get_fusion_params`` finds exactly these).
+    Parameter groups (see ``set_trainable``):
+      - ``decoder``: ``decoder.*`` and the base embedding rows ``tok_embeddings.embedding.weight``
+        (state-dict key ``tok_embeddings.weight``);
+      - ``encoder``: ``encoder.*`` except its last layer and final norm, which are never run and so
+        always frozen;
+      - ``fusion``: ``connector.*``, ``image_newline`` and ``tok_embeddings.fusion_embedding.weight``
+        (exactly what torchtune's ``get_fusion_params`` finds).
 
     Args:
         decoder (TransformerDecoder): decoder whose ``tok_embeddings`` is a ``FusionEmbedding``.
