@@ -44,6 +44,27 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from docev.vision.geometry import num_image_tokens, plan_tiles
+
+    tok = load_config(args.config, args.overrides).tokenizer
+    geometry = {"tile_size": tok.tile_size, "patch_size": tok.patch_size,
+                "min_num_tiles": tok.min_num_tiles, "max_num_tiles": tok.max_num_tiles}  # fmt: skip
+    for h, w in args.size:
+        plan = plan_tiles(h, w, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles)
+        tokens = {str(r): num_image_tokens(h, w, r, **geometry) for r in tok.sampling_ratio}
+        print(json.dumps({"height": h, "width": w, "canvas": list(plan.canvas), "grid": list(plan.grid),
+                          "tiles": plan.num_tiles, "tokens": tokens}))  # fmt: skip
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHTxWIDTH in pixels, e.g. 3508x2480")
+    return int(h), int(w)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from docev.run import run_local
 
@@ -76,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--format", choices=["jsonl", "parquet", "hf"], default="jsonl")
     sd.add_argument("--workers", type=int, default=2)
     sd.set_defaults(func=cmd_synth_data)
+
+    tk = sub.add_parser("tokens", help="what a page costs: canvas, tiles and image tokens per sampling ratio")
+    _config_args(tk)
+    tk.add_argument("--size", type=_size, action="append", required=True, metavar="HxW", help="image size (repeat)")
+    tk.set_defaults(func=cmd_tokens)
 
     run = sub.add_parser("run", help="run the whole pipeline locally")
     _config_args(run)
