@@ -219,8 +219,8 @@ def check_image_slots(is_image: torch.Tensor, counts: list[int]) -> None:
             taken += counts[last]
             last += 1
         if taken != n:
-            images = f"images {first}..{last - 1} need {counts[first:last]}" if last > first else "no image is left"
-            raise ValueError(f"batch row {row}: {n} <image> tokens do not match whole images ({images} features)")
+            images = f"images {first}..{last - 1} need {counts[first:last]} features" if last > first else "none left"
+            raise ValueError(f"batch row {row}: {n} <image> tokens do not match whole images ({images})")
         first = last
     if first != len(counts):
         raise ValueError(
