@@ -37,10 +37,18 @@ def run_local(cfg: DocEVConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "config.resolved.json"
     resolved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    from docev.validate.runner import run_validate, validate_dir
+
+    print("[validate] checking UFX sources")
+    report = run_validate(cfg)
+    for name, s in report["sources"].items():
+        print(f"  {name}: read {s['read']}, accepted {s['accepted']}, rejected {s['rejected']}")
     outputs = {
         "config": resolved,
         "base_checkpoint": Path(cfg.checkpointer.checkpoint_dir),
-        **{f"source:{d.name or d.source}": Path(d.source) for d in cfg.datasets},
+        "validate_report": validate_dir(cfg) / "report.md",
+        "validate_manifest": validate_dir(cfg) / "manifest.jsonl",
+        "rejects": validate_dir(cfg) / "rejects.jsonl",
     }
     print("[run] outputs:")
     for name, path in outputs.items():

@@ -1,0 +1,87 @@
+"""Validate throughput and memory: records/s with 1 and 2 workers on 1,000 synthetic records, and the
+peak RSS of a validation child process at 1k and 10k records (memory must stay flat as input grows).
+
+    .venv/bin/python benchmarks/validate_throughput.py [--n 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from docev.assets import init_checkpoint
+from docev.config import load_config
+from docev.synth import synth_data
+from docev.validate.runner import run_validate
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _cfg(work: Path, ckpt: Path, source: Path, tag: str):
+    datasets = json.dumps([{"source": str(source), "name": "bench"}])
+    return load_config(CONFIG, [f"output_dir={work / tag}", f"tokenizer.model_name_or_path={ckpt}",
+                                "synthetic=null", f"datasets={datasets}", "validate.thumbnails=0"])  # fmt: skip
+
+
+def _replicate(src: Path, dst: Path, copies: int) -> Path:
+    """``copies`` × the records of ``src`` with fresh ids, pointing at the same images (grows the input, not disk)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "images", dst / "images", copy_function=os.link)  # hard links stay inside the root
+    lines = (src / "data.jsonl").read_text().splitlines()
+    with (dst / "data.jsonl").open("w") as fh:
+        for c in range(copies):
+            for line in lines:
+                rec = json.loads(line)
+                rec["id"] = f"{rec['id']}-{c}"
+                fh.write(json.dumps(rec) + "\n")
+    return dst
+
+
+def _child_peak_rss(work: Path, ckpt: Path, source: Path, tag: str) -> float:
+    """Validate in a fresh process and return its peak RSS in MiB (each size measured on its own)."""
+    cmd = [sys.executable, __file__, "--child", str(work), str(ckpt), str(source), tag]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        work, ckpt, source, tag = args.child
+        run_validate(_cfg(Path(work), Path(ckpt), Path(source), tag), workers=1)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = init_checkpoint(work / "ckpt")
+        source = synth_data(work / "data", args.n, seed=0)["instruct"]
+        rates = {}
+        for workers in (1, 2):
+            cfg = _cfg(work, ckpt, source, f"w{workers}")
+            start = time.perf_counter()
+            report = run_validate(cfg, workers=workers)
+            elapsed = time.perf_counter() - start
+            read = report["sources"]["bench"]["read"]
+            rates[workers] = read / elapsed
+            print(f"workers={workers}: {read} records in {elapsed:.1f}s = {rates[workers]:.0f} records/s")
+        print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
+        big = _replicate(source, work / "data10x", 10)
+        rss1 = _child_peak_rss(work, ckpt, source, "rss1k")
+        rss10 = _child_peak_rss(work, ckpt, big, "rss10k")
+        print(f"peak RSS: {args.n} records {rss1:.0f} MiB, {10 * args.n} records {rss10:.0f} MiB "
+              f"(ratio {rss10 / rss1:.2f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Streaming readers for UFX sources: ``*.jsonl``, ``*.parquet`` and ``datasets`` ``save_to_disk`` folders.
+
+A source is split into *units* (file, first row, row count) that can be read independently, so
+validation can fan out over processes and KFP tasks while each reader holds one chunk in memory
+at a time. Every record carries its position (file, row, byte offset for jsonl) so it can be found
+again, and a line that cannot be decoded is still yielded, with its error, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from docev.config import DatasetSource
+
+CHUNK_ROWS = 512
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A contiguous range of rows in one file; ``offset`` is the byte offset of ``start`` (jsonl)."""
+
+    source: str
+    file: str
+    start: int
+    count: int
+    offset: int = 0
+
+
+@dataclass
+class RawRecord:
+    """One row as read: the mapped record, or the raw text and why it could not be parsed."""
+
+    source: str
+    file: str
+    row: int
+    offset: int | None
+    data: dict[str, Any] | None
+    raw: str | None = None
+    error: tuple[str, str] | None = None  # (reason code, detail)
+
+
+def source_name(src: DatasetSource) -> str:
+    return src.name or Path(src.source).name
+
+
+def data_files(src: DatasetSource) -> list[tuple[str, Path]]:
+    """(kind, path) of every data file of a source, in a stable order."""
+    root = Path(src.source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"UFX source {root}: not a folder")
+    state = next(iter(sorted(root.rglob("state.json"))), None)
+    if state is not None:
+        files = [state.parent / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        return [("arrow", f) for f in files]
+    files = [("jsonl", p) for p in sorted(root.rglob("*.jsonl"))]
+    files += [("parquet", p) for p in sorted(root.rglob("*.parquet"))]
+    if not files:
+        raise FileNotFoundError(f"UFX source {root}: no *.jsonl, *.parquet or save_to_disk dataset found")
+    return files
+
+
+def _rel(src: DatasetSource, path: Path) -> str:
+    return str(path.relative_to(Path(src.source)))
+
+
+def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
+    """Split a source into units by streaming through it once (line starts, row-group and batch sizes)."""
+    name, units = source_name(src), []
+    for kind, path in data_files(src):
+        rel = _rel(src, path)
+        if kind == "jsonl":
+            with path.open("rb") as fh:
+                row, offset, start_row, start_off = 0, 0, 0, 0
+                for line in fh:
+                    if row - start_row == chunk_rows:
+                        units.append(Unit(name, rel, start_row, row - start_row, start_off))
+                        start_row, start_off = row, offset
+                    offset += len(line)
+                    row += 1
+                if row > start_row:
+                    units.append(Unit(name, rel, start_row, row - start_row, start_off))
+        else:
+            total = _table_rows(kind, path)
+            units += [Unit(name, rel, s, min(chunk_rows, total - s)) for s in range(0, total, chunk_rows)]
+    return units
+
+
+def _table_rows(kind: str, path: Path) -> int:
+    if kind == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with pa.memory_map(str(path)) as mm:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
+
+
+def _remap(src: DatasetSource, row: dict[str, Any]) -> dict[str, Any]:
+    """Apply per-source column names: ``context_col`` → context (or text), ``image_files_col`` → image_files."""
+    out = dict(row)
+    target = "text" if src.ufx_type == "pretrain" else "context"
+    if src.context_col != target and src.context_col in out:
+        out[target] = out.pop(src.context_col)
+    if src.image_files_col != "image_files" and src.image_files_col in out:
+        out["image_files"] = out.pop(src.image_files_col)
+    return out
+
+
+def read_unit(src: DatasetSource, unit: Unit) -> Iterator[RawRecord]:
+    """Yield the unit's rows in order. Only this unit's rows are held in memory."""
+    path = Path(src.source) / unit.file
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(src, unit, path)
+        return
+    for i, row in enumerate(_table_rows_slice(path, unit.start, unit.count)):
+        yield RawRecord(unit.source, unit.file, unit.start + i, None, _remap(src, _drop_nulls(row)))
+
+
+def _drop_nulls(row: dict[str, Any]) -> dict[str, Any]:
+    """Arrow fills absent struct fields with None (e.g. ``text`` of image parts); UFX omits them."""
+    out = {k: v for k, v in row.items() if v is not None}
+    ctx = out.get("context")
+    if isinstance(ctx, list):
+        out["context"] = [
+            {**m, "content": [{k: v for k, v in p.items() if v is not None} for p in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m
+            for m in ctx
+        ]
+    return out
+
+
+def _read_jsonl(src: DatasetSource, unit: Unit, path: Path) -> Iterator[RawRecord]:
+    with path.open("rb") as fh:
+        fh.seek(unit.offset)
+        offset = unit.offset
+        for i in range(unit.count):
+            line = fh.readline()
+            row, pos = unit.start + i, offset
+            offset += len(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRecord(unit.source, unit.file, row, pos, None, line.decode("utf-8", "replace"),
+                                ("invalid_utf8", f"byte {exc.start}: {exc.reason}"))  # fmt: skip
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
+                                ("invalid_json", f"line {row + 1} col {exc.colno}: {exc.msg}"))  # fmt: skip
+                continue
+            if not isinstance(data, dict):
+                yield RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
+                                ("wrong_type", f"a record is a JSON object, got {type(data).__name__}"))  # fmt: skip
+                continue
+            yield RawRecord(unit.source, unit.file, row, pos, _remap(src, data))
+
+
+def _table_rows_slice(path: Path, start: int, count: int) -> Iterator[dict[str, Any]]:
+    """Rows [start, start+count) of a parquet or Arrow-stream file, reading only the batches needed."""
+    if path.suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        first = 0
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if first + n > start and first < start + count:
+                table = pf.read_row_group(rg)
+                lo, hi = max(start - first, 0), min(start + count - first, n)
+                yield from table.slice(lo, hi - lo).to_pylist()
+            first += n
+        return
+    with pa.memory_map(str(path)) as mm:
+        first = 0
+        for batch in pa.ipc.open_stream(mm):
+            n = batch.num_rows
+            if first + n > start and first < start + count:
+                lo, hi = max(start - first, 0), min(start + count - first, n)
+                yield from batch.slice(lo, hi - lo).to_pylist()
+            first += n
+            if first >= start + count:
+                return
+
+
+def read_at(src: DatasetSource, file: str, row: int, offset: int | None) -> RawRecord:
+    """Read one record back from its position (used for duplicates found at merge time)."""
+    unit = Unit(source_name(src), file, row, 1, offset or 0)
+    return next(read_unit(src, unit))

@@ -1,0 +1,116 @@
+"""Human reports of a validation run: Markdown and a self-contained HTML page (thumbnails inlined,
+so the KFP UI can show it as one artifact), plus ``report.json`` for machines."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from docev.config import DocEVConfig
+from docev.validate.rules import REASONS
+from docev.vision.geometry import plan_tiles
+from docev.vision.image_io import load_image
+
+THUMB_SIDE = 320
+
+
+def grid_thumbnail(path: Path, tile_size: int, min_tiles: int, max_tiles: int) -> Image.Image:
+    """The page as the model sees it: resized into its best-fit canvas, padding grey, tile grid drawn."""
+    image = load_image(path)
+    plan = plan_tiles(image.height, image.width, tile_size, min_tiles, max_tiles)
+    (ch, cw), (rh, rw) = plan.canvas, plan.resized
+    canvas = Image.new("RGB", (cw, ch), (200, 200, 200))
+    canvas.paste(image.resize((rw, rh), Image.Resampling.BILINEAR), ((cw - rw) // 2, (ch - rh) // 2))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(1, plan.grid[0]):
+        draw.line([(0, r * tile_size), (cw, r * tile_size)], fill=(220, 30, 30), width=max(1, cw // 200))
+    for c in range(1, plan.grid[1]):
+        draw.line([(c * tile_size, 0), (c * tile_size, ch)], fill=(220, 30, 30), width=max(1, cw // 200))
+    canvas.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    return canvas
+
+
+def _thumbnails(cfg: DocEVConfig, out: Path) -> list[tuple[str, str, str, bytes]]:
+    """(record id, file name under thumbnails/, caption, png bytes) for the first accepted pages."""
+    from docev.validate.runner import iter_manifest
+
+    tok, sources = cfg.tokenizer, {(s.name or Path(s.source).name): Path(s.source) for s in cfg.datasets}
+    thumbs = []
+    for entry in islice((e for e in iter_manifest(cfg) if e["images"]), cfg.validate_.thumbnails):
+        im = entry["images"][0]
+        path = (sources[entry["source"]] / im["path"]).resolve()
+        thumb = grid_thumbnail(path, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles)
+        buf = io.BytesIO()
+        thumb.save(buf, "PNG")
+        name = f"{entry['source']}-{entry['row']}.png"
+        (out / "thumbnails").mkdir(exist_ok=True)
+        (out / "thumbnails" / name).write_bytes(buf.getvalue())
+        caption = f"{im['size'][0]}x{im['size'][1]} {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
+        thumbs.append((entry["id"], name, caption, buf.getvalue()))
+    return thumbs
+
+
+def _short(record: Any, limit: int = 300) -> str:
+    text = json.dumps(record, ensure_ascii=False) if not isinstance(record, str) else record
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]]) -> None:
+    from docev.validate.runner import validate_dir
+
+    out = validate_dir(cfg)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    thumbs = _thumbnails(cfg, out)
+    md = ["# Validation report", "", "| source | read | accepted | rejected | reject share |", "|---|---|---|---|---|"]
+    for name, s in report["sources"].items():
+        md.append(f"| {name} | {s['read']} | {s['accepted']} | {s['rejected']} | {s['reject_fraction']:.2%} |")
+    md += ["", f"Step fails above a reject share of {report['max_reject_fraction']:.2%}.", "", "## Reject reasons", ""]
+    md += ["| source | reason | count | meaning |", "|---|---|---|---|"]
+    for name, s in report["sources"].items():
+        md += [f"| {name} | `{r}` | {n} | {REASONS[r]} |" for r, n in s["reasons"].items()]
+    md += ["", "## Image modes (normalised to RGB for training)", ""]
+    for name, s in report["sources"].items():
+        md.append(f"- {name}: " + ", ".join(f"{m} {n}" for m, n in s["image_modes"].items()))
+    md += ["", "## Sequence lengths (sampling ratio: bucket → records)", ""]
+    for name, s in report["sources"].items():
+        md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
+    md += ["", "## Example of each reject reason", ""]
+    for reason, ex in sorted(examples.items()):
+        md += [f"### `{reason}`", "", f"{ex['source']} {ex['file']} row {ex['row']} field `{ex['field']}`: "
+               f"{ex['detail']}", "", "```", _short(ex["record"]), "```", ""]  # fmt: skip
+    md += ["## Accepted pages with their tile grid", ""]
+    md += [f"![{rid}](thumbnails/{name}) {rid}: {cap}" for rid, name, cap, _ in thumbs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{s['read']}</td><td>{s['accepted']}</td><td>{s['rejected']}</td>"
+        f"<td>{s['reject_fraction']:.2%}</td><td>{html.escape(', '.join(f'{r}: {c}' for r, c in s['reasons'].items()))}"
+        "</td></tr>"
+        for n, s in report["sources"].items()
+    )
+    exs = "".join(
+        f"<h3>{html.escape(r)}</h3><p>{html.escape(ex['source'])} {html.escape(ex['file'])} row {ex['row']} "
+        f"field <code>{html.escape(str(ex['field']))}</code>: {html.escape(ex['detail'])}</p>"
+        f"<pre>{html.escape(_short(ex['record']))}</pre>"
+        for r, ex in sorted(examples.items())
+    )
+    figs = "".join(
+        f"<figure><img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<figcaption>{html.escape(rid)}: {html.escape(cap)}</figcaption></figure>"
+        for rid, _, cap, png in thumbs
+    )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>DocEV validation report</title>"
+        "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}"
+        "</style><h1>Validation report</h1><table><tr><th>source</th><th>read</th><th>accepted</th>"
+        f"<th>rejected</th><th>reject share</th><th>reasons</th></tr>{rows}</table>"
+        f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
+    )
+    (out / "report.html").write_text(page)

@@ -1,0 +1,157 @@
+"""Validation rules: one record in, accepted (with what training needs to know) or a reject with a reason.
+
+Reason codes are stable (they are written to ``rejects.jsonl`` and counted in reports): the record
+shape codes come from :mod:`docev.ufx`; the codes below are about bytes, files and lengths.
+Images are checked the way training will read them: header first (size limits are enforced before
+any pixel is decoded, so decompression bombs cost nothing), then a full decode through the same
+normalisation the transform applies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from docev import ufx
+from docev.vision.image_io import load_image
+
+FILE_REASONS = {
+    "invalid_json": "the line is not valid JSON",
+    "invalid_utf8": "the line is not valid UTF-8",
+    "invalid_text": "a string contains NUL or an unpaired surrogate",
+    "duplicate_id": "the id was already accepted earlier in this source",
+    "image_missing": "an image file does not exist",
+    "path_escape": "an image path leaves the source root / allowed roots",
+    "image_undecodable": "an image file is empty, truncated, corrupt or not an image",
+    "image_too_small": "an image side is below validate.min_image_size",
+    "image_too_large": "an image has more pixels than validate.max_image_pixels (not decoded)",
+    "too_long": "longer than max_seq_len even at the most aggressive sampling ratio",
+}
+REASONS = {**{code: "record shape (docev.ufx)" for code in ufx.REASONS}, **FILE_REASONS}
+EXIF_ORIENTATION = 0x0112
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str, field: str | None = None):
+        assert reason in REASONS, reason
+        self.reason, self.detail, self.field = reason, detail, field
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass
+class ImageInfo:
+    path: str
+    size: tuple[int, int]  # (height, width) as training sees it (EXIF orientation applied)
+    mode: str  # the file's own mode before normalisation (RGB, L, P, CMYK, I;16, LA, RGBA, ...)
+    rotated: bool
+    nbytes: int
+
+
+@dataclass
+class Accepted:
+    record: ufx.UFXRecord
+    images: list[ImageInfo] = field(default_factory=list)
+    tokens: dict[int, int] = field(default_factory=dict)  # sampling ratio -> sequence length
+
+
+@dataclass
+class Limits:
+    min_image_size: int
+    max_image_pixels: int
+    max_seq_len: int
+    allowed_roots: tuple[Path, ...] = ()
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """NUL bytes and unpaired surrogates in any string of the record are rejected with their field."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Reject("invalid_text", "contains a NUL character", path or None)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Reject("invalid_text", f"not valid UTF-8 at character {exc.start}", path or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, f"{path}.{i}" if path else str(i))
+
+
+def resolve_image(root: Path, name: str, allowed_roots: tuple[Path, ...], field_name: str) -> Path:
+    """The real path of an image, confined to the source root (relative) or an allowed root (absolute).
+    Symlinks are resolved before the check, so a link pointing outside is an escape."""
+    p = Path(name)
+    candidate, roots = (p, allowed_roots) if p.is_absolute() else (root / p, (root, *allowed_roots))
+    real = candidate.resolve()
+    if not any(real.is_relative_to(r.resolve()) for r in roots):
+        where = "the allowed roots" if p.is_absolute() else f"the source root {root}"
+        raise Reject("path_escape", f"{name!r} resolves to {real}, outside {where}", field_name)
+    return real
+
+
+def inspect_image(path: Path, limits: Limits, field_name: str) -> ImageInfo:
+    if not path.is_file():
+        raise Reject("image_missing", f"{path} does not exist", field_name)
+    nbytes = path.stat().st_size
+    if nbytes == 0:
+        raise Reject("image_undecodable", f"{path} is 0 bytes", field_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                mode = im.mode
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError as exc:
+        raise Reject("image_too_large", f"{path}: {exc}", field_name) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise Reject("image_undecodable", f"{path}: {exc}", field_name) from None
+    if w * h > limits.max_image_pixels:
+        raise Reject("image_too_large", f"{path}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
+    rotated = orientation in (5, 6, 7, 8)
+    if rotated:
+        w, h = h, w
+    if min(w, h) < limits.min_image_size:
+        raise Reject("image_too_small", f"{path}: {w}x{h} is below {limits.min_image_size} px", field_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            decoded = load_image(path)  # the same decode + normalisation as training
+    except Image.DecompressionBombError as exc:
+        raise Reject("image_too_large", f"{path}: {exc}", field_name) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise Reject("image_undecodable", f"{path}: {exc}", field_name) from None
+    if (decoded.height, decoded.width) != (h, w):
+        raise Reject("image_undecodable", f"{path}: decoded size {decoded.size} differs from header", field_name)
+    return ImageInfo(str(path), (h, w), mode, rotated, nbytes)
+
+
+TokenCounter = Callable[[ufx.UFXRecord, list[tuple[int, int]]], dict[int, int]]
+
+
+def check_record(
+    data: dict[str, Any], root: Path, ufx_type: str, limits: Limits, count_tokens: TokenCounter
+) -> Accepted:
+    """All rules for one parsed record, cheapest first. Raises :class:`Reject`."""
+    check_text(data)
+    try:
+        record = ufx.parse_record(data, ufx_type)  # type: ignore[arg-type]
+    except ufx.UFXError as exc:
+        raise Reject(exc.reason, exc.detail, exc.field) from None
+    images = [
+        inspect_image(resolve_image(root, name, limits.allowed_roots, f"image_files.{i}"), limits, f"image_files.{i}")
+        for i, name in enumerate(record.image_files)
+    ]
+    tokens = count_tokens(record, [im.size for im in images])
+    shortest = min(tokens.values())
+    if shortest > limits.max_seq_len:
+        ratio = min(tokens, key=tokens.__getitem__)
+        raise Reject("too_long", f"{shortest} tokens at sampling ratio {ratio} > max_seq_len {limits.max_seq_len}")
+    return Accepted(record, images, tokens)

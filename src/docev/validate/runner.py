@@ -1,0 +1,272 @@
+"""The validate step: fan out over record ranges, then merge into one manifest, rejects file and report.
+
+Layout under ``{output_dir}/validate/``::
+
+    parts/00000-of-00001/{accepted,rejects}.jsonl, stats.json   one per ``--shard i/n`` (atomic)
+    manifest.jsonl    accepted records: source, file, row, offset, id, images, tokens per ratio
+    rejects.jsonl     the original record + reason code + field + detail, for every reject
+    report.json / report.md / report.html, thumbnails/
+
+Every record read ends in exactly one of manifest.jsonl or rejects.jsonl; the merge checks
+accepted + rejected = read per source and fails loudly if not. Duplicate ids are found at merge
+time (workers and shards cannot see each other) with an on-disk index, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from docev.config import DocEVConfig, validate_dict
+from docev.validate.readers import Unit, plan_units, read_at, read_unit, source_name
+from docev.validate.rules import Limits, Reject, check_record
+from docev.validate.stats import SourceStats
+from docev.vision.geometry import plan_tiles
+
+
+class ValidationFailed(RuntimeError):
+    """A source's reject fraction exceeded ``validate.max_reject_fraction``."""
+
+
+@dataclass
+class UnitResult:
+    index: int
+    source: str
+    accepted: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+    stats: SourceStats
+
+
+class UnitValidator:
+    """Everything one process needs to validate units (tokenizer loaded once per process)."""
+
+    def __init__(self, cfg: DocEVConfig):
+        from docev.data.transform import build_token_counter
+
+        self.cfg = cfg
+        v, tok = cfg.validate_, cfg.tokenizer
+        self.limits = Limits(
+            v.min_image_size, v.max_image_pixels, tok.max_seq_len, tuple(Path(r) for r in v.allowed_roots)
+        )
+        self.count_tokens = build_token_counter(cfg)
+
+    def run(self, index: int, source_index: int, unit: Unit) -> UnitResult:
+        src = self.cfg.datasets[source_index]
+        tok = self.cfg.tokenizer
+        root = Path(src.source)
+        stats, accepted, rejects = SourceStats(), [], []
+        for raw in read_unit(src, unit):
+            stats.read += 1
+            pos = {"source": unit.source, "file": raw.file, "row": raw.row, "offset": raw.offset, "unit": index}
+            record_id = raw.data.get("id") if raw.data and isinstance(raw.data.get("id"), str) else None
+            try:
+                if raw.error:
+                    raise Reject(*raw.error)
+                ok = check_record(raw.data, root, src.ufx_type, self.limits, self.count_tokens)
+            except Reject as rej:
+                stats.add_reject(rej.reason)
+                rejects.append(
+                    {
+                        **pos,
+                        "id": record_id,
+                        "reason": rej.reason,
+                        "field": rej.field,
+                        "detail": rej.detail,
+                        "record": raw.data if raw.data is not None else raw.raw,
+                    }
+                )
+                continue
+            tiles = [
+                plan_tiles(*im.size, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles).num_tiles for im in ok.images
+            ]
+            stats.add_accept(ok.images, ok.tokens, tiles)
+            images = [
+                {"path": name, "size": list(im.size), "mode": im.mode, "tiles": n}
+                for name, im, n in zip(ok.record.image_files, ok.images, tiles, strict=True)
+            ]
+            accepted.append(
+                {**pos, "id": ok.record.id, "images": images, "tokens": {str(r): n for r, n in ok.tokens.items()}}
+            )
+        return UnitResult(index, unit.source, accepted, rejects, stats)
+
+
+_WORKER: UnitValidator | None = None
+
+
+def _init_worker(cfg_dict: dict[str, Any]) -> None:
+    global _WORKER
+    _WORKER = UnitValidator(validate_dict(cfg_dict))
+
+
+def _run_unit(args: tuple[int, int, Unit]) -> UnitResult:
+    assert _WORKER is not None
+    return _WORKER.run(*args)
+
+
+def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
+    """(global index, source index, unit) for every unit of every source, in a stable order."""
+    units = [(si, u) for si, src in enumerate(cfg.datasets) for u in plan_units(src)]
+    return [(k, si, u) for k, (si, u) in enumerate(units)]
+
+
+def validate_dir(cfg: DocEVConfig) -> Path:
+    return Path(cfg.output_dir) / "validate"
+
+
+def _part_dir(cfg: DocEVConfig, shard: int, num_shards: int) -> Path:
+    return validate_dir(cfg) / "parts" / f"{shard:05d}-of-{num_shards:05d}"
+
+
+def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> Path:
+    """Validate units ``k`` with ``k % num_shards == shard``; write one part folder atomically."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard}/{num_shards}: expected 0 <= i < n")
+    workers = workers or cfg.validate_.workers
+    mine = [u for u in all_units(cfg) if u[0] % num_shards == shard]
+    final = _part_dir(cfg, shard, num_shards)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in cfg.datasets}
+    with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
+        bar = tqdm(
+            total=sum(u.count for _, _, u in mine),
+            unit="rec",
+            desc=f"validate {shard}/{num_shards}",
+            disable=None,
+            mininterval=1.0,
+        )
+        for result in _results(cfg, mine, workers):
+            acc.writelines(json.dumps(a) + "\n" for a in result.accepted)
+            rej.writelines(json.dumps(r) + "\n" for r in result.rejects)
+            stats[result.source].merge(result.stats)
+            bar.update(result.stats.read)
+        bar.close()
+    (tmp / "stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _results(cfg: DocEVConfig, units: list[tuple[int, int, Unit]], workers: int) -> Iterator[UnitResult]:
+    if workers <= 1:
+        validator = UnitValidator(cfg)
+        yield from (validator.run(*u) for u in units)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg.to_dict(),)) as pool:
+        yield from pool.map(_run_unit, units, chunksize=1)
+
+
+def _read_sorted(paths: list[Path]) -> Iterator[dict[str, Any]]:
+    """Merge per-part jsonl files (each sorted by unit, row) into one global order, streaming."""
+    streams = [(json.loads(line) for line in p.open()) for p in paths]
+    yield from heapq.merge(*streams, key=lambda r: (r["unit"], r["row"]))
+
+
+def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
+    """Combine the parts into manifest.jsonl, rejects.jsonl and the reports; enforce the reject policy."""
+    from docev.validate.report import write_reports
+
+    out = validate_dir(cfg)
+    parts = [_part_dir(cfg, i, num_shards) for i in range(num_shards)]
+    missing = [str(p) for p in parts if not (p / "stats.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
+    stats = {source_name(s): SourceStats() for s in cfg.datasets}
+    for p in parts:
+        for name, data in json.loads((p / "stats.json").read_text()).items():
+            stats[name].merge(SourceStats.from_dict(data))
+    sources = {source_name(s): s for s in cfg.datasets}
+    examples: dict[str, dict[str, Any]] = {}
+    written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
+    with tempfile.TemporaryDirectory(dir=out) as tmpdir:
+        tmp = Path(tmpdir)
+        db = sqlite3.connect(tmp / "ids.sqlite")
+        db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
+        with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
+            for entry in _read_sorted([p / "accepted.jsonl" for p in parts]):
+                try:
+                    db.execute(
+                        "INSERT INTO ids VALUES (?, ?, ?, ?)",
+                        (entry["source"], entry["id"], entry["file"], entry["row"]),
+                    )
+                except sqlite3.IntegrityError:
+                    first = db.execute(
+                        "SELECT file, row FROM ids WHERE source=? AND id=?", (entry["source"], entry["id"])
+                    ).fetchone()
+                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"])
+                    dups.write(
+                        json.dumps(
+                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit", "id")}
+                            | {
+                                "reason": "duplicate_id",
+                                "field": "id",
+                                "record": raw.data,
+                                "detail": f"id {entry['id']!r} first accepted at {first[0]} row {first[1]}",
+                            }
+                        )
+                        + "\n"
+                    )
+                    s = stats[entry["source"]]
+                    s.accepted -= 1
+                    s.add_reject("duplicate_id")
+                    continue
+                man.write(json.dumps(entry) + "\n")
+                written[entry["source"]][0] += 1
+        db.close()
+        with (tmp / "rejects.jsonl").open("w") as rej:
+            for entry in _read_sorted([p / "rejects.jsonl" for p in parts] + [tmp / "dups.jsonl"]):
+                rej.write(json.dumps(entry) + "\n")
+                written[entry["source"]][1] += 1
+                examples.setdefault(entry["reason"], entry)
+        for name, s in stats.items():
+            if (s.accepted + s.rejected != s.read) or written[name] != [s.accepted, s.rejected]:
+                raise RuntimeError(
+                    f"validate: record accounting broken for source {name}: read {s.read}, accepted "
+                    f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
+                )
+        for name in ("manifest.jsonl", "rejects.jsonl"):
+            os.replace(tmp / name, out / name)
+    report = {
+        "sources": {name: s.to_dict() for name, s in stats.items()},
+        "max_reject_fraction": cfg.validate_.max_reject_fraction,
+        "config_hash": cfg.section_hash("datasets", "validate", "tokenizer"),
+    }
+    failing = {
+        n: s["reject_fraction"]
+        for n, s in report["sources"].items()
+        if s["reject_fraction"] > cfg.validate_.max_reject_fraction
+    }
+    report["failed_sources"] = failing
+    write_reports(cfg, report, examples)
+    if failing:
+        detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
+        raise ValidationFailed(
+            f"reject fraction above validate.max_reject_fraction={cfg.validate_.max_reject_fraction:.1%} "
+            f"({detail}); see {out / 'rejects.jsonl'} and {out / 'report.md'}"
+        )
+    return report
+
+
+def run_validate(cfg: DocEVConfig, workers: int | None = None) -> dict[str, Any]:
+    """Whole step on one machine: one shard with a process pool, then the merge."""
+    run_shard(cfg, 0, 1, workers)
+    return merge(cfg, 1)
+
+
+def iter_manifest(cfg: DocEVConfig) -> Iterator[dict[str, Any]]:
+    """Accepted entries in source order (what preprocess consumes)."""
+    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+        for line in fh:
+            yield json.loads(line)

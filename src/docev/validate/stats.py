@@ -1,0 +1,69 @@
+"""Per-source counts and histograms that add up across units, workers and KFP shards."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+SIDE_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def bucket(value: int, edges: tuple[int, ...]) -> str:
+    """Label of the first edge ``value`` is below (``<512``), or ``>=last``."""
+    for edge in edges:
+        if value < edge:
+            return f"<{edge}"
+    return f">={edges[-1]}"
+
+
+class SourceStats:
+    """Counters for one source. ``merge`` sums another; ``to_dict``/``from_dict`` round-trip through JSON."""
+
+    FIELDS = ("reasons", "image_modes", "image_max_side", "tiles", "tokens")
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.reasons: Counter[str] = Counter()
+        self.image_modes: Counter[str] = Counter()  # file modes, plus "exif_rotated"
+        self.image_max_side: Counter[str] = Counter()
+        self.tiles: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()  # "ratio:bucket"
+
+    def add_reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons[reason] += 1
+
+    def add_accept(self, images: list[Any], tokens: dict[int, int], tiles: list[int]) -> None:
+        self.accepted += 1
+        for im, n_tiles in zip(images, tiles, strict=True):
+            self.image_modes[im.mode] += 1
+            if im.rotated:
+                self.image_modes["exif_rotated"] += 1
+            self.image_max_side[bucket(max(im.size), SIDE_BUCKETS)] += 1
+            self.tiles[str(n_tiles)] += 1
+        for ratio, n in tokens.items():
+            self.tokens[f"{ratio}:{bucket(n, TOKEN_BUCKETS)}"] += 1
+
+    def merge(self, other: SourceStats) -> None:
+        self.read += other.read
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        for name in self.FIELDS:
+            getattr(self, name).update(getattr(other, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"read": self.read, "accepted": self.accepted, "rejected": self.rejected}
+        out["reject_fraction"] = self.rejected / self.read if self.read else 0.0
+        out.update({name: dict(sorted(getattr(self, name).items())) for name in self.FIELDS})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceStats:
+        s = cls()
+        s.read, s.accepted, s.rejected = data["read"], data["accepted"], data["rejected"]
+        for name in cls.FIELDS:
+            getattr(s, name).update(data[name])
+        return s
