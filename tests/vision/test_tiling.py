@@ -64,6 +64,10 @@ def test_canvas_is_centred_with_zero_padding():
     assert canvas[:, :, :left].sum() == 0 and canvas[:, :, left + rw :].sum() == 0
     assert torch.equal(canvas[:, ch // 2, left + rw // 2], torch.tensor([200, 100, 50], dtype=torch.uint8))
     assert tiled.base.size == (T, T)
+    # the fast path of pixels() equals cutting the padded canvas (what a loader does with a stored canvas)
+    assert torch.equal(tiled.pixels(T), torch.cat([to_chw(tiled.base)[None], cut_tiles(canvas, T)]))
+    with pytest.raises(ValueError, match="another tile size"):
+        tiled.pixels(112)
 
 
 def test_cut_tiles_row_major():

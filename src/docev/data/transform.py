@@ -4,7 +4,7 @@ Instantiated from the config's ``tokenizer:`` section (``_component_:
 docev.data.transform.docev_preview_transform``). Work is split at the sampling ratio:
 
 * :meth:`DocEVTransform.encode` is ratio-independent: token ids with ONE ``<image>`` placeholder
-  per image, a per-token loss mask, and the images (uint8 base tile + canvas, or only their
+  per image, a per-token loss mask, and the images (uint8 base tile + resized canvas image, or only their
   sizes). This is what the preprocessor stores.
 * :meth:`DocEVTransform.expand` picks up a ratio (per batch, later) and expands each placeholder
   to the image's exact token count (:func:`docev.vision.geometry.num_image_tokens`), giving
@@ -74,7 +74,7 @@ class EncodedSample:
     tokens: list[int]  # one image_token_id per image
     loss_mask: list[bool]  # True where the token carries loss
     image_sizes: list[tuple[int, int]]  # original (height, width), order of appearance
-    images: list[TiledImage] | None = None  # uint8 base tile + canvas; None when encoded without pixels
+    images: list[TiledImage] | None = None  # uint8 base + resized image; None when encoded without pixels
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class DocEVTransform:
     # -- encoding and expansion --------------------------------------------------------------------
 
     def tile(self, image: Image.Image) -> TiledImage:
-        """RGB image → (base uint8, canvas uint8, plan) with this checkpoint's resampling filter."""
+        """RGB image → (base, resized/canvas, plan), uint8, with this checkpoint's resampling filter."""
         return tile_image(
             image, tile_size=self.tile_size, min_num_tiles=self.min_num_tiles,
             max_num_tiles=self.max_num_tiles, resample=self.pixels.resample,

@@ -55,16 +55,48 @@ class PixelConfig:
 
 @dataclass
 class TiledImage:
-    """One image ready for the vision tower, still uint8: ``base`` (tile × tile) and ``canvas``
-    (the plan's canvas: the aspect-resized image centred, zero padding around it)."""
+    """One image ready for the vision tower, still uint8: ``base`` (the whole image at tile × tile) and
+    ``resized`` (the image aspect-resized for the plan's canvas). The canvas is ``resized`` centred on
+    zeros, so storing ``resized`` + ``plan`` is enough; :attr:`canvas` builds it when wanted."""
 
     plan: TilePlan
     base: Image.Image
-    canvas: Image.Image
+    resized: Image.Image
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(top, left) of ``resized`` in the canvas: centred, the odd pixel of padding after."""
+        (ch, cw), (rh, rw) = self.plan.canvas, self.plan.resized
+        return (ch - rh) // 2, (cw - rw) // 2
+
+    @property
+    def canvas(self) -> Image.Image:
+        """The padded canvas (transformers pads with zeros, i.e. black)."""
+        if self.plan.resized == self.plan.canvas:
+            return self.resized
+        ch, cw = self.plan.canvas
+        canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
+        top, left = self.offset
+        canvas.paste(self.resized, (left, top))
+        return canvas
 
     def pixels(self, tile_size: int) -> torch.Tensor:
-        """uint8 [1 + rows·cols, 3, T, T]: the base tile, then the grid tiles row-major."""
-        return torch.cat([to_chw(self.base)[None], cut_tiles(to_chw(self.canvas), tile_size)])
+        """uint8 [1 + rows·cols, 3, T, T]: the base tile, then the grid tiles row-major.
+
+        Written plane by plane (PIL splits bands in C) into one buffer: a channel-last → channel-first
+        transpose of uint8 through torch/numpy strided copies costs more than the resize itself."""
+        (rows, cols), (ch, cw), (rh, rw) = self.plan.grid, self.plan.canvas, self.plan.resized
+        if (ch, cw) != (rows * tile_size, cols * tile_size) or self.base.size != (tile_size, tile_size):
+            raise ValueError(f"plan {self.plan} was made for another tile size than {tile_size}")
+        top, left = self.offset
+        canvas = np.zeros((3, ch, cw), dtype=np.uint8)
+        for c, band in enumerate(self.resized.split()):
+            canvas[c, top : top + rh, left : left + rw] = np.asarray(band)
+        out = np.empty((1 + rows * cols, 3, tile_size, tile_size), dtype=np.uint8)
+        out[0] = _planes(self.base)
+        grid = canvas.reshape(3, rows, tile_size, cols, tile_size).transpose(1, 3, 0, 2, 4)
+        out[1:].reshape(rows, cols, 3, tile_size, tile_size)[...] = grid
+        return torch.from_numpy(out)
 
 
 def tile_image(
@@ -75,25 +107,24 @@ def tile_image(
     max_num_tiles: int = 9,
     resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> TiledImage:
-    """image → (base uint8, canvas uint8, plan): the one step the preprocessor stores."""
+    """image → (base uint8, resized/canvas uint8, plan): the one step the preprocessor stores."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image (see docev.vision.image_io.load_image), got mode {image.mode!r}")
     w, h = image.size
     plan = plan_tiles(h, w, tile_size, min_num_tiles, max_num_tiles)
-    (ch, cw), (rh, rw) = plan.canvas, plan.resized
+    rh, rw = plan.resized
     resized = image if (rh, rw) == (h, w) else image.resize((rw, rh), resample)
-    if (rh, rw) == (ch, cw):
-        canvas = resized
-    else:
-        canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
-        canvas.paste(resized, ((cw - rw) // 2, (ch - rh) // 2))
     base = image if (h, w) == (tile_size, tile_size) else image.resize((tile_size, tile_size), resample)
-    return TiledImage(plan=plan, base=base, canvas=canvas)
+    return TiledImage(plan=plan, base=base, resized=resized)
+
+
+def _planes(image: Image.Image) -> np.ndarray:
+    return np.stack([np.asarray(band) for band in image.split()])
 
 
 def to_chw(image: Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W] copy of an RGB image's pixels (PIL buffers are read-only)."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    """uint8 [3, H, W] copy of an RGB image's pixels."""
+    return torch.from_numpy(_planes(image))
 
 
 def cut_tiles(canvas: torch.Tensor, tile_size: int) -> torch.Tensor:
