@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean image manifests
 
 setup: $(STAMP)
 
@@ -25,6 +25,17 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check src tests
+
+# The trainer/component image (CUDA torch from PyPI wheels); needs docker, which CI does not have.
+IMAGE ?= ghcr.io/docev/docev-pipelines:0.1.0
+image:
+	docker build -f images/Dockerfile -t $(IMAGE) .
+
+# The standalone PyTorchJobs of the kustomize overlays, rendered from the configs.
+LOCAL_OVERRIDES := output_dir=/mnt/docev/runs/tiny kubernetes.wandb_secret=null train.resources.shm_size=2Gi
+manifests: setup
+	$(BIN)/docev render-manifests --config configs/docev_preview.yaml --out manifests/overlays/gpu-cluster
+	$(BIN)/docev render-manifests --config configs/tiny.yaml --out manifests/overlays/local $(LOCAL_OVERRIDES)
 
 clean:
 	rm -rf outputs .pytest_cache

