@@ -78,6 +78,7 @@ def test_instruction_samples_end_to_end(transform, synth_sources):
             replies = [m["content"] for m in rec["context"] if m["role"] == "assistant"]
             assert tok.decode(learned) == "".join(f"{a}<|im_end|>" for a in replies)
             assert learned.count(stop) == len(replies)
+            assert out["image_grids"] == [t.plan.grid for t in enc.images]
             for px, tiled in zip(out["pixel_values"], enc.images, strict=True):
                 assert px.dtype == torch.uint8 and px.shape == (tiled.plan.num_tiles, 3, T, T)
         assert count.max == count.per_ratio[2] > count.min == count.per_ratio[3]
@@ -123,6 +124,17 @@ def test_overflow_larger_ratio(transform):
     tight = _variant(transform, max_seq_len=c[3], overflow_policy=["larger_ratio", "drop"])
     out = tight.expand(enc, 2)
     assert out["sampling_ratio"] == 3 and len(out["tokens"]) == c[3] and not out["truncated"]
+    # a batch shares one ratio: the batch moves to the ratio its longest sample needs
+    text_only = EncodedSample(
+        *transform.tokenize_messages(
+            ufx_to_messages(
+                {"id": "t", "context": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+            )
+        ),
+        [],
+    )
+    assert tight.batch_ratio([text_only], 2) == 2 and tight.batch_ratio([text_only, enc], 2) == 3
+    assert tight.expand(enc, 2, allow_larger_ratio=False) is None and tight.drops == {"too_long": 1}
 
 
 def test_overflow_truncates_only_text_after_the_last_image(transform):

@@ -35,7 +35,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 from docev.data.messages import UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
 from docev.ufx import UFXRecord
-from docev.vision.geometry import num_image_tokens
+from docev.vision.geometry import TilePlan, num_image_tokens, plan_tiles
 from docev.vision.image_io import load_image, read_image_size
 from docev.vision.tiling import PixelConfig, TiledImage, normalize, tile_image
 
@@ -197,6 +197,10 @@ class DocEVTransform:
             min_num_tiles=self.min_num_tiles, max_num_tiles=self.max_num_tiles,
         )  # fmt: skip
 
+    def plan(self, height: int, width: int) -> TilePlan:
+        """Canvas, resized size and grid of an image of (height, width)."""
+        return plan_tiles(height, width, self.tile_size, self.min_num_tiles, self.max_num_tiles)
+
     def _image_extra(self, sizes: Sequence[tuple[int, int]], ratio: int) -> int:
         """Tokens the images add over their placeholders at ``ratio``."""
         return sum(self.image_tokens(h, w, ratio) - 1 for h, w in sizes)
@@ -250,11 +254,12 @@ class DocEVTransform:
         """A random ratio from ``sampling_ratio`` when ``apply_random_sampling_ratio``, else the first."""
         return self._rng.choice(self.sampling_ratio) if self.apply_random_sampling_ratio else self.sampling_ratio[0]
 
-    def fit(self, sample: EncodedSample, ratio: int) -> FitDecision:
-        """Apply ``overflow_policy`` for ``ratio`` (pure: counts nothing). Raises
-        :class:`SampleTooLongError` when nothing fits and the policy has no ``drop``."""
+    def fit(self, sample: EncodedSample, ratio: int, *, allow_larger_ratio: bool = True) -> FitDecision:
+        """Apply ``overflow_policy`` for ``ratio`` (pure: counts nothing); ``allow_larger_ratio=False``
+        skips its ``larger_ratio`` step (a batch already at its ratio). Raises :class:`SampleTooLongError`
+        when nothing fits and the policy has no ``drop``."""
         order = [ratio]
-        if "larger_ratio" in self.overflow_policy:
+        if allow_larger_ratio and "larger_ratio" in self.overflow_policy:
             order += sorted(r for r in set(self.sampling_ratio) if r > ratio)
         extra = {r: self._image_extra(sample.image_sizes, r) for r in order}
         n = len(sample.tokens)
@@ -281,11 +286,22 @@ class DocEVTransform:
             f"({reason}); overflow_policy {list(self.overflow_policy)} has no 'drop' step"
         )
 
-    def expand(self, sample: EncodedSample, ratio: int | None = None) -> dict[str, Any] | None:
+    def batch_ratio(self, samples: Sequence[EncodedSample], ratio: int) -> int:
+        """The ratio for a batch that shares one (the model pools a batch at one ratio): the smallest
+        ratio ≥ ``ratio`` at which ``larger_ratio`` fits every sample that is not dropped. Expand the
+        batch at it with ``allow_larger_ratio=False``."""
+        chosen = [d.ratio for d in (self.fit(s, ratio) for s in samples) if d.ratio is not None]
+        return max(chosen, default=ratio)
+
+    def expand(
+        self, sample: EncodedSample, ratio: int | None = None, *, allow_larger_ratio: bool = True
+    ) -> dict[str, Any] | None:
         """Model-ready sample at ``ratio`` (chosen with :meth:`choose_ratio` when None), or None when the
         overflow policy drops it (counted in :attr:`drops`). Keys: ``tokens``, ``labels``, ``sampling_ratio``,
-        ``image_sizes``, ``truncated`` and, with pixels, ``pixel_values`` (uint8 [tiles, 3, T, T] per image)."""
-        decision = self.fit(sample, self.choose_ratio() if ratio is None else ratio)
+        ``image_sizes`` and ``image_grids`` ((rows, cols), base tile not counted) per image, ``truncated``
+        and, with pixels, ``pixel_values`` (uint8 [1 + rows·cols, 3, T, T] per image)."""
+        ratio = self.choose_ratio() if ratio is None else ratio
+        decision = self.fit(sample, ratio, allow_larger_ratio=allow_larger_ratio)
         if decision.drop_reason is not None:
             self.drops[decision.drop_reason] += 1
             return None
@@ -297,8 +313,9 @@ class DocEVTransform:
         counts = [self.image_tokens(h, w, r) for h, w in sample.image_sizes]
         ids, labels = expand_placeholders(tokens, mask, self.image_token_id, counts)
         out: dict[str, Any] = {
-            "tokens": ids, "labels": labels, "sampling_ratio": r,
-            "image_sizes": list(sample.image_sizes), "truncated": decision.truncated,
+            "tokens": ids, "labels": labels, "sampling_ratio": r, "truncated": decision.truncated,
+            "image_sizes": list(sample.image_sizes),
+            "image_grids": [self.plan(h, w).grid for h, w in sample.image_sizes],
         }  # fmt: skip
         if sample.images is not None:
             out["pixel_values"] = [t.pixels(self.tile_size) for t in sample.images]
