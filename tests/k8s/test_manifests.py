@@ -41,7 +41,8 @@ def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request):
-    return request.param, build(MANIFESTS / "overlays" / request.param)
+    """An overlay and its standalone job, as they are applied: infrastructure first, then the job."""
+    return request.param, build(MANIFESTS / "overlays" / request.param) + build(MANIFESTS / "jobs" / request.param)
 
 
 def test_overlay_objects_pass_their_schemas(overlay):
@@ -98,15 +99,30 @@ def test_storage_class_comes_from_overlays_only():
     assert {tuple(p["spec"]["accessModes"]) for p in gpu} == {("ReadWriteMany",)}  # every node mounts them
 
 
+def test_overlays_hold_no_job_so_volumes_exist_before_training():
+    for name in OVERLAYS:
+        assert "PyTorchJob" not in by_kind(build(MANIFESTS / "overlays" / name))
+        assert sorted(by_kind(build(MANIFESTS / "jobs" / name))) == ["PyTorchJob"]
+
+
+def test_shell_pod_mounts_both_volumes():
+    (pod,) = build(MANIFESTS / "tools")
+    assert core_errors(pod) == []
+    assert pod["metadata"]["namespace"] == "docev"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
+    assert claims == {"docev-data", "docev-checkpoints"}
+
+
 @pytest.mark.parametrize("overlay_name", OVERLAYS)
 def test_committed_jobs_are_what_render_manifests_writes(overlay_name, tmp_path, capsys):
     """The standalone PyTorchJobs are generated; regenerate with the recorded command and compare."""
-    committed = (MANIFESTS / "overlays" / overlay_name / "pytorchjob.yaml").read_text()
+    committed = (MANIFESTS / "jobs" / overlay_name / "pytorchjob.yaml").read_text()
     command = committed.splitlines()[1].removeprefix("#   ")
     args = shlex.split(command)
     assert args[:2] == ["docev", "render-manifests"]
     out = args.index("--out")
-    assert args[out + 1] == f"manifests/overlays/{overlay_name}"
+    assert args[out + 1] == f"manifests/jobs/{overlay_name}"
     args[out + 1] = str(tmp_path)
     config = args.index("--config")
     args[config + 1] = str(REPO / args[config + 1])
