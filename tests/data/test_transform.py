@@ -274,3 +274,15 @@ def test_config_component_and_token_counter(tmp_path, tiny_checkpoint, synth_sou
     pt = parse_record(_records(synth_sources, "pretrain")[0][0], "pretrain")
     n_text = len(tok.encode(pt.text, add_special_tokens=False)) + 2  # bos + text + eos
     assert count(pt, [(100, 100)])[2] == n_text + num_image_tokens(100, 100, 2, tile_size=T, patch_size=14) - 1
+
+
+def test_pickles_for_worker_processes(transform, synth_sources):
+    """DataLoader workers (spawn) and process pools receive the transform pickled."""
+    import pickle
+
+    records, root = _records(synth_sources)
+    msgs = ufx_to_messages(records[1], image_root=root)
+    clone = pickle.loads(pickle.dumps(transform))
+    a, b = transform.expand(transform.encode(msgs), 2), clone.expand(clone.encode(msgs), 2)
+    assert a["tokens"] == b["tokens"] and a["labels"] == b["labels"]
+    assert all(torch.equal(x, y) for x, y in zip(a["pixel_values"], b["pixel_values"], strict=True))

@@ -82,6 +82,10 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ChatTemplateError(f"chat template {name}: line {exc.lineno}: {exc.message}") from exc
 
+    def __reduce__(self):
+        # compiled Jinja code does not pickle; DataLoader / process-pool workers recompile from source
+        return ChatTemplate, (self.source, self.name)
+
     def render(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Rendered:
         """Render ``messages``; extra keyword arguments (``add_generation_prompt``, ``add_vision_id``,
         ``bos_token`` …) are template variables."""
