@@ -74,6 +74,24 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from docev.data.preprocess import merge, run_shards, shards_dir
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.merge:
+        shard, num = _parse_shard(args.shard)
+        built = run_shards(cfg, shard, num, args.workers)
+        print(f"built {len(built)} shard(s) in {shards_dir(cfg)}")
+        if num > 1:
+            print(f"shard {shard}/{num} done; run `docev preprocess --merge` when all are done")
+            return 0
+    manifest = merge(cfg)
+    print(
+        f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards: {shards_dir(cfg) / 'manifest.json'}"
+    )
+    return 0
+
+
 def cmd_tokens(args: argparse.Namespace) -> int:
     from docev.vision.geometry import num_image_tokens, plan_tiles
 
@@ -168,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--shard", default="0/1", help="validate only shard i of n (KFP fan-out)")
     val.add_argument("--merge", type=int, default=0, metavar="N", help="merge the outputs of N shards")
     val.set_defaults(func=cmd_validate)
+
+    pre = sub.add_parser("preprocess", help="validated records -> tiled, tokenized Arrow shards + manifest.json")
+    _config_args(pre)
+    pre.add_argument("--workers", type=int, default=None, help="processes (default: preprocess.workers)")
+    pre.add_argument("--shard", default="0/1", help="build only shards k with k %% n == i (KFP fan-out)")
+    pre.add_argument("--merge", action="store_true", help="check every shard and write manifest.json")
+    pre.set_defaults(func=cmd_preprocess)
 
     tk = sub.add_parser("tokens", help="what a page costs: canvas, tiles and image tokens per sampling ratio")
     _config_args(tk)

@@ -136,6 +136,7 @@ class DataloaderSection(_Strict):
     bucket_by_length: bool = False
     pin_memory: bool = False
     prefetch_factor: int | None = None
+    verify_checksums: bool = Field(True, description="sha256 every shard when training starts (corrupt = error).")
 
 
 class ValidateSection(_Strict):
@@ -174,6 +175,12 @@ class Resources(_Strict):
     gpu_resource: str = "nvidia.com/gpu"
     gpu_type: str | None = None
     shm_size: str = Field("16Gi", description="Size limit of the memory-backed /dev/shm (counts against memory).")
+
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, v: Any) -> Any:
+        # YAML reads `cpu: 8` as an int; Kubernetes quantities are strings.
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
 
     @field_validator("cpu", "memory", "shm_size")
     @classmethod

@@ -43,12 +43,18 @@ def run_local(cfg: DocEVConfig) -> dict[str, Path]:
     report = run_validate(cfg)
     for name, s in report["sources"].items():
         print(f"  {name}: read {s['read']}, accepted {s['accepted']}, rejected {s['rejected']}")
+    from docev.data.preprocess import run_preprocess, shards_dir
+
+    print("[preprocess] writing tiled shards")
+    manifest = run_preprocess(cfg)
+    print(f"  {manifest['total_samples']} samples in {len(manifest['shards'])} shards")
     outputs = {
         "config": resolved,
         "base_checkpoint": Path(cfg.checkpointer.checkpoint_dir),
         "validate_report": validate_dir(cfg) / "report.md",
         "validate_manifest": validate_dir(cfg) / "manifest.jsonl",
         "rejects": validate_dir(cfg) / "rejects.jsonl",
+        "shards": shards_dir(cfg) / "manifest.json",
     }
     print("[run] outputs:")
     for name, path in outputs.items():

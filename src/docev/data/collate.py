@@ -1,0 +1,103 @@
+"""Collate: samples of one step → the model's batch (DESIGN "Model inputs").
+
+All samples of a batch share the step's sampling ratio (chosen by the sampler), so placeholders are
+expanded here, not in the shards. Plain batches are right-padded rows; packed batches lay several
+samples into one row with per-sample positions and a block-causal document mask, so samples never
+attend to each other. Every sample's first label is ignored: in a packed row the (shifted) label of
+a sample's last token would otherwise be the next sample's first token; unpacked, that label is
+never predicted anyway. Tiles are padded to the batch's largest tile count and normalised last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+from docev.data.transform import expand_placeholders
+from docev.vision.geometry import num_image_tokens
+from docev.vision.tiling import normalize
+
+
+class DocEVCollate:
+    def __init__(
+        self,
+        *,
+        image_token_id: int,
+        pad_id: int,
+        tile_size: int,
+        patch_size: int,
+        min_num_tiles: int,
+        max_num_tiles: int,
+        max_seq_len: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        packed: bool = False,
+    ):
+        self.image_token_id, self.pad_id = image_token_id, pad_id
+        self.geometry = {"tile_size": tile_size, "patch_size": patch_size,
+                         "min_num_tiles": min_num_tiles, "max_num_tiles": max_num_tiles}  # fmt: skip
+        self.max_seq_len, self.mean, self.std = max_seq_len, tuple(mean), tuple(std)
+        self.dtype, self.packed = dtype, packed
+
+    def _expand(self, sample: dict[str, Any], ratio: int) -> tuple[list[int], list[int]]:
+        counts = [num_image_tokens(h, w, ratio, **self.geometry) for h, w in sample["image_sizes"]]
+        tokens, labels = expand_placeholders(sample["tokens"], sample["loss_mask"], self.image_token_id, counts)
+        labels[0] = CROSS_ENTROPY_IGNORE_IDX
+        return tokens, labels
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        ratio = samples[0]["ratio"]
+        if ratio is None or any(s["ratio"] != ratio for s in samples):
+            raise ValueError(f"a batch needs one sampling ratio, got {sorted({s['ratio'] for s in samples})}")
+        rows: dict[int, list[tuple[list[int], list[int]]]] = {}
+        row_ids: dict[int, list[str]] = {}
+        for s in samples:
+            key = s["row"] if self.packed else len(rows)
+            rows.setdefault(key, []).append(self._expand(s, ratio))
+            row_ids.setdefault(key, []).append(s["id"])
+        lengths = [sum(len(t) for t, _ in docs) for docs in rows.values()]
+        too_long = [(ids, n) for ids, n in zip(row_ids.values(), lengths, strict=True) if n > self.max_seq_len]
+        if too_long:
+            raise ValueError(f"rows longer than max_seq_len {self.max_seq_len} at ratio {ratio}: {too_long}")
+        b, s_len = len(rows), max(lengths)
+        tokens = torch.full((b, s_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, s_len), CROSS_ENTROPY_IGNORE_IDX, dtype=torch.long)
+        batch: dict[str, Any] = {"mask": None, "input_pos": None}
+        if self.packed:
+            mask = torch.zeros(b, s_len, s_len, dtype=torch.bool)
+            input_pos = torch.zeros(b, s_len, dtype=torch.long)
+        for i, docs in enumerate(rows.values()):
+            start = 0
+            for t, lab in docs:
+                n = len(t)
+                tokens[i, start : start + n] = torch.tensor(t)
+                labels[i, start : start + n] = torch.tensor(lab)
+                if self.packed:
+                    mask[i, start : start + n, start : start + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+                    input_pos[i, start : start + n] = torch.arange(n)
+                start += n
+            if self.packed:  # padding attends to itself only (an all-False row would give NaN in attention)
+                idx = torch.arange(start, s_len)
+                mask[i, idx, idx] = True
+        if self.packed:
+            batch.update(mask=mask, input_pos=input_pos)
+        tiles = [t for s in samples for t in s["tiles"]]
+        if tiles:
+            max_tiles = max(t.shape[0] for t in tiles)
+            pix = torch.zeros(len(tiles), max_tiles, *tiles[0].shape[1:], dtype=torch.uint8)
+            for k, t in enumerate(tiles):
+                pix[k, : t.shape[0]] = t
+            batch["pixel_values"] = normalize(pix, self.mean, self.std, self.dtype)
+            batch["image_sizes"] = torch.tensor([hw for s in samples for hw in s["image_sizes"]], dtype=torch.long)
+            batch["image_grids"] = torch.tensor([g for s in samples for g in s["image_grids"]], dtype=torch.long)
+        else:
+            batch.update(pixel_values=None, image_sizes=None, image_grids=None)
+        batch.update(
+            tokens=tokens, labels=labels, sampling_ratio=ratio, sample_ids=[s["id"] for s in samples],
+            num_tokens=sum(lengths), num_loss_tokens=int((labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()),
+        )  # fmt: skip
+        return batch

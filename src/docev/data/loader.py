@@ -1,0 +1,55 @@
+"""``build_dataloader``: shards → sampler → collate → batches the recipe feeds to the model."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from docev.config import DocEVConfig
+from docev.data.collate import DocEVCollate
+from docev.data.dataset import ShardDataset
+from docev.data.preprocess import config_hash, shards_dir, tokenizer_fingerprint
+from docev.data.sampler import DocEVBatchSampler
+from docev.data.transform import transform_from_config
+
+
+def build_collate(cfg: DocEVConfig, dtype: torch.dtype) -> DocEVCollate:
+    transform = transform_from_config(cfg)
+    tok = cfg.tokenizer
+    return DocEVCollate(
+        image_token_id=transform.image_token_id, pad_id=transform.tokenizer.pad_token_id or 0,
+        tile_size=tok.tile_size, patch_size=tok.patch_size, min_num_tiles=tok.min_num_tiles,
+        max_num_tiles=tok.max_num_tiles, max_seq_len=tok.max_seq_len, mean=transform.pixels.mean,
+        std=transform.pixels.std, dtype=dtype, packed=cfg.dataloader.packed,
+    )  # fmt: skip
+
+
+def build_dataset(cfg: DocEVConfig) -> ShardDataset:
+    """The run's shards, refused when built with another config or tokenizer, or when corrupt."""
+    expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
+    return ShardDataset(shards_dir(cfg), tile_size=cfg.tokenizer.tile_size, expect=expect,
+                        verify_checksums=cfg.dataloader.verify_checksums)  # fmt: skip
+
+
+def build_sampler(cfg: DocEVConfig, dataset: ShardDataset, *, rank: int, world_size: int) -> DocEVBatchSampler:
+    tok, dl = cfg.tokenizer, cfg.dataloader
+    return DocEVBatchSampler(
+        dataset.lengths(), dataset.source_indices(), [d.weight for d in cfg.datasets],
+        batch_size=cfg.batch_size, max_seq_len=tok.max_seq_len, ratios=tok.sampling_ratio,
+        random_ratio=tok.apply_random_sampling_ratio, num_replicas=world_size, rank=rank, seed=cfg.seed,
+        shuffle=dl.shuffle, bucket_by_length=dl.bucket_by_length, packed=dl.packed,
+    )  # fmt: skip
+
+
+def build_dataloader(
+    cfg: DocEVConfig, *, rank: int, world_size: int, dtype: torch.dtype = torch.float32
+) -> tuple[DataLoader, DocEVBatchSampler]:
+    """The loader and its sampler (the recipe saves/restores ``sampler.state_dict()`` to resume exactly)."""
+    dataset = build_dataset(cfg)
+    sampler = build_sampler(cfg, dataset, rank=rank, world_size=world_size)
+    dl = cfg.dataloader
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=build_collate(cfg, dtype), num_workers=dl.num_workers,
+        pin_memory=dl.pin_memory, prefetch_factor=dl.prefetch_factor if dl.num_workers else None,
+    )  # fmt: skip
+    return loader, sampler

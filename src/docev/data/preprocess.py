@@ -1,0 +1,253 @@
+"""The preprocess step: validated records → tiled, tokenized Arrow shards + ``manifest.json``.
+
+Shard k holds accepted records ``[k·R, (k+1)·R)`` of ``validate/manifest.jsonl`` (R =
+``preprocess.records_per_shard``), so the split is deterministic and ``--shard i/n`` (shards with
+k % n == i) fans out over KFP tasks without coordination. A shard is written under a temporary name,
+verified and renamed, then its sidecar ``shard-KKKKK.json`` (sha256, rows, config hash, tokenizer
+fingerprint) is written: a shard counts as done only when both exist and agree, so a rerun after
+``kill -9`` redoes exactly the unfinished shards, and shards built with another config or tokenizer
+are refused instead of mixed. The merge writes ``manifest.json`` (shards, totals, length
+histograms, bytes) and ``dropped.jsonl`` (samples the overflow policy dropped, with the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from docev.config import DocEVConfig, validate_dict
+from docev.data.messages import ufx_to_messages
+from docev.data.shards import ShardError, image_row, sha256_file, write_shard
+from docev.data.transform import DocEVTransform, transform_from_config
+from docev.validate.readers import RawRecord, Unit, read_unit, source_name
+from docev.validate.runner import validate_dir
+from docev.validate.stats import TOKEN_BUCKETS, bucket
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "preprocessor_config.json")  # fmt: skip
+
+
+def shards_dir(cfg: DocEVConfig) -> Path:
+    return Path(cfg.output_dir) / "shards"
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """sha256 over the tokenizer and image-processor files that shape the bytes of a shard."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def config_hash(cfg: DocEVConfig) -> str:
+    """Everything that changes shard bytes: the transform, image encoding, sources and the validated input."""
+    data = cfg.to_dict()
+    blob = {
+        "tokenizer": data["tokenizer"],
+        "preprocess": {k: data["preprocess"][k] for k in ("image_format", "jpeg_quality", "records_per_shard")},
+        "datasets": [{k: v for k, v in d.items() if k != "weight"} for d in data["datasets"]],
+        "validated": sha256_file(validate_dir(cfg) / "manifest.jsonl"),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _chunks(cfg: DocEVConfig) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(shard index, accepted manifest entries) streamed from validate/manifest.jsonl."""
+    size, chunk, k = cfg.preprocess.records_per_shard, [], 0
+    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+        for line in fh:
+            chunk.append(json.loads(line))
+            if len(chunk) == size:
+                yield k, chunk
+                chunk, k = [], k + 1
+    if chunk:
+        yield k, chunk
+
+
+def count_shards(cfg: DocEVConfig) -> int:
+    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+        n = sum(1 for _ in fh)
+    return -(-n // cfg.preprocess.records_per_shard)
+
+
+class ShardBuilder:
+    """Builds shards in one process (the transform and tokenizer are loaded once)."""
+
+    def __init__(self, cfg: DocEVConfig, chash: str, fingerprint: str):
+        self.cfg, self.chash, self.fingerprint = cfg, chash, fingerprint
+        self.transform: DocEVTransform = transform_from_config(cfg)
+        self.sources = {source_name(s): (i, s) for i, s in enumerate(cfg.datasets)}
+        self.ratios = sorted(cfg.tokenizer.sampling_ratio)
+
+    def _records(self, entries: list[dict[str, Any]]) -> Iterator[RawRecord]:
+        """Read entries back in file order, one contiguous range per (source, file, unit)."""
+        for (name, file, _), group in groupby(entries, key=lambda e: (e["source"], e["file"], e["unit"])):
+            group = list(group)
+            wanted = {e["row"] for e in group}
+            first, last = group[0], group[-1]
+            unit = Unit(name, file, first["row"], last["row"] - first["row"] + 1, first["offset"] or 0)
+            for raw in read_unit(self.sources[name][1], unit):
+                if raw.row in wanted:
+                    yield raw
+
+    def build(self, k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        out = shards_dir(self.cfg)
+        fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
+        t, rows, dropped, stored, original = self.transform, [], [], 0, 0
+        for raw in self._records(entries):
+            index, src = self.sources[raw.source]
+            messages = ufx_to_messages(raw.data, ufx_type=src.ufx_type, image_root=src.source,
+                                       new_system_prompt=src.new_system_prompt)  # fmt: skip
+            sample = t.encode(messages, ufx_type=src.ufx_type)
+            decision = t.fit(sample, self.ratios[-1])
+            if decision.drop_reason is not None:
+                dropped.append({"source": raw.source, "file": raw.file, "row": raw.row, "id": raw.data["id"],
+                                "reason": decision.drop_reason, "length": decision.length})  # fmt: skip
+                continue
+            keep = decision.keep if decision.keep is not None else len(sample.tokens)
+            tokens, mask = sample.tokens[:keep], sample.loss_mask[:keep]
+            images = [image_row(img, fmt, quality) for img in sample.images or []]
+            stored += sum(len(im["base"]) + len(im["resized"]) for im in images)
+            original += sum(path.stat().st_size for path in _image_paths(messages))
+            row = {"id": raw.data["id"], "source": raw.source, "source_index": index, "tokens": tokens,
+                   "loss_mask": mask, "images": images}  # fmt: skip
+            for r in self.ratios:
+                row[f"len_r{r}"] = len(tokens) + sum(t.image_tokens(h, w, r) - 1 for h, w in sample.image_sizes)
+            rows.append(row)
+        name = _shard_name(k)
+        digest, count = write_shard(out / f"{name}.arrow", rows, self.ratios)
+        lengths = Counter(f"{r}:{bucket(row[f'len_r{r}'], TOKEN_BUCKETS)}" for row in rows for r in self.ratios)
+        sources = Counter(row["source"] for row in rows)
+        side = {"file": f"{name}.arrow", "sha256": digest, "rows": count, "config_hash": self.chash,
+                "tokenizer": self.fingerprint, "dropped": dropped, "lengths": dict(lengths),
+                "sources": dict(sources), "bytes_stored": stored, "bytes_original": original}  # fmt: skip
+        tmp = out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(side, indent=1))
+        os.replace(tmp, out / f"{name}.json")
+        return side
+
+
+def _image_paths(messages: list[Any]) -> list[Path]:
+    return [Path(p["content"]) for m in messages for p in m.content if p["type"] == "image"]
+
+
+def shard_done(out: Path, k: int, chash: str, fingerprint: str) -> bool:
+    """True when shard k is complete and intact; refuses shards of another config or tokenizer."""
+    side_path, data_path = out / f"{_shard_name(k)}.json", out / f"{_shard_name(k)}.arrow"
+    if not side_path.exists():
+        return False
+    side = json.loads(side_path.read_text())
+    if side["config_hash"] != chash or side["tokenizer"] != fingerprint:
+        what = "config" if side["config_hash"] != chash else "tokenizer"
+        raise ShardError(
+            f"{side_path} was built with another {what} ({side['config_hash'][:12]}/{side['tokenizer'][:12]}, now "
+            f"{chash[:12]}/{fingerprint[:12]}); shards are never mixed: use a new output_dir or delete {out}"
+        )
+    return data_path.exists() and sha256_file(data_path) == side["sha256"]
+
+
+_BUILDER: ShardBuilder | None = None
+
+
+def _init(cfg_dict: dict[str, Any], chash: str, fingerprint: str) -> None:
+    global _BUILDER
+    _BUILDER = ShardBuilder(validate_dict(cfg_dict), chash, fingerprint)
+
+
+def _build(k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    assert _BUILDER is not None
+    return _BUILDER.build(k, entries)
+
+
+def run_shards(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> list[int]:
+    """Build the missing shards k with k % num_shards == shard. Returns the shard indices built."""
+    out = shards_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
+    todo = ((k, e) for k, e in _chunks(cfg) if k % num_shards == shard and not shard_done(out, k, chash, fingerprint))
+    workers = workers or cfg.preprocess.workers
+    built: list[int] = []
+    bar = tqdm(unit="rec", desc=f"preprocess {shard}/{num_shards}", disable=None, mininterval=1.0)
+    if workers <= 1:
+        builder = ShardBuilder(cfg, chash, fingerprint)
+        for k, entries in todo:
+            builder.build(k, entries)
+            built.append(k)
+            bar.update(len(entries))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init, initargs=(cfg.to_dict(), chash, fingerprint)) as pool:
+            running: dict[Any, tuple[int, int]] = {}
+            for k, entries in todo:  # bounded submission: the manifest is streamed, never held whole
+                if len(running) >= 2 * workers:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        built.append(_collect(f, running, bar))
+                running[pool.submit(_build, k, entries)] = (k, len(entries))
+            for f in list(running):
+                built.append(_collect(f, running, bar))
+    bar.close()
+    return sorted(built)
+
+
+def _collect(future: Any, running: dict[Any, tuple[int, int]], bar: tqdm) -> int:
+    future.result()
+    k, n = running.pop(future)
+    bar.update(n)
+    return k
+
+
+def merge(cfg: DocEVConfig) -> dict[str, Any]:
+    """All shards present and intact → ``manifest.json`` and ``dropped.jsonl``."""
+    out = shards_dir(cfg)
+    chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
+    n = count_shards(cfg)
+    missing = [k for k in range(n) if not shard_done(out, k, chash, fingerprint)]
+    if missing:
+        raise ShardError(f"preprocess merge: {len(missing)} of {n} shards missing or corrupt in {out}: {missing[:10]}")
+    sides = [json.loads((out / f"{_shard_name(k)}.json").read_text()) for k in range(n)]
+    lengths: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    with (out / ".dropped.jsonl.tmp").open("w") as fh:
+        for side in sides:
+            lengths.update(side["lengths"])
+            sources.update(side["sources"])
+            for d in side["dropped"]:
+                dropped[d["reason"]] += 1
+                fh.write(json.dumps(d) + "\n")
+    os.replace(out / ".dropped.jsonl.tmp", out / "dropped.jsonl")
+    tok = cfg.tokenizer
+    manifest = {
+        "format": "arrow-ipc", "version": 1, "config_hash": chash, "tokenizer": fingerprint,
+        "tile_size": tok.tile_size, "patch_size": tok.patch_size, "ratios": sorted(tok.sampling_ratio),
+        "max_seq_len": tok.max_seq_len, "image_format": cfg.preprocess.image_format,
+        "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in sides],
+        "total_samples": sum(s["rows"] for s in sides), "sources": dict(sorted(sources.items())),
+        "dropped": dict(dropped), "length_histogram": dict(sorted(lengths.items())),
+        "bytes_stored_images": sum(s["bytes_stored"] for s in sides),
+        "bytes_original_images": sum(s["bytes_original"] for s in sides),
+    }  # fmt: skip
+    (out / ".manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
+    os.replace(out / ".manifest.json.tmp", out / "manifest.json")
+    return manifest
+
+
+def run_preprocess(cfg: DocEVConfig, workers: int | None = None) -> dict[str, Any]:
+    """Whole step on one machine: every missing shard, then the merge."""
+    run_shards(cfg, 0, 1, workers)
+    return merge(cfg)

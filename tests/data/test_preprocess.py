@@ -1,0 +1,192 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from docev.data.dataset import ShardDataset
+from docev.data.loader import build_collate, build_dataset
+from docev.data.messages import ufx_to_messages
+from docev.data.preprocess import merge, run_preprocess, run_shards, shards_dir
+from docev.data.shards import ShardError
+from docev.data.transform import transform_from_config
+from docev.validate.runner import run_validate
+
+
+def _config(tmp_path, ckpt, sources, *overrides):
+    datasets = [
+        {"source": str(sources["instruct"]), "name": "instruct"},
+        {"source": str(sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain", "context_col": "text"},
+    ]
+    cfg = tiny_config(tmp_path, ckpt, datasets, "preprocess.records_per_shard=6", *overrides)
+    run_validate(cfg, workers=1)
+    return cfg
+
+
+def _digests(cfg):
+    return {s["file"]: s["sha256"] for s in json.loads((shards_dir(cfg) / "manifest.json").read_text())["shards"]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_checkpoint, synth_sources):
+    cfg = _config(tmp_path_factory.mktemp("pre"), tiny_checkpoint, synth_sources)
+    return cfg, run_preprocess(cfg, workers=1)
+
+
+def test_manifest_accounts_for_every_validated_record(built):
+    cfg, manifest = built
+    assert manifest["total_samples"] == 25 and manifest["sources"] == {"instruct": 20, "pretrain": 5}
+    assert len(manifest["shards"]) == 5 and sum(s["rows"] for s in manifest["shards"]) == 25
+    assert manifest["ratios"] == [2, 3] and manifest["dropped"] == {}
+    assert manifest["bytes_stored_images"] > 0
+
+
+def test_deterministic_and_parallel_equal(tmp_path, tiny_checkpoint, synth_sources, built):
+    cfg, _ = built
+    again = _config(tmp_path / "again", tiny_checkpoint, synth_sources)
+    run_preprocess(again, workers=2)
+    assert _digests(again) == _digests(cfg)
+    fanned = _config(tmp_path / "fanned", tiny_checkpoint, synth_sources)
+    assert run_shards(fanned, 0, 2, workers=1) == [0, 2, 4]
+    with pytest.raises(ShardError, match="2 of 5 shards missing"):
+        merge(fanned)
+    assert run_shards(fanned, 1, 2, workers=1) == [1, 3]
+    merge(fanned)
+    assert _digests(fanned) == _digests(cfg)
+
+
+def test_resume_redoes_only_unfinished_shards(tmp_path, tiny_checkpoint, synth_sources, built):
+    cfg, _ = built
+    run = _config(tmp_path, tiny_checkpoint, synth_sources)
+    run_preprocess(run, workers=1)
+    out = shards_dir(run)
+    # a kill -9 during shard 3: its data file half-written under the temp name, no sidecar
+    (out / "shard-00003.json").unlink()
+    (out / "shard-00003.arrow").rename(out / ".shard-00003.arrow.tmp")
+    # a shard whose bytes rotted on disk after it was finished
+    data = bytearray((out / "shard-00001.arrow").read_bytes())
+    data[100] ^= 0xFF
+    (out / "shard-00001.arrow").write_bytes(bytes(data))
+    assert run_shards(run, workers=1) == [1, 3]
+    merge(run)
+    assert _digests(run) == _digests(cfg)
+
+
+def test_corrupt_shard_is_detected_when_training_opens_it(tmp_path, tiny_checkpoint, synth_sources):
+    cfg = _config(tmp_path, tiny_checkpoint, synth_sources)
+    run_preprocess(cfg, workers=1)
+    path = shards_dir(cfg) / "shard-00002.arrow"
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-00002.arrow: sha256 .* corrupt shard"):
+        build_dataset(cfg)
+
+
+def test_other_config_or_tokenizer_is_refused(tmp_path, tiny_checkpoint, synth_sources):
+    cfg = _config(tmp_path, tiny_checkpoint, synth_sources)
+    run_preprocess(cfg, workers=1)
+    changed = _config(tmp_path, tiny_checkpoint, synth_sources, "tokenizer.add_vision_id=true")
+    with pytest.raises(ShardError, match="another config"):
+        run_shards(changed, workers=1)
+    with pytest.raises(ShardError, match="config_hash"):
+        build_dataset(changed)
+
+
+def test_shard_samples_equal_the_online_transform(built):
+    cfg, _ = built
+    ds = build_dataset(cfg)
+    transform = transform_from_config(cfg)
+    src = cfg.datasets[0]
+    records = [json.loads(line) for line in (Path(src.source) / "data.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r for r in records}
+    checked = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        if item["id"] not in by_id:
+            continue
+        messages = ufx_to_messages(by_id[item["id"]], image_root=src.source)
+        online = transform.encode(messages)
+        assert item["tokens"] == online.tokens and item["loss_mask"] == online.loss_mask
+        assert len(item["tiles"]) == len(online.images)
+        for stored, tiled in zip(item["tiles"], online.images, strict=True):
+            assert torch.equal(stored, tiled.pixels(cfg.tokenizer.tile_size))  # PNG shards are lossless
+        checked += 1
+    assert checked == 20
+
+
+def test_dataset_lengths_match_expansion(built):
+    cfg, _ = built
+    ds = build_dataset(cfg)
+    transform = transform_from_config(cfg)
+    collate = build_collate(cfg, torch.float32)
+    lengths = ds.lengths()
+    for i in range(0, len(ds), 4):
+        for r in (2, 3):
+            item = ds[(i, r, 0)]
+            batch = collate([item])
+            assert batch["tokens"].shape[1] == lengths[r][i] == batch["num_tokens"]
+            image_tokens = sum(transform.image_tokens(h, w, r) for h, w in item["image_sizes"])
+            assert int((batch["tokens"] == transform.image_token_id).sum()) == image_tokens
+
+
+def test_packed_collate_masks_and_positions(built):
+    cfg, _ = built
+    ds = ShardDataset(shards_dir(cfg), tile_size=112)
+    collate = build_collate(
+        cfg.model_copy(update={"dataloader": cfg.dataloader.model_copy(update={"packed": True})}), torch.float32
+    )
+    items = [ds[(i, 3, 0)] for i in range(3)] + [ds[(3, 3, 1)]]
+    batch = collate(items)
+    lens = [int(ds.lengths()[3][i]) for i in range(4)]
+    assert batch["tokens"].shape == (2, sum(lens[:3]))
+    mask, pos, labels = batch["mask"], batch["input_pos"], batch["labels"]
+    a = lens[0]
+    assert mask[0, a, a - 1].item() is False and mask[0, a + 1, a].item() is True  # no attention across samples
+    assert pos[0, a].item() == 0 and pos[0, a - 1].item() == a - 1
+    assert labels[0, a].item() == -100 and labels[0, 0].item() == -100  # first label of each sample ignored
+    assert mask[1].diagonal().all()  # padding attends to itself: no empty attention rows
+    assert batch["pixel_values"].shape[0] == sum(len(it["tiles"]) for it in items)
+    pix = batch["pixel_values"]
+    assert pix.dtype == torch.float32 and pix.min() >= -1.0 and pix.max() <= 1.0
+    n_tiles = [t.shape[0] for it in items for t in it["tiles"]]
+    short = n_tiles.index(min(n_tiles))
+    if min(n_tiles) < pix.shape[1]:  # padding tiles are zero pixels, normalised
+        assert torch.all(pix[short, min(n_tiles) :] == -1.0)
+
+
+def _per_sample_losses(model, batch):
+    """Per-token CE with labels shifted as the recipe does."""
+    logits = model(
+        batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"], pixel_values=batch["pixel_values"],
+        image_sizes=batch["image_sizes"], image_grids=batch["image_grids"], sampling_ratio=batch["sampling_ratio"],
+    )  # fmt: skip
+    labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return ce, labels
+
+
+def test_packed_losses_equal_one_by_one(built, tiny_checkpoint):
+    from docev.models.docev import DocEVCheckpointer, docev_tiny
+
+    cfg, _ = built
+    model = docev_tiny(image_token_id=1024)
+    model.load_state_dict(DocEVCheckpointer(str(tiny_checkpoint)).load_checkpoint()["model"])
+    model.eval()
+    ds = build_dataset(cfg)
+    packed_cfg = cfg.model_copy(update={"dataloader": cfg.dataloader.model_copy(update={"packed": True})})
+    packed, plain = build_collate(packed_cfg, torch.float32), build_collate(cfg, torch.float32)
+    picks = [0, 7, 21, 3]  # instruction and pretraining samples, with and without several images
+    for ratio in (2, 3):
+        items = [ds[(i, ratio, 0)] for i in picks]
+        with torch.no_grad():
+            ce, labels = _per_sample_losses(model, packed(items))
+            start = 0
+            for item in items:
+                single = plain([item])
+                ce1, labels1 = _per_sample_losses(model, single)
+                n = single["tokens"].shape[1]
+                assert torch.equal(labels[0, start : start + n], labels1[0])  # labels stay inside the sample
+                torch.testing.assert_close(ce[0, start : start + n], ce1[0], atol=2e-5, rtol=1e-5)
+                start += n
