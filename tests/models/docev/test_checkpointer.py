@@ -59,6 +59,10 @@ def test_bf16_save_updates_dtype_and_recipe_state_round_trips(tiny_checkpoint, t
     resumed = DocEVCheckpointer(second).load_checkpoint()
     assert resumed["steps_run"] == 3 and resumed["optimizer"]["param_groups"] == [{"lr": 1e-3}]
     assert torch.equal(resumed["model"]["decoder.output.weight"], bf16["decoder.output.weight"])
+    # the weights alone, as stored (export reads these without the optimizer state)
+    stored = DocEVCheckpointer(second).load_hf_state_dict()
+    assert set(stored) == set(_folder_tensors(second))
+    assert all(torch.equal(v, _folder_tensors(second)[k]) for k, v in stored.items())
 
 
 def test_checkpoint_files_forms(tiny_checkpoint):

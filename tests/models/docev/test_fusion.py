@@ -193,3 +193,27 @@ def test_placeholder_mismatches_name_the_row(tiny_model, make_batch):
 
     with pytest.raises(ValueError, match="grid .* needs .* tiles"):
         _forward(tiny_model, {**batch, "image_grids": batch["image_grids"] + 3})
+
+
+def test_kv_cache_decoding_matches_full_forward(tiny_model, make_batch):
+    """Prefill with the images through torchtune's local_kv_cache, then one token at a time: every
+    position's logits equal the uncached forward over the whole sequence."""
+    from torchtune.modules import local_kv_cache
+
+    batch = make_batch([[(300, 500)]], 2, seed=4, text=6)
+    tokens = batch["tokens"]
+    n, prompt = tokens.shape[1], tokens.shape[1] - 4
+    images = {k: v for k, v in batch.items() if k != "tokens"}
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    with torch.no_grad():
+        full = tiny_model(tokens, **images)
+        with local_kv_cache(tiny_model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32,
+                            decoder_max_seq_len=n):  # fmt: skip
+            assert tiny_model.caches_are_enabled()
+            steps = [tiny_model(tokens[:, :prompt], mask=causal[None, :prompt], input_pos=torch.arange(prompt)[None],
+                                **images)]  # fmt: skip
+            for pos in range(prompt, n):
+                steps.append(tiny_model(tokens[:, pos : pos + 1], mask=causal[None, pos : pos + 1],
+                                        input_pos=torch.tensor([[pos]])))  # fmt: skip
+        assert not tiny_model.caches_are_setup()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

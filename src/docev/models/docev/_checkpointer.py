@@ -93,8 +93,9 @@ class DocEVCheckpointer:
             raise FileNotFoundError(f"checkpointer.checkpoint_files: {missing} not found in {d}")
         return [d / n for n in names]
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        """``{"model": torchtune state dict}`` plus the entries of ``recipe_state.pt`` when the folder has one."""
+    def load_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as stored (HF layout, unused tensors included), checked against the architecture.
+        Reads no ``recipe_state.pt``: export wants the weights without the optimizer state."""
         tensors: dict[str, torch.Tensor] = {}
         where: dict[str, str] = {}
         for path in self.checkpoint_files:
@@ -103,7 +104,11 @@ class DocEVCheckpointer:
                     raise ValueError(f"{key} is in both {where[key]} and {path.name}")
                 tensors[key], where[key] = value, path.name
         check_hf_state_dict(tensors, self.arch, where)
-        model, self._unused = docev_hf_to_tune(tensors, self.arch)
+        return tensors
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """``{"model": torchtune state dict}`` plus the entries of ``recipe_state.pt`` when the folder has one."""
+        model, self._unused = docev_hf_to_tune(self.load_hf_state_dict(), self.arch)
         out: dict[str, Any] = {"model": model}
         recipe = self.checkpoint_dir / RECIPE_STATE
         if recipe.is_file():

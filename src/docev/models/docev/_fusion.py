@@ -136,6 +136,29 @@ class DocEVModel(nn.Module):
             for name in names:
                 params[name].requires_grad_(flags[group])
 
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+    ) -> None:
+        """KV caches on the decoder (the vision tower runs once, on the prompt), so torchtune's
+        ``local_kv_cache`` and cached decoding work on the fused model as on ``EarlyFusionModel``."""
+        self.decoder.setup_caches(
+            batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=decoder_max_seq_len
+        )
+
+    def caches_are_setup(self) -> bool:
+        return self.decoder.caches_are_setup()
+
+    def caches_are_enabled(self) -> bool:
+        return self.decoder.caches_are_enabled()
+
+    def reset_caches(self) -> None:
+        self.decoder.reset_caches()
+
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
         """For ``CEWithChunkedOutputLoss``; call before the first forward (torchtune convention)."""
         self.decoder.set_num_output_chunks(num_output_chunks)
@@ -155,8 +178,9 @@ class DocEVModel(nn.Module):
 
         Args:
             tokens (torch.Tensor): [B, S] ids; each image fills its count of consecutive ``<image>`` ids.
-            mask (torch.Tensor | None): [B, S, S] bool document mask for packed rows (True = may attend).
-            input_pos (torch.Tensor | None): [B, S] position ids for packed rows.
+            mask (torch.Tensor | None): [B, S, S] bool document mask for packed rows (True = may attend);
+                with KV caches [B, S, cache length], the rows of a causal mask for the positions fed.
+            input_pos (torch.Tensor | None): [B, S] position ids for packed rows (with caches: required).
             pixel_values (torch.Tensor | None): [N_img, max_tiles, 3, T, T] normalised tiles in the model
                 dtype, images in order over the batch (row-major: row, then position); tile 0 = base,
                 then the grid row-major; tiles past 1 + rows·cols are padding and ignored.
