@@ -262,3 +262,23 @@ def test_job_state_reads_operator_conditions():
     done["status"]["conditions"].reverse()
     assert job_state(done)[0] == "Succeeded"
     assert job_state(job_object(body(cfg), "job_failed"))[:2] == ("Failed", "PyTorchJobFailed")
+
+
+def test_unreadable_log_is_reported_once_and_does_not_stop_the_wait():
+    cfg = config()
+    forbidden = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403}
+    with FakeApiServer() as fake:
+        fake.script("POST", JOBS, Reply(201, job_object(body(cfg), None)))
+        master_log = f"{PODS}/{NAME}-master-0/log"
+        fake.script(
+            "GET",
+            JOB,
+            lambda req: state(cfg, "job_running" if len(fake.calls("GET", master_log)) < 3 else "job_succeeded"),
+        )
+        fake.script("DELETE", JOB, Reply(200, recorded("status_deleted.json", **FILL)))
+        fake.script("GET", PODS, pods("pods_running"))
+        fake.script("GET", master_log, Reply(403, forbidden))
+        result, sink = launch(fake, cfg)
+    assert result.deleted
+    problems = [line for line in sink if "cannot read the master's log" in line]
+    assert len(problems) == 1 and "403" in problems[0]

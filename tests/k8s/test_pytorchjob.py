@@ -230,3 +230,4 @@ def test_kubernetes_config_defaults():
     assert cfg.kubernetes.checkpoint_pvc == "docev-checkpoints"
     assert cfg.kubernetes.mount_path == "/mnt/docev"
     assert preview("kubernetes.mount_path=/data/").kubernetes.mount_path == "/data"
+    assert preview("train.resources.cpu=8").train.resources.cpu == "8"  # YAML int → quantity string

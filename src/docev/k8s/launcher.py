@@ -327,6 +327,7 @@ class _LogFollower(threading.Thread):
         self.copied: dict[tuple[str, int], int] = {}
         self._finished: set[tuple[str, int]] = set()
         self._waiting: str | None = None
+        self._problem: str | None = None
 
     def drain(self, timeout: float = 60) -> None:
         """Make one last pass over the master's log (the job has ended), then return."""
@@ -348,7 +349,10 @@ class _LogFollower(threading.Thread):
             try:
                 self._follow_once()
             except Exception as exc:  # a log hiccup must not end the wait for the job
-                self.log(f"[launcher] log stream interrupted: {exc}")
+                problem = f"[launcher] cannot read the master's log: {str(exc).strip().splitlines()[0]}"
+                if problem != self._problem:  # once per distinct problem, not every poll
+                    self.log(problem)
+                    self._problem = problem
             if last_pass:
                 return
             self._drain_event.wait(self.poll)
