@@ -109,9 +109,11 @@ def test_shard_samples_equal_the_online_transform(built):
         messages = ufx_to_messages(by_id[item["id"]], image_root=src.source)
         online = transform.encode(messages)
         assert item["tokens"] == online.tokens and item["loss_mask"] == online.loss_mask
-        assert len(item["tiles"]) == len(online.images)
-        for stored, tiled in zip(item["tiles"], online.images, strict=True):
-            assert torch.equal(stored, tiled.pixels(cfg.tokenizer.tile_size))  # PNG shards are lossless
+        assert len(item["images"]) == len(online.images)
+        t = cfg.tokenizer.tile_size
+        for stored, tiled in zip(item["images"], online.images, strict=True):
+            assert stored.plan == tiled.plan
+            assert torch.equal(stored.pixels(t), tiled.pixels(t))  # PNG shards are lossless
         checked += 1
     assert checked == 20
 
@@ -147,10 +149,10 @@ def test_packed_collate_masks_and_positions(built):
     assert pos[0, a].item() == 0 and pos[0, a - 1].item() == a - 1
     assert labels[0, a].item() == -100 and labels[0, 0].item() == -100  # first label of each sample ignored
     assert mask[1].diagonal().all()  # padding attends to itself: no empty attention rows
-    assert batch["pixel_values"].shape[0] == sum(len(it["tiles"]) for it in items)
+    assert batch["pixel_values"].shape[0] == sum(len(it["images"]) for it in items)
     pix = batch["pixel_values"]
     assert pix.dtype == torch.float32 and pix.min() >= -1.0 and pix.max() <= 1.0
-    n_tiles = [t.shape[0] for it in items for t in it["tiles"]]
+    n_tiles = [im.plan.num_tiles for it in items for im in it["images"]]
     short = n_tiles.index(min(n_tiles))
     if min(n_tiles) < pix.shape[1]:  # padding tiles are zero pixels, normalised
         assert torch.all(pix[short, min(n_tiles) :] == -1.0)

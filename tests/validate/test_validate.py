@@ -180,3 +180,14 @@ def test_synthetic_sources_pass(tmp_path, tiny_checkpoint, synth_sources):
         "instruct": (20, 0),
         "pretrain": (5, 0),
     }
+
+
+def test_new_system_prompt_is_counted(tmp_path, tiny_checkpoint, synth_sources):
+    def tokens(tag, **extra):
+        cfg = tiny_config(tmp_path / tag, tiny_checkpoint, [{"source": str(synth_sources["instruct"]), **extra}])
+        run_validate(cfg, workers=1)
+        return {e["id"]: e["tokens"]["2"] for e in _lines(validate_dir(cfg) / "manifest.jsonl")}
+
+    plain = tokens("plain")
+    prompted = tokens("prompted", new_system_prompt="Answer with the exact text printed on the page.")
+    assert all(prompted[i] > plain[i] for i in plain)

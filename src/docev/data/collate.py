@@ -85,12 +85,14 @@ class DocEVCollate:
                 mask[i, idx, idx] = True
         if self.packed:
             batch.update(mask=mask, input_pos=input_pos)
-        tiles = [t for s in samples for t in s["tiles"]]
-        if tiles:
-            max_tiles = max(t.shape[0] for t in tiles)
-            pix = torch.zeros(len(tiles), max_tiles, *tiles[0].shape[1:], dtype=torch.uint8)
-            for k, t in enumerate(tiles):
-                pix[k, : t.shape[0]] = t
+        images = [im for s in samples for im in s["images"]]
+        if images:
+            t = self.geometry["tile_size"]
+            max_tiles = max(im.plan.num_tiles for im in images)
+            pix = torch.empty(len(images), max_tiles, 3, t, t, dtype=torch.uint8)
+            for k, im in enumerate(images):
+                im.pixels(t, out=pix[k, : im.plan.num_tiles])
+                pix[k, im.plan.num_tiles :] = 0
             batch["pixel_values"] = normalize(pix, self.mean, self.std, self.dtype)
             batch["image_sizes"] = torch.tensor([hw for s in samples for hw in s["image_sizes"]], dtype=torch.long)
             batch["image_grids"] = torch.tensor([g for s in samples for g in s["image_grids"]], dtype=torch.long)

@@ -3,7 +3,8 @@
 Opening checks the shard set against ``manifest.json`` (sha256 per shard, and the config hash and
 tokenizer fingerprint of the run that reads them) so a corrupt or stale shard stops training with
 a clear error instead of feeding wrong tokens. Files are memory-mapped lazily per process, so
-DataLoader workers share pages. Items are uint8 tiles + token ids; the collate does the rest.
+DataLoader workers share pages. Items are token ids + decoded images (uint8, not yet tiled); the
+collate writes their tiles straight into the batch buffer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from docev.data.shards import ShardError, ShardFile, decode_tiles, sha256_file
+from docev.data.shards import ShardError, ShardFile, sha256_file, stored_image
 
 
 class ShardDataset(Dataset):
@@ -78,7 +79,7 @@ class ShardDataset(Dataset):
         rec = self.raw(index)
         return {
             "id": rec["id"], "tokens": rec["tokens"], "loss_mask": rec["loss_mask"],
-            "tiles": [decode_tiles(im, self.tile_size) for im in rec["images"]],
+            "images": [stored_image(im) for im in rec["images"]],
             "image_sizes": [(im["height"], im["width"]) for im in rec["images"]],
             "image_grids": [(im["rows"], im["cols"]) for im in rec["images"]],
             "ratio": ratio, "row": row,

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
 from docev.vision.geometry import TilePlan
-from docev.vision.tiling import TiledImage, cut_tiles, to_chw
+from docev.vision.tiling import TiledImage
 
 ROWS_PER_BATCH = 32
 IMAGE_TYPE = pa.struct([
@@ -64,34 +63,23 @@ def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 def image_row(tiled: TiledImage, fmt: str, quality: int) -> dict[str, Any]:
-    """A tiled image as stored: the canvas without its padding, plus the base tile."""
+    """A tiled image as stored: the aspect-resized image (the canvas without its padding) and the base tile."""
     p = tiled.plan
-    (ch, cw), (rh, rw) = p.canvas, p.resized
-    top, left = (ch - rh) // 2, (cw - rw) // 2
-    resized = tiled.canvas.crop((left, top, left + rw, top + rh))
     return {
-        "base": encode_image(tiled.base, fmt, quality), "resized": encode_image(resized, fmt, quality),
-        "height": p.size[0], "width": p.size[1], "canvas_h": ch, "canvas_w": cw,
-        "resized_h": rh, "resized_w": rw, "rows": p.grid[0], "cols": p.grid[1],
+        "base": encode_image(tiled.base, fmt, quality), "resized": encode_image(tiled.resized, fmt, quality),
+        "height": p.size[0], "width": p.size[1], "canvas_h": p.canvas[0], "canvas_w": p.canvas[1],
+        "resized_h": p.resized[0], "resized_w": p.resized[1], "rows": p.grid[0], "cols": p.grid[1],
     }  # fmt: skip
 
 
-def decode_tiles(image: dict[str, Any], tile_size: int) -> torch.Tensor:
-    """Stored image → uint8 [1 + rows·cols, 3, T, T] (base first, grid row-major), as the transform tiles."""
-    ch, cw, rh, rw = image["canvas_h"], image["canvas_w"], image["resized_h"], image["resized_w"]
-    with Image.open(io.BytesIO(image["resized"])) as im:
-        resized = to_chw(im.convert("RGB"))
-    with Image.open(io.BytesIO(image["base"])) as im:
-        base = to_chw(im.convert("RGB"))
-    canvas = torch.zeros(3, ch, cw, dtype=torch.uint8)
-    top, left = (ch - rh) // 2, (cw - rw) // 2
-    canvas[:, top : top + rh, left : left + rw] = resized
-    return torch.cat([base[None], cut_tiles(canvas, tile_size)])
-
-
-def image_plan(image: dict[str, Any]) -> TilePlan:
-    return TilePlan(size=(image["height"], image["width"]), canvas=(image["canvas_h"], image["canvas_w"]),
+def stored_image(image: dict[str, Any]) -> TiledImage:
+    """A stored image decoded back to the transform's :class:`TiledImage` (same pixels, PNG is lossless)."""
+    plan = TilePlan(size=(image["height"], image["width"]), canvas=(image["canvas_h"], image["canvas_w"]),
                     resized=(image["resized_h"], image["resized_w"]), grid=(image["rows"], image["cols"]))  # fmt: skip
+    base, resized = (Image.open(io.BytesIO(image[k])) for k in ("base", "resized"))
+    base.load()
+    resized.load()
+    return TiledImage(plan, base.convert("RGB"), resized.convert("RGB"))
 
 
 def sha256_file(path: Path) -> str:

@@ -66,6 +66,10 @@ class UnitValidator:
         tok = self.cfg.tokenizer
         root = Path(src.source)
         stats, accepted, rejects = SourceStats(), [], []
+
+        def count(record, sizes):  # the source's system prompt replaces the record's, as in training
+            return self.count_tokens(record, sizes, src.new_system_prompt)
+
         for raw in read_unit(src, unit):
             stats.read += 1
             pos = {"source": unit.source, "file": raw.file, "row": raw.row, "offset": raw.offset, "unit": index}
@@ -73,7 +77,7 @@ class UnitValidator:
             try:
                 if raw.error:
                     raise Reject(*raw.error)
-                ok = check_record(raw.data, root, src.ufx_type, self.limits, self.count_tokens)
+                ok = check_record(raw.data, root, src.ufx_type, self.limits, count)
             except Reject as rej:
                 stats.add_reject(rej.reason)
                 rejects.append(

@@ -80,8 +80,9 @@ class TiledImage:
         canvas.paste(self.resized, (left, top))
         return canvas
 
-    def pixels(self, tile_size: int) -> torch.Tensor:
-        """uint8 [1 + rows·cols, 3, T, T]: the base tile, then the grid tiles row-major.
+    def pixels(self, tile_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [1 + rows·cols, 3, T, T]: the base tile, then the grid tiles row-major (written into
+        ``out`` when given, e.g. the image's slot of a batch buffer).
 
         Written plane by plane (PIL splits bands in C) into one buffer: a channel-last → channel-first
         transpose of uint8 through torch/numpy strided copies costs more than the resize itself."""
@@ -92,11 +93,13 @@ class TiledImage:
         canvas = np.zeros((3, ch, cw), dtype=np.uint8)
         for c, band in enumerate(self.resized.split()):
             canvas[c, top : top + rh, left : left + rw] = np.asarray(band)
-        out = np.empty((1 + rows * cols, 3, tile_size, tile_size), dtype=np.uint8)
-        out[0] = _planes(self.base)
+        if out is None:
+            out = torch.empty((1 + rows * cols, 3, tile_size, tile_size), dtype=torch.uint8)
+        buf = out.numpy()
+        buf[0] = _planes(self.base)
         grid = canvas.reshape(3, rows, tile_size, cols, tile_size).transpose(1, 3, 0, 2, 4)
-        out[1:].reshape(rows, cols, 3, tile_size, tile_size)[...] = grid
-        return torch.from_numpy(out)
+        buf[1:].reshape(rows, cols, 3, tile_size, tile_size)[...] = grid
+        return out
 
 
 def tile_image(
@@ -148,4 +151,5 @@ def normalize(
         raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    return ((pixels.to(torch.float32) / 255.0 - mean_t) / std_t).to(dtype)
+    x = pixels.to(torch.float32)  # the same arithmetic as before, in place: one float buffer, not four
+    return x.div_(255.0).sub_(mean_t).div_(std_t).to(dtype)
