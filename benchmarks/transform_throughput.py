@@ -25,7 +25,7 @@ from PIL import Image
 
 from docev.assets import init_checkpoint
 from docev.data.messages import ufx_to_messages
-from docev.data.transform import docev_preview_transform
+from docev.data.transform import DocEVTransform, docev_preview_transform
 from docev.synth import synth_data
 from docev.vision.geometry import candidate_canvases, plan_tiles
 
@@ -40,26 +40,13 @@ def _best(fn: Callable[[dict], object], records: list[dict], repeats: int) -> fl
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="synthetic instruction records")
-    ap.add_argument("--tile-size", type=int, default=560, help="560 = DocEV Preview; 112 = the tiny model")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-
+def reference_path(transform: DocEVTransform, root: Path) -> Callable[[dict], None]:
+    """The per-sample transformers path for a UFX record: PIL decode, ``LlavaNextImageProcessorPil`` with
+    the same pinpoints/mean/std/filter, and ``apply_chat_template`` with the assistant mask."""
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    work = Path(tempfile.mkdtemp(prefix="docev-bench-"))
-    ckpt = init_checkpoint(work / "ckpt", seed=args.seed)
-    root = synth_data(work / "synth", args.n, seed=args.seed, workers=2)["instruct"]
-    records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
-    pages = sum(len(r["image_files"]) for r in records)
-    t = args.tile_size
-
-    transform = docev_preview_transform(str(ckpt), tile_size=t, max_seq_len=65536)
-    tokenizer = transform.tokenizer
-    pinpoints = [list(c) for c in candidate_canvases(t, 1, 9)]
+    t = transform.tile_size
+    pinpoints = [list(c) for c in candidate_canvases(t, transform.min_num_tiles, transform.max_num_tiles)]
     processor = LlavaNextImageProcessorPil(
         image_grid_pinpoints=pinpoints, size={"height": t, "width": t}, crop_size={"height": t, "width": t},
         image_mean=list(transform.pixels.mean), image_std=list(transform.pixels.std),
@@ -69,9 +56,30 @@ def main() -> None:
     def reference(rec: dict) -> None:
         images = [Image.open(root / f).convert("RGB") for f in rec["image_files"]]
         processor(images, return_tensors="np")
-        tokenizer.apply_chat_template(
+        transform.tokenizer.apply_chat_template(
             rec["context"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
+
+    return reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="synthetic instruction records")
+    ap.add_argument("--tile-size", type=int, default=560, help="560 = DocEV Preview; 112 = the tiny model")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="docev-bench-"))
+    ckpt = init_checkpoint(work / "ckpt", seed=args.seed)
+    root = synth_data(work / "synth", args.n, seed=args.seed, workers=2)["instruct"]
+    records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    pages = sum(len(r["image_files"]) for r in records)
+    t = args.tile_size
+
+    transform = docev_preview_transform(str(ckpt), tile_size=t, max_seq_len=65536)
+    reference = reference_path(transform, root)
 
     def ours(rec: dict) -> None:
         out = transform.expand(transform.encode(ufx_to_messages(rec, image_root=root)), 2)

@@ -1,0 +1,71 @@
+"""Preprocess throughput: samples/s writing shards with 1 and 2 workers, against the reference per-sample
+transformers path (LlavaNextImageProcessorPil + apply_chat_template) on the same records in this run, and
+bytes stored per sample against the original image bytes.
+
+    .venv/bin/python benchmarks/preprocess_throughput.py [--n 200] [--tile-size 560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from transform_throughput import reference_path
+
+from docev.assets import init_checkpoint
+from docev.config import load_config
+from docev.data.preprocess import run_preprocess, shards_dir
+from docev.data.transform import transform_from_config
+from docev.synth import synth_data
+from docev.validate.runner import run_validate
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--tile-size", type=int, default=560)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = init_checkpoint(work / "ckpt")
+        root = synth_data(work / "data", args.n, seed=0)["instruct"]
+        datasets = json.dumps([{"source": str(root), "name": "bench"}])
+        cfg = load_config(CONFIG, [f"output_dir={work / 'run'}", f"tokenizer.model_name_or_path={ckpt}",
+                                   "synthetic=null", f"datasets={datasets}", f"tokenizer.tile_size={args.tile_size}",
+                                   "tokenizer.max_seq_len=65536", "validate.thumbnails=0",
+                                   "preprocess.records_per_shard=25"])  # fmt: skip
+        run_validate(cfg)
+        rates = {}
+        for workers in (1, 2):
+            shutil.rmtree(shards_dir(cfg), ignore_errors=True)
+            start = time.perf_counter()
+            manifest = run_preprocess(cfg, workers=workers)
+            rates[workers] = manifest["total_samples"] / (time.perf_counter() - start)
+        records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+        reference = reference_path(transform_from_config(cfg), root)
+        start = time.perf_counter()
+        for rec in records:
+            reference(rec)
+        rates["reference"] = len(records) / (time.perf_counter() - start)
+        n = manifest["total_samples"]
+        print(f"{n} samples, tile {args.tile_size}, {manifest['image_format']} shards")
+        print(f"  reference (HF per sample, no shard written): {rates['reference']:6.1f} samples/s")
+        for w in (1, 2):
+            print(
+                f"  preprocess workers={w}: {rates[w]:6.1f} samples/s = {rates[w] / rates['reference']:.2f}x reference"
+            )
+        stored = sum((shards_dir(cfg) / s["file"]).stat().st_size for s in manifest["shards"])
+        print(f"  bytes/sample: shards {stored / n:,.0f} (images {manifest['bytes_stored_images'] / n:,.0f}) vs "
+              f"original images {manifest['bytes_original_images'] / n:,.0f} "
+              f"({manifest['bytes_stored_images'] / manifest['bytes_original_images']:.2f}x); a float32 tile tensor "
+              f"would be {4 * 3 * args.tile_size**2:,} bytes per tile")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
