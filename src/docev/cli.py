@@ -114,15 +114,31 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from docev.run import run_local
-    from docev.validate.runner import ValidationFailed
+    from docev.pipeline.local import local_config, run_pipeline_locally
 
+    cfg = local_config(args.config, args.overrides)
     try:
-        run_local(load_config(args.config, args.overrides))
-    except ValidationFailed as exc:
-        print(f"validate failed: {exc}", file=sys.stderr)
+        outputs = run_pipeline_locally(cfg, _params(args.param))
+    except RuntimeError as exc:  # kfp.local: a task failed; its log above says why
+        print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
+    print("\npipeline finished; outputs:")
+    for name, path in outputs.items():
+        print(f"  {name:26s} {path}")
     return 0
+
+
+def _params(items: list[str]) -> dict[str, str]:
+    """``--param name=value`` run parameters (the knobs of the compiled pipeline)."""
+    from docev.pipeline.params import KNOBS
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in KNOBS:
+            raise ConfigError([f"--param {item!r}: expected NAME=VALUE with NAME one of {', '.join(KNOBS)}"])
+        out[name] = KNOBS[name][1](value) if KNOBS[name][1] is not str else value
+    return out
 
 
 def cmd_render_manifests(args: argparse.Namespace) -> int:
@@ -151,6 +167,35 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + to_yaml(job))
     print(f"PyTorchJob {job['metadata']['namespace']}/{args.name} written to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from docev.export import ChecksumError, ExportError, export_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = export_checkpoint(cfg, args.checkpoint, args.out, overwrite=args.overwrite or None)
+    except (ExportError, ChecksumError, FileNotFoundError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {result.checkpoint} ({result.dtype}) to {result.destination} ({len(result.checksums)} files)")
+    if result.smoke is not None:
+        print(f"smoke generation: {result.smoke.text!r}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from docev.export import DocEVGenerator
+
+    try:
+        generator = DocEVGenerator(args.model, device=args.device)
+        result = generator.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                                    sampling_ratio=args.sampling_ratio)  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"generate failed: {exc}", file=sys.stderr)
+        return 1
+    print(result.text)
     return 0
 
 
@@ -199,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--size", type=_size, action="append", required=True, metavar="HxW", help="image size (repeat)")
     tk.set_defaults(func=cmd_tokens)
 
-    run = sub.add_parser("run", help="run the whole pipeline locally")
+    run = sub.add_parser("run", help="run the whole KFP pipeline locally (kfp.local, torchrun on CPU)")
     _config_args(run)
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="a run parameter, as edited in the KFP UI (learning_rate, epochs, max_steps_per_epoch, "
+                     "num_nodes, gpus_per_node, resume)")  # fmt: skip
     run.set_defaults(func=cmd_run)
 
     rm = sub.add_parser("render-manifests", help="write the training step as a standalone PyTorchJob YAML")
@@ -211,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rm.add_argument("--name", default="docev-train", help="PyTorchJob name (DNS-1035, at most 48 chars)")
     rm.set_defaults(func=cmd_render_manifests)
+
+    ex = sub.add_parser("export", help="a checkpoint -> verified HF model folder with SHA256SUMS and a model card")
+    _config_args(ex)
+    ex.add_argument("--checkpoint", help="latest, step_N, base, or a folder (default: export.checkpoint)")
+    ex.add_argument("--out", help="folder or fsspec URI (default: export.destination, else <output_dir>/export)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export (swapped in whole)")
+    ex.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
+    gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")
+    gen.add_argument("--image", action="append", default=[], help="image file (repeat for several pages)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sampling-ratio", type=int, default=2, help="pooling ratio of the image features")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

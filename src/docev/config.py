@@ -146,6 +146,7 @@ class ValidateSection(_Strict):
     allowed_roots: list[str] = []
     workers: int = Field(1, ge=1)
     thumbnails: int = Field(6, ge=0)
+    fanout: int = Field(1, ge=1, description="KFP tasks validating shards of the sources in parallel.")
 
 
 class PreprocessSection(_Strict):
@@ -153,6 +154,7 @@ class PreprocessSection(_Strict):
     records_per_shard: int = Field(256, ge=1)
     image_format: Literal["png", "jpeg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    fanout: int = Field(1, ge=1, description="KFP tasks building shards in parallel (shard k goes to k % fanout).")
 
 
 # Kubernetes object names: DNS-1123 labels (namespaces) and subdomains (most other objects).
@@ -222,15 +224,47 @@ class TrainSection(_Strict):
     run_policy: RunPolicy = RunPolicy()
     poll_seconds: float = Field(10.0, gt=0, description="How often the launcher reads the job's status.")
     failure_log_lines: int = Field(50, ge=1, description="Log lines of the failing pod quoted in the step's error.")
+    collective_timeout_seconds: int = Field(
+        1800,
+        gt=0,
+        description="Process-group timeout: a collective waiting longer on a silent rank fails the job instead "
+        "of hanging it (torchrun already stops every rank when one exits).",
+    )
+
+
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_byte_size(text: str) -> int:
+    """``"5GB"`` → 5·10⁹ bytes, ``"1MiB"`` → 2²⁰ (transformers' ``max_shard_size`` convention)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _BYTE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 class ExportSection(_Strict):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_shard_size: str = "5GB"
-    destination: str | None = None
-    checkpoint: str = "latest"
+    destination: str | None = Field(
+        None, description="Folder or fsspec URI (s3://…) of the export; default {output_dir}/export."
+    )
+    checkpoint: str = Field("latest", description="latest, step_N (under checkpointer.output_dir), base, or a folder.")
+    overwrite: bool = Field(False, description="Replace an existing export (swapped in whole); else refuse.")
     smoke_prompt: str = "What does this document say?"
     smoke_max_new_tokens: int = Field(16, ge=1)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_byte_size(v)
+        return v
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_byte_size(self.max_shard_size)
 
 
 class Toleration(_Strict):
@@ -335,6 +369,12 @@ class DocEVConfig(_Strict):
     log_peak_memory_stats: bool = True
     save_every_n_steps: int = Field(100, ge=1)
     keep_last_n_checkpoints: int = Field(2, ge=1)
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="End this run after this global step, with a checkpoint; the lr schedule still spans every "
+        "epoch, so a later run resumes on the same curve (time-boxed or preemptible jobs).",
+    )
 
     validate_: ValidateSection = Field(ValidateSection(), alias="validate")
     preprocess: PreprocessSection = PreprocessSection()

@@ -1,0 +1,40 @@
+"""Preprocess: one task per shard group (k % n == i), then a merge writing shards/manifest.json."""
+
+from typing import List  # noqa: UP035 - KFP reads typing annotations
+
+from kfp.dsl import Artifact, Metrics, Output
+
+from components import lightweight
+
+
+def preprocess_shard(config_json: str, shard: int, num_shards: int) -> str:
+    from docev.pipeline.steps import preprocess_shard_step
+
+    built = preprocess_shard_step(config_json, shard, num_shards)
+    return ",".join(map(str, built))
+
+
+def preprocess_merge(
+    config_json: str,
+    shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
+    manifest: Output[Artifact],
+    metrics: Output[Metrics],
+) -> str:
+    import json
+
+    from docev.data.preprocess import shards_dir
+    from docev.pipeline.steps import load, preprocess_merge_step
+
+    result = preprocess_merge_step(config_json)
+    with open(manifest.path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    metrics.log_metric("samples", result["total_samples"])
+    metrics.log_metric("shards", len(result["shards"]))
+    metrics.log_metric("dropped", sum(result["dropped"].values()))
+    for name, n in result["sources"].items():
+        metrics.log_metric(f"{name}/samples", n)
+    return str(shards_dir(load(config_json)))
+
+
+def build(image: str):
+    return lightweight(preprocess_shard, image), lightweight(preprocess_merge, image)

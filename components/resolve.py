@@ -1,0 +1,29 @@
+"""First task: the embedded config + the run's knobs → the resolved, validated config (JSON)."""
+
+from components import lightweight
+
+
+def resolve_config(
+    config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
+) -> str:
+    from docev.pipeline.steps import resolve_step
+
+    return resolve_step(
+        config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+
+
+def build(image: str):
+    return lightweight(resolve_config, image)

@@ -1,0 +1,49 @@
+"""Validate: one task per shard of the UFX sources, then a merge with the reports."""
+
+from typing import List  # noqa: UP035 - KFP reads typing annotations
+
+from kfp.dsl import HTML, Artifact, Markdown, Metrics, Output
+
+from components import lightweight
+
+
+def validate_shard(config_json: str, shard: int, num_shards: int) -> str:
+    from docev.pipeline.steps import validate_shard_step
+
+    validate_shard_step(config_json, shard, num_shards)
+    return str(int(shard))
+
+
+def validate_merge(
+    config_json: str,
+    num_shards: int,
+    shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
+    report_md: Output[Markdown],
+    report_html: Output[HTML],
+    report_json: Output[Artifact],
+    metrics: Output[Metrics],
+) -> str:
+    import json
+    import shutil
+
+    from docev.pipeline.steps import load, validate_merge_step
+    from docev.validate.runner import ValidationFailed, validate_dir
+
+    out = validate_dir(load(config_json))
+    failure = None
+    try:
+        report = validate_merge_step(config_json, num_shards)
+    except ValidationFailed as exc:  # reports are written before the policy fails the step
+        failure, report = exc, json.loads((out / "report.json").read_text())
+    for src, dst in (("report.md", report_md), ("report.html", report_html), ("report.json", report_json)):
+        shutil.copyfile(out / src, dst.path)
+    for name, s in report["sources"].items():
+        for key in ("read", "accepted", "rejected", "reject_fraction"):
+            metrics.log_metric(f"{name}/{key}", s[key])
+    if failure is not None:
+        raise failure
+    return str(out / "manifest.jsonl")
+
+
+def build(image: str):
+    return lightweight(validate_shard, image), lightweight(validate_merge, image)

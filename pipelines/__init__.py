@@ -1,0 +1,1 @@
+"""The KFP pipeline (``pipeline.py``) and its compiler entry point (``compile.py``)."""

@@ -1,0 +1,122 @@
+"""The DAG: resolve config → validate (fan-out + merge) → preprocess (fan-out + merge) → train → export.
+
+``build_pipeline(cfg)`` bakes one config into a pipeline function: the whole config is the default of
+the ``config_json`` parameter and the rerun knobs default to its values. Cluster settings (volume,
+secret, node selector, tolerations, resources, /dev/shm) come from the config at compile time via
+kfp-kubernetes; ``kfp.local`` ignores them, which is how the same function runs on a laptop.
+"""
+
+import json
+
+from kfp import dsl, kubernetes
+
+from components import export as export_c
+from components import preprocess as preprocess_c
+from components import resolve as resolve_c
+from components import train as train_c
+from components import validate as validate_c
+from docev.config import DocEVConfig
+from docev.k8s.pytorchjob import volume_mounts
+from docev.pipeline.params import knob_defaults
+
+PIPELINE_NAME = "docev-finetune"
+
+
+def _on_cluster(task: dsl.PipelineTask, cfg: DocEVConfig, *, retries: int = 0, shm: bool = False) -> None:
+    """Volume, security context, no caching (KFP's cache key ignores volumes), retries, /dev/shm."""
+    k8s = cfg.kubernetes
+    task.set_caching_options(False)
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+    for m in volume_mounts(cfg):
+        kubernetes.mount_pvc(task, pvc_name=m.claim, mount_path=m.mount_path, sub_path=m.sub_path)
+    kubernetes.set_security_context(
+        task, run_as_user=k8s.run_as_user, run_as_group=k8s.run_as_group, run_as_non_root=True
+    )
+    if shm:
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cfg.train.resources.shm_size
+        )
+
+
+def _schedule_like_training(task: dsl.PipelineTask, cfg: DocEVConfig) -> None:
+    """GPUs, CPU/memory, node selector and tolerations of the training pods, for a task that trains itself."""
+    res = cfg.train.resources
+    task.set_cpu_limit(res.cpu).set_memory_limit(res.memory)
+    if res.gpu:
+        task.set_accelerator_type(res.gpu_resource).set_accelerator_limit(res.gpu)
+    for key, value in cfg.kubernetes.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in cfg.kubernetes.tolerations:
+        kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+
+
+def build_pipeline(cfg: DocEVConfig):
+    """A ``@dsl.pipeline`` function for this config (see the module docstring)."""
+    image = cfg.train.image
+    resolve_op = resolve_c.build(image)
+    validate_shard_op, validate_merge_op = validate_c.build(image)
+    preprocess_shard_op, preprocess_merge_op = preprocess_c.build(image)
+    train_op, export_op = train_c.build(image), export_c.build(image)
+    knobs = knob_defaults(cfg)
+    embedded = json.dumps(cfg.to_dict(), sort_keys=True)
+    v_shards, p_shards = list(range(cfg.validate_.fanout)), list(range(cfg.preprocess.fanout))
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune DocEV Preview: validate, preprocess, train, export.")
+    def docev_finetune(
+        config_json: str = embedded,
+        learning_rate: float = knobs["learning_rate"],
+        epochs: int = knobs["epochs"],
+        max_steps_per_epoch: int = knobs["max_steps_per_epoch"],
+        num_nodes: int = knobs["num_nodes"],
+        gpus_per_node: int = knobs["gpus_per_node"],
+        resume: str = knobs["resume"],
+    ):
+        resolved = resolve_op(
+            config_json=config_json,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            max_steps_per_epoch=max_steps_per_epoch,
+            num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node,
+            resume=resume,
+        ).set_display_name("resolve config")
+        _on_cluster(resolved, cfg)
+        config = resolved.output
+
+        with dsl.ParallelFor(items=v_shards, name="validate-shards") as i:
+            v_shard = validate_shard_op(config_json=config, shard=i, num_shards=len(v_shards))
+            _on_cluster(v_shard.set_display_name("validate shard"), cfg, retries=2)
+        v_merge = validate_merge_op(
+            config_json=config, num_shards=len(v_shards), shards_done=dsl.Collected(v_shard.output)
+        ).set_display_name("validate")
+        _on_cluster(v_merge, cfg, retries=2)
+
+        with dsl.ParallelFor(items=p_shards, name="preprocess-shards") as j:
+            p_shard = preprocess_shard_op(config_json=config, shard=j, num_shards=len(p_shards)).after(v_merge)
+            _on_cluster(p_shard.set_display_name("preprocess shard"), cfg, retries=2, shm=True)
+        p_merge = preprocess_merge_op(config_json=config, shards_done=dsl.Collected(p_shard.output))
+        _on_cluster(p_merge.set_display_name("preprocess"), cfg, retries=2)
+
+        trained = (
+            train_op(
+                config_json=config, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER
+            )
+            .after(p_merge)
+            .set_display_name("train")
+        )
+        _on_cluster(trained, cfg, shm=cfg.train.backend == "local")  # a retried train resumes from `latest`
+        if cfg.kubernetes.wandb_secret:
+            kubernetes.use_secret_as_env(
+                trained,
+                secret_name=cfg.kubernetes.wandb_secret,
+                secret_key_to_env={cfg.kubernetes.wandb_secret_key: "WANDB_API_KEY"},
+                optional=True,
+            )
+        if cfg.train.backend == "local":
+            _schedule_like_training(trained, cfg)
+
+        exported = export_op(config_json=config).after(trained).set_display_name("export")
+        _on_cluster(exported, cfg, retries=2)
+
+    return docev_finetune

@@ -1,0 +1,54 @@
+"""Run the compiled pipeline's own function on this machine with ``kfp.local`` (no cluster).
+
+Same DAG, same components, same run parameters as on Kubeflow: ``kfp.local``'s SubprocessRunner runs
+each lightweight component in a subprocess of this environment (the project is installed here as it is
+in the image), ignoring the kfp-kubernetes settings. The train step uses the ``local`` backend:
+``docev train`` → torchrun with ``train.nproc_per_node`` CPU processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from docev.config import DocEVConfig, load_config
+
+
+def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
+    """The config with ``output_dir`` made absolute (component subprocesses share it) and the local backend."""
+    cfg = load_config(path, overrides)
+    extra = [] if cfg.train.backend == "local" else ["train.backend=local"]
+    if not Path(cfg.output_dir).is_absolute():
+        extra.append(f"output_dir={Path(cfg.output_dir).resolve()}")
+    return load_config(path, [*overrides, *extra]) if extra else cfg
+
+
+def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Run the whole pipeline; ``params`` are run parameters (the knobs, as in "Clone run")."""
+    from kfp import local
+
+    from docev.pipeline.params import knob_defaults
+    from docev.run import ensure_assets
+    from pipelines.pipeline import build_pipeline
+
+    ensure_assets(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"))
+    run = {**knob_defaults(cfg), **(params or {})}
+    build_pipeline(cfg)(**run)
+    from docev.data.preprocess import shards_dir
+    from docev.validate.runner import validate_dir
+
+    export = Path(cfg.export.destination or out / "export")
+    return {
+        "exported model": export,
+        "model card": export / "README.md",
+        "validation report": validate_dir(cfg) / "report.md",
+        "validation report (html)": validate_dir(cfg) / "report.html",
+        "rejects": validate_dir(cfg) / "rejects.jsonl",
+        "shards": shards_dir(cfg) / "manifest.json",
+        "training metrics": out / "logs" / "metrics.jsonl",
+        "loss plot": out / "logs" / "loss.png",
+        "kfp artifacts": out / "kfp",
+    }
