@@ -1,0 +1,205 @@
+"""The export's ``README.md``: what the model is and where it came from, from the run's own files.
+
+Every number is read from a file the pipeline wrote (``validate/report.json``,
+``shards/manifest.json``, ``logs/metrics.jsonl``, the checkpoint folder) or computed from the
+exported tensors; a fact whose file is absent reads "not available" with the path looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from docev.config import DocEVConfig
+from docev.export.generate import Generation
+from docev.models.docev._convert_weights import is_unused
+
+# The config sections that decide the trained weights (the card's config hash).
+TRAINING_SECTIONS = (
+    "model", "tokenizer", "datasets", "dataloader", "seed", "dtype", "epochs", "max_steps_per_epoch", "batch_size",
+    "gradient_accumulation_steps", "optimizer", "lr_scheduler", "loss", "clip_grad_norm",
+)  # fmt: skip
+NOT_AVAILABLE = "not available"
+
+
+@dataclass(frozen=True)
+class SmokeSample:
+    """One accepted record of the validated manifest, with its images' paths."""
+
+    source: str
+    id: str
+    file: str
+    row: int
+    images: list[Path]
+
+
+@dataclass(frozen=True)
+class TrainingFacts:
+    step: int | None  # None: the checkpoint is no step_N folder
+    loss: float | None
+    loss_step: int | None
+    note: str  # where the loss came from, or why it is missing
+
+
+def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> TrainingFacts:
+    """Steps from the checkpoint's ``step_N`` name; the loss logged at the last step ≤ N in
+    ``{output_dir}/logs/metrics.jsonl`` (malformed lines, e.g. cut by a kill, are skipped and counted)."""
+    if untrained:
+        return TrainingFacts(0, None, None, "untrained base checkpoint")
+    path = Path(cfg.output_dir) / "logs" / "metrics.jsonl"
+    if step is None:
+        return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
+    if not path.is_file():
+        return TrainingFacts(step, None, None, f"{path} does not exist")
+    best: tuple[int, float] | None = None
+    bad = 0
+    with path.open() as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+                s, loss = int(entry["step"]), float(entry["loss"])
+            except (ValueError, KeyError, TypeError):
+                bad += len(line.strip()) > 0
+                continue
+            if s <= step and (best is None or s >= best[0]):
+                best = (s, loss)
+    skipped = f"; {bad} malformed line(s) skipped" if bad else ""
+    if best is None:
+        return TrainingFacts(step, None, None, f"no entry with step ≤ {step} in {path}{skipped}")
+    return TrainingFacts(step, best[1], best[0], f"{path}{skipped}")
+
+
+def _read_json(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def data_section(cfg: DocEVConfig) -> list[str]:
+    """Per source: records read/accepted/rejected by validate, samples in the shards."""
+    out = Path(cfg.output_dir)
+    report_path, manifest_path = out / "validate" / "report.json", out / "shards" / "manifest.json"
+    report, manifest = _read_json(report_path), _read_json(manifest_path)
+    names = [d.name or Path(d.source).name for d in cfg.datasets]
+    validated = (report or {}).get("sources", {})
+    shards = (manifest or {}).get("sources", {})
+    lines = [
+        "| source | path | weight | read | accepted | rejected | preprocessed samples |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, d in zip(names, cfg.datasets, strict=True):
+        v = validated.get(name, {})
+        cells = [str(v.get(k, NOT_AVAILABLE)) for k in ("read", "accepted", "rejected")]
+        lines.append(
+            f"| {name} | `{d.source}` | {d.weight:g} | {' | '.join(cells)} | {shards.get(name, NOT_AVAILABLE)} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Validation report: `{report_path}`."
+        if report is not None
+        else f"Validation counts: {NOT_AVAILABLE} (no `{report_path}`)."
+    )
+    if manifest is not None:
+        dropped = ", ".join(f"{r}: {n}" for r, n in sorted(manifest.get("dropped", {}).items())) or "none"
+        lines.append(
+            f"Shards: `{manifest_path}`, {len(manifest.get('shards', []))} shard(s), "
+            f"{manifest.get('total_samples', NOT_AVAILABLE)} samples, dropped by the overflow policy: {dropped}, "
+            f"config hash `{manifest.get('config_hash', NOT_AVAILABLE)}`."
+        )
+    else:
+        lines.append(f"Shards: {NOT_AVAILABLE} (no `{manifest_path}`).")
+    return lines
+
+
+def smoke_section(
+    sample: SmokeSample | None, result: Generation | None, prompt: str, max_new_tokens: int, device: str, why_not: str
+) -> list[str]:
+    if sample is None or result is None:
+        return [f"Smoke generation: {NOT_AVAILABLE} ({why_not})."]
+    command = ["docev", "generate", "--model", ".", *[a for p in sample.images for a in ("--image", str(p))],
+               "--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
+               "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
+    end = "the stop token" if result.stopped else f"the limit of {max_new_tokens} new tokens"
+    return [
+        f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
+        f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), the last accepted record "
+        "with images in the validated manifest. The pipeline keeps no held-out split, so training may have seen it.",
+        "",
+        f"- prompt: {json.dumps(prompt)} with {len(sample.images)} image(s), sampling ratio {result.sampling_ratio}, "
+        f"{result.prompt_tokens} prompt tokens",
+        f"- generated {len(result.token_ids)} token(s), ended by {end}",
+        "",
+        "```text",
+        result.text,
+        "```",
+        "",
+        "Reproduce (from this folder):",
+        "",
+        "```bash",
+        shlex.join(command),
+        "```",
+    ]
+
+
+def model_card(
+    cfg: DocEVConfig,
+    *,
+    checkpoint: Path,
+    training: TrainingFacts,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: str,
+    smoke: Sequence[str],
+) -> str:
+    """The whole ``README.md`` (HF model card front matter + facts)."""
+    base = Path(cfg.checkpointer.checkpoint_dir)
+    used = sum(t.numel() for k, t in tensors.items() if not is_unused(k))
+    unused = sum(t.numel() for k, t in tensors.items() if is_unused(k))
+    if training.loss is None:
+        loss = f"{NOT_AVAILABLE} ({training.note})"
+    else:
+        loss = f"{training.loss:.6g} at step {training.loss_step} (`{training.note}`)"
+    steps = str(training.step) if training.step is not None else f"{NOT_AVAILABLE} ({training.note})"
+    trained = [g for g in ("decoder", "encoder", "fusion") if getattr(cfg.model, f"{g}_trainable")]
+    lines = [
+        "---",
+        "pipeline_tag: image-text-to-text",
+        "tags: [docev, document-understanding, torchtune]",
+        "---",
+        "",
+        f"# DocEV fine-tune: {Path(cfg.output_dir).name}",
+        "",
+        "A DocEV checkpoint in the released Hugging Face layout (SigLIP tower, LDPv2 connector, Llama decoder), "
+        "written by `docev export`.",
+        "",
+        "| fact | value |",
+        "|---|---|",
+        f"| base checkpoint | `{base}` |",
+        f"| exported checkpoint | `{checkpoint}` |",
+        f"| training steps | {steps} |",
+        f"| final loss | {loss} |",
+        f"| trained groups | {', '.join(trained) or 'none'} (the others are the base's tensors, unchanged) |",
+        f"| dtype | {dtype} |",
+        f"| parameters | {used:,} (+ {unused:,} in checkpoint tensors the model does not use, carried through) |",
+        f"| config hash | `{cfg.section_hash(*TRAINING_SECTIONS)}` (sha256 of {', '.join(TRAINING_SECTIONS)}) |",
+        f"| chat template | `chat_template.jinja`; stop token(s) {', '.join(cfg.tokenizer.stop_tokens)} |",
+        "",
+        "## Data",
+        "",
+        *data_section(cfg),
+        "",
+        "## Smoke generation",
+        "",
+        *smoke,
+        "",
+        "## Files",
+        "",
+        "`model-*.safetensors` + `model.safetensors.index.json` (weights), `config.json`, tokenizer files with "
+        "`<image>`, `chat_template.jinja`, `preprocessor_config.json`, `generation_config.json`. `SHA256SUMS` "
+        "lists every other file; check a copy with `sha256sum -c SHA256SUMS`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""The export step: a training checkpoint → a verified Hugging Face model folder, published atomically.
+
+Everything is written to a staging folder, then checked (every tensor read back bit for bit, the
+layout and the tokenizer loaded, a smoke generation run from the folder itself, ``SHA256SUMS``
+recomputed), and only then published. Locally the staging folder sits beside the destination and
+is renamed onto it; an existing export is first renamed aside and removed only after the swap, so
+the destination holds either the old export or the new one, whole. On an object store (any fsspec
+URI whose backend is installed) the verified folder is uploaded to a staging prefix, checked
+there, then copied to the destination with ``SHA256SUMS`` last; a failure removes what was copied
+and puts the previous export back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import torch
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from safetensors import safe_open
+from torchtune.training.precision import PRECISION_STR_TO_DTYPE
+
+from docev import assets
+from docev.config import DocEVConfig
+from docev.export.card import SmokeSample, TrainingFacts, model_card, smoke_section, training_facts
+from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
+from docev.export.generate import DocEVGenerator, Generation
+from docev.export.weights import ExportError, export_tensors
+from docev.models.docev import latest_checkpoint
+from docev.text.chat_template import resolve_chat_template
+
+INDEX = "model.safetensors.index.json"
+# Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
+_NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
+               "recipe_state.pt", "latest", "pytorch_model.bin.index.json"}  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_STEP = re.compile(r"step_(\d+)")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    destination: str
+    checkpoint: Path
+    step: int | None
+    dtype: str
+    checksums: dict[str, str]  # file name → sha256, as in SHA256SUMS
+    smoke: Generation | None
+
+
+def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
+    """``latest`` / ``step_N`` (under ``checkpointer.output_dir``), ``base`` (``checkpointer.checkpoint_dir``)
+    or a folder path → the checkpoint folder."""
+    if which == "base":
+        return Path(cfg.checkpointer.checkpoint_dir)
+    if which == "latest" or _STEP.fullmatch(which):
+        if cfg.checkpointer.output_dir is None:
+            raise ExportError(f"--checkpoint {which}: checkpointer.output_dir is not set")
+        root = Path(cfg.checkpointer.output_dir)
+        folder = latest_checkpoint(root) if which == "latest" else root / which
+        if folder is None:
+            raise ExportError(f"--checkpoint latest: no checkpoint under {root} yet (train first, or export 'base')")
+    else:
+        folder = Path(which)
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
+    return folder
+
+
+def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
+    """The last accepted record with images in ``validate/manifest.jsonl`` (None without one)."""
+    path = Path(cfg.output_dir) / "validate" / "manifest.jsonl"
+    if not path.is_file():
+        return None
+    roots = {(d.name or Path(d.source).name): Path(d.source) for d in cfg.datasets}
+    last = None
+    with path.open() as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                entry = json.loads(line)
+                if entry["images"] and entry["source"] in roots:
+                    last = entry
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ExportError(f"{path} line {n}: not a validate manifest entry ({exc})") from None
+    if last is None:
+        return None
+    root = roots[last["source"]]
+    return SmokeSample(last["source"], str(last["id"]), last["file"], last["row"],
+                       [root / im["path"] for im in last["images"]])  # fmt: skip
+
+
+def smoke_device(cfg: DocEVConfig) -> str:
+    return "cuda" if cfg.device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def _write_folder(cfg: DocEVConfig, checkpoint: Path, staging: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Weights, config, tokenizer/processor files, chat template and generation config."""
+    assets.save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    for src in sorted(checkpoint.iterdir()):
+        if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
+            shutil.copyfile(src, staging / src.name)
+    (staging / "chat_template.jinja").write_text(resolve_chat_template(cfg.tokenizer.chat_template).source)
+    tokenizer = _load_tokenizer(staging)
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in cfg.tokenizer.stop_tokens]
+    gen_path = checkpoint / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    generation.update(eos_token_id=stops[0] if len(stops) == 1 else stops, do_sample=False)
+    if tokenizer.pad_token_id is not None:
+        generation["pad_token_id"] = tokenizer.pad_token_id
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _load_tokenizer(folder: Path):
+    """``AutoTokenizer`` from the folder with no network, as a user of the export would load it."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    # An empty config keeps AutoTokenizer from reading config.json, whose model_type it does not know.
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, config=PretrainedConfig())
+
+
+def check_tokenizer(cfg: DocEVConfig, folder: Path, image_token_id: int) -> None:
+    """``<image>`` at the model's id, the stop tokens known, the training chat template in place."""
+    tokenizer = _load_tokenizer(folder)
+    tok = cfg.tokenizer
+    problems = []
+    got = tokenizer.convert_tokens_to_ids(tok.image_token)
+    if got != image_token_id:
+        problems.append(f"{tok.image_token} is id {got}, config.json's image_token_index is {image_token_id}")
+    unknown = [t for t in tok.stop_tokens if t not in tokenizer.get_vocab()]
+    if unknown:
+        problems.append(f"stop tokens {unknown} are not in the vocabulary")
+    if tokenizer.chat_template != resolve_chat_template(tok.chat_template).source:
+        problems.append("AutoTokenizer's chat_template differs from tokenizer.chat_template used in training")
+    if problems:
+        raise ExportError(f"{folder}: tokenizer check failed: " + "; ".join(problems))
+
+
+def check_weights(folder: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    """Every shard read back: the index names each tensor's file, and each tensor equals what was
+    meant to be written (dtype and bits)."""
+    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    problems, seen = [], set()
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is no mapping
+                seen.add(key)
+                tensor = f.get_tensor(key)
+                if weight_map.get(key) != shard:
+                    problems.append(f"{key} is in {shard}, the index says {weight_map.get(key)}")
+                elif key not in expected:
+                    problems.append(f"{key} in {shard} was not exported")
+                elif tensor.dtype != expected[key].dtype or not torch.equal(tensor, expected[key]):
+                    problems.append(f"{key} in {shard} differs from the exported tensor")
+    problems += [f"{key} missing from the shards" for key in sorted(set(expected) - seen)]
+    if problems:
+        raise ExportError(f"{folder}: weights read back wrong: " + "; ".join(problems[:10]))
+
+
+def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dict[str, str], Generation | None]:
+    """Write and verify the export in ``staging``; returns the checksums and the smoke generation."""
+    exp = cfg.export
+    dtype = PRECISION_STR_TO_DTYPE[exp.dtype]
+    base = Path(cfg.checkpointer.checkpoint_dir)
+    tensors, arch = export_tensors(checkpoint, base, cfg.model, dtype)
+    _write_folder(cfg, checkpoint, staging, tensors)
+    check_weights(staging, tensors)
+    check_tokenizer(cfg, staging, arch.image_token_id)
+
+    sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
+    why_not = f"no accepted record with images in {Path(cfg.output_dir) / 'validate' / 'manifest.jsonl'}"
+    if sample is not None:
+        generator = DocEVGenerator(staging, device=device)
+        result = generator.generate(sample.images, exp.smoke_prompt, max_new_tokens=exp.smoke_max_new_tokens,
+                                    sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
+        del generator
+    untrained = checkpoint.resolve() == base.resolve()
+    step_match = _STEP.fullmatch(checkpoint.name)
+    facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not)
+    dtype_name = str(dtype).removeprefix("torch.")
+    card = model_card(cfg, checkpoint=checkpoint, training=facts, tensors=tensors, dtype=dtype_name, smoke=smoke)
+    (staging / "README.md").write_text(card)
+    for path in staging.iterdir():  # safetensors writes 0600; the export is read by other pods and users
+        path.chmod(0o644)
+    staging.chmod(0o755)
+    return write_checksums(staging), result
+
+
+def export_checkpoint(
+    cfg: DocEVConfig, checkpoint: str | None = None, destination: str | None = None, *, overwrite: bool | None = None
+) -> ExportResult:
+    """The export step (``docev export``). ``checkpoint`` / ``destination`` / ``overwrite`` default to the
+    config's ``export`` section; the destination defaults to ``{output_dir}/export``.
+
+    Raises:
+        ExportError: bad checkpoint, an existing destination without ``overwrite``, a failed check.
+        ChecksumError: a copy on an object store that does not match the verified folder.
+    """
+    exp = cfg.export
+    which = checkpoint or exp.checkpoint
+    source = resolve_checkpoint(cfg, which)
+    dest = destination or exp.destination or str(Path(cfg.output_dir) / "export")
+    overwrite = exp.overwrite if overwrite is None else overwrite
+    fs, dest_path = fsspec.core.url_to_fs(dest)
+    local = isinstance(fs, LocalFileSystem)
+    if fs.exists(dest_path) and not overwrite:
+        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
+    if local:
+        Path(dest_path).parent.mkdir(parents=True, exist_ok=True)
+    parent = str(Path(dest_path).parent) if local else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
+    try:
+        sums, smoke = build_export(cfg, source, staging)
+        if local:
+            _publish_local(staging, Path(dest_path), overwrite)
+        else:
+            _publish_remote(staging, fs, dest_path, sums, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    match = _STEP.fullmatch(source.name)
+    return ExportResult(dest, source, int(match.group(1)) if match else None, exp.dtype, sums, smoke)
+
+
+def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:
+    """Rename ``staging`` onto ``dest``; an existing ``dest`` is renamed aside first and removed after."""
+    aside = None
+    if dest.exists():
+        if not overwrite:
+            raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
+        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, aside)
+    try:
+        os.rename(staging, dest)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, dest)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict[str, str], overwrite: bool) -> None:
+    """Upload to ``dest.partial-*`` and check it; move an existing ``dest`` aside (copy, then delete);
+    copy the upload onto ``dest`` with ``SHA256SUMS`` last and check it. A failure after the old export
+    started to move puts it back whole."""
+    tag = uuid.uuid4().hex[:8]
+    stage, aside, phase = f"{dest}.partial-{tag}", f"{dest}.old-{tag}", "upload"
+    try:
+        for name in [*list_files(fsspec.filesystem("file"), str(staging)), SUMS]:
+            fs.put_file(str(staging / name), f"{stage}/{name}")
+        _expect_same(verify_checksums(_url(fs, stage)), sums, stage)
+        if fs.exists(dest):
+            if not overwrite:
+                raise ExportError(f"{_url(fs, dest)} exists; pass --overwrite (export.overwrite=true) to replace it")
+            phase = "aside"
+            _copy_tree(fs, dest, aside)
+            phase = "replace"
+            fs.rm(dest, recursive=True)
+        else:
+            phase = "publish"
+        _copy_tree(fs, stage, dest)
+        _expect_same(verify_checksums(_url(fs, dest)), sums, dest)
+    except BaseException:
+        if phase in ("publish", "replace") and fs.exists(dest):
+            fs.rm(dest, recursive=True)
+        if phase == "replace":
+            _copy_tree(fs, aside, dest)
+        if phase in ("aside", "replace") and fs.exists(aside):
+            fs.rm(aside, recursive=True)
+        raise
+    finally:
+        if fs.exists(stage):
+            fs.rm(stage, recursive=True)
+    if fs.exists(aside):
+        fs.rm(aside, recursive=True)
+
+
+def _copy_tree(fs: AbstractFileSystem, src: str, dst: str) -> None:
+    """Every file under ``src`` to the same name under ``dst``, ``SHA256SUMS`` last (object stores copy
+    file by file: until the sums arrive, the copy is visibly unfinished)."""
+    names = list_files(fs, src)
+    for name in [*names, *([SUMS] if fs.isfile(f"{src}/{SUMS}") else [])]:
+        fs.copy(f"{src}/{name}", f"{dst}/{name}")
+
+
+def _url(fs: AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def _expect_same(got: dict[str, str], want: dict[str, str], where: str) -> None:
+    if got != want:
+        raise ExportError(f"{where}: the uploaded SHA256SUMS differs from the verified folder's")

@@ -1,0 +1,66 @@
+"""Fixtures for the export tests: a validated + preprocessed run folder and a "trained" step checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from docev.data.preprocess import run_preprocess
+from docev.models.docev import DocEVCheckpointer
+from docev.validate.runner import run_validate
+
+TRAINABLE_PREFIXES = ("decoder.", "tok_embeddings.", "connector.", "image_newline")
+
+
+def sources_list(synth_sources):
+    return [
+        {"source": str(synth_sources["instruct"]), "name": "instruct"},
+        {"source": str(synth_sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain", "context_col": "text"},
+    ]
+
+
+def make_config(run: Path, checkpoint: Path, synth_sources, *overrides: str):
+    return tiny_config(run, checkpoint, sources_list(synth_sources), "preprocess.records_per_shard=10", *overrides)
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's shards, read with safetensors alone."""
+    out = {}
+    for f in sorted(folder.glob("model-*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def perturb(state: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """What training would change: the decoder and fusion groups (the config's defaults), never the encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale if k.startswith(TRAINABLE_PREFIXES) else v
+        for k, v in state.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def export_run(tmp_path_factory, tiny_checkpoint, synth_sources) -> Path:
+    """A run folder with validate and preprocess outputs, a step_8 checkpoint (recipe state included)
+    and a metrics.jsonl whose last line was cut by a kill."""
+    run = tmp_path_factory.mktemp("export_run")
+    cfg = make_config(run, tiny_checkpoint, synth_sources)
+    run_validate(cfg, workers=1)
+    run_preprocess(cfg, workers=1)
+    ckpt = DocEVCheckpointer(tiny_checkpoint, output_dir=cfg.checkpointer.output_dir)
+    state = perturb(ckpt.load_checkpoint()["model"])
+    ckpt.save_checkpoint({"model": state, "steps_run": 8, "optimizer": {"state": {}, "param_groups": []}}, step=8)
+    logs = run / "logs"
+    logs.mkdir()
+    lines = [json.dumps({"step": s, "loss": 7.0 - 0.25 * s, "lr": 1e-3}) for s in range(1, 11)]
+    (logs / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "lo')
+    return run
+
+
+@pytest.fixture(scope="session")
+def step_checkpoint(export_run) -> Path:
+    return export_run / "checkpoints" / "step_8"

@@ -1,0 +1,80 @@
+"""Greedy generation: KV-cached decoding gives exactly the tokens of full recomputation; stop and
+suppressed tokens; prompts built by the training transform and collate."""
+
+import pytest
+import torch
+
+from docev.export import DocEVGenerator, greedy_generate
+from docev.vision.geometry import num_image_tokens
+
+
+@pytest.fixture(scope="module")
+def generator(step_checkpoint):
+    return DocEVGenerator(step_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def pages(synth_sources):
+    return sorted((synth_sources["instruct"] / "images").glob("*"))
+
+
+def test_prompt_is_the_training_format(generator, pages):
+    inputs = generator.prepare(pages[:2], "What is the total?", sampling_ratio=3)
+    tokens = inputs["tokens"][0].tolist()
+    arch, image_id = generator.arch, generator.transform.image_token_id
+    counts = [num_image_tokens(h, w, 3, tile_size=arch.tile_size, patch_size=arch.patch_size)
+              for h, w in inputs["image_sizes"].tolist()]  # fmt: skip
+    assert tokens.count(image_id) == sum(counts) and inputs["pixel_values"].shape[0] == 2
+    text = generator.transform.tokenizer.decode([t for t in tokens if t != image_id])
+    assert text == "<|im_start|>user\n\n\nWhat is the total?<|im_end|>\n<|im_start|>assistant\n"
+    assert inputs["pixel_values"].dtype == torch.float32 and inputs["sampling_ratio"] == 3
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_cached_equals_uncached(generator, pages, ratio):
+    inputs = generator.prepare(pages[1:2], "Who issued this invoice?", sampling_ratio=ratio)
+    tokens = inputs.pop("tokens")
+    kwargs = {"max_new_tokens": 12, "stop_token_ids": generator.stop_token_ids,
+              "suppress_token_ids": generator.suppress_token_ids, **inputs}  # fmt: skip
+    cached, stopped = greedy_generate(generator.model, tokens, use_cache=True, **kwargs)
+    full, full_stopped = greedy_generate(generator.model, tokens, use_cache=False, **kwargs)
+    assert cached == full and stopped == full_stopped
+    assert len(set(cached)) >= 3  # not one token repeated: the comparison can tell positions apart
+    assert not generator.model.caches_are_setup()  # caches are dropped after each generation
+
+
+def test_stop_and_suppressed_tokens(step_checkpoint, pages):
+    generator = DocEVGenerator(step_checkpoint)
+    stop, image = generator.stop_token_ids[0], generator.transform.image_token_id
+    assert generator.stop_token_ids == [generator.transform.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    out = generator.model.decoder.output.weight
+    with torch.no_grad():
+        out[image] *= 1000  # <image> would win every step; it has no image to fill, so it is never chosen
+        suppressed = generator.generate(pages[:1], "Total?", max_new_tokens=6)
+        assert image not in suppressed.token_ids and len(suppressed.token_ids) == 6 and not suppressed.stopped
+        out[stop] *= 1000000
+        ended = generator.generate(pages[:1], "Total?", max_new_tokens=6)
+    assert ended.token_ids == [stop] and ended.stopped and ended.text == ""
+
+
+def test_generation_limits(generator, pages):
+    limit = generator.model.decoder.max_seq_len
+    inputs = generator.prepare(pages[:1], "Total?", sampling_ratio=2)
+    tokens = inputs.pop("tokens")
+    with pytest.raises(ValueError, match=f"exceeds the model's max_seq_len {limit}"):
+        greedy_generate(generator.model, tokens, max_new_tokens=limit, stop_token_ids=[], **inputs)
+    with pytest.raises(ValueError, match="one prompt"):
+        greedy_generate(generator.model, tokens.repeat(2, 1), max_new_tokens=2, stop_token_ids=[], **inputs)
+    with pytest.raises(ValueError, match="sampling_ratio 9 outside 1..8"):
+        generator.prepare(pages[:1], "Total?", sampling_ratio=9)
+    with pytest.raises(ValueError, match="must not contain it"):
+        generator.prepare(pages[:1], "<image> again?", sampling_ratio=2)
+
+
+def test_bf16_generation(step_checkpoint, pages):
+    """Cached and uncached also agree when the model runs in bf16."""
+    generator = DocEVGenerator(step_checkpoint, dtype=torch.bfloat16)
+    assert generator.model.image_newline.dtype == torch.bfloat16
+    a = generator.generate(pages[:1], "Total?", max_new_tokens=8)
+    b = generator.generate(pages[:1], "Total?", max_new_tokens=8, use_cache=False)
+    assert a.token_ids == b.token_ids
