@@ -124,3 +124,16 @@ def test_cli_validate_ok_and_error_exit_code(capsys):
     assert "epochz: unknown key (did you mean 'epochs'?)" in capsys.readouterr().err
     assert main(["config", "schema"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "DocEVConfig"
+
+
+def test_export_shard_size():
+    from docev.config import parse_byte_size
+
+    sizes = {"5GB": 5 * 10**9, "1MB": 10**6, "2GiB": 2**31, "0.5 MB": 500_000, "100": 100}
+    assert {text: parse_byte_size(text) for text in sizes} == sizes
+    cfg = load_config(CONFIGS / "tiny.yaml", ["export.max_shard_size=300KiB"])
+    assert cfg.export.max_shard_bytes == 300 * 1024
+    with pytest.raises(ConfigError, match=r"export\.max_shard_size: .*'5XB' is not a size \(e\.g\. 5GB"):
+        load_config(CONFIGS / "tiny.yaml", ["export.max_shard_size=5XB"])
+    with pytest.raises(ValueError, match="'0GB' is not a size"):
+        parse_byte_size("0GB")
