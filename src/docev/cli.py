@@ -92,6 +92,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from docev.training.launch import torchrun_argv
+
+    argv = torchrun_argv(load_config(args.config, args.overrides), args.config, args.overrides)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # torchrun takes over the process: signals and exit status are its own
+
+
 def cmd_tokens(args: argparse.Namespace) -> int:
     from docev.vision.geometry import num_image_tokens, plan_tiles
 
@@ -125,6 +135,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\npipeline finished; outputs:")
     for name, path in outputs.items():
         print(f"  {name:26s} {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from docev.pipeline.submit import submit
+
+    cfg = load_config(args.config, args.overrides)
+    done = submit(cfg, experiment=args.experiment, params=_params(args.param), host=args.host,
+                  existing_token=args.existing_token)  # fmt: skip
+    what = "reused" if done.version_reused else "uploaded"
+    print(f"pipeline version {done.version_id} ({what}); run {done.run_id}")
+    print(done.url)
     return 0
 
 
@@ -239,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--merge", action="store_true", help="check every shard and write manifest.json")
     pre.set_defaults(func=cmd_preprocess)
 
+    tr = sub.add_parser("train", help="fine-tune under torchrun (train.nnodes x train.nproc_per_node processes)")
+    _config_args(tr)
+    tr.set_defaults(func=cmd_train)
+
     tk = sub.add_parser("tokens", help="what a page costs: canvas, tiles and image tokens per sampling ratio")
     _config_args(tk)
     tk.add_argument("--size", type=_size, action="append", required=True, metavar="HxW", help="image size (repeat)")
@@ -250,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a run parameter, as edited in the KFP UI (learning_rate, epochs, max_steps_per_epoch, "
                      "num_nodes, gpus_per_node, resume)")  # fmt: skip
     run.set_defaults(func=cmd_run)
+
+    sb = sub.add_parser("submit", help="validate + compile + upload (or reuse) the pipeline + create a KFP run")
+    _config_args(sb)
+    sb.add_argument("--host", default=None, help="KFP API endpoint (default: KF_PIPELINES_ENDPOINT)")
+    sb.add_argument("--experiment", required=True)
+    sb.add_argument("--existing-token", default=None, help="bearer token (else kfp.Client's usual sources)")
+    sb.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a run parameter")
+    sb.set_defaults(func=cmd_submit)
 
     rm = sub.add_parser("render-manifests", help="write the training step as a standalone PyTorchJob YAML")
     _config_args(rm)

@@ -137,7 +137,8 @@ class FakeApiServer:
                 url = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else None
+                is_json = "json" in (self.headers.get("Content-Type") or "application/json")
+                body = (json.loads(raw) if is_json else raw) if raw else None  # multipart uploads stay bytes
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 reply = fake._respond(Request(self.command, url.path, query, body))
                 if isinstance(reply.body, str):
