@@ -223,6 +223,7 @@ def test_fsspec_destination(cfg, step_export, memory_fs):
     replaced = export_checkpoint(cfg, "base", url, overwrite=True)
     assert verify_checksums(url) == replaced.checksums != result.checksums
     assert memory_fs.ls("/exports/run", detail=False) == ["/exports/run/export"]
+    assert _leftovers(Path(cfg.output_dir)) == []  # the local staging folder is gone too
 
 
 def _flaky(monkeypatch, fs, method, fail_at):

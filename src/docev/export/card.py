@@ -30,13 +30,13 @@ NOT_AVAILABLE = "not available"
 
 @dataclass(frozen=True)
 class SmokeSample:
-    """One accepted record of the validated manifest, with its images' paths."""
+    """An accepted record of the validated manifest and the image the smoke generation reads."""
 
     source: str
     id: str
     file: str
     row: int
-    images: list[Path]
+    image: Path
 
 
 @dataclass(frozen=True)
@@ -120,16 +120,16 @@ def smoke_section(
 ) -> list[str]:
     if sample is None or result is None:
         return [f"Smoke generation: {NOT_AVAILABLE} ({why_not})."]
-    command = ["docev", "generate", "--model", ".", *[a for p in sample.images for a in ("--image", str(p))],
-               "--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
-               "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
+    command = ["docev", "generate", "--model", ".", "--image", str(sample.image), "--prompt", prompt,
+               "--max-new-tokens", str(max_new_tokens), "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
     end = "the stop token" if result.stopped else f"the limit of {max_new_tokens} new tokens"
     return [
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
         f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), the last accepted record "
-        "with images in the validated manifest. The pipeline keeps no held-out split, so training may have seen it.",
+        "with images in the validated manifest, its first image. The pipeline keeps no held-out split, so training "
+        "may have seen it.",
         "",
-        f"- prompt: {json.dumps(prompt)} with {len(sample.images)} image(s), sampling ratio {result.sampling_ratio}, "
+        f"- prompt: {json.dumps(prompt)} after the image `{sample.image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
         f"- generated {len(result.token_ids)} token(s), ended by {end}",
         "",
@@ -145,19 +145,24 @@ def smoke_section(
     ]
 
 
+def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(model parameters, elements of checkpoint tensors the model does not use)."""
+    unused = sum(t.numel() for k, t in tensors.items() if is_unused(k))
+    return sum(t.numel() for t in tensors.values()) - unused, unused
+
+
 def model_card(
     cfg: DocEVConfig,
     *,
     checkpoint: Path,
     training: TrainingFacts,
-    tensors: Mapping[str, torch.Tensor],
+    parameters: tuple[int, int],
     dtype: str,
     smoke: Sequence[str],
 ) -> str:
     """The whole ``README.md`` (HF model card front matter + facts)."""
     base = Path(cfg.checkpointer.checkpoint_dir)
-    used = sum(t.numel() for k, t in tensors.items() if not is_unused(k))
-    unused = sum(t.numel() for k, t in tensors.items() if is_unused(k))
+    used, unused = parameters
     if training.loss is None:
         loss = f"{NOT_AVAILABLE} ({training.note})"
     else:

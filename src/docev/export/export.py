@@ -31,7 +31,7 @@ from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
 from docev import assets
 from docev.config import DocEVConfig
-from docev.export.card import SmokeSample, TrainingFacts, model_card, smoke_section, training_facts
+from docev.export.card import SmokeSample, TrainingFacts, model_card, parameter_counts, smoke_section, training_facts
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
 from docev.export.generate import DocEVGenerator, Generation
 from docev.export.weights import ExportError, export_tensors
@@ -76,7 +76,8 @@ def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
 
 
 def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
-    """The last accepted record with images in ``validate/manifest.jsonl`` (None without one)."""
+    """The first image of the last accepted record with images in ``validate/manifest.jsonl`` (None
+    without one). One image: the prompt then fits any model that can hold a full tile grid."""
     path = Path(cfg.output_dir) / "validate" / "manifest.jsonl"
     if not path.is_file():
         return None
@@ -93,8 +94,7 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     if last is None:
         return None
     root = roots[last["source"]]
-    return SmokeSample(last["source"], str(last["id"]), last["file"], last["row"],
-                       [root / im["path"] for im in last["images"]])  # fmt: skip
+    return SmokeSample(last["source"], str(last["id"]), last["file"], last["row"], root / last["images"][0]["path"])
 
 
 def smoke_device(cfg: DocEVConfig) -> str:
@@ -175,13 +175,15 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     tensors, arch = export_tensors(checkpoint, base, cfg.model, dtype)
     _write_folder(cfg, checkpoint, staging, tensors)
     check_weights(staging, tensors)
+    parameters = parameter_counts(tensors)
+    del tensors  # the smoke model loads its own copy from the folder
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
     why_not = f"no accepted record with images in {Path(cfg.output_dir) / 'validate' / 'manifest.jsonl'}"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
-        result = generator.generate(sample.images, exp.smoke_prompt, max_new_tokens=exp.smoke_max_new_tokens,
+        result = generator.generate([sample.image], exp.smoke_prompt, max_new_tokens=exp.smoke_max_new_tokens,
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()
@@ -189,7 +191,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
     smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not)
     dtype_name = str(dtype).removeprefix("torch.")
-    card = model_card(cfg, checkpoint=checkpoint, training=facts, tensors=tensors, dtype=dtype_name, smoke=smoke)
+    card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke)
     (staging / "README.md").write_text(card)
     for path in staging.iterdir():  # safetensors writes 0600; the export is read by other pods and users
         path.chmod(0o644)
@@ -216,9 +218,10 @@ def export_checkpoint(
     local = isinstance(fs, LocalFileSystem)
     if fs.exists(dest_path) and not overwrite:
         raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-    if local:
-        Path(dest_path).parent.mkdir(parents=True, exist_ok=True)
-    parent = str(Path(dest_path).parent) if local else None
+    # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
+    # checkpoints, unlike /tmp).
+    parent = Path(dest_path).parent if local else Path(cfg.output_dir)
+    parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
     try:
         sums, smoke = build_export(cfg, source, staging)
