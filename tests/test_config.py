@@ -137,3 +137,13 @@ def test_export_shard_size():
         load_config(CONFIGS / "tiny.yaml", ["export.max_shard_size=5XB"])
     with pytest.raises(ValueError, match="'0GB' is not a size"):
         parse_byte_size("0GB")
+
+
+def test_training_run_control_fields():
+    cfg = load_config(TINY, ["stop_after_steps=6", "train.collective_timeout_seconds=60"])
+    assert (cfg.stop_after_steps, cfg.train.collective_timeout_seconds) == (6, 60)
+    assert load_config(TINY).stop_after_steps is None
+    (err,) = _errors(["stop_after_steps=0"])
+    assert err.startswith(f"{TINY}: stop_after_steps: ") and "greater than or equal to 1" in err
+    (err,) = _errors(["train.collective_timeout_seconds=0"])
+    assert err.startswith(f"{TINY}: train.collective_timeout_seconds: ") and "greater than 0" in err

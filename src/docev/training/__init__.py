@@ -1,0 +1,1 @@
+"""Training: the distributed fine-tuning recipe, its checkpoint bookkeeping and metrics."""

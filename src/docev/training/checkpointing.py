@@ -1,0 +1,116 @@
+"""What the recipe keeps beside the weights, and which checkpoint folders it keeps.
+
+``DocEVCheckpointer`` writes a ``step_N`` folder atomically (under ``.step_N.partial``, renamed when
+complete) and moves ``latest`` last, so a kill at any moment leaves ``latest`` naming a complete
+folder. This module adds the recipe's side: choosing the folder a run starts from, the RNG states of
+every rank, and pruning to the last K folders (plus the leftovers of an interrupted save).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from docev.models.docev import latest_checkpoint
+from docev.models.docev._checkpointer import LATEST, RECIPE_STATE
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+_PARTIAL = re.compile(r"\.step_\d+\.partial")
+
+# Keys of the recipe state saved beside the weights (in recipe_state.pt).
+OPTIMIZER_KEY = "optimizer"
+LR_SCHEDULER_KEY = "lr_scheduler"
+SAMPLER_KEY = "sampler"
+RNG_KEY = "rng"
+STEP_KEY = "global_step"
+TOKENS_KEY = "tokens_seen"
+SEED_KEY = "seed"
+WORLD_SIZE_KEY = "world_size"
+RECIPE_KEYS = (OPTIMIZER_KEY, LR_SCHEDULER_KEY, SAMPLER_KEY, RNG_KEY, STEP_KEY, TOKENS_KEY, SEED_KEY, WORLD_SIZE_KEY)
+
+
+class ResumeError(RuntimeError):
+    """``resume_from_checkpoint`` cannot be honoured (no checkpoint, or one without recipe state)."""
+
+
+def start_folder(base: str | Path, output_dir: str | Path, resume: bool | str) -> tuple[Path, bool]:
+    """The folder a run loads and whether it resumes: ``latest`` under ``output_dir`` for ``True`` (required)
+    and ``"auto"`` (when present), else the base checkpoint."""
+    if resume is False:
+        return Path(base), False
+    folder = latest_checkpoint(output_dir)
+    if folder is None:
+        if resume == "auto":
+            return Path(base), False
+        raise ResumeError(
+            f"resume_from_checkpoint: true, but {Path(output_dir) / LATEST} does not exist (no checkpoint saved yet); "
+            "use 'auto' to start from the base checkpoint when there is none"
+        )
+    if not (folder / RECIPE_STATE).is_file():
+        raise ResumeError(f"{folder} has no {RECIPE_STATE}: it is a model folder, not a training checkpoint")
+    return folder, True
+
+
+def step_of(folder: Path) -> int:
+    match = _STEP_DIR.fullmatch(folder.name)
+    if match is None:
+        raise ValueError(f"{folder} is not a step_N checkpoint folder")
+    return int(match.group(1))
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Keep the newest ``keep`` step folders up to ``latest`` (``latest`` always among them); remove older
+    ones, folders newer than ``latest`` (left by a run killed between renaming a folder and moving
+    ``latest``; the resumed run writes that step again) and the partial folder or pointer of an interrupted
+    save.
+    ``protect`` survives regardless: a resumed run's checkpointer copies the tokenizer files from the
+    folder it started from, so that folder stays until the next run prunes it."""
+    out = Path(output_dir)
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return []
+    newest = step_of(latest)
+    steps = sorted(
+        (step_of(p), p)
+        for p in out.iterdir()
+        if p.is_dir() and _STEP_DIR.fullmatch(p.name) and p not in (latest, protect)
+    )
+    older = [p for s, p in steps if s < newest]
+    doomed = older[: max(0, len(older) - (keep - 1))] + [p for s, p in steps if s > newest]
+    doomed += [p for p in out.iterdir() if p.is_dir() and _PARTIAL.fullmatch(p.name)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    pointer = out / f".{LATEST}.tmp"  # written before the pointer's atomic replace
+    if pointer.is_file():
+        pointer.unlink()
+        doomed.append(pointer)
+    return sorted(doomed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,103 @@
+"""Training metrics: the configured torchtune metric logger, ``logs/metrics.jsonl`` and ``logs/loss.png``.
+
+``metrics.jsonl`` is written whatever logger the config names (one JSON object per logged step), so
+later steps (export, the pipeline's metrics artifact) read the run without knowing the logger. A
+resumed run first drops the lines past its checkpoint, which the interrupted run wrote but the
+resumed run repeats, so each step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+def wandb_mode(component: str, env: MutableMapping[str, str] = os.environ) -> str | None:
+    """W&B runs offline (files under its log_dir, ``wandb sync`` later) unless an API key is present.
+    Sets ``WANDB_MODE`` when the config uses ``WandBLogger`` and nobody chose a mode; returns the mode."""
+    if not component.endswith("WandBLogger"):
+        return None
+    if "WANDB_MODE" not in env:
+        env["WANDB_MODE"] = "online" if env.get("WANDB_API_KEY") else "offline"
+    return env["WANDB_MODE"]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The logged steps of a run (``logs/metrics.jsonl``), in order."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Rank 0's sink: every logged step goes to the torchtune logger (if any) and to ``metrics.jsonl``.
+
+    Args:
+        log_dir (Path): folder of ``metrics.jsonl`` and ``loss.png``.
+        logger (Any): a torchtune ``MetricLoggerInterface`` (``log_dict``/``close``), or None.
+    """
+
+    def __init__(self, log_dir: str | Path, logger: Any = None):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.log_dir / METRICS_FILE
+        self.logger = logger
+        self._file = None
+
+    def truncate_after(self, step: int) -> int:
+        """Drop lines for steps after ``step`` (a resumed run logs them again); returns how many."""
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if r["step"] <= step]
+        if len(kept) != len(rows):
+            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        return len(rows) - len(kept)
+
+    def log(self, metrics: Mapping[str, float | int], step: int) -> None:
+        if self.logger is not None:
+            self.logger.log_dict(dict(metrics), step=step)
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def plot(self) -> Path | None:
+        """``loss.png``: loss (and lr on a second axis) over the steps in ``metrics.jsonl``."""
+        rows = read_metrics(self.path)
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss", color="tab:blue")
+        lr = ax.twinx()
+        lr.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
+        lr.set_ylabel("learning rate", color="tab:orange")
+        ax.set_title("DocEV fine-tuning")
+        fig.tight_layout()
+        out = self.log_dir / LOSS_PLOT
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None

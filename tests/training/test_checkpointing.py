@@ -1,0 +1,56 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from docev.models.docev import latest_checkpoint
+from docev.training.checkpointing import ResumeError, capture_rng, prune_checkpoints, restore_rng, start_folder
+
+
+def _folders(out, steps, latest, recipe=True):
+    for s in steps:
+        (out / f"step_{s}").mkdir(parents=True)
+        if recipe:
+            (out / f"step_{s}" / "recipe_state.pt").write_bytes(b"")
+    (out / "latest").write_text(f"step_{latest}\n")
+
+
+def test_start_folder(tmp_path):
+    base, out = tmp_path / "base", tmp_path / "ckpts"
+    assert start_folder(base, out, False) == (base, False)
+    assert start_folder(base, out, "auto") == (base, False)
+    with pytest.raises(ResumeError, match="latest does not exist"):
+        start_folder(base, out, True)
+    _folders(out, [2, 4], 4)
+    for resume in (True, "auto"):
+        assert start_folder(base, out, resume) == (out / "step_4", True)
+    assert start_folder(base, out, False) == (base, False)
+    (out / "step_4" / "recipe_state.pt").unlink()
+    with pytest.raises(ResumeError, match="step_4 has no recipe_state.pt"):
+        start_folder(base, out, "auto")
+
+
+def test_prune_keeps_the_last_k_up_to_latest(tmp_path):
+    out = tmp_path
+    _folders(out, [2, 4, 6, 8, 10], 8)  # step_10: renamed into place, `latest` never moved (killed)
+    (out / ".step_12.partial").mkdir()  # killed while writing
+    (out / ".latest.tmp").write_text("step_12\n")
+    removed = prune_checkpoints(out, keep=2, protect=out / "step_2")
+    assert [p.name for p in removed] == [".latest.tmp", ".step_12.partial", "step_10", "step_4"]
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_2", "step_6", "step_8"]
+    assert prune_checkpoints(out, keep=1) == [out / "step_2", out / "step_6"]
+    assert latest_checkpoint(out) == out / "step_8"
+    assert prune_checkpoints(tmp_path / "none", keep=1) == []
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()  # move every generator on
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]

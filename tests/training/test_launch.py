@@ -1,0 +1,31 @@
+import sys
+
+import pytest
+from conftest import CONFIGS, tiny_config
+
+from docev.config import ConfigError
+from docev.training.launch import torchrun_argv
+
+
+def test_torchrun_argv_local_and_in_a_pytorchjob(tmp_path, tiny_checkpoint):
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
+    path = str(CONFIGS / "tiny.yaml")
+    local = torchrun_argv(cfg, path, ["epochs=2"], env={})
+    assert local == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                     "--nproc_per_node", "2", "-m", "docev.training.recipe", "--config", path, "epochs=2"]  # fmt: skip
+    # In a PyTorchJob pod torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_MASTER_ADDR... itself.
+    pod = torchrun_argv(cfg, path, [], env={"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8"})
+    assert pod == [sys.executable, "-m", "torch.distributed.run", "-m", "docev.training.recipe", "--config", path]
+
+
+def test_torchrun_argv_refuses_what_it_cannot_start(tmp_path, tiny_checkpoint):
+    with pytest.raises(ConfigError, match="train.nnodes: 2 nodes need a rendezvous"):
+        torchrun_argv(
+            tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}], "train.nnodes=2"), "c.yaml", env={}
+        )
+    with pytest.raises(ConfigError, match="train.backend: 'kubernetes' runs training as a PyTorchJob"):
+        torchrun_argv(
+            tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}], "train.backend=kubernetes"),
+            "c.yaml",
+            env={},
+        )
