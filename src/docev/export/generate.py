@@ -122,11 +122,9 @@ class DocEVGenerator:
         self.stop_token_ids = _stop_token_ids(self.model_dir, self.transform)
         vocab_out = self.arch.vocab_size + self.arch.fusion_vocab_size
         self.suppress_token_ids = [self.transform.image_token_id, *range(len(tokenizer), vocab_out)]
-
-    def collate(self, sampling_ratio: int) -> DocEVCollate:
         a, t = self.arch, self.transform
-        return DocEVCollate(
-            image_token_id=t.image_token_id, pad_id=t.tokenizer.pad_token_id or 0, tile_size=a.tile_size,
+        self._collate = DocEVCollate(  # the training collate: placeholder expansion, tiles, normalisation
+            image_token_id=t.image_token_id, pad_id=tokenizer.pad_token_id or 0, tile_size=a.tile_size,
             patch_size=a.patch_size, min_num_tiles=a.min_num_tiles, max_num_tiles=a.max_num_tiles,
             max_seq_len=a.max_seq_len, mean=t.pixels.mean, std=t.pixels.std, dtype=self.dtype,
         )  # fmt: skip
@@ -146,7 +144,7 @@ class DocEVGenerator:
             "ratio": sampling_ratio, "tokens": encoded.tokens, "loss_mask": encoded.loss_mask, "id": "prompt",
             "row": 0, "image_sizes": encoded.image_sizes, "image_grids": [t.plan.grid for t in tiled], "images": tiled,
         }  # fmt: skip
-        batch = self.collate(sampling_ratio)([sample])
+        batch = self._collate([sample])
         inputs = {k: batch[k] for k in ("tokens", "pixel_values", "image_sizes", "image_grids")}
         inputs = {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
         return {**inputs, "sampling_ratio": sampling_ratio}
