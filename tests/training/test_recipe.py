@@ -213,7 +213,8 @@ def _worker(launcher: int, rank: int) -> int:
 
 def test_kill_rank_mid_run_then_resume(data, runs):
     out = _out(data, "fault")
-    cmd = [sys.executable, "-m", "docev.cli", "train", *_args(data, out)]
+    # Activation checkpointing recomputes the same ops: the losses before the kill equal the full run's.
+    cmd = [sys.executable, "-m", "docev.cli", "train", *_args(data, out, "enable_activation_checkpointing=true")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     metrics = out / "logs" / "metrics.jsonl"
     try:
@@ -228,21 +229,25 @@ def test_kill_rank_mid_run_then_resume(data, runs):
     assert proc.returncode != 0 and time.monotonic() - killed < 60, log[-3000:]
     assert "Signal 9 (SIGKILL)" in log
     saved = int(latest_checkpoint(out / "checkpoints").name.removeprefix("step_"))
-    logged = read_metrics(metrics)[-1]["step"]
+    before, full = read_metrics(metrics), read_metrics(runs["full"] / "logs" / "metrics.jsonl")
+    logged = before[-1]["step"]
     assert STEPS > logged >= saved and logged - saved <= SAVE_EVERY
+    assert [r["loss"] for r in before] == [r["loss"] for r in full[:logged]]
 
     restart = _train(_args(data, out))
     _ok(restart)
     assert f"Resuming from {out / 'checkpoints' / f'step_{saved}'}" in restart.stdout + restart.stderr
-    rows, full = read_metrics(metrics), read_metrics(runs["full"] / "logs" / "metrics.jsonl")
+    rows = read_metrics(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # steps after `saved` were redone, once
     assert [r["loss"] for r in rows] == [r["loss"] for r in full]
 
 
 def test_nan_loss_stops_every_rank_naming_the_samples(data):
+    """In bf16 (CPU allows it): the steps before the failure train and save bf16 weights."""
     out = _out(data, "nan")
     # lr 1e30 after the warmup's first step: step 2 moves every weight by ~1e30, step 3's loss is NaN.
-    proc = _train(_args(data, out, "optimizer.lr=1e30", "clip_grad_norm=null", "save_every_n_steps=1"))
+    args = ("dtype=bf16", "optimizer.lr=1e30", "clip_grad_norm=null", "save_every_n_steps=1")
+    proc = _train(_args(data, out, *args))
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     for rank in (0, 1):  # every rank stops at the same step
@@ -250,7 +255,11 @@ def test_nan_loss_stops_every_rank_naming_the_samples(data):
     assert "rank 0: [[" in log and "rank 1: [[" in log and "doc-0000" in log
     latest = latest_checkpoint(out / "checkpoints")
     assert latest.name == "step_2"
-    assert DocEVCheckpointer(latest).load_checkpoint()["global_step"] == 2
+    state = DocEVCheckpointer(latest).load_checkpoint()
+    assert state["global_step"] == 2 and json.loads((latest / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in state["model"].values()} == {torch.bfloat16}
+    stored = {k: v.dtype for k, v in _weights(latest).items() if ".head." not in k}  # SigLIP head: carried as is
+    assert set(stored.values()) == {torch.bfloat16}
 
 
 _KILL_SCRIPT = """
