@@ -184,6 +184,7 @@ def test_model_card_facts(cfg, step_export, synth_sources, capsys):
     assert "3 shard(s), 25 samples, dropped by the overflow policy: none" in card
     # the smoke output in the card is what `docev generate` prints from the published folder
     smoke = result.smoke
+    assert "Sample: `instruct` record `doc-000019` (data.jsonl, row 19), its first image" in card
     assert smoke is not None and f"```text\n{smoke.text}\n```" in card
     assert f"generated {len(smoke.token_ids)} token(s)" in card
     command = card.split("```bash\n")[1].split("\n```")[0]

@@ -125,16 +125,16 @@ def smoke_section(
     end = "the stop token" if result.stopped else f"the limit of {max_new_tokens} new tokens"
     return [
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
-        f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), the last accepted record "
-        "with images in the validated manifest, its first image. The pipeline keeps no held-out split, so training "
-        "may have seen it.",
+        f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), its first image: the last "
+        "accepted record with images in the validated manifest, instruction sources first. The pipeline keeps no "
+        "held-out split, so training may have seen it.",
         "",
         f"- prompt: {json.dumps(prompt)} after the image `{sample.image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
-        f"- generated {len(result.token_ids)} token(s), ended by {end}",
+        f"- generated {len(result.token_ids)} token(s), ended by {end}; ids {result.token_ids}",
         "",
         "```text",
-        result.text,
+        result.text if result.text else "(no text: the first token was the stop token)",
         "```",
         "",
         "Reproduce (from this folder):",

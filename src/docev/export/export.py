@@ -76,25 +76,27 @@ def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
 
 
 def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
-    """The first image of the last accepted record with images in ``validate/manifest.jsonl`` (None
-    without one). One image: the prompt then fits any model that can hold a full tile grid."""
+    """The first image of the last accepted record with images in ``validate/manifest.jsonl``, from an
+    instruction source when there is one (the smoke prompt is a question); None without any. One image:
+    the prompt then fits any model that can hold a full tile grid."""
     path = Path(cfg.output_dir) / "validate" / "manifest.jsonl"
     if not path.is_file():
         return None
-    roots = {(d.name or Path(d.source).name): Path(d.source) for d in cfg.datasets}
-    last = None
+    sources = {(d.name or Path(d.source).name): d for d in cfg.datasets}
+    last: dict[str, dict] = {}
     with path.open() as fh:
         for n, line in enumerate(fh, start=1):
             try:
                 entry = json.loads(line)
-                if entry["images"] and entry["source"] in roots:
-                    last = entry
+                if entry["images"] and entry["source"] in sources:
+                    last[sources[entry["source"]].ufx_type] = entry
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ExportError(f"{path} line {n}: not a validate manifest entry ({exc})") from None
-    if last is None:
+    entry = last.get("instruction") or last.get("pretrain")
+    if entry is None:
         return None
-    root = roots[last["source"]]
-    return SmokeSample(last["source"], str(last["id"]), last["file"], last["row"], root / last["images"][0]["path"])
+    image = Path(sources[entry["source"]].source) / entry["images"][0]["path"]
+    return SmokeSample(entry["source"], str(entry["id"]), entry["file"], entry["row"], image)
 
 
 def smoke_device(cfg: DocEVConfig) -> str:
