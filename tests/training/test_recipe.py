@@ -134,15 +134,22 @@ def test_shard_units_are_decoder_layers_and_embedding():
     assert names == {"tok_embeddings", "decoder.layers.0", "decoder.layers.1"}
 
 
+def _plans(cfg, epoch: int) -> tuple[object, list]:
+    """Per step of the epoch, the (index, ratio, row) triples of rank 0 and rank 1."""
+    dataset = build_dataset(cfg)
+    samplers = [build_sampler(cfg, dataset, rank=r, world_size=2) for r in (0, 1)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return dataset, list(zip(*samplers, strict=True))
+
+
 def test_plan_has_steps_where_only_one_rank_sees_images(data):
     """The case that needs the root-unit vision path and zero gradients for unused parameters."""
-    cfg = data["cfg"]
-    dataset = build_dataset(cfg)
-    plans = [list(build_sampler(cfg, dataset, rank=r, world_size=2)) for r in (0, 1)]
+    dataset, steps = _plans(data["cfg"], 0)
     text_rows = {i for i in range(len(dataset)) if dataset.source_indices()[i] == 2}
-    mixed = [s for s, (a, b) in enumerate(zip(*plans, strict=True))
+    mixed = [s for s, (a, b) in enumerate(steps)
              if ({i for i, _, _ in a} <= text_rows) != ({i for i, _, _ in b} <= text_rows)]  # fmt: skip
-    assert len(plans[0]) == STEPS // 2 and mixed
+    assert len(steps) == STEPS // 2 and mixed
 
 
 def test_loss_falls_and_outputs_are_written(runs, data):
@@ -157,6 +164,12 @@ def test_loss_falls_and_outputs_are_written(runs, data):
         assert r["tokens_per_second_per_gpu"] == pytest.approx(r["tokens_per_second"] / 2)
         assert not any(k.startswith("peak_memory") for k in r)  # CUDA only
     assert rows[1]["lr"] > rows[0]["lr"] == 0.0  # warmup, then cosine decay
+    tiles = []
+    for epoch in (0, 1):
+        dataset, steps = _plans(data["cfg"], epoch)
+        grids = [[g for part in step for i, _, _ in part for g in dataset[i]["image_grids"]] for step in steps]
+        tiles += [sum(1 + r * c for r, c in step) for step in grids]
+    assert [r["num_tiles"] for r in rows] == tiles
     assert (full / "logs" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     ckpts = full / "checkpoints"

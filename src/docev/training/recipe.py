@@ -99,6 +99,7 @@ class _Step:
     tokens: int = 0  # non-padding tokens
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
+    tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
 
 
 class DocEVFinetuneRecipe:
@@ -365,14 +366,17 @@ class DocEVFinetuneRecipe:
         step.tokens += int(batch["num_tokens"])
         step.loss_tokens += int(n_loss)
         step.slots += batch["tokens"].numel()
+        if batch["image_grids"] is not None:
+            step.tiles += sum(1 + rows * cols for rows, cols in batch["image_grids"].tolist())
 
     def _optimizer_step(self, step: _Step, epoch: int, compute_seconds: float, pbar: tqdm) -> None:
         losses = torch.stack(step.losses)
         bad = ~torch.isfinite(losses)
-        counts = torch.tensor([step.tokens, step.loss_tokens, step.slots], dtype=torch.float64, device=self._device)
+        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles]
+        counts = torch.tensor(counts, dtype=torch.float64, device=self._device)
         totals = torch.cat([losses.sum().double().reshape(1), bad.sum().double().reshape(1), counts])
         dist.all_reduce(totals)  # one collective: loss sum, non-finite micro-batches, token counts
-        loss_sum, n_bad, tokens, loss_tokens, slots = totals.tolist()
+        loss_sum, n_bad, tokens, loss_tokens, slots, tiles = totals.tolist()
         if n_bad or not math.isfinite(loss_sum):
             ids = [i for flag, i in zip(bad.tolist(), step.sample_ids, strict=True) if flag]
             self._fail(f"loss is {loss_sum / max(loss_tokens, 1)}", ids)
@@ -413,6 +417,7 @@ class DocEVFinetuneRecipe:
                 "sampling_ratio": ratios.pop() if len(ratios) == 1 else sum(step.ratios) / len(step.ratios),
                 "num_tokens": int(tokens),
                 "num_loss_tokens": int(loss_tokens),
+                "num_tiles": int(tiles),
                 "tokens_seen": self.tokens_seen,
                 "step_seconds": compute_seconds,
                 "epoch": epoch,

@@ -1,0 +1,141 @@
+"""The Python half of ``benchmarks/gpu_check.sh``: the reduced-depth full-width model, its checkpoint, data and
+config (``prepare``), and the tokens/s, MFU and peak-memory report from ``metrics.jsonl`` (``report``).
+
+Model: SigLIP so400m widths with 3 layers (2 run: features come from the second-to-last layer), LDPv2 at
+1152 → 4096 → 4096, and 4 Solar-mini decoder layers (4096 wide, 32 heads, 8 KV heads, MLP 14336). The
+vocabulary is the tiny tokenizer's (1024 + 64 fusion rows): a 64k BPE cannot be trained offline from the
+synthetic corpus, so the output projection is 4096 × 1088 rather than 4096 × 64064.
+
+MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens`` plus causal attention over the
+packed row (``6·L·d·S`` per token); the frozen vision tower forward only (``2·N·p`` + ``4·L·p²·d`` per tile,
+p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing recompute is not
+counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s.
+
+    python benchmarks/gpu_check.py prepare WORKDIR STEPS
+    python benchmarks/gpu_check.py report WORKDIR
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from docev.models.docev import DocEVModel, docev, preview
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = replace(preview(), vision_layers=3, layers=4, vocab_size=1024)
+H200_BF16_FLOPS = 989e12
+
+
+def docev_reduced(
+    decoder_trainable: bool = True,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
+) -> DocEVModel:
+    """``model._component_`` of the check (same arguments as ``docev_preview``)."""
+    return docev(
+        ARCH,
+        image_token_id=image_token_id,
+        decoder_trainable=decoder_trainable,
+        encoder_trainable=encoder_trainable,
+        fusion_trainable=fusion_trainable,
+    )
+
+
+def prepare(work: Path, steps: int) -> Path:
+    """Checkpoint (tiny tokenizer + reduced-depth full-width bf16 weights), 96 synthetic pages, the config."""
+    from docev.assets import init_checkpoint, init_weights, save_sharded
+    from docev.config import load_config
+    from docev.models.docev import hf_config
+    from docev.synth import synth_data
+
+    ckpt = work / "ckpt"
+    config_path = ckpt / "config.json"
+    if not config_path.exists() or json.loads(config_path.read_text())["text_config"]["hidden_size"] != ARCH.dim:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        init_checkpoint(ckpt, size="tiny", seed=0)  # tokenizer, chat template, generation config
+        for f in [*ckpt.glob("model-*.safetensors"), ckpt / "model.safetensors.index.json"]:
+            f.unlink()
+        save_sharded({k: v.to(torch.bfloat16) for k, v in init_weights(ARCH).items()}, ckpt, 2 * 10**9)
+        config = hf_config(ARCH)
+        config["torch_dtype"] = "bfloat16"
+        config_path.write_text(json.dumps(config, indent=2))
+        pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+        pre["size"] = pre["crop_size"] = {"height": ARCH.tile_size, "width": ARCH.tile_size}
+        pre["image_grid_pinpoints"] = config["image_grid_pinpoints"]
+        (ckpt / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    if not (work / "synth" / "instruct").exists():
+        synth_data(work / "synth", 96, seed=0, fmt="jsonl", workers=8)
+
+    datasets = [{"source": str(work / "synth" / "instruct"), "name": "instruct"},
+                {"source": str(work / "synth" / "pretrain"), "name": "pretrain", "ufx_type": "pretrain",
+                 "context_col": "text"}]  # fmt: skip
+    logger = {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(work / "run" / "logs")}
+    cfg = load_config(ROOT / "configs" / "docev_preview.yaml", [
+        f"output_dir={work / 'run'}", "model._component_=gpu_check.docev_reduced", "model.image_token_id=1024",
+        f"tokenizer.model_name_or_path={ckpt}", f"datasets={json.dumps(datasets)}",
+        "dataloader.num_workers=4", "dataloader.packed=true", "batch_size=1", "gradient_accumulation_steps=1",
+        "epochs=20", f"stop_after_steps={steps}", "save_every_n_steps=100000", "resume_from_checkpoint=false",
+        "lr_scheduler.num_warmup_steps=2", f"metric_logger={json.dumps(logger)}", "train.backend=local",
+        "train.nnodes=1", "train.nproc_per_node=1", "validate.workers=8", "validate.thumbnails=0",
+        "preprocess.workers=8",
+    ])  # fmt: skip
+    out = work / "gpu_check.yaml"
+    out.write_text(json.dumps(cfg.to_dict(), indent=2))  # JSON is YAML
+    return out
+
+
+def step_flops(row: dict, model: DocEVModel, world_size: int = 1) -> float:
+    """Model FLOPs of one logged step (see the module docstring)."""
+    params = dict(model.named_parameters())
+    unused = set(model.param_groups()["unused"])
+    decoder = sum(p.numel() for n, p in params.items() if n.startswith(("decoder.layers.", "decoder.output.")))
+    vision = sum(p.numel() for n, p in params.items() if n.startswith("encoder.layers.") and n not in unused)
+    connector = sum(p.numel() for n, p in params.items() if n.startswith("connector.mlp."))
+    patches = (ARCH.tile_size // ARCH.patch_size) ** 2
+    seq = row["num_tokens"] / (1 - row["padding_share"]) / world_size  # one packed row per rank
+    tokens, tiles = row["num_tokens"], row["num_tiles"]
+    flops = 6 * decoder * tokens + 6 * ARCH.layers * ARCH.dim * seq * tokens
+    flops += tiles * (2 * vision * patches + 4 * (ARCH.vision_layers - 1) * patches**2 * ARCH.vision_width)
+    return flops + tiles * 6 * connector * patches
+
+
+def report(work: Path) -> None:
+    from docev.training.metrics import read_metrics
+
+    rows = read_metrics(work / "run" / "logs" / "metrics.jsonl")
+    tail = rows[len(rows) // 2 :]  # compile warm-up excluded
+    with torch.device("meta"):
+        model = docev_reduced()
+    seconds = sum(r["step_seconds"] for r in tail)
+    flops = sum(step_flops(r, model) for r in tail)
+    alloc = max(r.get("peak_memory_alloc", 0.0) for r in rows)
+    reserved = max(r.get("peak_memory_reserved", 0.0) for r in rows)
+    print(f"steps {len(rows)} (last {len(tail)} timed); final loss {rows[-1]['loss']:.3f}")
+    print(f"tokens/s        {sum(r['num_tokens'] for r in tail) / seconds:10.0f}")
+    print(f"tiles/s         {sum(r['num_tiles'] for r in tail) / seconds:10.1f}")
+    print(f"median step     {statistics.median(r['step_seconds'] for r in tail):10.3f} s")
+    print(f"padding share   {statistics.mean(r['padding_share'] for r in tail):10.1%}")
+    print(f"MFU             {flops / seconds / H200_BF16_FLOPS:10.1%}  ({flops / seconds / 1e12:.0f} TFLOP/s of 989)")
+    print(f"peak memory     {alloc:10.1f} GiB allocated, {reserved:.1f} GiB reserved")
+
+
+if __name__ == "__main__":
+    command, work = sys.argv[1], Path(sys.argv[2])
+    if command == "prepare":
+        print(prepare(work, int(sys.argv[3])))
+    elif command == "report":
+        report(work)
+    else:
+        raise SystemExit(f"unknown command {command!r}: prepare WORKDIR STEPS | report WORKDIR")
