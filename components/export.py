@@ -5,13 +5,32 @@ from kfp.dsl import Markdown, Metrics, Output
 from components import lightweight
 
 
-def export(config_json: str, model_card: Output[Markdown], metrics: Output[Metrics]) -> str:
+def export(
+    config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
+    model_card: Output[Markdown],
+    metrics: Output[Metrics],
+) -> str:
     import shutil
     from pathlib import Path
 
     from docev.pipeline.steps import export_step
 
-    result = export_step(config_json)
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    result = export_step(run)
     card = Path(result["destination"]) / "README.md"
     if card.is_file():
         shutil.copyfile(card, model_card.path)

@@ -7,15 +7,39 @@ from kfp.dsl import Artifact, Metrics, Output
 from components import lightweight
 
 
-def preprocess_shard(config_json: str, shard: int, num_shards: int) -> str:
+def preprocess_shard(
+    config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
+    shard: int,
+    num_shards: int,
+) -> str:
     from docev.pipeline.steps import preprocess_shard_step
 
-    built = preprocess_shard_step(config_json, shard, num_shards)
-    return ",".join(map(str, built))
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    return ",".join(map(str, preprocess_shard_step(run, shard, num_shards)))
 
 
 def preprocess_merge(
     config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     manifest: Output[Artifact],
     metrics: Output[Metrics],
@@ -25,7 +49,16 @@ def preprocess_merge(
     from docev.data.preprocess import shards_dir
     from docev.pipeline.steps import load, preprocess_merge_step
 
-    result = preprocess_merge_step(config_json)
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    result = preprocess_merge_step(run)
     with open(manifest.path, "w") as fh:
         json.dump(result, fh, indent=2)
     metrics.log_metric("samples", result["total_samples"])
@@ -33,7 +66,7 @@ def preprocess_merge(
     metrics.log_metric("dropped", sum(result["dropped"].values()))
     for name, n in result["sources"].items():
         metrics.log_metric(f"{name}/samples", n)
-    return str(shards_dir(load(config_json)))
+    return str(shards_dir(load(run)))
 
 
 def build(image: str):

@@ -1,4 +1,4 @@
-"""First task: the embedded config + the run's knobs → the resolved, validated config (JSON)."""
+"""First task: check the run's config (embedded config + knobs) and write it to the volume."""
 
 from components import lightweight
 
@@ -14,8 +14,8 @@ def resolve_config(
 ) -> str:
     from docev.pipeline.steps import resolve_step
 
-    return resolve_step(
-        config_json,
+    run = dict(
+        config_json=config_json,
         learning_rate=learning_rate,
         epochs=epochs,
         max_steps_per_epoch=max_steps_per_epoch,
@@ -23,6 +23,7 @@ def resolve_config(
         gpus_per_node=gpus_per_node,
         resume=resume,
     )
+    return resolve_step(run)
 
 
 def build(image: str):

@@ -5,16 +5,37 @@ from kfp.dsl import HTML, Metrics, Output
 from components import lightweight
 
 
-def train(config_json: str, run_id: str, task: str, metrics: Output[Metrics], loss_plot: Output[HTML]) -> int:
+def train(
+    config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
+    run_id: str,
+    task: str,
+    metrics: Output[Metrics],
+    loss_plot: Output[HTML],
+) -> int:
     import base64
     from pathlib import Path
 
     from docev.pipeline.steps import load, train_step
 
-    result = train_step(config_json, run_id, task)
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    result = train_step(run, run_id, task)
     for key, value in result.items():
         metrics.log_metric(key, value)
-    png = Path(load(config_json).output_dir) / "logs" / "loss.png"
+    png = Path(load(run).output_dir) / "logs" / "loss.png"
     body = f"<img src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" if png.is_file() else ""
     Path(loss_plot.path).write_text(f"<!doctype html><title>loss</title><h1>Training loss</h1>{body}")
     return int(result["steps"])

@@ -7,15 +7,40 @@ from kfp.dsl import HTML, Artifact, Markdown, Metrics, Output
 from components import lightweight
 
 
-def validate_shard(config_json: str, shard: int, num_shards: int) -> str:
+def validate_shard(
+    config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
+    shard: int,
+    num_shards: int,
+) -> str:
     from docev.pipeline.steps import validate_shard_step
 
-    validate_shard_step(config_json, shard, num_shards)
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    validate_shard_step(run, shard, num_shards)
     return str(int(shard))
 
 
 def validate_merge(
     config_json: str,
+    learning_rate: float,
+    epochs: int,
+    max_steps_per_epoch: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    resume: str,
     num_shards: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     report_md: Output[Markdown],
@@ -29,10 +54,19 @@ def validate_merge(
     from docev.pipeline.steps import load, validate_merge_step
     from docev.validate.runner import ValidationFailed, validate_dir
 
-    out = validate_dir(load(config_json))
+    run = dict(
+        config_json=config_json,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        resume=resume,
+    )
+    out = validate_dir(load(run))
     failure = None
     try:
-        report = validate_merge_step(config_json, num_shards)
+        report = validate_merge_step(run, num_shards)
     except ValidationFailed as exc:  # reports are written before the policy fails the step
         failure, report = exc, json.loads((out / "report.json").read_text())
     for src, dst in (("report.md", report_md), ("report.html", report_html), ("report.json", report_json)):

@@ -72,7 +72,7 @@ def build_pipeline(cfg: DocEVConfig):
         gpus_per_node: int = knobs["gpus_per_node"],
         resume: str = knobs["resume"],
     ):
-        resolved = resolve_op(
+        run = dict(
             config_json=config_json,
             learning_rate=learning_rate,
             epochs=epochs,
@@ -80,31 +80,24 @@ def build_pipeline(cfg: DocEVConfig):
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
             resume=resume,
-        ).set_display_name("resolve config")
+        )
+        resolved = resolve_op(**run).set_display_name("resolve config")
         _on_cluster(resolved, cfg)
-        config = resolved.output
 
         with dsl.ParallelFor(items=v_shards, name="validate-shards") as i:
-            v_shard = validate_shard_op(config_json=config, shard=i, num_shards=len(v_shards))
+            v_shard = validate_shard_op(**run, shard=i, num_shards=len(v_shards)).after(resolved)
             _on_cluster(v_shard.set_display_name("validate shard"), cfg, retries=2)
-        v_merge = validate_merge_op(
-            config_json=config, num_shards=len(v_shards), shards_done=dsl.Collected(v_shard.output)
-        ).set_display_name("validate")
-        _on_cluster(v_merge, cfg, retries=2)
+        v_merge = validate_merge_op(**run, num_shards=len(v_shards), shards_done=dsl.Collected(v_shard.output))
+        _on_cluster(v_merge.set_display_name("validate"), cfg, retries=2)
 
         with dsl.ParallelFor(items=p_shards, name="preprocess-shards") as j:
-            p_shard = preprocess_shard_op(config_json=config, shard=j, num_shards=len(p_shards)).after(v_merge)
+            p_shard = preprocess_shard_op(**run, shard=j, num_shards=len(p_shards)).after(v_merge)
             _on_cluster(p_shard.set_display_name("preprocess shard"), cfg, retries=2, shm=True)
-        p_merge = preprocess_merge_op(config_json=config, shards_done=dsl.Collected(p_shard.output))
+        p_merge = preprocess_merge_op(**run, shards_done=dsl.Collected(p_shard.output))
         _on_cluster(p_merge.set_display_name("preprocess"), cfg, retries=2)
 
-        trained = (
-            train_op(
-                config_json=config, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER
-            )
-            .after(p_merge)
-            .set_display_name("train")
-        )
+        trained = train_op(**run, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
+        trained.after(p_merge).set_display_name("train")
         _on_cluster(trained, cfg, shm=cfg.train.backend == "local")  # a retried train resumes from `latest`
         if cfg.kubernetes.wandb_secret:
             kubernetes.use_secret_as_env(
@@ -116,7 +109,7 @@ def build_pipeline(cfg: DocEVConfig):
         if cfg.train.backend == "local":
             _schedule_like_training(trained, cfg)
 
-        exported = export_op(config_json=config).after(trained).set_display_name("export")
+        exported = export_op(**run).after(trained).set_display_name("export")
         _on_cluster(exported, cfg, retries=2)
 
     return docev_finetune

@@ -53,7 +53,7 @@ def test_first_submit_uploads_pipeline_and_version(server):
     run = server.calls("POST", f"{API}/runs")[0].body
     assert run["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "ver-new"}
     assert run["runtime_config"]["parameters"] == {"max_steps_per_epoch": 10}
-    assert run["experiment_id"] == "e-1"
+    assert run["experiment_id"] == "e-1" and run["service_account"] == "docev-pipeline"
     assert not server.unexpected
 
 

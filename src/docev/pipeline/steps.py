@@ -1,8 +1,12 @@
 """What each KFP task does, as plain functions (the components in ``components/`` are thin wrappers).
 
-Every step takes the resolved config as a JSON string (the output of :func:`resolve_step`) and works on
-the shared volume under ``output_dir``; what it returns is small (counts, paths) and travels through
-KFP as metrics, reports and parameters.
+Every step receives the run parameters as they are (the embedded ``config_json`` and the knobs, a
+dict ``run``) and resolves them with :func:`~docev.pipeline.params.resolve_run_config`, the same pure
+function in every task, so every step sees the same config. (Passing the first task's output into
+the fan-out loops instead is what KFP on a cluster would allow, but ``kfp.local`` substitutes the loop
+item for such inputs; the parameters themselves reach loop bodies intact.) Steps work on the shared
+volume under ``output_dir``; what they return is small (counts, paths) and travels through KFP as
+metrics, reports and parameters.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from docev.config import DocEVConfig, validate_dict
+from docev.config import DocEVConfig
 from docev.pipeline.params import resolve_run_config
 
 
-def load(config_json: str) -> DocEVConfig:
-    return validate_dict(json.loads(config_json), origin="config_json")
+def load(run: dict[str, Any]) -> DocEVConfig:
+    """The run's config: the embedded config with the knobs applied."""
+    params = dict(run)
+    return resolve_run_config(params.pop("config_json"), **params)
 
 
 def config_path(cfg: DocEVConfig) -> Path:
@@ -27,44 +33,44 @@ def config_path(cfg: DocEVConfig) -> Path:
     return Path(cfg.output_dir) / "pipeline" / "config.json"
 
 
-def resolve_step(config_json: str, **knobs: Any) -> str:
-    """Apply the run parameters, validate, write the resolved config to the volume; return it as JSON."""
-    cfg = resolve_run_config(config_json, **knobs)
+def resolve_step(run: dict[str, Any]) -> str:
+    """Validate the run's config (a bad knob fails the run here, first) and write it to the volume."""
+    cfg = load(run)
     path = config_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(cfg.to_dict(), indent=2)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-    return text
+    return str(path)
 
 
-def validate_shard_step(config_json: str, shard: int, num_shards: int) -> None:
+def validate_shard_step(run: dict[str, Any], shard: int, num_shards: int) -> None:
     from docev.validate.runner import run_shard
 
-    run_shard(load(config_json), int(shard), int(num_shards))
+    run_shard(load(run), int(shard), int(num_shards))
 
 
-def validate_merge_step(config_json: str, num_shards: int) -> dict[str, Any]:
+def validate_merge_step(run: dict[str, Any], num_shards: int) -> dict[str, Any]:
     """Merge the shards; the reject policy raises after the reports are written."""
     from docev.validate.runner import merge
 
-    return merge(load(config_json), int(num_shards))
+    return merge(load(run), int(num_shards))
 
 
-def preprocess_shard_step(config_json: str, shard: int, num_shards: int) -> list[int]:
+def preprocess_shard_step(run: dict[str, Any], shard: int, num_shards: int) -> list[int]:
     from docev.data.preprocess import run_shards
 
-    return run_shards(load(config_json), int(shard), int(num_shards))
+    return run_shards(load(run), int(shard), int(num_shards))
 
 
-def preprocess_merge_step(config_json: str) -> dict[str, Any]:
+def preprocess_merge_step(run: dict[str, Any]) -> dict[str, Any]:
     from docev.data.preprocess import merge
 
-    return merge(load(config_json))
+    return merge(load(run))
 
 
-def train_step(config_json: str, run_id: str, task: str) -> dict[str, Any]:
+def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     """Train with the configured backend; return the last logged metrics and the step count.
 
     ``local``: ``docev train`` (torchrun with ``train.nproc_per_node`` processes) in this pod or process.
@@ -73,7 +79,7 @@ def train_step(config_json: str, run_id: str, task: str) -> dict[str, Any]:
     """
     from docev.training.metrics import read_metrics
 
-    cfg = load(config_json)
+    cfg = load(run)
     path = config_path(cfg)
     if cfg.train.backend == "kubernetes":
         from docev.k8s.launcher import launch_pytorchjob
@@ -90,10 +96,10 @@ def train_step(config_json: str, run_id: str, task: str) -> dict[str, Any]:
     return {"steps": logged[-1]["step"], **{k: v for k, v in logged[-1].items() if isinstance(v, int | float)}}
 
 
-def export_step(config_json: str) -> dict[str, Any]:
+def export_step(run: dict[str, Any]) -> dict[str, Any]:
     from docev.export.export import export_checkpoint
 
-    cfg = load(config_json)
+    cfg = load(run)
     result = export_checkpoint(cfg)
     return {
         "destination": result.destination,

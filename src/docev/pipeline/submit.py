@@ -69,6 +69,7 @@ def submit(
         pipeline_id=pipeline_id,
         version_id=version_id,
         params=params or {},
+        service_account=cfg.kubernetes.service_account,  # the identity the launcher's Role is bound to
     )
     base = (host or getattr(client, "_uihost", None) or "").rstrip("/")
     return Submitted(run.run_id, f"{base}/#/runs/details/{run.run_id}", pipeline_id, version_id, reused)
