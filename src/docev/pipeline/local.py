@@ -15,9 +15,12 @@ from docev.config import DocEVConfig, load_config
 
 
 def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
-    """The config with ``output_dir`` made absolute (component subprocesses share it) and the local backend."""
+    """The config with ``output_dir`` made absolute (component subprocesses share it), the local backend, and
+    no checkpoint volume (kfp.local ignores volumes; checkpoints stay under ``output_dir``)."""
     cfg = load_config(path, overrides)
     extra = [] if cfg.train.backend == "local" else ["train.backend=local"]
+    if cfg.kubernetes.checkpoint_pvc is not None:
+        extra.append("kubernetes.checkpoint_pvc=null")
     if not Path(cfg.output_dir).is_absolute():
         extra.append(f"output_dir={Path(cfg.output_dir).resolve()}")
     return load_config(path, [*overrides, *extra]) if extra else cfg
