@@ -7,8 +7,9 @@ micro-batch (B × S, the activation-memory budget) and the median step time for:
    documents (images + text);
 2. eager vs ``compile: true`` (per-layer inductor + the loss), batch 4 bucketed;
 3. our recipe vs torchtune's stock ``full_finetune_distributed`` loop on the same text-only batches, the
-   stock loop driving a plain torchtune Llama decoder of the same size as the tiny DocEV decoder
-   (ratio of median step times; target ≤ 1.05). The stock recipe cannot run on CPU as shipped
+   stock loop driving a plain torchtune Llama decoder of the same size as the tiny DocEV decoder, sharded
+   as the stock recipe does with ``custom_sharded_layers: ['tok_embeddings']`` (the same FSDP units as
+   ours); ratio of median step times, target ≤ 1.05. The stock recipe cannot run on CPU as shipped
    (``training.cleanup_before_training`` calls ``torch.cpu.empty_cache``, which does not exist, and its
    ``_setup_model`` logs ``get_memory_stats``, which raises on CPU), so this script reproduces its
    ``train()`` loop line by line minus those two calls and the profiler, and feeds it our loader's batches.
@@ -17,7 +18,7 @@ Step times are medians over the second half of each run (compile warm-up and the
 each comparison runs ``--repeats`` times interleaved and keeps the fastest median, because the 2 cores are
 shared. Every run is a real ``docev train`` (torchrun, gloo) on shards from validate → preprocess.
 
-    .venv/bin/python benchmarks/train_throughput.py [--records 64] [--steps 16] [--repeats 3] [--skip-compile]
+    .venv/bin/python benchmarks/train_throughput.py [--records 64] [--steps 16] [--repeats 3] [--sections 1,2,3]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -144,8 +146,9 @@ def _stock_worker(overrides: list[str], steps: int, result: Path) -> None:
     full_state = build().state_dict()  # stands in for the checkpoint the stock recipe loads
     with training.set_default_dtype(torch.float32), torch.device("meta"):
         model = build()
-    training.shard_model(model=model, shard_conditions=[training.get_shard_conditions], cpu_offload=False,
-                         reshard_after_forward=True)  # fmt: skip
+    # custom_sharded_layers: ['tok_embeddings'] (torchtune's large-vocab configs): the same FSDP units as ours
+    conditions = [partial(training.get_shard_conditions, names_to_match=["tok_embeddings"])]
+    training.shard_model(model=model, shard_conditions=conditions, cpu_offload=False, reshard_after_forward=True)
     with training.set_default_dtype(torch.float32), device:
         for m in model.modules():
             if hasattr(m, "rope_init"):
@@ -250,7 +253,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=64, help="synthetic documents (pretrain pages: a quarter)")
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each comparison")
-    parser.add_argument("--skip-compile", action="store_true", help="skip the compiled run (minutes on 2 cores)")
+    parser.add_argument("--sections", default="1,2,3", help="which comparisons to run (comma-separated)")
     parser.add_argument("--stock-worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,16 +280,18 @@ def main() -> None:
         shapes = {"batch 1": ["batch_size=1"],
                   "batch 4, length-bucketed": ["batch_size=4", "dataloader.bucket_by_length=true"],
                   "packed (1 row of 1024 per rank)": ["batch_size=1", "dataloader.packed=true"]}  # fmt: skip
-        print("1. batch shapes (documents with images)")
-        runs: dict[str, list[dict[str, float]]] = {label: [] for label in shapes}
-        for i in range(args.repeats):
-            for label, extra in shapes.items():
-                slug = label.split(" (")[0].replace(" ", "_").replace(",", "")
-                runs[label].append(_train(doc_base, f"{slug}_{i}", doc_args, args.steps, *extra))
-        for label in shapes:
-            print(_row(label, _best(runs[label])))
+        sections = set(args.sections.split(","))
+        if "1" in sections:
+            print("1. batch shapes (documents with images)")
+            runs: dict[str, list[dict[str, float]]] = {label: [] for label in shapes}
+            for i in range(args.repeats):
+                for label, extra in shapes.items():
+                    slug = label.split(" (")[0].replace(" ", "_").replace(",", "")
+                    runs[label].append(_train(doc_base, f"{slug}_{i}", doc_args, args.steps, *extra))
+            for label in shapes:
+                print(_row(label, _best(runs[label])))
 
-        if not args.skip_compile:
+        if "2" in sections:
             print("\n2. eager vs compiled (batch 4, length-bucketed)")
             b4 = shapes["batch 4, length-bucketed"]
             eager, compiled = [], []
@@ -298,6 +303,8 @@ def main() -> None:
             print(_row("compiled", c))
             print(f"{'compiled / eager step time':34s} {c['step_s'] / e['step_s']:.3f}")
 
+        if "3" not in sections:
+            return
         print("\n3. our recipe vs torchtune's stock loop (text-only batches, batch 4 bucketed, same-size decoder)")
         extra = ["batch_size=4", "dataloader.bucket_by_length=true"]
         ours, stock = [], []
