@@ -16,20 +16,12 @@ def export(
     model_card: Output[Markdown],
     metrics: Output[Metrics],
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     import shutil
     from pathlib import Path
 
     from docev.pipeline.steps import export_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     result = export_step(run)
     card = Path(result["destination"]) / "README.md"
     if card.is_file():

@@ -18,17 +18,9 @@ def preprocess_shard(
     shard: int,
     num_shards: int,
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     from docev.pipeline.steps import preprocess_shard_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     return ",".join(map(str, preprocess_shard_step(run, shard, num_shards)))
 
 
@@ -44,20 +36,12 @@ def preprocess_merge(
     manifest: Output[Artifact],
     metrics: Output[Metrics],
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     import json
 
     from docev.data.preprocess import shards_dir
     from docev.pipeline.steps import load, preprocess_merge_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     result = preprocess_merge_step(run)
     with open(manifest.path, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -12,17 +12,9 @@ def resolve_config(
     gpus_per_node: int,
     resume: str,
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     from docev.pipeline.steps import resolve_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     return resolve_step(run)
 
 

@@ -18,20 +18,12 @@ def train(
     metrics: Output[Metrics],
     loss_plot: Output[HTML],
 ) -> int:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     import base64
     from pathlib import Path
 
     from docev.pipeline.steps import load, train_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     result = train_step(run, run_id, task)
     for key, value in result.items():
         metrics.log_metric(key, value)

@@ -18,17 +18,9 @@ def validate_shard(
     shard: int,
     num_shards: int,
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     from docev.pipeline.steps import validate_shard_step
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     validate_shard_step(run, shard, num_shards)
     return str(int(shard))
 
@@ -48,21 +40,13 @@ def validate_merge(
     report_json: Output[Artifact],
     metrics: Output[Metrics],
 ) -> str:
+    run = dict(locals())  # first: the run parameters and this step's arguments
     import json
     import shutil
 
     from docev.pipeline.steps import load, validate_merge_step
     from docev.validate.runner import ValidationFailed, validate_dir
 
-    run = dict(
-        config_json=config_json,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps_per_epoch=max_steps_per_epoch,
-        num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node,
-        resume=resume,
-    )
     out = validate_dir(load(run))
     failure = None
     try:

@@ -22,10 +22,14 @@ from docev.pipeline.params import knob_defaults
 PIPELINE_NAME = "docev-finetune"
 
 
-def _on_cluster(task: dsl.PipelineTask, cfg: DocEVConfig, *, retries: int = 0, shm: bool = False) -> None:
-    """Volume, security context, no caching (KFP's cache key ignores volumes), retries, /dev/shm."""
+def _on_cluster(
+    task: dsl.PipelineTask, cfg: DocEVConfig, *, retries: int = 0, shm: bool = False, step: str | None = None
+) -> None:
+    """Volume, security context, no caching (KFP's cache key ignores volumes), retries, /dev/shm, CPU/memory."""
     k8s = cfg.kubernetes
     task.set_caching_options(False)
+    if step in k8s.step_resources:
+        task.set_cpu_limit(k8s.step_resources[step].cpu).set_memory_limit(k8s.step_resources[step].memory)
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
     for m in volume_mounts(cfg):
@@ -86,15 +90,15 @@ def build_pipeline(cfg: DocEVConfig):
 
         with dsl.ParallelFor(items=v_shards, name="validate-shards") as i:
             v_shard = validate_shard_op(**run, shard=i, num_shards=len(v_shards)).after(resolved)
-            _on_cluster(v_shard.set_display_name("validate shard"), cfg, retries=2)
+            _on_cluster(v_shard.set_display_name("validate shard"), cfg, retries=2, step="validate")
         v_merge = validate_merge_op(**run, num_shards=len(v_shards), shards_done=dsl.Collected(v_shard.output))
-        _on_cluster(v_merge.set_display_name("validate"), cfg, retries=2)
+        _on_cluster(v_merge.set_display_name("validate"), cfg, retries=2, step="validate")
 
         with dsl.ParallelFor(items=p_shards, name="preprocess-shards") as j:
             p_shard = preprocess_shard_op(**run, shard=j, num_shards=len(p_shards)).after(v_merge)
-            _on_cluster(p_shard.set_display_name("preprocess shard"), cfg, retries=2, shm=True)
+            _on_cluster(p_shard.set_display_name("preprocess shard"), cfg, retries=2, shm=True, step="preprocess")
         p_merge = preprocess_merge_op(**run, shards_done=dsl.Collected(p_shard.output))
-        _on_cluster(p_merge.set_display_name("preprocess"), cfg, retries=2)
+        _on_cluster(p_merge.set_display_name("preprocess"), cfg, retries=2, step="preprocess")
 
         trained = train_op(**run, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
         trained.after(p_merge).set_display_name("train")
@@ -110,6 +114,6 @@ def build_pipeline(cfg: DocEVConfig):
             _schedule_like_training(trained, cfg)
 
         exported = export_op(**run).after(trained).set_display_name("export")
-        _on_cluster(exported, cfg, retries=2)
+        _on_cluster(exported, cfg, retries=2, step="export")
 
     return docev_finetune

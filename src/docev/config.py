@@ -168,8 +168,38 @@ def _k8s_name(value: str | None, pattern: re.Pattern[str], limit: int, what: str
     return value
 
 
-class Resources(_Strict):
-    """Per-node (per-pod) resources of the training job; quantities use Kubernetes syntax (``8``, ``64Gi``)."""
+class StepResources(_Strict):
+    """CPU and memory of one pod; quantities use Kubernetes syntax (``8``, ``500m``, ``64Gi``)."""
+
+    cpu: str = "4"
+    memory: str = "16Gi"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, v: Any) -> Any:
+        # YAML reads `cpu: 8` as an int; Kubernetes quantities are strings.
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        return _positive_quantity(v)
+
+
+def _positive_quantity(v: str) -> str:
+    from kubernetes.utils import parse_quantity
+
+    try:
+        amount = parse_quantity(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
+    if amount <= 0:
+        raise ValueError(f"{v!r} must be positive")
+    return v
+
+
+class Resources(StepResources):
+    """Per-node (per-pod) resources of the training job."""
 
     cpu: str = "8"
     memory: str = "64Gi"
@@ -178,24 +208,10 @@ class Resources(_Strict):
     gpu_type: str | None = None
     shm_size: str = Field("16Gi", description="Size limit of the memory-backed /dev/shm (counts against memory).")
 
-    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @field_validator("shm_size")
     @classmethod
-    def _number_as_quantity(cls, v: Any) -> Any:
-        # YAML reads `cpu: 8` as an int; Kubernetes quantities are strings.
-        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-    @field_validator("cpu", "memory", "shm_size")
-    @classmethod
-    def _quantity(cls, v: str) -> str:
-        from kubernetes.utils import parse_quantity
-
-        try:
-            amount = parse_quantity(v)
-        except ValueError:
-            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
-        if amount <= 0:
-            raise ValueError(f"{v!r} must be positive")
-        return v
+    def _shm_quantity(cls, v: str) -> str:
+        return _positive_quantity(v)
 
 
 class RunPolicy(_Strict):
@@ -298,6 +314,14 @@ class KubernetesSection(_Strict):
     wandb_secret_key: str = "api-key"
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
+    step_resources: dict[Literal["validate", "preprocess", "export"], StepResources] = Field(
+        default_factory=lambda: {
+            "validate": StepResources(cpu="4", memory="16Gi"),
+            "preprocess": StepResources(cpu="16", memory="64Gi"),
+            "export": StepResources(cpu="8", memory="128Gi"),
+        },
+        description="CPU/memory limits of the pipeline's data and export tasks (train: train.resources).",
+    )
     run_as_user: int = Field(1000, ge=1, description="Non-root uid of the training pods (the image's user).")
     run_as_group: int = Field(1000, ge=0)
     fs_group: int = Field(1000, ge=0, description="Group owning the mounted volumes, so the non-root user can write.")

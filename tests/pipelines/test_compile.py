@@ -73,6 +73,10 @@ def test_train_gets_the_secret_by_reference_and_the_cluster_does_the_gpus(compil
     container = ir["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert "resources" not in container and "nodeSelector" not in train
     assert executors["exec-preprocess-shard"]["emptyDirMounts"][0]["medium"] == "Memory"
+    # CPU/memory of the data and export tasks come from kubernetes.step_resources
+    res = ir["deploymentSpec"]["executors"]["exec-preprocess-shard"]["container"]["resources"]
+    assert res["cpuLimit"] == 16.0 and res["memoryLimit"] == 68.719476736  # 64Gi in GB
+    assert ir["deploymentSpec"]["executors"]["exec-export"]["container"]["resources"]["cpuLimit"] == 8.0
 
 
 def test_local_backend_schedules_the_train_task_itself(tmp_path):

@@ -47,12 +47,11 @@ def knob_overrides(knobs: dict[str, Any], cfg: DocEVConfig) -> list[str]:
     out = []
     for name, value in knobs.items():
         path, kind = KNOBS[name]
+        value = kind(float(value)) if kind is not str else str(value)  # KFP may hand ints over as floats
         if name == "max_steps_per_epoch":
-            value = int(value) or None
+            value = value or None
         elif name == "resume":
-            value = {"true": True, "false": False, "auto": "auto"}.get(str(value).lower(), value)
-        elif kind is int:
-            value = int(value)  # KFP hands ints to components as floats in places
+            value = {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
         out.append(f"{path}={json.dumps(value)}")
     if "gpus_per_node" in knobs and cfg.device == "cuda":
         out.append(f"train.resources.gpu={int(knobs['gpus_per_node'])}")

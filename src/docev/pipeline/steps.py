@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig
-from docev.pipeline.params import resolve_run_config
+from docev.pipeline.params import KNOBS, resolve_run_config
 
 
 def load(run: dict[str, Any]) -> DocEVConfig:
-    """The run's config: the embedded config with the knobs applied."""
-    params = dict(run)
-    return resolve_run_config(params.pop("config_json"), **params)
+    """The run's config: the embedded config with the knobs applied (other entries of ``run`` are ignored)."""
+    return resolve_run_config(run["config_json"], **{k: run[k] for k in KNOBS})
 
 
 def config_path(cfg: DocEVConfig) -> Path:

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+from conftest import CONFIGS
+
+from docev.config import ConfigError, load_config
+from docev.pipeline.params import knob_defaults, resolve_run_config
+
+PREVIEW = load_config(CONFIGS / "docev_preview.yaml")
+EMBEDDED = json.dumps(PREVIEW.to_dict())
+
+
+def test_defaults_are_the_config_values():
+    assert knob_defaults(PREVIEW) == {"learning_rate": 1e-5, "epochs": 1, "max_steps_per_epoch": 0, "num_nodes": 2,
+                                      "gpus_per_node": 8, "resume": "auto"}  # fmt: skip
+
+
+def test_knobs_override_the_embedded_config_with_kfp_types():
+    # KFP may deliver ints as floats and, inside structs, numbers as strings
+    cfg = resolve_run_config(EMBEDDED, learning_rate="2e-5", epochs=3.0, max_steps_per_epoch=200.0, num_nodes=4,
+                             gpus_per_node="4", resume="false")  # fmt: skip
+    assert cfg.optimizer.model_extra["lr"] == 2e-5 and cfg.epochs == 3 and cfg.max_steps_per_epoch == 200
+    assert (cfg.train.nnodes, cfg.train.nproc_per_node, cfg.train.resources.gpu) == (4, 4, 4)
+    assert cfg.resume_from_checkpoint is False
+    assert resolve_run_config(EMBEDDED, max_steps_per_epoch=0, resume="auto").max_steps_per_epoch is None
+
+
+def test_bad_knob_names_the_path():
+    with pytest.raises(ConfigError, match=r"run parameters: epochs: Input should be greater than or equal to 1"):
+        resolve_run_config(EMBEDDED, epochs=0)
+    with pytest.raises(ValueError, match="unknown run parameter"):
+        resolve_run_config(EMBEDDED, batch=3)
