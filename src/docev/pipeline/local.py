@@ -3,7 +3,9 @@
 Same DAG, same components, same run parameters as on Kubeflow: ``kfp.local``'s SubprocessRunner runs
 each lightweight component in a subprocess of this environment (the project is installed here as it is
 in the image), ignoring the kfp-kubernetes settings. The train step uses the ``local`` backend:
-``docev train`` → torchrun with ``train.nproc_per_node`` CPU processes.
+``docev train`` → torchrun with ``train.nproc_per_node`` CPU processes. With a ``synthetic`` section the
+embedded default is made first (tiny checkpoint + synthetic UFX documents, only when missing), so
+``make demo`` needs nothing but this repository.
 """
 
 from __future__ import annotations
@@ -26,12 +28,29 @@ def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
     return load_config(path, [*overrides, *extra]) if extra else cfg
 
 
+def ensure_assets(cfg: DocEVConfig) -> None:
+    """Create the tiny checkpoint and synthetic sources named by the config when they are missing."""
+    syn = cfg.synthetic
+    if syn is None:
+        return
+    from docev.assets import init_checkpoint
+    from docev.synth import synth_data
+
+    ckpt = Path(cfg.checkpointer.checkpoint_dir)
+    if not (ckpt / "model.safetensors.index.json").exists():
+        print(f"[assets] writing tiny DocEV checkpoint to {ckpt}")
+        init_checkpoint(ckpt, size=syn.checkpoint_size, seed=syn.seed)
+    data = Path(syn.data_dir)
+    if not all((data / kind).exists() for kind in ("instruct", "pretrain")):
+        print(f"[assets] rendering {syn.records} synthetic documents to {data}")
+        synth_data(data, syn.records, seed=syn.seed, fmt=syn.format)
+
+
 def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None) -> dict[str, Path]:
     """Run the whole pipeline; ``params`` are run parameters (the knobs, as in "Clone run")."""
     from kfp import local
 
     from docev.pipeline.params import knob_defaults
-    from docev.run import ensure_assets
     from pipelines.pipeline import build_pipeline
 
     ensure_assets(cfg)
