@@ -42,9 +42,9 @@ def _cfg(work: Path, ckpt: Path, sources: dict[str, Path], tile: int, *extra: st
                                 "preprocess.records_per_shard=64", *extra])  # fmt: skip
 
 
-def _rate(cfg, workers: int, steps: int) -> tuple[float, float]:
+def _rate(cfg, workers: int, steps: int, normalize: bool) -> tuple[float, float]:
     cfg = cfg.model_copy(update={"dataloader": cfg.dataloader.model_copy(update={"num_workers": workers})})
-    loader, _ = build_dataloader(cfg, rank=0, world_size=1, dtype=torch.bfloat16)
+    loader, _ = build_dataloader(cfg, rank=0, world_size=1, dtype=torch.bfloat16, normalize=normalize)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     start, batches, samples = time.perf_counter(), 0, 0
@@ -91,10 +91,14 @@ def main() -> None:
         run_validate(cfg)
         manifest = run_preprocess(cfg)
         print(f"{manifest['total_samples']} samples, tile {args.tile_size}, max_seq_len 8192, batch 4")
-        rates = {w: _rate(cfg, w, args.steps) for w in (0, 2)}
-        for w, (bps, sps) in rates.items():
-            print(f"  num_workers={w}: {bps:6.1f} batches/s, {sps:7.1f} samples/s")
-        print(f"  2 workers / 0 workers: {rates[2][1] / rates[0][1]:.2f}x")
+        rates = {(w, norm): _rate(cfg, w, args.steps, norm) for w in (0, 2) for norm in (True, False)}
+        for (w, norm), (bps, sps) in rates.items():
+            where = "normalised in the loader" if norm else "uint8, normalised on the device (the recipe)"
+            print(f"  num_workers={w}, {where:45s}: {bps:6.1f} batches/s, {sps:7.1f} samples/s")
+        print(
+            f"  2 workers / 0 workers (uint8): {rates[(2, False)][1] / rates[(0, False)][1]:.2f}x; "
+            f"uint8 / normalised in the loader: {rates[(0, False)][1] / rates[(0, True)][1]:.2f}x"
+        )
         _, _, mean_tokens = _fill(cfg, batch_size=1)
         gpu_tokens_s = ASSUMED_MFU * H200_BF16_FLOPS / (6 * PREVIEW_PARAMS)
         need = 8 * gpu_tokens_s / mean_tokens

@@ -192,3 +192,14 @@ def test_packed_losses_equal_one_by_one(built, tiny_checkpoint):
                 assert torch.equal(labels[0, start : start + n], labels1[0])  # labels stay inside the sample
                 torch.testing.assert_close(ce[0, start : start + n], ce1[0], atol=2e-5, rtol=1e-5)
                 start += n
+
+
+def test_uint8_pixels_for_device_normalisation(built):
+    cfg, _ = built
+    ds = build_dataset(cfg)
+    items = [ds[(i, 2, 0)] for i in (0, 2)]
+    normalised = build_collate(cfg, torch.bfloat16)(items)["pixel_values"]
+    collate = build_collate(cfg, torch.bfloat16, normalize=False)
+    raw = collate(items)["pixel_values"]
+    assert raw.dtype == torch.uint8 and normalised.dtype == torch.bfloat16
+    assert torch.equal(collate.normalize_pixels(raw), normalised)

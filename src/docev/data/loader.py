@@ -13,14 +13,14 @@ from docev.data.sampler import DocEVBatchSampler
 from docev.data.transform import transform_from_config
 
 
-def build_collate(cfg: DocEVConfig, dtype: torch.dtype) -> DocEVCollate:
+def build_collate(cfg: DocEVConfig, dtype: torch.dtype, normalize: bool = True) -> DocEVCollate:
     transform = transform_from_config(cfg)
     tok = cfg.tokenizer
     return DocEVCollate(
         image_token_id=transform.image_token_id, pad_id=transform.tokenizer.pad_token_id or 0,
         tile_size=tok.tile_size, patch_size=tok.patch_size, min_num_tiles=tok.min_num_tiles,
         max_num_tiles=tok.max_num_tiles, max_seq_len=tok.max_seq_len, mean=transform.pixels.mean,
-        std=transform.pixels.std, dtype=dtype, packed=cfg.dataloader.packed,
+        std=transform.pixels.std, dtype=dtype, packed=cfg.dataloader.packed, normalize=normalize,
     )  # fmt: skip
 
 
@@ -42,14 +42,16 @@ def build_sampler(cfg: DocEVConfig, dataset: ShardDataset, *, rank: int, world_s
 
 
 def build_dataloader(
-    cfg: DocEVConfig, *, rank: int, world_size: int, dtype: torch.dtype = torch.float32
+    cfg: DocEVConfig, *, rank: int, world_size: int, dtype: torch.dtype = torch.float32, normalize: bool = True
 ) -> tuple[DataLoader, DocEVBatchSampler]:
-    """The loader and its sampler (the recipe saves/restores ``sampler.state_dict()`` to resume exactly)."""
+    """The loader and its sampler (the recipe saves/restores ``sampler.state_dict()`` to resume exactly).
+    ``normalize=False``: ``pixel_values`` stay uint8; the consumer calls ``loader.collate_fn.normalize_pixels``
+    after moving them to the device."""
     dataset = build_dataset(cfg)
     sampler = build_sampler(cfg, dataset, rank=rank, world_size=world_size)
     dl = cfg.dataloader
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=build_collate(cfg, dtype), num_workers=dl.num_workers,
+        dataset, batch_sampler=sampler, collate_fn=build_collate(cfg, dtype, normalize), num_workers=dl.num_workers,
         pin_memory=dl.pin_memory, prefetch_factor=dl.prefetch_factor if dl.num_workers else None,
     )  # fmt: skip
     return loader, sampler

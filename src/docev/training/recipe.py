@@ -167,8 +167,9 @@ class DocEVFinetuneRecipe:
         self._model = self._setup_model(state.pop("model"))
         self._optimizer = self._setup_optimizer(state.get(OPTIMIZER_KEY) if resumed else None)
         self._loss_fn = self._setup_loss()
+        # uint8 tiles travel to the device and are normalised there (4x fewer bytes, no host float work)
         self._dataloader, self._sampler = build_dataloader(
-            cfg, rank=self.rank, world_size=self.world_size, dtype=self._dtype
+            cfg, rank=self.rank, world_size=self.world_size, dtype=self._dtype, normalize=False
         )
         if resumed:
             self._update_recipe_state(state)
@@ -343,6 +344,8 @@ class DocEVFinetuneRecipe:
         # Predict token t+1 at position t: shift the labels, not the logits (as torchtune's recipes do).
         labels = torch.hstack((labels[:, 1:], labels.new_full((labels.shape[0], 1), self._ignore_index)))
         optional = {k: None if batch[k] is None else batch[k].to(device) for k in ("mask", "input_pos", "pixel_values")}
+        if optional["pixel_values"] is not None:
+            optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
         with self._activations_ctx:
             logits = self._model(
                 batch["tokens"].to(device),
