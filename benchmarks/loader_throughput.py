@@ -104,7 +104,7 @@ def main() -> None:
         need = 8 * gpu_tokens_s / mean_tokens
         print(
             f"  8 H200 at MFU {ASSUMED_MFU:.0%} consume ~{need:.1f} samples/s ({mean_tokens:.0f} tokens/sample); "
-            f"one loader process gives {rates[0][1] / need:.0f}x that (target >= 10x)"
+            f"one loader process (uint8) gives {rates[(0, False)][1] / need:.1f}x that (target >= 10x)"
         )
         for name, update in (("batch 1", {"batch_size": 1}),
                              ("batch 8 bucketed", {"batch_size": 8, "bucket_by_length": True}),
