@@ -22,35 +22,20 @@ import shutil
 import statistics
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from docev.models.docev import DocEVModel, docev, preview
+from docev.models.docev import DocEVModel, docev_from_arch, preview
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = replace(preview(), vision_layers=3, layers=4, vocab_size=1024)
 H200_BF16_FLOPS = 989e12
 
 
-def docev_reduced(
-    decoder_trainable: bool = True,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-    image_token_id: int | None = None,
-    tile_size: int | None = None,
-    patch_size: int | None = None,
-    max_num_tiles: int | None = None,
-    min_num_tiles: int | None = None,
-) -> DocEVModel:
-    """``model._component_`` of the check (same arguments as ``docev_preview``)."""
-    return docev(
-        ARCH,
-        image_token_id=image_token_id,
-        decoder_trainable=decoder_trainable,
-        encoder_trainable=encoder_trainable,
-        fusion_trainable=fusion_trainable,
-    )
+# ``model._component_`` of the check: the builder of docev_preview/docev_tiny at the reduced widths.
+docev_reduced = partial(docev_from_arch, ARCH)
 
 
 def prepare(work: Path, steps: int) -> Path:

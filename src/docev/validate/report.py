@@ -15,23 +15,27 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.validate.rules import REASONS
-from docev.vision.geometry import plan_tiles
 from docev.vision.image_io import load_image
+from docev.vision.tiling import tile_image
 
 THUMB_SIDE = 320
 
 
 def grid_thumbnail(path: Path, tile_size: int, min_tiles: int, max_tiles: int) -> Image.Image:
-    """The page as the model sees it: resized into its best-fit canvas, padding grey, tile grid drawn."""
-    image = load_image(path)
-    plan = plan_tiles(image.height, image.width, tile_size, min_tiles, max_tiles)
-    (ch, cw), (rh, rw) = plan.canvas, plan.resized
-    canvas = Image.new("RGB", (cw, ch), (200, 200, 200))
-    canvas.paste(image.resize((rw, rh), Image.Resampling.BILINEAR), ((cw - rw) // 2, (ch - rh) // 2))
+    """The page as the model sees it (the transform's canvas: resized, padded) with its tile grid drawn."""
+    tiled = tile_image(
+        load_image(path),
+        tile_size=tile_size,
+        min_num_tiles=min_tiles,
+        max_num_tiles=max_tiles,
+        resample=Image.Resampling.BILINEAR,
+    )
+    canvas, (rows, cols) = tiled.canvas.copy(), tiled.plan.grid
+    (ch, cw) = tiled.plan.canvas
     draw = ImageDraw.Draw(canvas)
-    for r in range(1, plan.grid[0]):
+    for r in range(1, rows):
         draw.line([(0, r * tile_size), (cw, r * tile_size)], fill=(220, 30, 30), width=max(1, cw // 200))
-    for c in range(1, plan.grid[1]):
+    for c in range(1, cols):
         draw.line([(c * tile_size, 0), (c * tile_size, ch)], fill=(220, 30, 30), width=max(1, cw // 200))
     canvas.thumbnail((THUMB_SIDE, THUMB_SIDE))
     return canvas
@@ -83,8 +87,16 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
     md += ["", "## Example of each reject reason", ""]
     for reason, ex in sorted(examples.items()):
-        md += [f"### `{reason}`", "", f"{ex['source']} {ex['file']} row {ex['row']} field `{ex['field']}`: "
-               f"{ex['detail']}", "", "```", _short(ex["record"]), "```", ""]  # fmt: skip
+        md += [
+            f"### `{reason}`",
+            "",
+            f"{ex['source']} {ex['file']} row {ex['row']} field `{ex['field']}`: {ex['detail']}",
+            "",
+            "```",
+            _short(ex["record"]),
+            "```",
+            "",
+        ]
     md += ["## Accepted pages with their tile grid", ""]
     md += [f"![{rid}](thumbnails/{name}) {rid}: {cap}" for rid, name, cap, _ in thumbs]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from docev import ufx
-from docev.vision.image_io import load_image
+from docev.vision.image_io import is_transposed, load_image
 
 FILE_REASONS = {
     "invalid_json": "the line is not valid JSON",
@@ -33,7 +33,6 @@ FILE_REASONS = {
     "too_long": "longer than max_seq_len even at the most aggressive sampling ratio",
 }
 REASONS = {**{code: "record shape (docev.ufx)" for code in ufx.REASONS}, **FILE_REASONS}
-EXIF_ORIENTATION = 0x0112
 
 
 class Reject(Exception):
@@ -108,14 +107,13 @@ def inspect_image(path: Path, limits: Limits, field_name: str) -> ImageInfo:
             with Image.open(path) as im:  # reads the header only
                 w, h = im.size
                 mode = im.mode
-                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+                rotated = is_transposed(im)  # the same reading of EXIF as the decoder's
     except Image.DecompressionBombError as exc:
         raise Reject("image_too_large", f"{path}: {exc}", field_name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Reject("image_undecodable", f"{path}: {exc}", field_name) from None
     if w * h > limits.max_image_pixels:
         raise Reject("image_too_large", f"{path}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
-    rotated = orientation in (5, 6, 7, 8)
     if rotated:
         w, h = h, w
     if min(w, h) < limits.min_image_size:

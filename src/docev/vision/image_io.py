@@ -38,12 +38,17 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def is_transposed(image: Image.Image) -> bool:
+    """True when the EXIF orientation rotates by 90°: the upright height is the stored width."""
+    return _orientation(image) in _TRANSPOSED
+
+
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) as :func:`load_image` will return it, from the header only (no pixel decode)."""
     try:
         with Image.open(path) as image:
             w, h = image.size
-            return (w, h) if _orientation(image) in _TRANSPOSED else (h, w)
+            return (w, h) if is_transposed(image) else (h, w)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(path, f"cannot read image header ({exc})") from exc
 

@@ -6,7 +6,7 @@ from docev.models.docev._component_builders import docev, docev_decoder, ldpv2_c
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._convert_weights import arch_from_hf_config, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._fusion import DocEVModel, image_feature_counts, pack_image_features
-from docev.models.docev._model_builders import docev_preview, docev_tiny
+from docev.models.docev._model_builders import docev_from_arch, docev_preview, docev_tiny
 from docev.models.docev._vision import SiglipVisionEncoder
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "arch_from_hf_config",
     "docev",
     "docev_decoder",
+    "docev_from_arch",
     "docev_hf_to_tune",
     "docev_preview",
     "docev_tiny",

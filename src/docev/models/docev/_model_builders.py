@@ -15,18 +15,19 @@ from docev.models.docev._component_builders import docev
 from docev.models.docev._fusion import DocEVModel
 
 
-def _build(
+def docev_from_arch(
     arch: DocEVArch,
     *,
-    decoder_trainable: bool,
-    encoder_trainable: bool,
-    fusion_trainable: bool,
-    image_token_id: int | None,
-    tile_size: int | None,
-    patch_size: int | None,
-    max_num_tiles: int | None,
-    min_num_tiles: int | None,
+    decoder_trainable: bool = True,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
 ) -> DocEVModel:
+    """A model at ``arch``'s widths from the config's ``model`` section (what the fixed-size builders call)."""
     for name, value in (("tile_size", tile_size), ("patch_size", patch_size)):
         if value is not None and value != getattr(arch, name):
             raise ValueError(f"model.{name} = {value}, but this architecture's checkpoint has {getattr(arch, name)}")
@@ -52,7 +53,7 @@ def docev_preview(
     min_num_tiles: int | None = None,
 ) -> DocEVModel:
     """DocEV Preview (11.6B): SigLIP so400m/14 at 560 px, LDPv2, 48-layer Solar-mini decoder."""
-    return _build(preview(), **locals())
+    return docev_from_arch(preview(), **locals())
 
 
 def docev_tiny(
@@ -66,4 +67,4 @@ def docev_tiny(
     min_num_tiles: int | None = None,
 ) -> DocEVModel:
     """The same structure at toy widths (tests, local demo); matches ``docev init-checkpoint``."""
-    return _build(tiny(), **locals())
+    return docev_from_arch(tiny(), **locals())
