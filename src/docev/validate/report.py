@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
+from docev.validate.outputs import iter_manifest, validate_dir
 from docev.validate.rules import REASONS
 from docev.vision.image_io import load_image
 from docev.vision.tiling import tile_image
@@ -43,8 +44,6 @@ def grid_thumbnail(path: Path, tile_size: int, min_tiles: int, max_tiles: int) -
 
 def _thumbnails(cfg: DocEVConfig, out: Path) -> list[tuple[str, str, str, bytes]]:
     """(record id, file name under thumbnails/, caption, png bytes) for the first accepted pages."""
-    from docev.validate.runner import iter_manifest
-
     tok, sources = cfg.tokenizer, {(s.name or Path(s.source).name): Path(s.source) for s in cfg.datasets}
     thumbs = []
     for entry in islice((e for e in iter_manifest(cfg) if e["images"]), cfg.validate_.thumbnails):
@@ -67,8 +66,6 @@ def _short(record: Any, limit: int = 300) -> str:
 
 
 def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]]) -> None:
-    from docev.validate.runner import validate_dir
-
     out = validate_dir(cfg)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out)

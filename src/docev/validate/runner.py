@@ -29,7 +29,9 @@ from typing import Any
 from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
+from docev.validate.outputs import validate_dir
 from docev.validate.readers import Unit, plan_units, read_at, read_unit, source_name
+from docev.validate.report import write_reports
 from docev.validate.rules import Limits, Reject, check_record
 from docev.validate.stats import SourceStats
 from docev.vision.geometry import plan_tiles
@@ -124,10 +126,6 @@ def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
-def validate_dir(cfg: DocEVConfig) -> Path:
-    return Path(cfg.output_dir) / "validate"
-
-
 def _part_dir(cfg: DocEVConfig, shard: int, num_shards: int) -> Path:
     return validate_dir(cfg) / "parts" / f"{shard:05d}-of-{num_shards:05d}"
 
@@ -180,8 +178,6 @@ def _read_sorted(paths: list[Path]) -> Iterator[dict[str, Any]]:
 
 def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     """Combine the parts into manifest.jsonl, rejects.jsonl and the reports; enforce the reject policy."""
-    from docev.validate.report import write_reports
-
     out = validate_dir(cfg)
     parts = [_part_dir(cfg, i, num_shards) for i in range(num_shards)]
     missing = [str(p) for p in parts if not (p / "stats.json").exists()]
@@ -267,10 +263,3 @@ def run_validate(cfg: DocEVConfig, workers: int | None = None) -> dict[str, Any]
     """Whole step on one machine: one shard with a process pool, then the merge."""
     run_shard(cfg, 0, 1, workers)
     return merge(cfg, 1)
-
-
-def iter_manifest(cfg: DocEVConfig) -> Iterator[dict[str, Any]]:
-    """Accepted entries in source order (what preprocess consumes)."""
-    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
-        for line in fh:
-            yield json.loads(line)
