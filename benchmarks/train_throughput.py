@@ -165,6 +165,9 @@ def _stock_worker(overrides: list[str], steps: int, result: Path) -> None:
     gradient_accumulation_steps, clip_grad_norm = cfg.gradient_accumulation_steps, cfg.clip_grad_norm
 
     # --- FullFinetuneRecipeDistributed.train(), minus cleanup_before_training() and the profiler ---
+    # Its step window, the same as the recipe's step_seconds: from fetching the step's first micro-batch
+    # (t0 is reset after the previous step's logging) through the all-reduces, grad scaling, clipping,
+    # optimizer.step, zero_grad, the lr-scheduler step and the loss .item().
     optimizer.zero_grad()
     t0 = time.perf_counter()
     running_loss, num_tokens, global_step, step_times = 0, 0, 0, []

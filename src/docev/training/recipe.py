@@ -321,7 +321,7 @@ class DocEVFinetuneRecipe:
                 self._forward_backward(batch, step)
                 if len(step.losses) < self._gradient_accumulation_steps:
                     continue
-                self._optimizer_step(step, epoch, time.perf_counter() - t0, pbar)
+                self._optimizer_step(step, epoch, t0, pbar)
                 done += 1
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
@@ -372,7 +372,7 @@ class DocEVFinetuneRecipe:
         if batch["image_grids"] is not None:
             step.tiles += sum(1 + rows * cols for rows, cols in batch["image_grids"].tolist())
 
-    def _optimizer_step(self, step: _Step, epoch: int, compute_seconds: float, pbar: tqdm) -> None:
+    def _optimizer_step(self, step: _Step, epoch: int, t0: float, pbar: tqdm) -> None:
         losses = torch.stack(step.losses)
         bad = ~torch.isfinite(losses)
         counts = [step.tokens, step.loss_tokens, step.slots, step.tiles]
@@ -402,6 +402,12 @@ class DocEVFinetuneRecipe:
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
+        if self._device.type == "cuda":  # the optimizer's kernels belong to this step, not to the next one
+            torch.cuda.synchronize(self._device)
+        # The step window: from fetching the step's first micro-batch (t0, taken when the previous step
+        # ended) through every forward/backward, the all-reduce, grad scaling, clipping, optimizer.step,
+        # zero_grad and the lr-scheduler step. Checkpoint saves and metric logging fall outside it.
+        step_seconds = time.perf_counter() - t0
         self.global_step += 1
         self.tokens_seen += int(tokens)
 
@@ -414,15 +420,15 @@ class DocEVFinetuneRecipe:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_second": tokens / compute_seconds,
-                "tokens_per_second_per_gpu": tokens / compute_seconds / self.world_size,
+                "tokens_per_second": tokens / step_seconds,
+                "tokens_per_second_per_gpu": tokens / step_seconds / self.world_size,
                 "padding_share": 1.0 - tokens / slots,
                 "sampling_ratio": ratios.pop() if len(ratios) == 1 else sum(step.ratios) / len(step.ratios),
                 "num_tokens": int(tokens),
                 "num_loss_tokens": int(loss_tokens),
                 "num_tiles": int(tiles),
                 "tokens_seen": self.tokens_seen,
-                "step_seconds": compute_seconds,
+                "step_seconds": step_seconds,
                 "epoch": epoch,
             }
             if self._log_peak_memory_stats:
