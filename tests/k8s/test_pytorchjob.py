@@ -2,7 +2,7 @@ import copy
 from pathlib import Path
 
 import pytest
-from k8s_schemas import CRD, pytorchjob_errors
+from k8s_schemas import CRD, admission_errors, crd_validator, pytorchjob_errors
 
 from docev.config import ConfigError, load_config
 from docev.k8s.pytorchjob import (
@@ -63,31 +63,68 @@ def test_rendered_jobs_pass_crd_schema_and_admission_rules(nodes, gpus):
         assert replicas[rtype]["restartPolicy"] == "OnFailure"
 
 
-def test_validator_rejects_what_the_operator_would():
+def _replicas(j):
+    return j["spec"]["pytorchReplicaSpecs"]
+
+
+_MASTER_CONTAINER = "spec.pytorchReplicaSpecs.Master.template.spec.containers.0"
+# (mutation, the errors it must cause: exactly these, each with its path and message)
+SCHEMA_CASES = {  # caught by the CRD's openAPIV3Schema (made strict) or the core PodTemplate schema
+    "unknown container field": (
+        lambda j: container(j).update(imagePullPolicyy="Always"),
+        [
+            f"{_MASTER_CONTAINER}: Additional properties are not allowed ('imagePullPolicyy' was unexpected)",
+            "Master template: PodTemplate docev-train-master: Additional properties are not allowed "
+            "('imagePullPolicyy' was unexpected) at ['template', 'spec', 'containers', 0]",
+        ],
+    ),
+    "unknown runPolicy field": (
+        lambda j: j["spec"]["runPolicy"].update(cleanPodPolicies="All"),
+        ["spec.runPolicy: Additional properties are not allowed ('cleanPodPolicies' was unexpected)"],
+    ),
+    "unknown spec field": (
+        lambda j: j["spec"].update(nprocPerNodes="8"),
+        ["spec: Additional properties are not allowed ('nprocPerNodes' was unexpected)"],
+    ),
+    "wrong type": (
+        lambda j: j["spec"]["runPolicy"].update(backoffLimit="3"),
+        ["spec.runPolicy.backoffLimit: '3' is not of type 'integer'"],
+    ),
+}
+# Caught ONLY by the project's copy of the operator's admission-webhook rules (k8s_schemas.admission_errors):
+# the CRD schema accepts these, so they are as right as that copy of the rules.
+WEBHOOK_ONLY_CASES = {
+    "bad replica type": (
+        lambda j: _replicas(j).update(Chief=_replicas(j)["Master"]),
+        ["replica type 'Chief' is not Master or Worker"],
+    ),
+    "two masters": (lambda j: _replicas(j)["Master"].update(replicas=2), ["Master.replicas must be 1"]),
+    "container renamed": (lambda j: container(j).update(name="trainer"), ["Master: no container named 'pytorch'"]),
+    "no image": (lambda j: container(j).pop("image"), ["Master: container 'pytorch' has no image"]),
+    "bad name": (lambda j: j["metadata"].update(name="1-train"), ["metadata.name '1-train' is not a DNS-1035 label"]),
+    "elastic without worker": (
+        lambda j: (_replicas(j).pop("Worker"), j["spec"].update(elasticPolicy={"minReplicas": 1})),
+        ["elasticPolicy requires a Worker replica spec"],
+    ),
+    "both nproc fields": (
+        lambda j: j["spec"].update(elasticPolicy={"nProcPerNode": 8}),
+        ["elasticPolicy.nProcPerNode and spec.nprocPerNode must not both be set"],
+    ),
+}
+
+
+@pytest.mark.parametrize("what", [*SCHEMA_CASES, *WEBHOOK_ONLY_CASES])
+def test_validator_rejects_what_the_operator_would(what):
     job = render(preview())
-    assert pytorchjob_errors(job) == []
-    cases = {
-        "unknown container field": lambda j: container(j).update(imagePullPolicyy="Always"),
-        "unknown runPolicy field": lambda j: j["spec"]["runPolicy"].update(cleanPodPolicies="All"),
-        "unknown spec field": lambda j: j["spec"].update(nprocPerNodes="8"),
-        "bad replica type": lambda j: j["spec"]["pytorchReplicaSpecs"].update(
-            Chief=j["spec"]["pytorchReplicaSpecs"]["Master"]
-        ),
-        "two masters": lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2),
-        "container renamed": lambda j: container(j).update(name="trainer"),
-        "no image": lambda j: container(j).pop("image"),
-        "bad name": lambda j: j["metadata"].update(name="1-train"),
-        "elastic without worker": lambda j: (
-            j["spec"]["pytorchReplicaSpecs"].pop("Worker"),
-            j["spec"].update(elasticPolicy={"minReplicas": 1}),
-        ),
-        "both nproc fields": lambda j: j["spec"].update(elasticPolicy={"nProcPerNode": 8}),
-        "wrong type": lambda j: j["spec"]["runPolicy"].update(backoffLimit="3"),
-    }
-    for what, mutate in cases.items():
-        bad = copy.deepcopy(job)
-        mutate(bad)
-        assert pytorchjob_errors(bad), what
+    assert pytorchjob_errors(job) == [] and "Worker" in _replicas(job)
+    webhook_only = what in WEBHOOK_ONLY_CASES
+    mutate, errors = (WEBHOOK_ONLY_CASES if webhook_only else SCHEMA_CASES)[what]
+    bad = copy.deepcopy(job)
+    mutate(bad)
+    assert pytorchjob_errors(bad) == errors
+    # each case fails for its own reason, and on the side it is labelled with
+    assert admission_errors(bad) == (errors if webhook_only else [])
+    assert (list(crd_validator().iter_errors(bad)) == []) == webhook_only
 
 
 def test_job_details():

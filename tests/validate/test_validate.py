@@ -1,9 +1,11 @@
 import json
+from collections import Counter
 
 import pytest
 from conftest import tiny_config
 from corpus import build
 
+from docev.validate.rules import REASONS
 from docev.validate.runner import ValidationFailed, merge, run_shard, run_validate, validate_dir
 
 
@@ -46,21 +48,24 @@ def test_every_record_lands_with_its_reason(tmp_path, tiny_checkpoint, corpus):
     report = run_validate(cfg, workers=1)
     out = validate_dir(cfg)
     got = _outcome(out)
-    line_tags = [k for k in expected if k.startswith("line:")]
-    rows = {f"row{i}": tag for i, tag in enumerate(expected) if tag in line_tags}
-    for key, reasons in got.items():
-        if key in rows:
-            assert reasons == [expected[rows[key]]], key
+    # lines that are no JSON object are found by their row; each must be there with its reason
+    rows = {f"row{i}": tag for i, tag in enumerate(expected) if tag.startswith("line:")}
+    missing = sorted(tag for key, tag in rows.items() if key not in got)
+    assert not missing, f"corpus reject rows not in rejects.jsonl: {missing}"
+    for key, tag in rows.items():
+        assert got[key] == [expected[tag]], tag
     assert got["dup"] == ["accepted", "duplicate_id"]
     for key, reason in expected.items():
         if key.startswith(("line:", "dup:")):
             continue
         assert got[key] == [reason], key
+    assert set(got) == {*rows, "dup", *(k for k in expected if not k.startswith(("line:", "dup:")))}
     # every reject code of the validator appears, and the invariant holds
     s = report["sources"]["corrupt"]
     assert s["read"] == len(expected) == s["accepted"] + s["rejected"]
     assert s["accepted"] == sum(v == "accepted" for v in expected.values())
-    assert set(s["reasons"]) == {v for v in expected.values() if v != "accepted"}
+    assert set(s["reasons"]) == set(REASONS)
+    assert s["reasons"] == Counter(v for v in expected.values() if v != "accepted")
     # images in odd modes are normalised and counted, not rejected
     assert {"CMYK", "P", "I;16", "LA", "RGBA", "exif_rotated"} <= set(s["image_modes"])
 
