@@ -65,18 +65,48 @@ def test_float_image():
     assert [to_rgb(img).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 
-@pytest.mark.parametrize("orientation, rotated", [(1, False), (3, False), (6, True), (8, True)])
-def test_exif_orientation(tmp_path, orientation, rotated):
-    arr = np.zeros((20, 40, 3), dtype=np.uint8)
-    arr[:, :20] = 255  # left half white
+# What each EXIF orientation asks a viewer to do to the stored pixels (EXIF 2.3, tag 0x0112), written
+# with numpy, independently of PIL's ImageOps.exif_transpose (which load_image uses).
+REFERENCE_ROTATION = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirror left-right
+    3: lambda a: a[::-1, ::-1],  # rotate 180°
+    4: lambda a: a[::-1, :],  # mirror top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # transpose (about the main diagonal)
+    6: lambda a: np.rot90(a, -1),  # rotate 90° clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transverse (about the anti-diagonal)
+    8: lambda a: np.rot90(a, 1),  # rotate 90° counter-clockwise
+}
+
+
+def _blocks() -> np.ndarray:
+    """2 × 3 blocks of 16 px, six distinct colours: every orientation gives a different picture."""
+    colours = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[255, 255, 0], [0, 255, 255], [255, 0, 255]]])
+    return np.kron(colours, np.ones((16, 16, 1))).astype(np.uint8)  # (32, 48, 3)
+
+
+def test_reference_rotations_are_all_different():
+    pictures = {o: f(_blocks()) for o, f in REFERENCE_ROTATION.items()}
+    assert len({(p.shape, p.tobytes()) for p in pictures.values()}) == 8
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation(tmp_path, orientation, fmt):
+    arr = _blocks()
     src = Image.fromarray(arr)
     exif = src.getexif()
     exif[EXIF_ORIENTATION] = orientation
-    path = _save(src, tmp_path / "o.jpg", exif=exif.tobytes(), quality=95)
-    out = load_image(path)
-    assert (out.height, out.width) == ((40, 20) if rotated else (20, 40)) == read_image_size(path)
-    if orientation == 6:  # rotate 270° (clockwise 90°): the white left half ends on top
-        assert out.getpixel((10, 5))[0] > 200 and out.getpixel((10, 35))[0] < 50
+    path = _save(src, tmp_path / f"o.{fmt}", exif=exif.tobytes(), **({"quality": 95} if fmt == "jpg" else {}))
+    with Image.open(path) as stored:
+        assert stored.getexif()[EXIF_ORIENTATION] == orientation
+        decoded = np.asarray(stored.convert("RGB"))  # the stored pixels (JPEG: as decoded), not reoriented
+    if fmt == "png":
+        assert np.array_equal(decoded, arr)
+    out = np.asarray(load_image(path))
+    rotated = orientation >= 5
+    assert out.shape[:2] == ((48, 32) if rotated else (32, 48)) == read_image_size(path)
+    assert np.array_equal(out, REFERENCE_ROTATION[orientation](decoded))
 
 
 def test_multi_frame_tiff_first_frame(tmp_path):
