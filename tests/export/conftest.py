@@ -1,6 +1,8 @@
 """Fixtures for the export tests: a validated + preprocessed run folder and a "trained" step checkpoint."""
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from docev.data.preprocess import run_preprocess
+from docev.export.checksums import SUMS
 from docev.models.docev import DocEVCheckpointer
 from docev.validate.runner import run_validate
 
@@ -24,6 +27,14 @@ def sources_list(synth_sources):
 
 def make_config(run: Path, checkpoint: Path, synth_sources, *overrides: str):
     return tiny_config(run, checkpoint, sources_list(synth_sources), "preprocess.records_per_shard=10", *overrides)
+
+
+def sha256sum_check(folder: Path) -> subprocess.CompletedProcess:
+    """``sha256sum -c SHA256SUMS`` in ``folder``: the coreutils tool reading the same file, independently of
+    our verifier. Call it last in a test: without the tool the test is skipped, saying which check did not run."""
+    if shutil.which("sha256sum") is None:
+        pytest.skip(f"sha256sum (GNU coreutils) is not on PATH: the cross-check of {SUMS} with it did not run")
+    return subprocess.run(["sha256sum", "-c", SUMS], cwd=folder, capture_output=True, text=True)
 
 
 def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
