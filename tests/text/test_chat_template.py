@@ -5,6 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer, PretrainedConfig
 
+from docev.data.messages import ufx_to_messages
+from docev.data.transform import docev_preview_transform
 from docev.text.chat_template import ChatTemplate, ChatTemplateError, resolve_chat_template, token_loss_mask
 
 CONVERSATIONS = [
@@ -29,19 +31,57 @@ def _ours(tokenizer, messages, **kwargs):
     return enc.ids, token_loss_mask(enc.offsets, enc.ids, rendered.spans, [stop])
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
+def _records(synth_sources):
+    """Every synthetic instruction record (string and parts content, multi-image, multi-turn, system), plus
+    the conversations above as records on synthetic pages (among them an empty reply)."""
+    root = synth_sources["instruct"]
+    records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    pages = sorted(f"images/{p.name}" for p in (root / "images").iterdir())
+    for k, convo in enumerate(CONVERSATIONS):
+        text = json.dumps(convo)
+        n = text.count("<image>") + text.count('"type": "image"')
+        records.append({"id": f"convo-{k}", "context": convo, "image_files": pages[:n]})
+    return records, root
+
+
+def _shape(record) -> set[str]:
+    context = record["context"]
+    shape = {"string" if all(isinstance(m["content"], str) for m in context) else "parts"}
+    if len(record["image_files"]) > 1:
+        shape.add("multi-image")
+    if sum(m["role"] == "assistant" for m in context) > 1:
+        shape.add("multi-turn")
+    if any(m["role"] == "system" for m in context):
+        shape.add("system")
+    if any(m["role"] == "assistant" and not m["content"] for m in context):
+        shape.add("empty reply")
+    return shape
+
+
 @pytest.mark.parametrize("add_vision_id", [False, True])
-def test_matches_apply_chat_template(tokenizer, messages, add_vision_id):
-    """Same ids as transformers; our mask = transformers' assistant mask + each turn's closing <|im_end|>."""
-    hf = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, add_vision_id=add_vision_id
-    )
-    ids, mask = _ours(tokenizer, messages, add_vision_id=add_vision_id)
-    assert ids == hf["input_ids"]
+def test_transform_matches_apply_chat_template(tiny_checkpoint, tokenizer, synth_sources, add_vision_id):
+    """The transform's real path (UFX record → messages → encode) gives transformers' ids for every record,
+    and its loss mask = transformers' assistant mask + the <|im_end|> closing each assistant turn."""
+    transform = docev_preview_transform(str(tiny_checkpoint), tile_size=112, add_vision_id=add_vision_id)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    extra = [i for i, (a, b) in enumerate(zip(mask, hf["assistant_masks"], strict=True)) if a != bool(b)]
-    assert [ids[i] for i in extra] == [stop] * sum(m["role"] == "assistant" for m in messages)
-    assert all(mask[i] for i, b in enumerate(hf["assistant_masks"]) if b)
+    records, root = _records(synth_sources)
+    shapes = set().union(*map(_shape, records))
+    assert shapes == {"string", "parts", "multi-image", "multi-turn", "system", "empty reply"}
+    for rec in records:
+        sample = transform.encode(ufx_to_messages(rec, image_root=root), load_pixels=False)
+        hf = tokenizer.apply_chat_template(
+            rec["context"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            add_vision_id=add_vision_id,
+        )  # fmt: skip
+        assert sample.tokens == hf["input_ids"], rec["id"]
+        assert (f"Picture {len(rec['image_files'])}: <image>" in tokenizer.decode(sample.tokens)) == add_vision_id
+        # ChatML closes every message with one <|im_end|>: the k-th closes message k
+        closing = [i for i, t in enumerate(hf["input_ids"]) if t == stop]
+        assert len(closing) == len(rec["context"]), rec["id"]
+        expected = [bool(b) for b in hf["assistant_masks"]]
+        for i, message in zip(closing, rec["context"], strict=True):
+            expected[i] = message["role"] == "assistant"
+        assert sample.loss_mask == expected, rec["id"]
 
 
 def test_stop_token_carries_loss_and_nothing_else_outside_replies(tokenizer):
