@@ -9,7 +9,10 @@ synthetic corpus, so the output projection is 4096 × 1088 rather than 4096 × 6
 MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens`` plus causal attention over the
 packed row (``6·L·d·S`` per token); the frozen vision tower forward only (``2·N·p`` + ``4·L·p²·d`` per tile,
 p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing recompute is not
-counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s.
+counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s. The seconds are the recipe's
+``step_seconds``: the whole step, from fetching its first micro-batch through the all-reduce, clipping,
+``optimizer.step``, ``zero_grad`` and the lr-scheduler step (CUDA synchronised), the window torchtune's
+stock loop times too. The MFU it prints is what ``benchmarks/loader_throughput.py --mfu`` takes.
 
     python benchmarks/gpu_check.py prepare WORKDIR STEPS
     python benchmarks/gpu_check.py report WORKDIR

@@ -1,12 +1,17 @@
 """Loader throughput from shards, and how full the batches are.
 
-Prints batches/s and samples/s of ``build_dataloader`` with 0 and 2 DataLoader workers, against the
-rate 8 GPUs consume (assumed MFU and H200 peak stated below; target: one worker ≥ 10× that), and the
-token budget used by batch 1, batch 8 length-bucketed, and packed rows (target: packed ≥ 95% real
-tokens). Padding share = padded positions / positions in the batch tensors; fill = real tokens /
-(rows × max_seq_len), the share of the memory budget doing work.
+Prints batches/s and samples/s of ``build_dataloader`` with 0 and 2 DataLoader workers, against an
+ESTIMATE of the rate 8 GPUs consume (target: one worker ≥ 10× that), and the token budget used by batch 1,
+batch 8 length-bucketed, and packed rows (target: packed ≥ 95% real tokens). Padding share = padded
+positions / positions in the batch tensors; fill = real tokens / (rows × max_seq_len), the share of the
+memory budget doing work.
 
-    .venv/bin/python benchmarks/loader_throughput.py [--n 400] [--tile-size 560]
+The consumption estimate is not a measurement: tokens/s per GPU = MFU × 989 TFLOP/s (H200 dense bf16) /
+(6 × 11.43B), text FLOPs only. The MFU is an assumed 40% unless ``--mfu`` gives the one
+``benchmarks/gpu_check.sh`` measured. Counting the decoder's ``6·N`` alone leaves out the vision tower and
+attention, so the real rate is lower and the estimate errs towards needing more samples/s.
+
+    .venv/bin/python benchmarks/loader_throughput.py [--n 400] [--tile-size 560] [--mfu FRACTION]
 """
 
 from __future__ import annotations
@@ -82,7 +87,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--tile-size", type=int, default=560)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--mfu", type=float, help=f"MFU measured by gpu_check.sh (default: assumed {ASSUMED_MFU:.0%})")
     args = ap.parse_args()
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        ap.error(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. 0.38 for the 38.0% gpu_check.sh prints")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = init_checkpoint(work / "ckpt")
@@ -100,12 +108,16 @@ def main() -> None:
             f"uint8 / normalised in the loader: {rates[(0, False)][1] / rates[(0, True)][1]:.2f}x"
         )
         _, _, mean_tokens = _fill(cfg, batch_size=1)
-        gpu_tokens_s = ASSUMED_MFU * H200_BF16_FLOPS / (6 * PREVIEW_PARAMS)
+        mfu = ASSUMED_MFU if args.mfu is None else args.mfu
+        source = "assumed, not measured" if args.mfu is None else "measured by gpu_check.sh"
+        gpu_tokens_s = mfu * H200_BF16_FLOPS / (6 * PREVIEW_PARAMS)
         need = 8 * gpu_tokens_s / mean_tokens
         print(
-            f"  8 H200 at MFU {ASSUMED_MFU:.0%} consume ~{need:.1f} samples/s ({mean_tokens:.0f} tokens/sample); "
-            f"one loader process (uint8) gives {rates[(0, False)][1] / need:.1f}x that (target >= 10x)"
+            f"  ESTIMATE of what 8 GPUs consume: MFU {mfu:.0%} ({source}) x {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s "
+            f"(H200 dense bf16) / (6 x {PREVIEW_PARAMS / 1e9:.2f}B params, text FLOPs only) = "
+            f"{gpu_tokens_s:.0f} tokens/s per GPU -> 8 GPUs ~{need:.1f} samples/s ({mean_tokens:.0f} tokens/sample)"
         )
+        print(f"  one loader process (uint8) gives {rates[(0, False)][1] / need:.1f}x that estimate (target >= 10x)")
         for name, update in (("batch 1", {"batch_size": 1}),
                              ("batch 8 bucketed", {"batch_size": 8, "bucket_by_length": True}),
                              ("batch 8 unbucketed", {"batch_size": 8}),

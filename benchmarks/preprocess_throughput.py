@@ -1,8 +1,10 @@
 """Preprocess throughput: samples/s writing shards with 1 and 2 workers, against the reference per-sample
 transformers path (LlavaNextImageProcessorPil + apply_chat_template) on the same records in this run, and
-bytes stored per sample against the original image bytes.
+bytes stored per sample against the original image bytes. The three run in turn for ``--repeats``
+interleaved rounds (``timing.interleaved``; the shards are removed, untimed, before every run) and each
+reports its median.
 
-    .venv/bin/python benchmarks/preprocess_throughput.py [--n 200] [--tile-size 560]
+    .venv/bin/python benchmarks/preprocess_throughput.py [--n 200] [--tile-size 560] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
+from timing import for_each, interleaved
 from transform_throughput import reference_path
 
 from docev.assets import init_checkpoint
@@ -30,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--tile-size", type=int, default=560)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -41,20 +45,17 @@ def main() -> None:
                                    "tokenizer.max_seq_len=65536", "validate.thumbnails=0",
                                    "preprocess.records_per_shard=25"])  # fmt: skip
         run_validate(cfg)
-        rates = {}
-        for workers in (1, 2):
-            shutil.rmtree(shards_dir(cfg), ignore_errors=True)
-            start = time.perf_counter()
-            manifest = run_preprocess(cfg, workers=workers)
-            rates[workers] = manifest["total_samples"] / (time.perf_counter() - start)
         records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
         reference = reference_path(transform_from_config(cfg), root)
-        start = time.perf_counter()
-        for rec in records:
-            reference(rec)
-        rates["reference"] = len(records) / (time.perf_counter() - start)
+        # workers=2 runs last in each round, so its shards are still there for the byte counts below
+        runs = {"reference": partial(for_each, reference, records), 1: partial(run_preprocess, cfg, workers=1),
+                2: partial(run_preprocess, cfg, workers=2)}  # fmt: skip
+        timed = interleaved(runs, args.repeats, before=lambda: shutil.rmtree(shards_dir(cfg), ignore_errors=True))
+        manifest = timed[2].result
+        rates = {w: manifest["total_samples"] / timed[w].median for w in (1, 2)}
+        rates["reference"] = len(records) / timed["reference"].median
         n = manifest["total_samples"]
-        print(f"{n} samples, tile {args.tile_size}, {manifest['image_format']} shards")
+        print(f"{n} samples, tile {args.tile_size}, {manifest['image_format']} shards, median of {args.repeats} rounds")
         print(f"  reference (HF per sample, no shard written): {rates['reference']:6.1f} samples/s")
         for w in (1, 2):
             print(

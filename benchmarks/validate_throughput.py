@@ -1,7 +1,8 @@
-"""Validate throughput and memory: records/s with 1 and 2 workers on 1,000 synthetic records, and the
+"""Validate throughput and memory: records/s with 1 and 2 workers on 1,000 synthetic records (``--repeats``
+interleaved rounds, ``timing.interleaved``, the output removed untimed before every run; medians), and the
 peak RSS of a validation child process at 1k and 10k records (memory must stay flat as input grows).
 
-    .venv/bin/python benchmarks/validate_throughput.py [--n 1000]
+    .venv/bin/python benchmarks/validate_throughput.py [--n 1000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
+
+from timing import interleaved
 
 from docev.assets import init_checkpoint
 from docev.config import load_config
 from docev.synth import synth_data
-from docev.validate.runner import run_validate
+from docev.validate.runner import run_validate, validate_dir
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -55,6 +58,7 @@ def _child_peak_rss(work: Path, ckpt: Path, source: Path, tag: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -66,15 +70,20 @@ def main() -> None:
         work = Path(tmp)
         ckpt = init_checkpoint(work / "ckpt")
         source = synth_data(work / "data", args.n, seed=0)["instruct"]
+        cfgs = {workers: _cfg(work, ckpt, source, f"w{workers}") for workers in (1, 2)}
+        runs = {workers: partial(run_validate, cfg, workers=workers) for workers, cfg in cfgs.items()}
+
+        def clean() -> None:
+            for cfg in cfgs.values():
+                shutil.rmtree(validate_dir(cfg), ignore_errors=True)
+
+        timed = interleaved(runs, args.repeats, before=clean)
         rates = {}
-        for workers in (1, 2):
-            cfg = _cfg(work, ckpt, source, f"w{workers}")
-            start = time.perf_counter()
-            report = run_validate(cfg, workers=workers)
-            elapsed = time.perf_counter() - start
-            read = report["sources"]["bench"]["read"]
-            rates[workers] = read / elapsed
-            print(f"workers={workers}: {read} records in {elapsed:.1f}s = {rates[workers]:.0f} records/s")
+        for workers, t in timed.items():
+            read = t.result["sources"]["bench"]["read"]
+            rates[workers] = read / t.median
+            print(f"workers={workers}: {read} records in {t.median:.1f}s (median of {args.repeats}) "
+                  f"= {rates[workers]:.0f} records/s")  # fmt: skip
         print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
         big = _replicate(source, work / "data10x", 10)
         rss1 = _child_peak_rss(work, ckpt, source, "rss1k")
