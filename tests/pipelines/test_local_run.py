@@ -2,6 +2,9 @@
 edited run parameters say. Slow by nature (two real torchrun trainings); kept as small as it can be."""
 
 import json
+import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import CONFIGS
@@ -29,6 +32,14 @@ def test_outputs_exist_and_counts_add_up(first_run):
     for s in report["sources"].values():
         assert s["accepted"] + s["rejected"] == s["read"]
     assert shards["total_samples"] + sum(shards["dropped"].values()) == accepted
+    # every synthetic record written is read, per source (24 instruction pages, a quarter as many pretraining)
+    written = {d.name: len((Path(d.source) / "data.jsonl").read_text().splitlines()) for d in cfg.datasets}
+    assert written == {"synthetic-instruct": 24, "synthetic-pretrain": 6}
+    assert {name: s["read"] for name, s in report["sources"].items()} == written
+    # and every accepted record is a stored sample or a named drop, per source
+    drops = Counter(json.loads(line)["source"] for line in outputs["shards"].with_name("dropped.jsonl").open())
+    stored = {name: s["accepted"] - drops[name] for name, s in report["sources"].items()}
+    assert shards["sources"] == {name: n for name, n in stored.items() if n}
     assert [m["step"] for m in read_metrics(outputs["training metrics"])][-1] == 3
     card = outputs["model card"].read_text()
     assert "| training steps | 3 |" in card and "at step 3" in card  # the time-boxed run exported step_3
@@ -38,11 +49,22 @@ def test_outputs_exist_and_counts_add_up(first_run):
     assert any(p.name == "report_md" for p in outputs["kfp artifacts"].rglob("report_md"))
 
 
-def test_rerun_with_edited_parameters(first_run):
+def test_rerun_with_edited_parameters(first_run, capfd):
     cfg, outputs = first_run
     metrics = outputs["training metrics"]
+    capfd.readouterr()  # the task logs (kfp.local prints them) of this test's runs only
     run_pipeline_locally(cfg, {"resume": "true"})  # continue from `latest` (step 3) to the epoch's 5 steps
+    starts = _start_lines(capfd)
+    checkpoints = Path(cfg.checkpointer.output_dir)
+    assert starts == [f"Resuming from {checkpoints / 'step_3'}"], starts  # not a fresh start
     steps = [m["step"] for m in read_metrics(metrics)]
     assert steps == [1, 2, 3, 4, 5]  # steps 4-5 added, 1-3 not redone
     run_pipeline_locally(cfg, {"max_steps_per_epoch": 2, "resume": "false"})  # a fresh run of 2 steps
+    assert _start_lines(capfd) == [f"Starting from {cfg.checkpointer.checkpoint_dir}"]
     assert [m["step"] for m in read_metrics(metrics)][-1] == 2
+
+
+def _start_lines(capfd) -> list[str]:
+    """The recipe's "Resuming from DIR" / "Starting from DIR" lines (rank 0) in the captured task logs."""
+    captured = capfd.readouterr()
+    return re.findall(r"(?:Resuming|Starting) from \S+", captured.out + captured.err)
