@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CONFIGS
 from k8s_schemas import effective_pod, trainjob_errors
 
@@ -22,6 +23,7 @@ from docev.models.docev import DocEVCheckpointer, latest_checkpoint
 from docev.training.metrics import read_metrics
 from docev.validate.runner import run_validate
 
+pytestmark = pytest.mark.slow  # ~1 min of torchrun on 2 cores, more on a shared machine
 STEPS = 2
 
 
@@ -41,8 +43,8 @@ def test_two_trainjob_nodes_train_and_checkpoint(tmp_path, tiny_checkpoint, synt
     overrides = [
         f"output_dir={out}", f"tokenizer.model_name_or_path={tiny_checkpoint}", "synthetic=null",
         f"datasets={json.dumps(datasets)}", f"kubernetes.mount_path={volume}", "kubernetes.checkpoint_pvc=null",
-        "kubernetes.wandb_secret=null", "train.resources.shm_size=2Gi", "train.nnodes=2", "train.nproc_per_node=1", "epochs=1",
-        f"max_steps_per_epoch={STEPS}", f"save_every_n_steps={STEPS}", "preprocess.workers=1",
+        "kubernetes.wandb_secret=null", "train.resources.shm_size=2Gi", "train.nnodes=2", "train.nproc_per_node=1",
+        "epochs=1", f"max_steps_per_epoch={STEPS}", f"save_every_n_steps={STEPS}", "preprocess.workers=1",
     ]  # fmt: skip
     cfg = load_config(config_file, overrides)
     run_validate(cfg, workers=1)  # the pipeline's steps before train
