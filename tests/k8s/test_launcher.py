@@ -144,12 +144,17 @@ def script_runtime(fake, cfg, kind):
         fake.script("GET", RUNTIME, Reply(200, job_object(render_runtime(cfg), None)))
 
 
+def script_create(fake, cfg, kind):
+    """The runtime check passes and the job is created (201)."""
+    script_runtime(fake, cfg, kind)
+    fake.script("POST", kind.jobs, Reply(201, job_object(body(cfg, kind), None)))
+
+
 @BOTH
 def test_create_run_succeed_streams_first_node_log_and_deletes(kind):
     cfg = config(kind=kind)
     with FakeApiServer() as fake:
-        script_runtime(fake, cfg, kind)
-        fake.script("POST", kind.jobs, Reply(201, job_object(body(cfg, kind), None)))
+        script_create(fake, cfg, kind)
         fake.script(
             "GET",
             kind.job,
@@ -219,8 +224,7 @@ def test_conflict_with_a_job_of_another_run_is_refused(kind):
 def test_failed_job_fails_the_step_with_reason_and_failing_pod_log(kind):
     cfg = config("train.failure_log_lines=4", kind=kind)
     with FakeApiServer() as fake:
-        script_runtime(fake, cfg, kind)
-        fake.script("POST", kind.jobs, Reply(201, job_object(body(cfg, kind), None)))
+        script_create(fake, cfg, kind)
         fake.script("GET", kind.job, state(cfg, "running", kind), state(cfg, "failed", kind))
         script_logs(fake, "failed", kind=kind)
         with pytest.raises(JobFailed) as info:
@@ -245,8 +249,7 @@ def test_failed_job_fails_the_step_with_reason_and_failing_pod_log(kind):
 def test_timeout_deletes_the_job_and_fails(kind):
     cfg = config(kind=kind)
     with FakeApiServer() as fake:
-        script_runtime(fake, cfg, kind)
-        fake.script("POST", kind.jobs, Reply(201, job_object(body(cfg, kind), None)))
+        script_create(fake, cfg, kind)
         fake.script("GET", kind.job, state(cfg, "running", kind))
         fake.script("DELETE", kind.job, Reply(200, recorded("status_deleted.json", **FILL)))
         script_logs(fake, kind=kind)

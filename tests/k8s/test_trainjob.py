@@ -31,10 +31,9 @@ def preview(*overrides: str):
     return load_config(PREVIEW, list(overrides))
 
 
-def render(cfg, **kw):
-    kw.setdefault("name", "docev-train")
-    kw.setdefault("config_path", ON_PVC)
-    return render_trainjob(cfg, **kw)
+def render(cfg, name="docev-train", config_path=ON_PVC, **kw):
+    """A TrainJob of ``cfg`` under the standalone job's name, reading the config from the volume."""
+    return render_trainjob(cfg, name=name, config_path=config_path, **kw)
 
 
 def node_patch(job):
@@ -154,12 +153,12 @@ def test_runtime_is_the_stock_torch_runtime_plus_our_pod():
 def test_trainjob_details():
     cfg = preview()
     job = render(cfg, run_id="run-1", task="train")
-    spec = job["spec"]
-    assert spec["runtimeRef"] == {
+    assert job["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
         "kind": "ClusterTrainingRuntime",
         "name": "docev-torch-distributed",
     }
+    spec = job["spec"]
     assert spec["activeDeadlineSeconds"] == cfg.train.timeout_seconds
     assert spec["trainer"]["image"] == cfg.train.image
     assert spec["trainer"]["resourcesPerNode"]["requests"] == {"cpu": "64", "memory": "1000Gi"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from kubernetes import client
@@ -20,18 +21,28 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobKind:
-    """How the launcher creates, finds, reads and judges one kind of training job."""
+    """How the launcher creates, finds, reads and judges one kind of training job. ``module`` is the kind's
+    renderer (``GROUP``, ``VERSION``, ``PLURAL``, ``KIND``, ``CONTAINER``: its training container)."""
 
-    kind: str
-    group: str
-    version: str
-    plural: str
-    container: str  # the training container of every node's pod
+    module: ModuleType
+    render: Callable[..., dict[str, Any]]
     job_label: str  # the label the controller puts on every pod of the job (value: the job name)
     first_node: str  # the extra label selector of the first node's pod (the one whose log is streamed)
     succeeded: str  # the condition type of success ("Failed" is the failure type of both)
-    render: Callable[..., dict[str, Any]]
     preflight: Callable[[client.CustomObjectsApi, DocEVConfig], None] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.module.KIND
+
+    @property
+    def container(self) -> str:
+        return self.module.CONTAINER
+
+    @property
+    def resource(self) -> tuple[str, str, str]:
+        """(group, version, plural) of the namespaced API calls."""
+        return self.module.GROUP, self.module.VERSION, self.module.PLURAL
 
 
 def _check_runtime(api: client.CustomObjectsApi, cfg: DocEVConfig) -> None:
@@ -59,27 +70,19 @@ def _check_runtime(api: client.CustomObjectsApi, cfg: DocEVConfig) -> None:
 
 
 PYTORCHJOB = JobKind(
-    kind=pytorchjob.KIND,
-    group=pytorchjob.GROUP,
-    version=pytorchjob.VERSION,
-    plural=pytorchjob.PLURAL,
-    container=pytorchjob.CONTAINER,
+    pytorchjob,
+    pytorchjob.render_pytorchjob,
     job_label="training.kubeflow.org/job-name",
     first_node="training.kubeflow.org/replica-type=master",
     succeeded="Succeeded",
-    render=pytorchjob.render_pytorchjob,
 )
 # Trainer runs a TrainJob as a JobSet of the same name: pods carry JobSet's labels, node 0 is completion index 0.
 TRAINJOB = JobKind(
-    kind=trainjob.KIND,
-    group=trainjob.GROUP,
-    version=trainjob.VERSION,
-    plural=trainjob.PLURAL,
-    container=trainjob.CONTAINER,
+    trainjob,
+    trainjob.render_trainjob,
     job_label="jobset.sigs.k8s.io/jobset-name",
     first_node=f"jobset.sigs.k8s.io/replicatedjob-name={trainjob.NODE_JOB},batch.kubernetes.io/job-completion-index=0",
     succeeded="Complete",
-    render=trainjob.render_trainjob,
     preflight=_check_runtime,
 )
 KINDS = {"kubernetes": PYTORCHJOB, "trainjob": TRAINJOB}  # by train.backend

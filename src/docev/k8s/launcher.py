@@ -168,7 +168,8 @@ class _Jobs:
 
     def __init__(self, api: client.CustomObjectsApi, kind: JobKind, namespace: str, poll: float, log: Log):
         self.api, self.kind, self.namespace, self.poll, self.log = api, kind, namespace, poll, log
-        self.resource = (kind.group, kind.version, namespace, kind.plural)
+        group, version, plural = kind.resource
+        self.resource = (group, version, namespace, plural)
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from docev.config import DocEVConfig
+from docev.k8s.pod import cluster_checks
+
 # Labels/annotations linking a job (and its pods) to the KFP run that launched it.
 RUN_ID_LABEL = "docev-pipelines/kfp-run-id"
 TASK_LABEL = "docev-pipelines/kfp-task"
@@ -78,6 +81,16 @@ def job_metadata(config_path: str, run_id: str | None, task: str | None) -> tupl
         labels[TASK_LABEL] = label_value(task)
         annotations[TASK_ANNOTATION] = task
     return labels, annotations
+
+
+def checked_metadata(
+    cfg: DocEVConfig, kind: str, name: str, config_path: str, run_id: str | None, task: str | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What every renderer does first: refuse a bad name (ValueError) or settings that cannot work on a
+    cluster (ConfigError), then ``job_metadata``."""
+    check_job_name(name, kind)
+    cluster_checks(cfg, config_path)
+    return job_metadata(config_path, run_id, task)
 
 
 def training_command(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from docev.config import DocEVConfig
 from docev.k8s import pod
-from docev.k8s.meta import check_job_name, job_metadata, training_command
+from docev.k8s.meta import checked_metadata, training_command
 
 GROUP = "kubeflow.org"
 VERSION = "v1"
@@ -51,10 +51,8 @@ def render_pytorchjob(
     ``run_id``/``task`` label the job and its pods with the KFP run that launched them. Raises ConfigError
     for settings that cannot work on a cluster, ValueError for a bad name.
     """
-    check_job_name(name, KIND)
-    pod.cluster_checks(cfg, config_path)
+    labels, annotations = checked_metadata(cfg, KIND, name, config_path, run_id, task)
     train, k8s = cfg.train, cfg.kubernetes
-    labels, annotations = job_metadata(config_path, run_id, task)
     template = _pod_template(cfg, labels, config_path, overrides)
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if train.nnodes > 1:

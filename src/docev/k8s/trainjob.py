@@ -20,7 +20,7 @@ from typing import Any
 
 from docev.config import DocEVConfig
 from docev.k8s import pod
-from docev.k8s.meta import BASE_LABELS, check_job_name, job_metadata, training_command
+from docev.k8s.meta import BASE_LABELS, checked_metadata, training_command
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -74,10 +74,8 @@ def render_trainjob(
 ) -> dict[str, Any]:
     """The TrainJob for ``cfg`` as a plain dict (ready for the API or YAML); same contract as
     ``render_pytorchjob`` (``cfg`` is what the pods will load; ConfigError / ValueError)."""
-    check_job_name(name, KIND)
-    pod.cluster_checks(cfg, config_path)
+    labels, annotations = checked_metadata(cfg, KIND, name, config_path, run_id, task)
     train, k8s = cfg.train, cfg.kubernetes
-    labels, annotations = job_metadata(config_path, run_id, task)
     node_pod = {
         "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
         "spec": {
