@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, NamedTuple, Required, TypedDict
 
 import yaml
 
@@ -83,14 +83,31 @@ def job_metadata(config_path: str, run_id: str | None, task: str | None) -> tupl
     return labels, annotations
 
 
-def checked_metadata(
-    cfg: DocEVConfig, kind: str, name: str, config_path: str, run_id: str | None, task: str | None
-) -> tuple[dict[str, str], dict[str, str]]:
+class JobArgs(TypedDict, total=False):
+    """The keyword arguments of both renderers. ``name``: the job's; ``config_path``: where the pods read the
+    config, whose ``load_config(config_path, overrides)`` must be the ``cfg`` rendered; ``overrides``: put on
+    the command; ``run_id``/``task``: the KFP run and task the job and its pods are labelled with."""
+
+    name: Required[str]
+    config_path: Required[str]
+    overrides: list[str] | tuple[str, ...]
+    run_id: str | None
+    task: str | None
+
+
+class Prepared(NamedTuple):
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    command: list[str]
+
+
+def prepare(cfg: DocEVConfig, kind: str, job: JobArgs) -> Prepared:
     """What every renderer does first: refuse a bad name (ValueError) or settings that cannot work on a
-    cluster (ConfigError), then ``job_metadata``."""
-    check_job_name(name, kind)
-    cluster_checks(cfg, config_path)
-    return job_metadata(config_path, run_id, task)
+    cluster (ConfigError); then the job's labels, annotations and node command."""
+    check_job_name(job["name"], kind)
+    cluster_checks(cfg, job["config_path"])
+    labels, annotations = job_metadata(job["config_path"], job.get("run_id"), job.get("task"))
+    return Prepared(labels, annotations, training_command(job["config_path"], job.get("overrides", ())))
 
 
 def training_command(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:

@@ -8,11 +8,11 @@ torchrun contract); the pod itself is ``docev.k8s.pod``'s, shared with the Train
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Unpack
 
 from docev.config import DocEVConfig
 from docev.k8s import pod
-from docev.k8s.meta import checked_metadata, training_command
+from docev.k8s.meta import JobArgs, prepare
 
 GROUP = "kubeflow.org"
 VERSION = "v1"
@@ -21,14 +21,12 @@ KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the training container by this name
 
 
-def _pod_template(
-    cfg: DocEVConfig, labels: dict[str, str], config_path: str, overrides: list[str] | tuple[str, ...]
-) -> dict[str, Any]:
+def _pod_template(cfg: DocEVConfig, labels: dict[str, str], command: list[str]) -> dict[str, Any]:
     container = pod.container(
         cfg,
         CONTAINER,
         [*pod.pvc_mounts(cfg), pod.SHM_MOUNT],
-        command=training_command(config_path, overrides),
+        command=command,
         env=pod.env(cfg),
         resources=pod.resources(cfg),
     )
@@ -36,24 +34,12 @@ def _pod_template(
     return {"metadata": {"labels": dict(labels), "annotations": dict(pod.POD_ANNOTATIONS)}, "spec": spec}
 
 
-def render_pytorchjob(
-    cfg: DocEVConfig,
-    *,
-    name: str,
-    config_path: str,
-    overrides: list[str] | tuple[str, ...] = (),
-    run_id: str | None = None,
-    task: str | None = None,
-) -> dict[str, Any]:
-    """The PyTorchJob for ``cfg`` as a plain dict (ready for the API or YAML).
-
-    ``cfg`` must be the config the pods will see: ``load_config(<the file at config_path>, overrides)``.
-    ``run_id``/``task`` label the job and its pods with the KFP run that launched them. Raises ConfigError
-    for settings that cannot work on a cluster, ValueError for a bad name.
-    """
-    labels, annotations = checked_metadata(cfg, KIND, name, config_path, run_id, task)
+def render_pytorchjob(cfg: DocEVConfig, **job: Unpack[JobArgs]) -> dict[str, Any]:
+    """The PyTorchJob for ``cfg`` as a plain dict (ready for the API or YAML); ``job``: see ``JobArgs``.
+    Raises ConfigError for settings that cannot work on a cluster, ValueError for a bad name."""
+    labels, annotations, command = prepare(cfg, KIND, job)
     train, k8s = cfg.train, cfg.kubernetes
-    template = _pod_template(cfg, labels, config_path, overrides)
+    template = _pod_template(cfg, labels, command)
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if train.nnodes > 1:
         replicas["Worker"] = {
@@ -72,7 +58,7 @@ def render_pytorchjob(
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels, "annotations": annotations},
+        "metadata": {"name": job["name"], "namespace": k8s.namespace, "labels": labels, "annotations": annotations},
         "spec": {
             "nprocPerNode": str(train.nproc_per_node),
             "pytorchReplicaSpecs": replicas,

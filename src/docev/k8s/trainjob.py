@@ -16,11 +16,11 @@ Valid for Trainer v2.2 and later (v2.3.0's CRDs are what the tests check): v2.2 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from docev.config import DocEVConfig
 from docev.k8s import pod
-from docev.k8s.meta import BASE_LABELS, checked_metadata, training_command
+from docev.k8s.meta import BASE_LABELS, JobArgs, prepare
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -63,18 +63,10 @@ def render_runtime(cfg: DocEVConfig) -> dict[str, Any]:
     }
 
 
-def render_trainjob(
-    cfg: DocEVConfig,
-    *,
-    name: str,
-    config_path: str,
-    overrides: list[str] | tuple[str, ...] = (),
-    run_id: str | None = None,
-    task: str | None = None,
-) -> dict[str, Any]:
+def render_trainjob(cfg: DocEVConfig, **job: Unpack[JobArgs]) -> dict[str, Any]:
     """The TrainJob for ``cfg`` as a plain dict (ready for the API or YAML); same contract as
-    ``render_pytorchjob`` (``cfg`` is what the pods will load; ConfigError / ValueError)."""
-    labels, annotations = checked_metadata(cfg, KIND, name, config_path, run_id, task)
+    ``render_pytorchjob``."""
+    labels, annotations, command = prepare(cfg, KIND, job)
     train, k8s = cfg.train, cfg.kubernetes
     node_pod = {
         "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
@@ -102,13 +94,13 @@ def render_trainjob(
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels, "annotations": annotations},
+        "metadata": {"name": job["name"], "namespace": k8s.namespace, "labels": labels, "annotations": annotations},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": train.runtime},
             "activeDeadlineSeconds": train.timeout_seconds,
             "trainer": {
                 "image": train.image,
-                "command": training_command(config_path, overrides),
+                "command": command,
                 "numNodes": train.nnodes,
                 "numProcPerNode": train.nproc_per_node,
                 "resourcesPerNode": pod.resources(cfg),
