@@ -194,13 +194,18 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
     if args.out:
         kind = job["kind"]
         header = f"{generated}# The training step as a standalone {kind} reading its config from {config_path}.\n"
+        if kind == "TrainJob":
+            header += f"# Needs Kubeflow Trainer v2.2 or later and the ClusterTrainingRuntime {cfg.train.runtime}.\n"
         out = Path(args.out) / f"{kind.lower()}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(header + regenerate + to_yaml(job))
         print(f"{kind} {job['metadata']['namespace']}/{args.name} written to {out}")
     if args.runtime_out:
         runtime = render_runtime(cfg)
-        header = f"{generated}# The ClusterTrainingRuntime that TrainJobs of this config reference (cluster-scoped).\n"
+        header = (
+            f"{generated}# The ClusterTrainingRuntime that TrainJobs of this config reference (cluster-scoped;\n"
+            "# Kubeflow Trainer v2.2 or later).\n"
+        )
         out = Path(args.runtime_out) / "clustertrainingruntime.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(header + regenerate + to_yaml(runtime))

@@ -5,6 +5,9 @@
   rejects any other key unless it says ``additionalProperties`` or ``x-kubernetes-preserve-unknown-fields``
   (the API server prunes unknown fields silently; a typo would vanish) — plus the operator's admission
   webhook rules from ``../shared/schemas/README.md``.
+- TrainJob / ClusterTrainingRuntime: Kubeflow Trainer v2.3.0's CRDs (``../shared/schemas/trainer-v2.3.0``) made
+  strict the same way, plus the CEL, webhook and torch-plugin rules the schema does not express, and the pod
+  Trainer would build from a runtime and a TrainJob (``effective_pod``) checked as a core pod.
 - Core objects: ``kubernetes-validate`` (ships the Kubernetes OpenAPI schemas, works offline) in strict mode.
 """
 
