@@ -31,11 +31,16 @@ IMAGE ?= ghcr.io/docev/docev-pipelines:0.1.0
 image:
 	docker build -f images/Dockerfile -t $(IMAGE) .
 
-# The standalone PyTorchJobs (manifests/jobs), rendered from the configs.
+# The standalone PyTorchJobs and TrainJobs (manifests/jobs) and the TrainJobs' ClusterTrainingRuntimes
+# (manifests/runtimes), rendered from the configs.
 LOCAL_OVERRIDES := output_dir=/mnt/docev/runs/tiny kubernetes.wandb_secret=null train.resources.shm_size=2Gi
 manifests: setup
 	$(BIN)/docev render-manifests --config configs/docev_preview.yaml --out manifests/jobs/gpu-cluster
 	$(BIN)/docev render-manifests --config configs/tiny.yaml --out manifests/jobs/local $(LOCAL_OVERRIDES)
+	$(BIN)/docev render-manifests --config configs/docev_preview.yaml --backend trainjob \
+	  --out manifests/jobs/gpu-cluster --runtime-out manifests/runtimes/gpu-cluster
+	$(BIN)/docev render-manifests --config configs/tiny.yaml --backend trainjob \
+	  --out manifests/jobs/local --runtime-out manifests/runtimes/local $(LOCAL_OVERRIDES)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,4 +1,5 @@
-"""Train: torchrun in this task (backend local) or a PyTorchJob followed to completion (backend kubernetes)."""
+"""Train: torchrun in this task (backend local), or a PyTorchJob (backend kubernetes) or TrainJob (backend
+trainjob) followed to completion."""
 
 from kfp.dsl import HTML, Metrics, Output
 

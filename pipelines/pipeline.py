@@ -16,7 +16,7 @@ from components import resolve as resolve_c
 from components import train as train_c
 from components import validate as validate_c
 from docev.config import DocEVConfig
-from docev.k8s.pytorchjob import volume_mounts
+from docev.k8s.pod import volume_mounts
 from docev.pipeline.params import knob_defaults
 
 PIPELINE_NAME = "docev-finetune"

@@ -215,7 +215,9 @@ class Resources(StepResources):
 
 
 class RunPolicy(_Strict):
-    """The PyTorchJob's ``runPolicy`` (``train.timeout_seconds`` becomes its ``activeDeadlineSeconds``)."""
+    """The PyTorchJob's ``runPolicy`` (``train.timeout_seconds`` becomes its ``activeDeadlineSeconds``). For a
+    TrainJob, ``backoff_limit`` and ``ttl_seconds_after_finished`` live in the ClusterTrainingRuntime (its node
+    Job's ``backoffLimit``, the JobSet's TTL) and ``clean_pod_policy`` has no equivalent."""
 
     clean_pod_policy: Literal["None", "Running", "All"] = Field(
         "Running",
@@ -229,7 +231,15 @@ class RunPolicy(_Strict):
 
 
 class TrainSection(_Strict):
-    backend: Literal["local", "kubernetes"] = "local"
+    backend: Literal["local", "kubernetes", "trainjob"] = Field(
+        "local",
+        description="local: torchrun in this process/pod; kubernetes: a Training Operator v1 PyTorchJob; "
+        "trainjob: a Kubeflow Trainer v2 TrainJob on the ClusterTrainingRuntime train.runtime.",
+    )
+    runtime: str = Field(
+        "docev-torch-distributed",
+        description="The ClusterTrainingRuntime a TrainJob references (manifests/runtimes; backend trainjob).",
+    )
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
     image: str = "ghcr.io/docev/docev-pipelines:0.1.0"
@@ -246,6 +256,11 @@ class TrainSection(_Strict):
         description="Process-group timeout: a collective waiting longer on a silent rank fails the job instead "
         "of hanging it (torchrun already stops every rank when one exits).",
     )
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_name(cls, v: str) -> str:
+        return _k8s_name(v, _DNS1123_SUBDOMAIN, 253, "object name")
 
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -4,12 +4,15 @@ It is a test fake, not a Kubernetes: no storage, no controllers. Each (method, p
 replies, served in order (the last one repeats). The official ``kubernetes`` client is pointed at it,
 so the launcher's real request building, serialisation, error mapping (ApiException) and log
 streaming are exercised over HTTP. Every request is recorded for assertions; a request with no script
-gets a 404 Status and lands in ``unexpected``.
+gets a 404 Status and lands in ``unexpected``. A list reply is filtered by the request's equality-based
+``labelSelector``, as the API server does.
 
 The JSON in ``responses/`` is in the API server's wire format (Status objects, PodList, PyTorchJob
-status as the Training Operator v1.9 writes it: condition types/reasons/messages, replicaStatuses).
-No cluster is reachable from our machines, so these were written from those formats rather than
-captured; ``{job}`` / ``{namespace}`` are filled in per test.
+status as the Training Operator v1.9 writes it: condition types/reasons/messages, replicaStatuses;
+TrainJob status as Trainer v2.3 writes it: its Created condition, the JobSet's Completed/Failed
+condition copied as Complete/Failed, jobsStatus; the pods of a TrainJob with JobSet's and the Job
+controller's labels). No cluster is reachable from our machines, so these were written from those
+formats rather than captured; ``{job}`` / ``{namespace}`` are filled in per test.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def recorded(name: str, **fill: str) -> Any:
 
 
 def job_object(body: dict[str, Any], status: str | None, **extra_metadata: Any) -> dict[str, Any]:
-    """The PyTorchJob as the API server returns it: the submitted body plus server metadata and the
-    operator's recorded status (``status`` = a file stem in responses/, None before the operator acts)."""
+    """The object (PyTorchJob, TrainJob, runtime) as the API server returns it: the submitted body plus server
+    metadata and the controller's recorded status (``status`` = a file stem in responses/, None before the
+    controller acts)."""
     job = copy.deepcopy(body)
     meta = job["metadata"]
     meta.update(
@@ -127,7 +131,13 @@ class FakeApiServer:
                 self.unexpected.append(req)
                 return Reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
             responder = script.pop(0) if len(script) > 1 else script[0]
-        return responder(req) if callable(responder) else responder
+        reply = responder(req) if callable(responder) else responder
+        selector = req.query.get("labelSelector")
+        if selector and isinstance(reply.body, dict) and "items" in reply.body:
+            wanted = dict(term.split("=", 1) for term in selector.split(","))
+            items = [i for i in reply.body["items"] if wanted.items() <= (i["metadata"].get("labels") or {}).items()]
+            reply = Reply(reply.status, {**reply.body, "items": items}, reply.headers)
+        return reply
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self

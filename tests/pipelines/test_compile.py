@@ -90,6 +90,20 @@ def test_local_backend_schedules_the_train_task_itself(tmp_path):
     assert train["tolerations"][0]["key"] == "nvidia.com/gpu" and train["emptyDirMounts"][0]["sizeLimit"] == "64Gi"
 
 
+def test_trainjob_backend_compiles_with_the_launcher_task(tmp_path):
+    """train.backend: trainjob compiles like kubernetes: the task only launches (GPUs, node selector, /dev/shm
+    go to the TrainJob's runtime and pods), keeps the W&B Secret by reference, and the config says trainjob."""
+    out = compile_pipeline(PREVIEW, tmp_path / "p.yaml", ["train.backend=trainjob"])
+    ir, platform = yaml.safe_load_all(out.read_text())
+    train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert "resources" not in ir["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert "nodeSelector" not in train and "tolerations" not in train and "emptyDirMounts" not in train
+    assert train["secretAsEnv"][0]["secretNameParameter"]["runtimeValue"]["constant"] == "docev-wandb"
+    assert {m["constant"] for m in train["pvcMount"]} == {"docev-data", "docev-checkpoints"}
+    embedded = json.loads(ir["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
+    assert embedded["train"]["backend"] == "trainjob" and embedded["train"]["runtime"] == "docev-torch-distributed"
+
+
 def test_fanout_is_a_parallel_for(tmp_path):
     out = compile_pipeline(PREVIEW, tmp_path / "p.yaml", ["validate.fanout=4", "preprocess.fanout=3"])
     ir, _ = yaml.safe_load_all(out.read_text())

@@ -29,3 +29,9 @@ def test_torchrun_argv_refuses_what_it_cannot_start(tmp_path, tiny_checkpoint):
             "c.yaml",
             env={},
         )
+    with pytest.raises(ConfigError, match="train.backend: 'trainjob' runs training as a Kubeflow Trainer TrainJob"):
+        torchrun_argv(
+            tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}], "train.backend=trainjob"),
+            "c.yaml",
+            env={},
+        )

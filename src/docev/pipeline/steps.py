@@ -73,17 +73,18 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     """Train with the configured backend; return the last logged metrics and the step count.
 
     ``local``: ``docev train`` (torchrun with ``train.nproc_per_node`` processes) in this pod or process.
-    ``kubernetes``: a PyTorchJob created (or adopted on retry) and followed to completion; its failure
-    fails this step. Resuming from ``latest`` is the recipe's, so a retried step continues, not restarts.
+    ``kubernetes`` / ``trainjob``: a PyTorchJob / TrainJob created (or adopted on retry) and followed to
+    completion; its failure fails this step. Resuming from ``latest`` is the recipe's, so a retried step
+    continues, not restarts.
     """
     from docev.training.metrics import read_metrics
 
     cfg = load(run)
     path = config_path(cfg)
-    if cfg.train.backend == "kubernetes":
-        from docev.k8s.launcher import launch_pytorchjob
+    if cfg.train.backend != "local":
+        from docev.k8s.launcher import launch_job
 
-        launch_pytorchjob(cfg, config_path=str(path), run_id=run_id, task=task)
+        launch_job(cfg, config_path=str(path), run_id=run_id, task=task)
     else:
         cmd = [sys.executable, "-m", "docev.cli", "train", "--config", str(path)]
         done = subprocess.run(cmd, check=False)

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
-from docev.k8s.pytorchjob import checkpoint_dir
+from docev.k8s.pod import checkpoint_dir
 from docev.training.checkpointing import (
     LR_SCHEDULER_KEY,
     OPTIMIZER_KEY,

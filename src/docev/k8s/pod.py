@@ -1,0 +1,159 @@
+"""The training pod, shared by both job kinds: volumes, /dev/shm, env, resources, security context, scheduling.
+
+``render_pytorchjob`` puts all of it into each replica's pod template; ``render_runtime`` puts the
+cluster-wide part into the ClusterTrainingRuntime and ``render_trainjob`` the per-run part (PVC volumes
+and mounts, command, env, resources) into the TrainJob. Pod-level settings go through ``pod_spec`` so
+that both kinds get every new one.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any, NamedTuple
+
+from docev.config import ConfigError, DocEVConfig
+
+SHM_VOLUME = "dshm"
+SHM_MOUNT = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+# An Istio sidecar keeps a finished pod running and breaks torchrun's rendezvous.
+POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
+
+
+class VolumeMount(NamedTuple):
+    """A PVC mounted into the training pods (``sub_path`` "" mounts the claim's root)."""
+
+    volume: str
+    claim: str
+    mount_path: str
+    sub_path: str
+
+
+def checkpoint_dir(cfg: DocEVConfig) -> str:
+    """Where training writes checkpoints (DESIGN §7: ``<output_dir>/checkpoints`` unless the checkpointer says)."""
+    return cfg.checkpointer.output_dir or f"{cfg.output_dir.rstrip('/')}/checkpoints"
+
+
+def volume_mounts(cfg: DocEVConfig) -> list[VolumeMount]:
+    """The PVC mounts of the training pods. The checkpoint volume is mounted over the checkpoint folder with
+    a subPath equal to that folder's path on the data volume, so paths are the same with or without it
+    and runs with different output dirs do not share checkpoint folders. Other pods that read checkpoints
+    (export) must mount the same way (``kfp.kubernetes.mount_pvc(..., sub_path=...)``)."""
+    k8s = cfg.kubernetes
+    mounts = [VolumeMount("data", k8s.pvc, k8s.mount_path, "")]
+    if k8s.checkpoint_pvc:
+        ckpt = PurePosixPath(checkpoint_dir(cfg))
+        root = PurePosixPath(k8s.mount_path)
+        if root not in ckpt.parents:
+            raise ConfigError(
+                [
+                    f"checkpointer.output_dir: {ckpt} is not below kubernetes.mount_path {root}; "
+                    "the checkpoint volume is mounted over a folder of the data volume"
+                ]
+            )
+        mounts.append(VolumeMount("checkpoints", k8s.checkpoint_pvc, str(ckpt), str(ckpt.relative_to(root))))
+    return mounts
+
+
+def pvc_volumes(cfg: DocEVConfig) -> list[dict[str, Any]]:
+    return [{"name": m.volume, "persistentVolumeClaim": {"claimName": m.claim}} for m in volume_mounts(cfg)]
+
+
+def pvc_mounts(cfg: DocEVConfig) -> list[dict[str, Any]]:
+    return [
+        {"name": m.volume, "mountPath": m.mount_path, **({"subPath": m.sub_path} if m.sub_path else {})}
+        for m in volume_mounts(cfg)
+    ]
+
+
+def shm_volume(cfg: DocEVConfig) -> dict[str, Any]:
+    """A memory-backed /dev/shm (the default 64 MiB breaks dataloader workers and NCCL)."""
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.train.resources.shm_size}}
+
+
+def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
+    """The training container's environment; the W&B key only ever as a reference to its Secret."""
+    k8s = cfg.kubernetes
+    out: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if k8s.wandb_secret:
+        out.append(
+            {
+                "name": "WANDB_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": k8s.wandb_secret, "key": k8s.wandb_secret_key}},
+            }
+        )
+    return out
+
+
+def resources(cfg: DocEVConfig) -> dict[str, Any]:
+    """Per-node resources; requests = limits: Guaranteed QoS, so a node under memory pressure evicts other
+    pods first."""
+    res = cfg.train.resources
+    limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpu:
+        limits[res.gpu_resource] = str(res.gpu)
+    return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits}
+
+
+def container(cfg: DocEVConfig, name: str, mounts: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """The training container: image, mounts and a locked-down security context, plus ``fields``
+    (command/env/resources where the job kind puts them on the container)."""
+    return {
+        "name": name,
+        "image": cfg.train.image,
+        "imagePullPolicy": cfg.train.image_pull_policy,
+        **fields,
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def pod_spec(cfg: DocEVConfig, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pod-level settings of every training pod (both job kinds); add new ones here."""
+    k8s = cfg.kubernetes
+    spec: dict[str, Any] = {
+        # Training pods never call the API server.
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": k8s.run_as_user,
+            "runAsGroup": k8s.run_as_group,
+            "fsGroup": k8s.fs_group,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers,
+        "volumes": volumes,
+    }
+    if k8s.node_selector:
+        spec["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        spec["tolerations"] = [t.model_dump(exclude_none=True) for t in k8s.tolerations]
+    return spec
+
+
+def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:
+    """Config mistakes that only bite on the cluster, reported before a job is created."""
+    from kubernetes.utils import parse_quantity
+
+    train, k8s = cfg.train, cfg.kubernetes
+    errors = []
+    if not config_path.startswith("/"):
+        errors.append(f"config path {config_path!r}: must be an absolute path inside the pod (e.g. on the volume)")
+    root = PurePosixPath(k8s.mount_path)
+    out = PurePosixPath(cfg.output_dir)
+    if out != root and root not in out.parents:
+        errors.append(
+            f"output_dir: {out} is not below kubernetes.mount_path {root}; the pods would write their outputs "
+            "to their own filesystems and lose them"
+        )
+    gpus = train.resources.gpu
+    if cfg.device == "cuda" and gpus == 0:
+        errors.append("train.resources.gpu: 0 GPUs per node but device is 'cuda'")
+    if gpus and train.nproc_per_node > gpus:
+        errors.append(f"train.nproc_per_node: {train.nproc_per_node} ranks per node but only {gpus} GPUs per node")
+    if parse_quantity(train.resources.shm_size) > parse_quantity(train.resources.memory):
+        errors.append(
+            f"train.resources.shm_size: {train.resources.shm_size} exceeds the pod's memory "
+            f"{train.resources.memory} (a memory-backed /dev/shm counts against it)"
+        )
+    if errors:
+        raise ConfigError(errors)
