@@ -5,6 +5,9 @@ interleaved rounds (``timing.interleaved``; the shards are removed, untimed, bef
 reports its median.
 
     .venv/bin/python benchmarks/preprocess_throughput.py [--n 200] [--tile-size 560] [--repeats 3]
+
+Measured (200 pages, tile 560, 2 cores at load average ~20): reference 2.6 samples/s, 1 worker 4.5 (1.70x),
+2 workers 4.4 (1.68x); 227,342 bytes stored per sample vs 40,802 of original images (5.56x).
 """
 
 from __future__ import annotations

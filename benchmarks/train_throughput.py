@@ -16,7 +16,14 @@ micro-batch (B × S, the activation-memory budget) and the median step time for:
 
 Step times are medians over the second half of each run (compile warm-up and the first steps excluded);
 each comparison runs ``--repeats`` times interleaved and keeps the fastest median, because the 2 cores are
-shared. Every run is a real ``docev train`` (torchrun, gloo) on shards from validate → preprocess.
+shared. Every run is a real ``docev train`` (torchrun, gloo) on shards from validate → preprocess. Both
+loops time the same window: from fetching a step's first micro-batch through the optimizer step,
+``zero_grad`` and the lr-scheduler step (the recipe's ``step_seconds``).
+
+Measured (load average 12-20 on the 2 cores; earlier figures, at ~5 and with the recipe's window ending
+before the optimizer step, in brackets): batch 1 2115 tok/s (4399), batch 4 bucketed 5418 (12032), packed
+7394 (11919); compiled / eager 3.16 (1.11); ours / stock 0.56 (0.93), the old window the same day 1.28 --
+at that load the noise exceeds the effect (docs/architecture.md).
 
     .venv/bin/python benchmarks/train_throughput.py [--records 64] [--steps 16] [--repeats 3] [--sections 1,2,3]
 """

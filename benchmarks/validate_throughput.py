@@ -3,6 +3,9 @@ interleaved rounds, ``timing.interleaved``, the output removed untimed before ev
 peak RSS of a validation child process at 1k and 10k records (memory must stay flat as input grows).
 
     .venv/bin/python benchmarks/validate_throughput.py [--n 1000] [--repeats 3]
+
+Measured (2 cores at load average ~20): 30 records/s with 1 worker, 28 with 2 (0.95x); peak RSS 531 MiB at
+1k and at 10k records (ratio 1.00).
 """
 
 from __future__ import annotations
