@@ -192,6 +192,8 @@ def _pod_template(
         },
         "containers": [_container(cfg, config_path, overrides)],
         "volumes": volumes,
+        # SIGTERM → SIGKILL: time to finish the step in flight and save it (docev.training.preemption)
+        "terminationGracePeriodSeconds": cfg.train.termination_grace_seconds,
     }
     if k8s.node_selector:
         spec["nodeSelector"] = dict(k8s.node_selector)
