@@ -144,8 +144,8 @@ class DocEVFinetuneRecipe:
     # setup
 
     def setup(self) -> None:
-        """Metric logger, checkpoint (base or ``latest``), model, optimizer, loss, data, lr scheduler;
-        then the recipe state when resuming."""
+        """Preemption handler, checkpoint (base or ``latest``), metric logger (continuing the checkpoint's W&B
+        run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
         folder, resumed = self._start_folder()
@@ -207,6 +207,7 @@ class DocEVFinetuneRecipe:
         return choice[0]
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """``parallelize.setup_model`` with this run's dtypes and switches, then the activation-offloading context."""
         cfg = self.cfg
         model = setup_model(
             component(cfg, "model"),
@@ -314,7 +315,8 @@ class DocEVFinetuneRecipe:
                 preempted = self._preemption.agreed()
                 if end_of_epoch or stopping or preempted or self.global_step % self.cfg.save_every_n_steps == 0:
                     self.save_checkpoint()
-                if preempted:
+                finished = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
+                if preempted and not finished:  # a run that just finished ends as finished
                     pbar.close()
                     raise Preempted(self.global_step)
                 if end_of_epoch or stopping:
