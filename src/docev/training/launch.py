@@ -22,7 +22,6 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from docev.config import ConfigError, DocEVConfig
-from docev.training.preemption import PREEMPTED_EXIT_CODE
 
 RECIPE_MODULE = "docev.training.recipe"
 LAUNCH_MODULE = "docev.training.launch"
@@ -58,6 +57,8 @@ def run_torchrun(args: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
+    from docev.training.preemption import PREEMPTED_EXIT_CODE  # imports torch: not before `docev train` execs
 
     try:
         torchrun(list(args))
