@@ -147,3 +147,16 @@ def test_training_run_control_fields():
     assert err.startswith(f"{TINY}: stop_after_steps: ") and "greater than or equal to 1" in err
     (err,) = _errors(["train.collective_timeout_seconds=0"])
     assert err.startswith(f"{TINY}: train.collective_timeout_seconds: ") and "greater than 0" in err
+
+
+def test_master_dtype():
+    assert load_config(TINY).master_dtype == "fp32"  # the default: fp32 master weights
+    preview = load_config(CONFIGS / "docev_preview.yaml")
+    assert (preview.dtype, preview.master_dtype) == ("bf16", "fp32")
+    assert load_config(TINY, ["dtype=bf16", "master_dtype=bf16"]).master_dtype == "bf16"
+    assert _errors(["master_dtype=bf16"]) == [
+        f"{TINY}: master_dtype: bf16 with dtype fp32: the master weights cannot be coarser than the compute dtype"
+    ]
+    (err,) = _errors(["master_dtype=fp16"])
+    assert err.startswith(f"{TINY}: master_dtype: ") and "'fp32' or 'bf16'" in err
+    assert load_config(TINY, ["train.termination_grace_seconds=90"]).train.termination_grace_seconds == 90

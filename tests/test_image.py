@@ -56,7 +56,7 @@ def test_versions_match_the_lock_and_the_project(instructions):
     (install,) = [i for i in instructions if i.cmd == "RUN" and "pip install" in i.value[0]]
     words = shlex.split(install.value[0].split("&&")[0])
     assert words[words.index("--constraint") + 1] == "requirements.lock"
-    assert "--only-binary=:all:" in words  # nothing compiled, so no compiler needed
+    assert "--only-binary=:all:" in words  # no dependency compiled at install time
 
 
 def test_multi_stage_non_root_and_no_build_tools(instructions):
@@ -69,11 +69,33 @@ def test_multi_stage_non_root_and_no_build_tools(instructions):
     uid, gid = user.value[0].split(":")
     k8s = KubernetesSection()
     assert (int(uid), int(gid)) == (k8s.run_as_user, k8s.run_as_group) and int(uid) != 0
-    text = DOCKERFILE.read_text()
+    build_text = " ".join(" ".join(i.value) for i in build)
     for tool in ("apt-get", "apk ", "gcc", "build-essential", "--no-binary"):
-        assert tool not in text, tool
+        assert tool not in build_text, tool
     final_runs = " ".join(i.value[0] for i in final if i.cmd == "RUN")
     assert "uninstall --yes" in final_runs and "setuptools" in final_runs
+    assert "build-essential" not in final_runs and "apk " not in final_runs
+
+
+def test_final_stage_has_the_c_compiler_triton_needs(instructions):
+    """``compile: true`` on CUDA: Triton builds a C launcher at the first kernel launch, with the host compiler.
+    The final stage installs exactly gcc + libc6-dev, as root before ``USER``, and clears apt's lists."""
+    _, final = stages(instructions)
+    names = [i.cmd for i in final]
+    installs = []
+    for pos, i in enumerate(final):
+        if i.cmd != "RUN" or "apt-get install" not in i.value[0]:
+            continue
+        assert pos < names.index("USER")  # installed as root; the image still ends non-root
+        for part in i.value[0].split("&&"):
+            words = shlex.split(part)
+            if words[:2] == ["apt-get", "install"]:
+                installs += [w for w in words[2:] if not w.startswith("-")]
+                assert "--no-install-recommends" in words
+        assert "rm -rf /var/lib/apt/lists/*" in i.value[0]
+    assert sorted(installs) == ["gcc", "libc6-dev"]
+    (user,) = [i for i in final if i.cmd == "USER"]
+    assert user.value[0].split(":")[0] != "0"
 
 
 def test_cuda_check_refuses_a_cpu_torch(instructions, tmp_path):

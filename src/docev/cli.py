@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     argv = torchrun_argv(load_config(args.config, args.overrides), args.config, args.overrides)
     sys.stdout.flush()
-    os.execv(argv[0], argv)  # torchrun takes over the process: signals and exit status are its own
+    os.execv(argv[0], argv)  # the torchrun launcher takes over the process: signals and exit status are its own
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:

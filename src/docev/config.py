@@ -256,6 +256,13 @@ class TrainSection(_Strict):
         description="Process-group timeout: a collective waiting longer on a silent rank fails the job instead "
         "of hanging it (torchrun already stops every rank when one exits).",
     )
+    termination_grace_seconds: int = Field(
+        600,
+        gt=0,
+        description="Time from SIGTERM (preemption, node drain) to SIGKILL: the pods' "
+        "terminationGracePeriodSeconds and torchrun's --shutdown-timeout. Must cover finishing the step in "
+        "flight plus one checkpoint save (the log's 'Saved ... in N s').",
+    )
 
     @field_validator("runtime")
     @classmethod
@@ -383,6 +390,12 @@ class DocEVConfig(_Strict):
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cuda"
     dtype: Literal["bf16", "fp32"] = "bf16"
+    master_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Dtype of the parameters, gradients and optimizer state; compute runs in `dtype` (FSDP2 "
+        "mixed precision, fp32 gradient reduction). bf16 keeps everything in bf16 (half the memory of the "
+        "trainable state; updates below half a bf16 ulp round away).",
+    )
 
     model: ModelSection
     tokenizer: TokenizerSection
@@ -445,6 +458,10 @@ class DocEVConfig(_Strict):
                     f"{tok.max_seq_len} cannot hold one image: the base tile "
                     f"alone costs {s * s} tokens at sampling_ratio {max(tok.sampling_ratio)}",
                 )
+            )
+        if self.master_dtype == "bf16" and self.dtype == "fp32":
+            errors.append(
+                ("master_dtype", "bf16 with dtype fp32: the master weights cannot be coarser than the compute dtype")
             )
         if self.dataloader.packed and self.dataloader.bucket_by_length:
             errors.append(

@@ -54,6 +54,19 @@ def test_rendered_jobs_pass_crd_schema_and_admission_rules(nodes, gpus):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
         assert c["command"] == ["docev", "train", "--config", ON_PVC, *overrides, "train.backend=local"]
         assert replicas[rtype]["restartPolicy"] == "OnFailure"
+        assert replicas[rtype]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+def test_termination_grace_comes_from_the_config():
+    """SIGTERM → SIGKILL: the time the pods get to finish the step in flight and save it."""
+    job = render(preview("train.termination_grace_seconds=1800"))
+    assert pytorchjob_errors(job) == []
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
+    bad = copy.deepcopy(job)
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] = "1800"
+    assert pytorchjob_errors(bad)  # the CRD wants an integer
+    with pytest.raises(ConfigError, match="train.termination_grace_seconds"):
+        preview("train.termination_grace_seconds=0")
 
 
 def _replicas(j):

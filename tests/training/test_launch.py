@@ -11,11 +11,12 @@ def test_torchrun_argv_local_and_in_a_pytorchjob(tmp_path, tiny_checkpoint):
     cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
     path = str(CONFIGS / "tiny.yaml")
     local = torchrun_argv(cfg, path, ["epochs=2"], env={})
-    assert local == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+    launcher = [sys.executable, "-m", "docev.training.launch", "--shutdown-timeout", "600"]
+    assert local == [*launcher, "--standalone", "--nnodes", "1",
                      "--nproc_per_node", "2", "-m", "docev.training.recipe", "--config", path, "epochs=2"]  # fmt: skip
     # In a PyTorchJob pod torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_MASTER_ADDR... itself.
     pod = torchrun_argv(cfg, path, [], env={"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8"})
-    assert pod == [sys.executable, "-m", "torch.distributed.run", "-m", "docev.training.recipe", "--config", path]
+    assert pod == [*launcher, "-m", "docev.training.recipe", "--config", path]
 
 
 def test_torchrun_argv_refuses_what_it_cannot_start(tmp_path, tiny_checkpoint):

@@ -5,7 +5,9 @@ The runs are shared by the assertions (each costs ~10 s on 2 cores):
 - ``full``: 2 epochs = 14 steps uninterrupted;
 - ``split``: the same config stopped after 6 steps (``stop_after_steps``), then resumed to 14, logging to
   W&B (offline, no API key);
-- the fault test's own run: ``kill -9`` of rank 1 mid-run, then a restart that resumes from ``latest``.
+- the fault test's own run: ``kill -9`` of rank 1 mid-run, then a restart that resumes from ``latest``;
+- the preemption test's own run: SIGTERM to ``docev train`` mid-epoch, then a restart (W&B offline);
+- the precision test's two 3-step bf16 runs (fp32 and bf16 master weights), each exported in fp32.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import torch
 from conftest import CONFIGS, tiny_config
 from safetensors.torch import load_file
 
+from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
 from docev.data.preprocess import run_preprocess
+from docev.export import export_checkpoint
 from docev.models.docev import DocEVCheckpointer, docev_tiny, latest_checkpoint
 from docev.training.metrics import read_metrics
-from docev.training.recipe import shard_condition
+from docev.training.parallelize import shard_condition
+from docev.training.preemption import PREEMPTED_EXIT_CODE
 from docev.validate.runner import run_validate
 
 CONFIG = CONFIGS / "tiny.yaml"
@@ -206,7 +211,10 @@ def test_exact_resume(runs):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = (torch.load(f / "recipe_state.pt", weights_only=True)["optimizer"]["state"] for f in (a, b))
     assert all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
-    assert len(list((runs["split"] / "logs" / "wandb").glob("offline-run-*"))) == 2  # W&B offline, once per run
+    # W&B offline, one directory per run, both for the same W&B run: the id kept with the checkpoint
+    offline = sorted((runs["split"] / "logs" / "wandb").glob("offline-run-*"))
+    saved_id = torch.load(b / "recipe_state.pt", weights_only=True)["wandb_run_id"]
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {saved_id}
 
 
 def _worker(launcher: int, rank: int) -> int:
@@ -259,7 +267,7 @@ def test_nan_loss_stops_every_rank_naming_the_samples(data):
     """In bf16 (CPU allows it): the steps before the failure train and save bf16 weights."""
     out = _out(data, "nan")
     # lr 1e30 after the warmup's first step: step 2 moves every weight by ~1e30, step 3's loss is NaN.
-    args = ("dtype=bf16", "optimizer.lr=1e30", "clip_grad_norm=null", "save_every_n_steps=1")
+    args = ("dtype=bf16", "master_dtype=bf16", "optimizer.lr=1e30", "clip_grad_norm=null", "save_every_n_steps=1")
     proc = _train(_args(data, out, *args))
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -312,3 +320,83 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(runs, tmp_path, whe
     assert DocEVCheckpointer(latest).load_checkpoint()["global_step"] == STEPS
     assert prune_checkpoints(out, keep=2) == left  # the resumed run starts clean
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_12", f"step_{STEPS}"]
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_restart_loses_nothing(data, runs):
+    """The real path: SIGTERM to the `docev train` process (torchrun's launcher), which forwards it to both ranks."""
+    out = _out(data, "preempt")
+    wandb = ["metric_logger._component_=torchtune.training.metric_logging.WandBLogger",
+             "metric_logger.project=docev-test", f"metric_logger.log_dir={out / 'logs'}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "docev.cli", "train", *_args(data, out, *wandb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    metrics = out / "logs" / "metrics.jsonl"
+    try:
+        while not read_metrics(metrics):
+            assert proc.poll() is None, "the run ended before it could be signalled"
+            time.sleep(0.02)
+        seen = len(read_metrics(metrics))
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-4000:]
+    assert "[rank0]: got SIGTERM" in log and "[rank1]: got SIGTERM" in log
+    rows = read_metrics(metrics)
+    saved = rows[-1]["step"]
+    assert seen <= saved <= seen + 1 < SAVE_EVERY  # the step in flight, not a scheduled save
+    ckpts = out / "checkpoints"
+    assert latest_checkpoint(ckpts).name == f"step_{saved}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", f"step_{saved}"]
+    assert DocEVCheckpointer(ckpts / f"step_{saved}").load_checkpoint()["global_step"] == saved
+
+    restart = _train(_args(data, out, *wandb))
+    _ok(restart)
+    assert f"Resuming from {ckpts / f'step_{saved}'}" in restart.stdout + restart.stderr
+    full = read_metrics(runs["full"] / "logs" / "metrics.jsonl")
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # 0 steps lost, none repeated
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full]
+    offline = sorted((out / "logs" / "wandb").glob("offline-run-*"))
+    saved_id = torch.load(latest_checkpoint(ckpts) / "recipe_state.pt", weights_only=True)["wandb_run_id"]
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {saved_id}  # one W&B run
+
+
+def _bf16_copy(src: Path, dst: Path) -> Path:
+    """The tiny base stored in bf16, as the preview's base is: fp32 master weights hold it exactly."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    return dst
+
+
+def test_fp32_master_weights_keep_the_updates_bf16_rounds_away(data, tmp_path):
+    """bf16 compute, lr 1e-5, 3 steps, exported in fp32: the share of decoder-layer elements that differ
+    from the (bf16) base. With fp32 master weights every trained element moves; in pure bf16 an update of
+    ~1e-5 is below half an ulp of any weight with |w| ≳ 0.003, so most stay at the base's bits."""
+    base = _bf16_copy(data["checkpoint"], tmp_path / "base-bf16")
+    base_sd = _weights(base)
+    shares = {}
+    for master in ("fp32", "bf16"):
+        out = _out(data, f"master-{master}")
+        args = _args(data, out, f"checkpointer.checkpoint_dir={base}", "dtype=bf16", f"master_dtype={master}",
+                     "optimizer.lr=1e-5", "epochs=1", "max_steps_per_epoch=3", "export.dtype=fp32")  # fmt: skip
+        proc = _train(args)
+        _ok(proc)
+        assert ("master_dtype: bf16 with optimizer.lr 1e-05" in proc.stdout + proc.stderr) == (master == "bf16")
+        stored = {v.dtype for k, v in _weights(latest_checkpoint(out / "checkpoints")).items() if ".head." not in k}
+        assert stored == {torch.float32 if master == "fp32" else torch.bfloat16}  # checkpoints hold the master
+        result = export_checkpoint(load_config(CONFIG, args[2:]), "latest", str(out / "export"))
+        exported = _weights(Path(result.destination))
+        keys = [k for k in exported if k.startswith("language_model.model.layers.")]
+        assert keys and all(exported[k].dtype == torch.float32 for k in keys)
+        changed = sum(int((exported[k] != base_sd[k].float()).sum()) for k in keys)
+        shares[master] = changed / sum(exported[k].numel() for k in keys)
+        frozen = [k for k in exported if k.startswith("vision_tower.")]
+        assert all(torch.equal(exported[k], base_sd[k].float()) for k in frozen)  # frozen: the base's bits
+    print(f"decoder-layer elements changed after 3 steps at lr 1e-5: fp32 master {shares['fp32']:.1%}, "
+          f"bf16 {shares['bf16']:.1%}")  # fmt: skip
+    assert shares["fp32"] >= 0.9 and shares["bf16"] < shares["fp32"] / 2, shares

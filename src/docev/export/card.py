@@ -22,8 +22,8 @@ from docev.models.docev._convert_weights import is_unused
 
 # The config sections that decide the trained weights (the card's config hash).
 TRAINING_SECTIONS = (
-    "model", "tokenizer", "datasets", "dataloader", "seed", "dtype", "epochs", "max_steps_per_epoch", "batch_size",
-    "gradient_accumulation_steps", "optimizer", "lr_scheduler", "loss", "clip_grad_norm",
+    "model", "tokenizer", "datasets", "dataloader", "seed", "dtype", "master_dtype", "epochs", "max_steps_per_epoch",
+    "batch_size", "gradient_accumulation_steps", "optimizer", "lr_scheduler", "loss", "clip_grad_norm",
 )  # fmt: skip
 NOT_AVAILABLE = "not available"
 

@@ -122,6 +122,8 @@ def pod_spec(cfg: DocEVConfig, containers: list[dict[str, Any]], volumes: list[d
         },
         "containers": containers,
         "volumes": volumes,
+        # SIGTERM -> SIGKILL: time to finish the step in flight and save it (docev.training.preemption)
+        "terminationGracePeriodSeconds": cfg.train.termination_grace_seconds,
     }
     if k8s.node_selector:
         spec["nodeSelector"] = dict(k8s.node_selector)

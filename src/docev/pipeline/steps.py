@@ -78,6 +78,7 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     continues, not restarts.
     """
     from docev.training.metrics import read_metrics
+    from docev.training.preemption import PREEMPTED_EXIT_CODE
 
     cfg = load(run)
     path = config_path(cfg)
@@ -88,6 +89,11 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     else:
         cmd = [sys.executable, "-m", "docev.cli", "train", "--config", str(path)]
         done = subprocess.run(cmd, check=False)
+        if done.returncode == PREEMPTED_EXIT_CODE:
+            raise RuntimeError(
+                f"training was preempted (SIGTERM, exit {done.returncode}) after saving the step in flight; "
+                "a retry of this step resumes from it"
+            )
         if done.returncode != 0:
             raise RuntimeError(f"training failed (exit {done.returncode}); see {Path(cfg.output_dir) / 'logs'}")
     logged = read_metrics(Path(cfg.output_dir) / "logs" / "metrics.jsonl")

@@ -32,7 +32,9 @@ STEP_KEY = "global_step"
 TOKENS_KEY = "tokens_seen"
 SEED_KEY = "seed"
 WORLD_SIZE_KEY = "world_size"
-RECIPE_KEYS = (OPTIMIZER_KEY, LR_SCHEDULER_KEY, SAMPLER_KEY, RNG_KEY, STEP_KEY, TOKENS_KEY, SEED_KEY, WORLD_SIZE_KEY)
+WANDB_RUN_KEY = "wandb_run_id"  # a restarted run continues this W&B run (None without W&B)
+RECIPE_KEYS = (OPTIMIZER_KEY, LR_SCHEDULER_KEY, SAMPLER_KEY, RNG_KEY, STEP_KEY, TOKENS_KEY, SEED_KEY, WORLD_SIZE_KEY,
+               WANDB_RUN_KEY)  # fmt: skip
 
 
 class ResumeError(RuntimeError):

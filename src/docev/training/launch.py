@@ -5,17 +5,27 @@ standalone rendezvous on a free port). Inside a PyTorchJob pod the Training Oper
 Trainer's torch plugin, sets ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
 ``PET_MASTER_PORT``, which ``torchrun`` reads as the defaults of its options, so nothing is passed that would
 override them.
+
+torchrun runs inside this module (``python -m docev.training.launch <torchrun args>``) rather than as
+``torch.distributed.run``, for one reason: its exit status. A torchrun that receives SIGTERM forwards it
+to the workers (which save the step in flight and exit, see ``docev.training.preemption``), waits up to
+``--shutdown-timeout`` (= ``train.termination_grace_seconds``) and then raises, which plain torchrun
+turns into exit status 1, a permanent failure for the Training Operator. Here a signal ends the launcher
+with ``128 + signal`` (143 for SIGTERM), which the operator restarts, as it does when every worker exited
+with ``PREEMPTED_EXIT_CODE``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
 from docev.config import ConfigError, DocEVConfig
 
 RECIPE_MODULE = "docev.training.recipe"
+LAUNCH_MODULE = "docev.training.launch"
 
 
 def torchrun_argv(
@@ -31,7 +41,7 @@ def torchrun_argv(
                 "train.backend=local`. Pass train.backend=local to train on this machine."
             ]
         )
-    argv = [sys.executable, "-m", "torch.distributed.run"]
+    argv = [sys.executable, "-m", LAUNCH_MODULE, "--shutdown-timeout", str(cfg.train.termination_grace_seconds)]
     if "PET_NNODES" not in env:
         if cfg.train.nnodes > 1:
             raise ConfigError(
@@ -43,3 +53,30 @@ def torchrun_argv(
             )
         argv += ["--standalone", "--nnodes", "1", "--nproc_per_node", str(cfg.train.nproc_per_node)]
     return [*argv, "-m", RECIPE_MODULE, "--config", config_path, *overrides]
+
+
+def run_torchrun(args: Sequence[str]) -> int:
+    """torchrun with ``args`` in this process; a signal it forwarded ends it with ``128 + signal``."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    from docev.training.preemption import PREEMPTED_EXIT_CODE  # imports torch: not before `docev train` execs
+
+    try:
+        torchrun(list(args))
+    except SignalException as exc:
+        print(f"docev train: {exc.sigval.name} forwarded to the workers; exiting {128 + exc.sigval}", file=sys.stderr)
+        return 128 + exc.sigval
+    except ChildFailedError as exc:
+        # Workers signalled directly: each saved and exited to be restarted, or was still exiting when
+        # torchrun, seeing the first exit, sent it SIGTERM.
+        codes = {f.exitcode for f in exc.failures.values()}
+        if PREEMPTED_EXIT_CODE in codes and codes <= {PREEMPTED_EXIT_CODE, -signal.SIGTERM}:
+            return PREEMPTED_EXIT_CODE
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))

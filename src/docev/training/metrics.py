@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ def wandb_mode(component: str, env: MutableMapping[str, str] = os.environ) -> st
     if "WANDB_MODE" not in env:
         env["WANDB_MODE"] = "online" if env.get("WANDB_API_KEY") else "offline"
     return env["WANDB_MODE"]
+
+
+def wandb_run_id(metric_logger: Any, saved: str | None) -> str | None:
+    """The W&B run this training logs to: the config's ``id``, else the one saved with the checkpoint being
+    resumed (so a restarted job continues one run, one loss curve), else a new one; None without W&B."""
+    if not metric_logger.component.endswith("WandBLogger"):
+        return None
+    configured = (metric_logger.model_extra or {}).get("id")
+    if configured:
+        return str(configured)
+    return saved or secrets.token_hex(8)  # W&B ids: letters, digits, '-', '_'
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -12,13 +12,10 @@ one-process group. What differs from torchtune's stock recipe, and why:
   next sample and repeats the interrupted run's losses bit for bit (CPU, fp32).
 - **Loss normalised by the loss tokens of the whole step** across ranks and micro-batches (not by
   micro-batch count), as torchtune does; the counts come with the batch, so no extra sync.
-- **FSDP units are the modules every rank calls exactly once per micro-batch**: each decoder layer and
-  the token embedding. The rest stays in the root unit (gathered once per micro-batch): the vision
-  path, because a rank whose micro-batch holds no image skips it, and the output projection, because
-  chunked output calls it ``ceil``-many times, which depends on the rank's sequence length (33 tokens
-  in 8 chunks make 7 calls). Sharded separately, either would issue all-gathers the other ranks do
-  not match (a collective mismatch or a hang). ``set_reduce_scatter_unused_params`` makes image-less
-  ranks contribute zero gradients for the connector, so every rank reduces the same tensors.
+- **fp32 master weights** by default (``master_dtype``), compute in ``dtype``; how the model is built,
+  sharded and compiled is ``docev.training.parallelize``.
+- **Preemption loses nothing**: SIGTERM finishes the step in flight, saves it and exits with a code the
+  operator retries (``docev.training.preemption``); a restart continues the same W&B run.
 - **Clean failure**: a non-finite loss or gradient norm stops every rank at that step, naming the
   step and the samples; collectives time out after ``train.collective_timeout_seconds``.
 """
@@ -30,7 +27,6 @@ import copy
 import gc
 import math
 import os
-import re
 import socket
 import sys
 import time
@@ -45,7 +41,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 from torchtune import config, training, utils
-from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
@@ -61,17 +56,18 @@ from docev.training.checkpointing import (
     SEED_KEY,
     STEP_KEY,
     TOKENS_KEY,
+    WANDB_RUN_KEY,
     WORLD_SIZE_KEY,
     capture_rng,
     prune_checkpoints,
     restore_rng,
     start_folder,
 )
-from docev.training.metrics import MetricsLog, wandb_mode
+from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
+from docev.training.parallelize import precision_warning, setup_model
+from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
 
 log = utils.get_logger("INFO")
-
-_SHARDED_UNITS = re.compile(r"decoder\.layers\.\d+|tok_embeddings")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,12 +77,6 @@ class NonFiniteLossError(RuntimeError):
 def component(cfg: DocEVConfig, name: str) -> DictConfig:
     """A ``_component_`` section as the DictConfig ``torchtune.config.instantiate`` takes."""
     return OmegaConf.create(cfg.to_dict()[name])
-
-
-def shard_condition(name: str, module: torch.nn.Module) -> bool:
-    """FSDP units besides the root: each decoder layer and the token embedding. Modules a rank may call a
-    different number of times than another stay in the root unit (see the module docstring)."""
-    return _SHARDED_UNITS.fullmatch(name) is not None
 
 
 @dataclass
@@ -123,6 +113,7 @@ class DocEVFinetuneRecipe:
         self.cfg = cfg
         self._device = utils.get_device(cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._master_dtype = training.get_dtype(cfg.master_dtype, device=self._device)
         if cfg.enable_activation_offloading and self._device.type != "cuda":
             raise ValueError("enable_activation_offloading: needs device cuda")
         self._owns_process_group = not dist.is_initialized()
@@ -146,23 +137,29 @@ class DocEVFinetuneRecipe:
         self.global_step = 0
         self.tokens_seen = 0
         self._metrics: MetricsLog | None = None
+        self._wandb_run_id: str | None = None
+        self._preemption = PreemptionHandler(self._device)
 
     # ------------------------------------------------------------------------------------------
     # setup
 
     def setup(self) -> None:
-        """Metric logger, checkpoint (base or ``latest``), model, optimizer, loss, data, lr scheduler;
-        then the recipe state when resuming."""
+        """Preemption handler, checkpoint (base or ``latest``), metric logger (continuing the checkpoint's W&B
+        run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
-        if self._is_rank_zero:
-            self._metrics = self._setup_metrics()
+        self._preemption.install()
         folder, resumed = self._start_folder()
         self._resumed_from = folder if resumed else None
         self._checkpointer = config.instantiate(
             component(cfg, "checkpointer"), checkpoint_dir=str(folder), output_dir=str(self._output_dir)
         )
         state = self._checkpointer.load_checkpoint()
+        if self._is_rank_zero:  # a resumed run continues the W&B run of its checkpoint
+            self._metrics = self._setup_metrics(state.get(WANDB_RUN_KEY) if resumed else None)
         utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
+        warning = precision_warning(self._master_dtype, (cfg.optimizer.model_extra or {}).get("lr"))
+        if warning is not None and self._is_rank_zero:
+            log.warning(warning)
 
         self._model = self._setup_model(state.pop("model"))
         self._optimizer = self._setup_optimizer(state.get(OPTIMIZER_KEY) if resumed else None)
@@ -191,10 +188,12 @@ class DocEVFinetuneRecipe:
                 restore_rng(rng[self.rank])
         self._ignore_index = getattr(self._loss_fn, "ignore_index", -100)
 
-    def _setup_metrics(self) -> MetricsLog:
+    def _setup_metrics(self, saved_run_id: str | None) -> MetricsLog:
         cfg = self.cfg
         wandb_mode(cfg.metric_logger.component)
-        logger = config.instantiate(component(cfg, "metric_logger"))
+        self._wandb_run_id = wandb_run_id(cfg.metric_logger, saved_run_id)
+        resume = {"id": self._wandb_run_id, "resume": "allow"} if self._wandb_run_id else {}
+        logger = config.instantiate(component(cfg, "metric_logger"), **resume)
         logger.log_config(OmegaConf.create(cfg.to_dict()))
         return MetricsLog(self._log_dir, logger)
 
@@ -208,30 +207,18 @@ class DocEVFinetuneRecipe:
         return choice[0]
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Built on the meta device in the training dtype, compiled per layer, activation-checkpointed,
-        sharded, then filled from the full state dict (each rank keeps its shard)."""
+        """``parallelize.setup_model`` with this run's dtypes and switches, then the activation-offloading context."""
         cfg = self.cfg
-        start = time.perf_counter()
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
-            model = config.instantiate(component(cfg, "model"))
-        if cfg.compile:
-            training.compile_model(model, verbose=self._is_rank_zero)
-        if cfg.enable_activation_checkpointing:
-            training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-        training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
-        model.set_reduce_scatter_unused_params(True)
-        training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
-        with training.set_default_dtype(self._dtype), self._device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
-                    m.rope_init()
-        training.validate_no_params_on_meta_device(model)
-        self._activations_ctx = training.get_act_offloading_ctx_manager(model, cfg.enable_activation_offloading)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * self.world_size
-        utils.log_rank_zero(
-            log, f"Model ready in {time.perf_counter() - start:.1f} s (~{trainable / 1e6:.1f}M trainable parameters)"
+        model = setup_model(
+            component(cfg, "model"),
+            model_state_dict,
+            self._device,
+            compute_dtype=self._dtype,
+            master_dtype=self._master_dtype,
+            compile=cfg.compile,
+            activation_checkpointing=cfg.enable_activation_checkpointing,
         )
-        dist.barrier()
+        self._activations_ctx = training.get_act_offloading_ctx_manager(model, cfg.enable_activation_offloading)
         return model
 
     def _setup_optimizer(self, opt_state_dict: dict[str, Any] | None) -> torch.optim.Optimizer:
@@ -325,8 +312,13 @@ class DocEVFinetuneRecipe:
                 done += 1
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
-                if end_of_epoch or stopping or self.global_step % self.cfg.save_every_n_steps == 0:
+                preempted = self._preemption.agreed()
+                if end_of_epoch or stopping or preempted or self.global_step % self.cfg.save_every_n_steps == 0:
                     self.save_checkpoint()
+                finished = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
+                if preempted and not finished:  # a run that just finished ends as finished
+                    pbar.close()
+                    raise Preempted(self.global_step)
                 if end_of_epoch or stopping:
                     break
                 step, t0 = _Step(), time.perf_counter()
@@ -470,6 +462,7 @@ class DocEVFinetuneRecipe:
                 TOKENS_KEY: self.tokens_seen,
                 SEED_KEY: self.seed,
                 WORLD_SIZE_KEY: self.world_size,
+                WANDB_RUN_KEY: self._wandb_run_id,
             }
             folder = self._checkpointer.save_checkpoint(state, self.global_step)
             removed = prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._resumed_from)
@@ -479,6 +472,7 @@ class DocEVFinetuneRecipe:
         return folder
 
     def cleanup(self) -> None:
+        self._preemption.uninstall()
         if self._metrics is not None:
             self._metrics.plot()
             self._metrics.close()
@@ -486,13 +480,18 @@ class DocEVFinetuneRecipe:
             dist.destroy_process_group()
 
 
-def recipe_main(cfg: DocEVConfig) -> None:
+def recipe_main(cfg: DocEVConfig) -> int:
+    """Train; 0 when done, ``PREEMPTED_EXIT_CODE`` after a preemption checkpoint."""
     recipe = DocEVFinetuneRecipe(cfg)
     try:
         recipe.setup()
         recipe.train()
+    except Preempted as exc:
+        utils.log_rank_zero(log, str(exc))
+        return PREEMPTED_EXIT_CODE
     finally:
         recipe.cleanup()
+    return 0
 
 
 def _single_process_env() -> None:
@@ -517,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         print("config error:", *(f"  {line}" for line in exc.errors), sep="\n", file=sys.stderr)
         return 2
     _single_process_env()
-    recipe_main(cfg)
-    return 0
+    return recipe_main(cfg)
 
 
 if __name__ == "__main__":
