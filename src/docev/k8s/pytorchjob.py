@@ -151,6 +151,11 @@ def _container(cfg: DocEVConfig, config_path: str, overrides: list[str] | tuple[
                 "valueFrom": {"secretKeyRef": {"name": k8s.wandb_secret, "key": k8s.wandb_secret_key}},
             }
         )
+    if k8s.storage_secret:  # object-store credentials: referenced by name, never copied into the manifest
+        env += [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.storage_secret, "key": key}}}
+            for key, name in k8s.storage_secret_keys.items()
+        ]
     limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpu:
         limits[res.gpu_resource] = str(res.gpu)
