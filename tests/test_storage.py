@@ -100,3 +100,12 @@ def test_ordered_map_keeps_order_bounds_work_and_passes_errors_through():
     assert isinstance(out[5][1], ValueError) and out[6][1] == 36
     with pytest.raises(TransientStorageError):
         list(ordered_map(lambda i: (_ for _ in ()).throw(TransientStorageError("down")), range(3), threads=2))
+
+
+def test_output_dir_on_an_object_store_is_refused_with_the_reason(tmp_path):
+    from conftest import CONFIGS
+
+    from docev.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="output_dir: 's3://bucket/run': outputs go to a folder or volume"):
+        load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run"])

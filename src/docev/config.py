@@ -192,7 +192,11 @@ class ValidateSection(_Strict):
 class PreprocessSection(_Strict):
     workers: int = Field(1, ge=1)
     records_per_shard: int = Field(256, ge=1)
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_format: Literal["auto", "original", "png", "jpeg", "webp"] = Field(
+        "auto",
+        description="auto: per image the smaller of its original bytes and lossless WebP tiles (exact); original: "
+        "the original bytes, tiled at load time (exact); png (exact, ~5× the originals); jpeg / webp: lossy.",
+    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     fanout: int = Field(1, ge=1, description="KFP tasks building shards in parallel (shard k goes to k % fanout).")
 
@@ -468,6 +472,9 @@ class DocEVConfig(_Strict):
     def cross_checks(self) -> list[tuple[str, str]]:
         """Rules spanning sections, as (dotted path, message)."""
         errors = []
+        if "://" in self.output_dir and not self.output_dir.startswith("file://"):
+            errors.append(("output_dir", f"{self.output_dir!r}: outputs go to a folder or volume (only dataset "
+                           "sources may be object-store URLs; export.destination may be one too)"))  # fmt: skip
         tok = self.tokenizer
         for key in ("tile_size", "patch_size", "max_num_tiles", "min_num_tiles", "image_token_id"):
             m, t = getattr(self.model, key), getattr(tok, key)

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,7 @@ def test_other_config_or_tokenizer_is_refused(tmp_path, tiny_checkpoint, synth_s
         build_dataset(changed)
 
 
-def test_shard_samples_equal_the_online_transform(built):
-    cfg, _ = built
+def _assert_samples_equal_the_online_transform(cfg, expect: int) -> None:
     ds = build_dataset(cfg)
     transform = transform_from_config(cfg)
     src = cfg.datasets[0]
@@ -113,9 +113,30 @@ def test_shard_samples_equal_the_online_transform(built):
         t = cfg.tokenizer.tile_size
         for stored, tiled in zip(item["images"], online.images, strict=True):
             assert stored.plan == tiled.plan
-            assert torch.equal(stored.pixels(t), tiled.pixels(t))  # PNG shards are lossless
+            assert torch.equal(stored.pixels(t), tiled.pixels(t))  # lossless formats: the transform's pixels
         checked += 1
-    assert checked == 20
+    assert checked == expect
+
+
+def test_shard_samples_equal_the_online_transform(built):
+    cfg, manifest = built
+    kinds = Counter("original" if im["original"] else "tiles" for f in build_dataset(cfg).files
+                    for row in f.reader().read_all().column("images").to_pylist() for im in row)  # fmt: skip
+    assert kinds["original"] and kinds["tiles"]  # auto kept both: small originals, large pages as WebP tiles
+    assert manifest["bytes_stored_images"] <= manifest["bytes_original_images"]  # never more than the images
+    _assert_samples_equal_the_online_transform(cfg, 20)
+
+
+@pytest.mark.parametrize("fmt", ["original", "png"])
+def test_other_lossless_formats_equal_the_online_transform(tmp_path, tiny_checkpoint, synth_sources, fmt):
+    datasets = [{"source": str(synth_sources["instruct"]), "name": "instruct"}]
+    cfg = tiny_config(tmp_path, tiny_checkpoint, datasets, "preprocess.records_per_shard=8",
+                      f"preprocess.image_format={fmt}")  # fmt: skip
+    run_validate(cfg, workers=1)
+    manifest = run_preprocess(cfg, workers=1)
+    if fmt == "original":
+        assert manifest["bytes_stored_images"] == manifest["bytes_original_images"]
+    _assert_samples_equal_the_online_transform(cfg, 20)
 
 
 def test_dataset_lengths_match_expansion(built):

@@ -34,6 +34,7 @@ from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, s
 from docev.validate.runner import validate_dir
 from docev.validate.stats import TOKEN_BUCKETS, bucket
 from docev.vision.image_io import load_image
+from docev.vision.tiling import PixelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "preprocessor_config.json")  # fmt: skip
@@ -137,8 +138,9 @@ class ShardBuilder:
                 continue
             keep = decision.keep if decision.keep is not None else len(sample.tokens)
             tokens, mask = sample.tokens[:keep], sample.loss_mask[:keep]
-            images = [image_row(img, fmt, quality) for img in sample.images or []]
-            stored += sum(len(im["base"]) + len(im["resized"]) for im in images)
+            pairs = zip(sample.images or [], blobs, strict=True)
+            images = [image_row(img, fmt, quality, blob) for img, (_, blob) in pairs]
+            stored += sum(len(im["original"]) + len(im["base"]) + len(im["resized"]) for im in images)
             original += sum(len(blob) for _, blob in blobs)
             row = {"id": raw.data["id"], "source": raw.source, "source_index": index, "tokens": tokens,
                    "loss_mask": mask, "images": images}  # fmt: skip
@@ -245,9 +247,11 @@ def merge(cfg: DocEVConfig) -> dict[str, Any]:
                 fh.write(json.dumps(d) + "\n")
     os.replace(out / ".dropped.jsonl.tmp", out / "dropped.jsonl")
     tok = cfg.tokenizer
+    resample = PixelConfig.from_checkpoint(tok.model_name_or_path).resample  # what the transform tiles with
     manifest = {
         "format": "arrow-ipc", "version": 1, "config_hash": chash, "tokenizer": fingerprint,
         "tile_size": tok.tile_size, "patch_size": tok.patch_size, "ratios": sorted(tok.sampling_ratio),
+        "min_num_tiles": tok.min_num_tiles, "max_num_tiles": tok.max_num_tiles, "resample": int(resample),
         "max_seq_len": tok.max_seq_len, "image_format": cfg.preprocess.image_format,
         "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in sides],
         "total_samples": sum(s["rows"] for s in sides), "sources": dict(sorted(sources.items())),
