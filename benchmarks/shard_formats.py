@@ -8,15 +8,16 @@ transform's tiles (base tile + aspect-resized page, see ``docev.vision.tiling``)
 
 - ``png``: today's shards: PNG (compress_level 1) of the resized page and of the base tile;
 - ``original``: the original encoded bytes + the tiling plan; decode + resize at load time;
-- ``webp-lossless``: lossless WebP of the resized page and the base tile;
-- ``raw-zstd``: raw uint8 pixels of both in an Arrow IPC file with zstd compression.
+- ``webp_lossless``: lossless WebP of the resized page and the base tile;
+- ``raw-zstd``: raw uint8 pixels of both in an Arrow IPC file with zstd compression;
+- ``auto`` (the default chosen from this table): per image the smaller of ``original`` and ``webp_lossless``.
 
 Per format: bytes/sample against the original images' bytes (target ≤ 1.5×), whether the loader's
 pixels equal the transform's (lossless formats must), and samples per CPU-second of one process
 turning a stored row into the uint8 tile tensor the collate batches (CPU time, so a shared machine
 does not skew it), against what one H200 consumes at the preview (~1.5 pages/s; target ≥ 10×).
 
-    .venv/bin/python benchmarks/shard_formats.py [--synthetic 40] [--scans 6] [--receipts 6] [--tile-size 560]
+    .venv/bin/python benchmarks/shard_formats.py [--synthetic 40] [--scans 4] [--receipts 4] [--tile-size 560]
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ import argparse
 import io
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from docev.data.shards import IMAGE_TYPE, ROWS_PER_BATCH, Tiling, image_row, stored_image
 from docev.synth import synth_data
 from docev.vision.image_io import load_image
-from docev.vision.tiling import TiledImage, tile_image
+from docev.vision.tiling import TiledImage
 
 H200_PAGES_PER_S = 1.5  # the preview's training rate per GPU (docs/architecture.md, training throughput)
 RESAMPLE = Image.Resampling.BICUBIC
@@ -86,89 +88,58 @@ def receipt_photo(rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+def _raw_row(tiled: TiledImage) -> dict:
+    """``raw-zstd``: the tiles' uint8 pixels as they are (the Arrow file is zstd-compressed)."""
+    return {"original": b"", "base": tiled.base.tobytes(), "resized": tiled.resized.tobytes()}
 
 
-def _webp(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "WEBP", lossless=True, quality=30, method=1)
-    return buf.getvalue()
+def _raw_decode(row: dict, tiled: TiledImage) -> TiledImage:
+    (rh, rw), t = tiled.plan.resized, tiled.base.size
+    return TiledImage(
+        tiled.plan, Image.frombytes("RGB", t, row["base"]), Image.frombytes("RGB", (rw, rh), row["resized"])
+    )
 
 
-def _decode(data: bytes) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
-
-
-class Format:
-    """encode(original bytes, tiled) → stored blobs; decode(blobs) → TiledImage."""
-
-    def __init__(self, name: str, tile: Callable[[Image.Image], TiledImage]):
-        self.name, self.tile = name, tile
-
-    def encode(self, original: bytes, tiled: TiledImage) -> list[bytes]:
-        if self.name == "original":
-            return [original]
-        if self.name == "png":
-            return [_png(tiled.base), _png(tiled.resized)]
-        if self.name == "webp-lossless":
-            return [_webp(tiled.base), _webp(tiled.resized)]
-        return [tiled.base.tobytes(), tiled.resized.tobytes()]
-
-    def decode(self, blobs: list[bytes], tiled: TiledImage) -> TiledImage:
-        if self.name == "original":
-            return self.tile(load_image(io.BytesIO(blobs[0])))
-        if self.name == "raw-zstd":
-            (rh, rw), t = tiled.plan.resized, tiled.base.size
-            return TiledImage(
-                tiled.plan, Image.frombytes("RGB", t, blobs[0]), Image.frombytes("RGB", (rw, rh), blobs[1])
-            )
-        return TiledImage(tiled.plan, _decode(blobs[0]), _decode(blobs[1]))
-
-
-def _arrow_file(rows: list[list[bytes]], compression: str | None) -> bytes:
-    """The rows as an Arrow IPC file (one list<binary> column, 32 rows per batch, as the shards)."""
-    table = pa.table({"images": pa.array(rows, type=pa.list_(pa.binary()))})
+def _arrow_file(rows: list[dict], compression: str | None) -> bytes:
+    """The rows as an Arrow IPC file (one image struct per row, 32 rows per batch, as the shards)."""
+    table = pa.table({"image": pa.array(rows, type=IMAGE_TYPE)})
     sink = io.BytesIO()
-    options = pa.ipc.IpcWriteOptions(compression=compression)
-    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
-        for batch in table.to_batches(max_chunksize=32):
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+        for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
             writer.write_batch(batch)
     return sink.getvalue()
 
 
-def measure(fmt: Format, originals: list[bytes], tile_size: int, repeats: int) -> dict[str, float]:
-    tiled = [fmt.tile(load_image(io.BytesIO(o))) for o in originals]
-    rows = [fmt.encode(o, t) for o, t in zip(originals, tiled, strict=True)]
-    blob = _arrow_file(rows, "zstd" if fmt.name == "raw-zstd" else None)
+def measure(fmt: str, originals: list[bytes], tiling: Tiling) -> dict[str, float]:
+    """Bytes/sample of the shard file, pixel identity, and samples per CPU-second of stored row → uint8 tiles
+    (the shards' own ``image_row`` / ``stored_image`` for every format but raw-zstd)."""
+    tiled = [tiling.tile(load_image(io.BytesIO(o))) for o in originals]
+    if fmt == "raw-zstd":
+        rows = [_raw_row(t) for t in tiled]
+    else:
+        rows = [image_row(t, fmt, 95, o) for t, o in zip(tiled, originals, strict=True)]
+    blob = _arrow_file(rows, "zstd" if fmt == "raw-zstd" else None)
     reader = pa.ipc.open_file(pa.BufferReader(blob))
-    identical = True
-    start, n = time.process_time(), 0
-    for _ in range(repeats):
-        for b in range(reader.num_record_batches):
-            batch = reader.get_batch(b).column("images").to_pylist()
-            for k, stored in enumerate(batch):
-                i = b * 32 + k
-                got = fmt.decode(stored, tiled[i]).pixels(tile_size)
-                n += 1
-                if n <= len(originals):
-                    identical &= bool((got == tiled[i].pixels(tile_size)).all())
-    rate = n / (time.process_time() - start)
-    return {"bytes": len(blob) / len(originals), "rate": rate, "identical": identical}
+    got, kept = [], 0
+    start = time.process_time()
+    for b in range(reader.num_record_batches):
+        for k, row in enumerate(reader.get_batch(b).column("image").to_pylist()):
+            i = b * ROWS_PER_BATCH + k
+            image = _raw_decode(row, tiled[i]) if fmt == "raw-zstd" else stored_image(row, tiling)
+            got.append(image.pixels(tiling.tile_size))
+            kept += bool(row["original"])
+    rate = len(originals) / (time.process_time() - start)
+    identical = all(torch.equal(g, t.pixels(tiling.tile_size)) for g, t in zip(got, tiled, strict=True))
+    return {"bytes": len(blob) / len(originals), "rate": rate, "identical": identical, "originals": kept}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", type=int, default=40)
-    ap.add_argument("--scans", type=int, default=6)
-    ap.add_argument("--receipts", type=int, default=6)
+    ap.add_argument("--scans", type=int, default=4)
+    ap.add_argument("--receipts", type=int, default=4)
     ap.add_argument("--tile-size", type=int, default=560)
     ap.add_argument("--max-tiles", type=int, default=9)
-    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,10 +151,7 @@ def main() -> None:
         "receipt-photo": [receipt_photo(rng) for _ in range(args.receipts)],
     }
 
-    def tile(im: Image.Image) -> TiledImage:
-        return tile_image(
-            im, tile_size=args.tile_size, min_num_tiles=1, max_num_tiles=args.max_tiles, resample=RESAMPLE
-        )
+    tiling = Tiling(args.tile_size, 1, args.max_tiles, int(RESAMPLE))
 
     target = 10 * H200_PAGES_PER_S
     print(f"tile {args.tile_size}, ≤{args.max_tiles} tiles; loader target ≥ {target:.0f} samples/s per process "
@@ -193,10 +161,11 @@ def main() -> None:
     for kind, originals in pages.items():
         original = sum(len(o) for o in originals) / len(originals)
         print(f"{kind:16} {'(original)':14} {original:13,.0f} {1.0:10.2f}")
-        for name in ("png", "original", "webp-lossless", "raw-zstd"):
-            m = measure(Format(name, tile), originals, args.tile_size, args.repeats)
+        for name in ("png", "original", "webp_lossless", "raw-zstd", "auto"):
+            m = measure(name, originals, tiling)
+            note = f"  ({m['originals']}/{len(originals)} kept as original)" if name == "auto" else ""
             print(f"{kind:16} {name:14} {m['bytes']:13,.0f} {m['bytes'] / original:10.2f} {m['rate']:10.1f} "
-                  f"{m['rate'] / H200_PAGES_PER_S:7.1f} {'yes' if m['identical'] else 'NO':>18}")  # fmt: skip
+                  f"{m['rate'] / H200_PAGES_PER_S:7.1f} {'yes' if m['identical'] else 'NO':>18}{note}")  # fmt: skip
 
 
 if __name__ == "__main__":
