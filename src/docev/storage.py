@@ -336,3 +336,9 @@ def store_for(url: str | Path, options: StorageOptions | None = None) -> Store:
     if key not in _STORES:
         _STORES[key] = Store.open(url, options)
     return _STORES[key]
+
+
+def read_file(location: str, options: StorageOptions | None = None) -> bytes:
+    """The bytes of one file by its full location (a path or URL that was confined when it was validated)."""
+    store = store_for(location, options)
+    return store.read_bytes(store.root)
