@@ -177,6 +177,11 @@ class DataloaderSection(_Strict):
     pin_memory: bool = False
     prefetch_factor: int | None = None
     verify_checksums: bool = Field(True, description="sha256 every shard when training starts (corrupt = error).")
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local folder (e.g. an NVMe emptyDir): the shards are copied there once per node, verified, "
+        "and memory-mapped from there; null reads them where preprocess wrote them.",
+    )
 
 
 class ValidateSection(_Strict):

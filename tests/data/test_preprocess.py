@@ -1,4 +1,5 @@
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -224,3 +225,28 @@ def test_uint8_pixels_for_device_normalisation(built):
     raw = collate(items)["pixel_values"]
     assert raw.dtype == torch.uint8 and normalised.dtype == torch.bfloat16
     assert torch.equal(collate.normalize_pixels(raw), normalised)
+
+
+def test_shards_are_staged_once_per_node_and_verified(built, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from docev.data import staging
+
+    cfg, manifest = built
+    copies, real = [], staging._copy_verified
+    monkeypatch.setattr(staging, "_copy_verified", lambda *a: (copies.append(a[1]), real(*a)))
+    cache = tmp_path / "node-local"
+    with ThreadPoolExecutor(4) as pool:  # four ranks of one node (flock excludes separate opens in one process too)
+        folders = list(pool.map(lambda _: staging.stage_shards(shards_dir(cfg), cache), range(4)))
+    assert len(set(folders)) == 1 and sorted(copies) == sorted(s["file"] for s in manifest["shards"])
+    staged_cfg = cfg.model_copy(update={"dataloader": cfg.dataloader.model_copy(update={"cache_dir": str(cache)})})
+    staged, original = build_dataset(staged_cfg), build_dataset(cfg)
+    assert staged.dir == folders[0] and len(staged) == len(original) == 25
+    assert staged.raw(7) == original.raw(7)
+    assert len(copies) == len(manifest["shards"])  # the dataset found the node's copy: nothing copied again
+    bad = tmp_path / "bad"
+    shutil.copytree(shards_dir(cfg), bad)
+    victim = bad / manifest["shards"][0]["file"]
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ShardError, match="while staging, manifest says"):
+        staging.stage_shards(bad, tmp_path / "other-node")
