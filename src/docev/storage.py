@@ -140,6 +140,7 @@ class Store:
     fs: AbstractFileSystem
     root: str
     options: StorageOptions = field(default_factory=StorageOptions)
+    _listing: list[str] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, url: str | Path, options: StorageOptions | None = None) -> Store:
@@ -223,8 +224,9 @@ class Store:
         """Every file below the root ending with ``suffix``, sorted."""
         if self.local:
             return sorted(str(p) for p in Path(self.root).rglob(f"*{suffix}"))
-        found = with_retries(lambda: self.fs.find(self.root), f"list {self.url}", self.options)
-        return sorted(p for p in found if p.endswith(suffix))
+        if self._listing is None:  # one listing per store: a source asks for several suffixes
+            self._listing = sorted(with_retries(lambda: self.fs.find(self.root), f"list {self.url}", self.options))
+        return [p for p in self._listing if p.endswith(suffix)]
 
     def isdir(self) -> bool:
         if self.local:
