@@ -169,3 +169,12 @@ def test_images_escaping_the_source_prefix_are_rejected_with_the_reason(tmp_path
     run_validate(allowed, workers=1)
     rejects = [json.loads(line)["reason"] for line in (validate_dir(allowed) / "rejects.jsonl").open()]
     assert rejects == ["path_escape", "image_missing"]
+
+
+def test_export_smoke_image_is_read_from_the_source_store(both):
+    from docev.export.export import _smoke_image, pick_smoke_sample
+
+    (lcfg, _, _), (rcfg, _, _) = both
+    local, remote = pick_smoke_sample(lcfg), pick_smoke_sample(rcfg)
+    assert str(remote.image).startswith(f"s3://{BUCKET}/ufx/") and remote.id == local.id
+    assert _smoke_image(rcfg, remote).tobytes() == _smoke_image(lcfg, local).tobytes()
