@@ -37,6 +37,8 @@ def _on_cluster(
     kubernetes.set_security_context(
         task, run_as_user=k8s.run_as_user, run_as_group=k8s.run_as_group, run_as_non_root=True
     )
+    if k8s.storage_secret:  # object-store credentials as env, referenced by name (never in the compiled YAML)
+        kubernetes.use_secret_as_env(task, secret_name=k8s.storage_secret, secret_key_to_env=k8s.storage_secret_keys)
     if shm:
         kubernetes.empty_dir_mount(
             task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cfg.train.resources.shm_size

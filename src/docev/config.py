@@ -116,16 +116,56 @@ class CheckpointerSection(_Strict):
     output_dir: str | None = None
 
 
+class StorageOptions(_Strict):
+    """Non-secret options of an fsspec store. Credentials never go here: the store's own chain finds them
+    (environment, pod identity, ``kubernetes.storage_secret`` as env)."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph RGW): http://minio:9000")
+    region: str | None = None
+    anon: bool = Field(False, description="Unsigned requests (public buckets).")
+    retries: int = Field(6, ge=0, description="Retries of a transient fault (throttling, 5xx, dropped connection).")
+    backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles per retry (capped at 30 s).")
+    threads: int = Field(16, ge=1, description="Images fetched concurrently per worker process (I/O-bound).")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, v: str | None) -> str | None:
+        if v is not None and "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("must not carry credentials (user:password@); give them as environment variables")
+        return v
+
+
+def _check_store_url(url: str) -> str:
+    """A URL's fsspec backend must be installed (local paths and file:// always are)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{url!r}: no fsspec backend for {protocol}:// is installed ({exc})") from None
+    return url
+
+
 class DatasetSource(_Strict):
     """One UFX source (DESIGN §5)."""
 
-    source: str = Field(description="Folder holding a save_to_disk dataset or *.jsonl / *.parquet files.")
+    source: str = Field(
+        description="Folder or fsspec URL (s3://bucket/prefix, gs://…, az://…) holding a save_to_disk dataset or "
+        "*.jsonl / *.parquet files; images resolve relative to it, in the same store."
+    )
+    storage_options: StorageOptions = StorageOptions()
     name: str | None = None
     weight: float = Field(1.0, gt=0)
     ufx_type: Literal["instruction", "pretrain"] = "instruction"
     context_col: str = "context"
     image_files_col: str = "image_files"
     new_system_prompt: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        return _check_store_url(v)
 
 
 class DataloaderSection(_Strict):
@@ -137,6 +177,11 @@ class DataloaderSection(_Strict):
     pin_memory: bool = False
     prefetch_factor: int | None = None
     verify_checksums: bool = Field(True, description="sha256 every shard when training starts (corrupt = error).")
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local folder (e.g. an NVMe emptyDir): the shards are copied there once per node, verified, "
+        "and memory-mapped from there; null reads them where preprocess wrote them.",
+    )
 
 
 class ValidateSection(_Strict):
@@ -152,7 +197,11 @@ class ValidateSection(_Strict):
 class PreprocessSection(_Strict):
     workers: int = Field(1, ge=1)
     records_per_shard: int = Field(256, ge=1)
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_format: Literal["auto", "original", "png", "jpeg", "webp"] = Field(
+        "auto",
+        description="auto: per image the smaller of its original bytes and lossless WebP tiles (exact); original: "
+        "the original bytes, tiled at load time (exact); png (exact, ~5× the originals); jpeg / webp: lossy.",
+    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     fanout: int = Field(1, ge=1, description="KFP tasks building shards in parallel (shard k goes to k % fanout).")
 
@@ -334,6 +383,15 @@ class KubernetesSection(_Strict):
     storage_class: str | None = None
     wandb_secret: str | None = "docev-wandb"
     wandb_secret_key: str = "api-key"
+    storage_secret: str | None = Field(
+        None,
+        description="Secret with object-store credentials, given as env to every data/train/export pod; null: the "
+        "pods' own identity (IRSA, workload identity) or no credentials.",
+    )
+    storage_secret_keys: dict[str, str] = Field(
+        default_factory=lambda: {"access-key-id": "AWS_ACCESS_KEY_ID", "secret-access-key": "AWS_SECRET_ACCESS_KEY"},
+        description="Key in storage_secret → environment variable the store's client reads.",
+    )
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
     step_resources: dict[Literal["validate", "preprocess", "export"], StepResources] = Field(
@@ -353,7 +411,16 @@ class KubernetesSection(_Strict):
     def _namespace(cls, v: str) -> str:
         return _k8s_name(v, _DNS1123_LABEL, 63, "namespace name")
 
-    @field_validator("service_account", "pvc", "checkpoint_pvc", "wandb_secret")
+    @field_validator("storage_secret_keys")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, env in v.items():
+            cls._secret_key(key)
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+                raise ValueError(f"{env!r} is not an environment variable name")
+        return v
+
+    @field_validator("service_account", "pvc", "checkpoint_pvc", "wandb_secret", "storage_secret")
     @classmethod
     def _object_name(cls, v: str | None) -> str | None:
         return _k8s_name(v, _DNS1123_SUBDOMAIN, 253, "object name")
@@ -438,6 +505,9 @@ class DocEVConfig(_Strict):
     def cross_checks(self) -> list[tuple[str, str]]:
         """Rules spanning sections, as (dotted path, message)."""
         errors = []
+        if "://" in self.output_dir and not self.output_dir.startswith("file://"):
+            errors.append(("output_dir", f"{self.output_dir!r}: outputs go to a folder or volume (only dataset "
+                           "sources may be object-store URLs; export.destination may be one too)"))  # fmt: skip
         tok = self.tokenizer
         for key in ("tile_size", "patch_size", "max_num_tiles", "min_num_tiles", "image_token_id"):
             m, t = getattr(self.model, key), getattr(tok, key)

@@ -1,4 +1,6 @@
 import json
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,8 +96,7 @@ def test_other_config_or_tokenizer_is_refused(tmp_path, tiny_checkpoint, synth_s
         build_dataset(changed)
 
 
-def test_shard_samples_equal_the_online_transform(built):
-    cfg, _ = built
+def _assert_samples_equal_the_online_transform(cfg, expect: int) -> None:
     ds = build_dataset(cfg)
     transform = transform_from_config(cfg)
     src = cfg.datasets[0]
@@ -113,9 +114,30 @@ def test_shard_samples_equal_the_online_transform(built):
         t = cfg.tokenizer.tile_size
         for stored, tiled in zip(item["images"], online.images, strict=True):
             assert stored.plan == tiled.plan
-            assert torch.equal(stored.pixels(t), tiled.pixels(t))  # PNG shards are lossless
+            assert torch.equal(stored.pixels(t), tiled.pixels(t))  # lossless formats: the transform's pixels
         checked += 1
-    assert checked == 20
+    assert checked == expect
+
+
+def test_shard_samples_equal_the_online_transform(built):
+    cfg, manifest = built
+    kinds = Counter("original" if im["original"] else "tiles" for f in build_dataset(cfg).files
+                    for row in f.reader().read_all().column("images").to_pylist() for im in row)  # fmt: skip
+    assert kinds["original"] and kinds["tiles"]  # auto kept both: small originals, large pages as WebP tiles
+    assert manifest["bytes_stored_images"] <= manifest["bytes_original_images"]  # never more than the images
+    _assert_samples_equal_the_online_transform(cfg, 20)
+
+
+@pytest.mark.parametrize("fmt", ["original", "png"])
+def test_other_lossless_formats_equal_the_online_transform(tmp_path, tiny_checkpoint, synth_sources, fmt):
+    datasets = [{"source": str(synth_sources["instruct"]), "name": "instruct"}]
+    cfg = tiny_config(tmp_path, tiny_checkpoint, datasets, "preprocess.records_per_shard=8",
+                      f"preprocess.image_format={fmt}")  # fmt: skip
+    run_validate(cfg, workers=1)
+    manifest = run_preprocess(cfg, workers=1)
+    if fmt == "original":
+        assert manifest["bytes_stored_images"] == manifest["bytes_original_images"]
+    _assert_samples_equal_the_online_transform(cfg, 20)
 
 
 def test_dataset_lengths_match_expansion(built):
@@ -203,3 +225,28 @@ def test_uint8_pixels_for_device_normalisation(built):
     raw = collate(items)["pixel_values"]
     assert raw.dtype == torch.uint8 and normalised.dtype == torch.bfloat16
     assert torch.equal(collate.normalize_pixels(raw), normalised)
+
+
+def test_shards_are_staged_once_per_node_and_verified(built, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from docev.data import staging
+
+    cfg, manifest = built
+    copies, real = [], staging._copy_verified
+    monkeypatch.setattr(staging, "_copy_verified", lambda *a: (copies.append(a[1]), real(*a)))
+    cache = tmp_path / "node-local"
+    with ThreadPoolExecutor(4) as pool:  # four ranks of one node (flock excludes separate opens in one process too)
+        folders = list(pool.map(lambda _: staging.stage_shards(shards_dir(cfg), cache), range(4)))
+    assert len(set(folders)) == 1 and sorted(copies) == sorted(s["file"] for s in manifest["shards"])
+    staged_cfg = cfg.model_copy(update={"dataloader": cfg.dataloader.model_copy(update={"cache_dir": str(cache)})})
+    staged, original = build_dataset(staged_cfg), build_dataset(cfg)
+    assert staged.dir == folders[0] and len(staged) == len(original) == 25
+    assert staged.raw(7) == original.raw(7)
+    assert len(copies) == len(manifest["shards"])  # the dataset found the node's copy: nothing copied again
+    bad = tmp_path / "bad"
+    shutil.copytree(shards_dir(cfg), bad)
+    victim = bad / manifest["shards"][0]["file"]
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ShardError, match="while staging, manifest says"):
+        staging.stage_shards(bad, tmp_path / "other-node")

@@ -274,3 +274,14 @@ def test_kubernetes_config_defaults():
     assert cfg.kubernetes.mount_path == "/mnt/docev"
     assert preview("kubernetes.mount_path=/data/").kubernetes.mount_path == "/data"
     assert preview("train.resources.cpu=8").train.resources.cpu == "8"  # YAML int → quantity string
+
+
+def test_object_store_credentials_come_from_the_storage_secret_by_name():
+    job = render(preview("kubernetes.storage_secret=docev-s3"))
+    assert not pytorchjob_errors(job)
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "docev-s3", "key": "access-key-id"}}
+    }  # fmt: skip
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "secret-access-key"
+    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in container(render(preview()))["env"]}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from docev.data.shards import ShardError, ShardFile, sha256_file, stored_image
+from docev.data.shards import ShardError, ShardFile, Tiling, sha256_file, stored_image
 
 
 class ShardDataset(Dataset):
@@ -40,6 +40,10 @@ class ShardDataset(Dataset):
                     "rerun `docev preprocess` for this config (shards are never mixed)"
                 )
         self.tile_size = tile_size
+        m = self.manifest
+        if m["tile_size"] != tile_size:
+            raise ShardError(f"{path}: shards were tiled at {m['tile_size']} px, this run uses {tile_size}")
+        self.tiling = Tiling(tile_size, m["min_num_tiles"], m["max_num_tiles"], m["resample"])
         self.files = []
         for s in self.manifest["shards"]:
             f = self.dir / s["file"]
@@ -79,7 +83,7 @@ class ShardDataset(Dataset):
         rec = self.raw(index)
         return {
             "id": rec["id"], "tokens": rec["tokens"], "loss_mask": rec["loss_mask"],
-            "images": [stored_image(im) for im in rec["images"]],
+            "images": [stored_image(im, self.tiling) for im in rec["images"]],
             "image_sizes": [(im["height"], im["width"]) for im in rec["images"]],
             "image_grids": [(im["rows"], im["cols"]) for im in rec["images"]],
             "ratio": ratio, "row": row,

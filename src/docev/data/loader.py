@@ -10,6 +10,7 @@ from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
 from docev.data.preprocess import config_hash, shards_dir, tokenizer_fingerprint
 from docev.data.sampler import DocEVBatchSampler
+from docev.data.staging import stage_shards
 from docev.data.transform import transform_from_config
 
 
@@ -27,7 +28,10 @@ def build_collate(cfg: DocEVConfig, dtype: torch.dtype, normalize: bool = True) 
 def build_dataset(cfg: DocEVConfig) -> ShardDataset:
     """The run's shards, refused when built with another config or tokenizer, or when corrupt."""
     expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
-    return ShardDataset(shards_dir(cfg), tile_size=cfg.tokenizer.tile_size, expect=expect,
+    folder = shards_dir(cfg)
+    if cfg.dataloader.cache_dir is not None:
+        folder = stage_shards(folder, cfg.dataloader.cache_dir)
+    return ShardDataset(folder, tile_size=cfg.tokenizer.tile_size, expect=expect,
                         verify_checksums=cfg.dataloader.verify_checksums)  # fmt: skip
 
 

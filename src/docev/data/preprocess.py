@@ -13,6 +13,7 @@ histograms, bytes) and ``dropped.jsonl`` (samples the overflow policy dropped, w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -28,9 +29,12 @@ from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
 from docev.data.shards import ShardError, image_row, sha256_file, write_shard
 from docev.data.transform import DocEVTransform, transform_from_config
-from docev.validate.readers import RawRecord, Unit, read_unit, source_name
+from docev.storage import RETRIES, ordered_map
+from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
 from docev.validate.runner import validate_dir
 from docev.validate.stats import TOKEN_BUCKETS, bucket
+from docev.vision.image_io import load_image
+from docev.vision.tiling import PixelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "preprocessor_config.json")  # fmt: skip
@@ -105,14 +109,27 @@ class ShardBuilder:
                 if raw.row in wanted:
                     yield raw
 
+    def _fetch_images(self, raw: RawRecord) -> list[tuple[str, bytes]]:
+        """(where, bytes) of a validated record's images, read from its source's store (thread-safe)."""
+        src = self.sources[raw.source][1]
+        store, allowed = source_store(src), allowed_stores(src, self.cfg.validate_.allowed_roots)
+        paths = [store.resolve(name, allowed) for name in raw.data.get("image_files", [])]
+        return [(store.display(p), store.read_bytes(p)) for p in paths]
+
     def build(self, k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
         out = shards_dir(self.cfg)
         fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
         t, rows, dropped, stored, original = self.transform, [], [], 0, 0
-        for raw in self._records(entries):
+        retries_before = RETRIES.value
+        threads = max(s.storage_options.threads for _, s in self.sources.values())
+        for raw, blobs in ordered_map(self._fetch_images, self._records(entries), threads):
+            if isinstance(blobs, BaseException):
+                raise blobs
             index, src = self.sources[raw.source]
-            messages = ufx_to_messages(raw.data, ufx_type=src.ufx_type, image_root=src.source,
-                                       new_system_prompt=src.new_system_prompt)  # fmt: skip
+            messages = ufx_to_messages(raw.data, ufx_type=src.ufx_type, new_system_prompt=src.new_system_prompt)
+            pixels = iter([load_image(io.BytesIO(blob), name=where) for where, blob in blobs])
+            for part in (p for m in messages for p in m.content if p["type"] == "image"):
+                part["content"] = next(pixels)  # placeholder n is image_files[n]: the order of the parts
             sample = t.encode(messages, ufx_type=src.ufx_type)
             decision = t.fit(sample, self.ratios[-1])
             if decision.drop_reason is not None:
@@ -121,9 +138,10 @@ class ShardBuilder:
                 continue
             keep = decision.keep if decision.keep is not None else len(sample.tokens)
             tokens, mask = sample.tokens[:keep], sample.loss_mask[:keep]
-            images = [image_row(img, fmt, quality) for img in sample.images or []]
-            stored += sum(len(im["base"]) + len(im["resized"]) for im in images)
-            original += sum(path.stat().st_size for path in _image_paths(messages))
+            pairs = zip(sample.images or [], blobs, strict=True)
+            images = [image_row(img, fmt, quality, blob) for img, (_, blob) in pairs]
+            stored += sum(len(im["original"]) + len(im["base"]) + len(im["resized"]) for im in images)
+            original += sum(len(blob) for _, blob in blobs)
             row = {"id": raw.data["id"], "source": raw.source, "source_index": index, "tokens": tokens,
                    "loss_mask": mask, "images": images}  # fmt: skip
             for r in self.ratios:
@@ -135,15 +153,12 @@ class ShardBuilder:
         sources = Counter(row["source"] for row in rows)
         side = {"file": f"{name}.arrow", "sha256": digest, "rows": count, "config_hash": self.chash,
                 "tokenizer": self.fingerprint, "dropped": dropped, "lengths": dict(lengths),
-                "sources": dict(sources), "bytes_stored": stored, "bytes_original": original}  # fmt: skip
+                "sources": dict(sources), "bytes_stored": stored, "bytes_original": original,
+                "storage_retries": RETRIES.value - retries_before}  # fmt: skip
         tmp = out / f".{name}.json.tmp"
         tmp.write_text(json.dumps(side, indent=1))
         os.replace(tmp, out / f"{name}.json")
         return side
-
-
-def _image_paths(messages: list[Any]) -> list[Path]:
-    return [Path(p["content"]) for m in messages for p in m.content if p["type"] == "image"]
 
 
 def shard_done(out: Path, k: int, chash: str, fingerprint: str) -> bool:
@@ -232,15 +247,18 @@ def merge(cfg: DocEVConfig) -> dict[str, Any]:
                 fh.write(json.dumps(d) + "\n")
     os.replace(out / ".dropped.jsonl.tmp", out / "dropped.jsonl")
     tok = cfg.tokenizer
+    resample = PixelConfig.from_checkpoint(tok.model_name_or_path).resample  # what the transform tiles with
     manifest = {
         "format": "arrow-ipc", "version": 1, "config_hash": chash, "tokenizer": fingerprint,
         "tile_size": tok.tile_size, "patch_size": tok.patch_size, "ratios": sorted(tok.sampling_ratio),
+        "min_num_tiles": tok.min_num_tiles, "max_num_tiles": tok.max_num_tiles, "resample": int(resample),
         "max_seq_len": tok.max_seq_len, "image_format": cfg.preprocess.image_format,
         "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in sides],
         "total_samples": sum(s["rows"] for s in sides), "sources": dict(sorted(sources.items())),
         "dropped": dict(dropped), "length_histogram": dict(sorted(lengths.items())),
         "bytes_stored_images": sum(s["bytes_stored"] for s in sides),
         "bytes_original_images": sum(s["bytes_original"] for s in sides),
+        "storage_retries": sum(s["storage_retries"] for s in sides),
     }  # fmt: skip
     (out / ".manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
     os.replace(out / ".manifest.json.tmp", out / "manifest.json")

@@ -3,13 +3,16 @@
 Why Arrow IPC (file format): it is memory-mappable, a row is found in O(1) (fixed rows per record
 batch → batch index → slice), pyarrow/polars/DuckDB read it without this project, and columns can
 be read alone (the sampler reads only the length columns of millions of rows). Images are stored
-as encoded bytes (PNG by default: lossless, so shards reproduce the online transform exactly) of
-the aspect-resized page *without* its padding plus the base tile; the canvas is rebuilt by pasting
-into zeros, which is cheaper to store than the padded canvas and never a float tensor.
+either as their original encoded bytes plus the tiling plan (tiled again at load time) or as encoded
+bytes of the aspect-resized page *without* its padding plus the base tile; the canvas is rebuilt by
+pasting into zeros, which is cheaper to store than the padded canvas and never a float tensor. The
+default ``auto`` keeps per image the smaller of the original and lossless WebP tiles, so shards cost
+about what the images cost and reproduce the online transform exactly (see docs/architecture.md).
 
 Columns: ``id``, ``source``, ``source_index``, ``tokens`` (int32, ONE ``<image>`` placeholder per
 image), ``loss_mask`` (bool), ``len_r{R}`` (int32, sequence length at sampling ratio R, placeholders
-expanded), ``images`` (list of struct: ``base`` / ``resized`` bytes, original ``height``/``width``,
+expanded), ``images`` (list of struct: ``original`` bytes, or ``base`` / ``resized`` bytes, the image's
+``height``/``width``,
 ``canvas_h``/``canvas_w``, ``resized_h``/``resized_w``, ``rows``/``cols``).
 """
 
@@ -27,11 +30,12 @@ import pyarrow as pa
 from PIL import Image
 
 from docev.vision.geometry import TilePlan
-from docev.vision.tiling import TiledImage
+from docev.vision.image_io import load_image
+from docev.vision.tiling import TiledImage, tile_image
 
 ROWS_PER_BATCH = 32
 IMAGE_TYPE = pa.struct([
-    ("base", pa.binary()), ("resized", pa.binary()),
+    ("original", pa.binary()), ("base", pa.binary()), ("resized", pa.binary()),
     ("height", pa.int32()), ("width", pa.int32()),
     ("canvas_h", pa.int32()), ("canvas_w", pa.int32()),
     ("resized_h", pa.int32()), ("resized_w", pa.int32()),
@@ -51,31 +55,62 @@ def schema(ratios: list[int]) -> pa.Schema:
     return pa.schema(fields)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """What rebuilds the tiles of an image stored as its original bytes (recorded in ``manifest.json``)."""
+
+    tile_size: int
+    min_num_tiles: int
+    max_num_tiles: int
+    resample: int
+
+    def tile(self, image: Image.Image) -> TiledImage:
+        return tile_image(image, tile_size=self.tile_size, min_num_tiles=self.min_num_tiles,
+                          max_num_tiles=self.max_num_tiles, resample=Image.Resampling(self.resample))  # fmt: skip
+
+
 def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
         image.save(buf, "PNG", compress_level=1)
     elif fmt == "jpeg":
         image.save(buf, "JPEG", quality=quality, subsampling=0)
+    elif fmt == "webp_lossless":  # effort 30 / method 1: within 2% of the smallest, several times faster to write
+        image.save(buf, "WEBP", lossless=True, quality=30, method=1)
     else:
         image.save(buf, "WEBP", quality=quality, method=4)
     return buf.getvalue()
 
 
-def image_row(tiled: TiledImage, fmt: str, quality: int) -> dict[str, Any]:
-    """A tiled image as stored: the aspect-resized image (the canvas without its padding) and the base tile."""
+def image_row(tiled: TiledImage, fmt: str, quality: int, original: bytes) -> dict[str, Any]:
+    """A tiled image as stored: its ``original`` encoded bytes (tiled again at load time), or the aspect-resized
+    image (the canvas without its padding) and the base tile. ``auto`` keeps whichever is smaller of the original
+    and the tiles in lossless WebP: small pages stay as they came, large scans and photos shrink to their tiles."""
     p = tiled.plan
-    return {
-        "base": encode_image(tiled.base, fmt, quality), "resized": encode_image(tiled.resized, fmt, quality),
+    row = {
+        "original": b"", "base": b"", "resized": b"",
         "height": p.size[0], "width": p.size[1], "canvas_h": p.canvas[0], "canvas_w": p.canvas[1],
         "resized_h": p.resized[0], "resized_w": p.resized[1], "rows": p.grid[0], "cols": p.grid[1],
     }  # fmt: skip
+    if fmt == "original":
+        return row | {"original": original}
+    encoding = "webp_lossless" if fmt == "auto" else fmt
+    base, resized = encode_image(tiled.base, encoding, quality), encode_image(tiled.resized, encoding, quality)
+    if fmt == "auto" and len(original) <= len(base) + len(resized):
+        return row | {"original": original}
+    return row | {"base": base, "resized": resized}
 
 
-def stored_image(image: dict[str, Any]) -> TiledImage:
-    """A stored image decoded back to the transform's :class:`TiledImage` (same pixels, PNG is lossless)."""
+def stored_image(image: dict[str, Any], tiling: Tiling) -> TiledImage:
+    """A stored image decoded back to the transform's :class:`TiledImage` (same pixels for the lossless formats:
+    the original is decoded and tiled as the transform does, PNG and lossless WebP are exact)."""
     plan = TilePlan(size=(image["height"], image["width"]), canvas=(image["canvas_h"], image["canvas_w"]),
                     resized=(image["resized_h"], image["resized_w"]), grid=(image["rows"], image["cols"]))  # fmt: skip
+    if image["original"]:
+        tiled = tiling.tile(load_image(io.BytesIO(image["original"]), name="stored original"))
+        if tiled.plan != plan:
+            raise ShardError(f"stored original tiles as {tiled.plan}, the shard recorded {plan}: another tiling")
+        return tiled
     base, resized = (Image.open(io.BytesIO(image[k])) for k in ("base", "resized"))
     base.load()
     resized.load()

@@ -36,7 +36,7 @@ class SmokeSample:
     id: str
     file: str
     row: int
-    image: Path
+    image: str | Path  # a path, or a URL for a source on an object store
 
 
 @dataclass(frozen=True)

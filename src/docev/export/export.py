@@ -12,6 +12,7 @@ and puts the previous export back.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import fsspec
 import torch
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 from safetensors import safe_open
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
@@ -36,7 +38,10 @@ from docev.export.checksums import SUMS, list_files, verify_checksums, write_che
 from docev.export.generate import DocEVGenerator, Generation
 from docev.export.weights import ExportError, export_tensors
 from docev.models.docev import latest_checkpoint
+from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
+from docev.validate.readers import allowed_stores, source_name, source_store
+from docev.vision.image_io import load_image
 
 INDEX = "model.safetensors.index.json"
 # Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
@@ -82,7 +87,7 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     path = Path(cfg.output_dir) / "validate" / "manifest.jsonl"
     if not path.is_file():
         return None
-    sources = {(d.name or Path(d.source).name): d for d in cfg.datasets}
+    sources = {source_name(d): d for d in cfg.datasets}
     last: dict[str, dict] = {}
     with path.open() as fh:
         for n, line in enumerate(fh, start=1):
@@ -95,8 +100,15 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     entry = last.get("instruction") or last.get("pretrain")
     if entry is None:
         return None
-    image = Path(sources[entry["source"]].source) / entry["images"][0]["path"]
+    src = sources[entry["source"]]
+    store = source_store(src)  # a folder or an object store: the image's full location, confined as validated
+    image = store.display(store.resolve(entry["images"][0]["path"], allowed_stores(src, cfg.validate_.allowed_roots)))
     return SmokeSample(entry["source"], str(entry["id"]), entry["file"], entry["row"], image)
+
+
+def _smoke_image(cfg: DocEVConfig, sample: SmokeSample) -> Image.Image:
+    src = next(d for d in cfg.datasets if source_name(d) == sample.source)
+    return load_image(io.BytesIO(read_file(sample.image, src.storage_options)), name=sample.image)
 
 
 def smoke_device(cfg: DocEVConfig) -> str:
@@ -185,7 +197,8 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     why_not = f"no accepted record with images in {Path(cfg.output_dir) / 'validate' / 'manifest.jsonl'}"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
-        result = generator.generate([sample.image], exp.smoke_prompt, max_new_tokens=exp.smoke_max_new_tokens,
+        result = generator.generate([_smoke_image(cfg, sample)], exp.smoke_prompt,
+                                    max_new_tokens=exp.smoke_max_new_tokens,
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()

@@ -71,7 +71,8 @@ def shm_volume(cfg: DocEVConfig) -> dict[str, Any]:
 
 
 def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
-    """The training container's environment; the W&B key only ever as a reference to its Secret."""
+    """The training container's environment; the W&B key and object-store credentials only ever as references
+    to their Secrets."""
     k8s = cfg.kubernetes
     out: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if k8s.wandb_secret:
@@ -81,6 +82,11 @@ def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": k8s.wandb_secret, "key": k8s.wandb_secret_key}},
             }
         )
+    if k8s.storage_secret:  # object-store credentials: referenced by name, never copied into the manifest
+        out += [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.storage_secret, "key": key}}}
+            for key, name in k8s.storage_secret_keys.items()
+        ]
     return out
 
 

@@ -8,16 +8,21 @@ again, and a line that cannot be decoded is still yielded, with its error, so no
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from docev.config import DatasetSource
+from docev.storage import Store, is_url, store_for
+from docev.vision.image_io import load_image
 
 CHUNK_ROWS = 512
 
@@ -50,33 +55,46 @@ def source_name(src: DatasetSource) -> str:
     return src.name or Path(src.source).name
 
 
-def data_files(src: DatasetSource) -> list[tuple[str, Path]]:
-    """(kind, path) of every data file of a source, in a stable order."""
-    root = Path(src.source)
-    if not root.is_dir():
-        raise FileNotFoundError(f"UFX source {root}: not a folder")
-    state = next(iter(sorted(root.rglob("state.json"))), None)
+def source_store(src: DatasetSource) -> Store:
+    """The store of a source (local folder or fsspec URL), with its non-secret options."""
+    return store_for(src.source, src.storage_options)
+
+
+def allowed_stores(src: DatasetSource, allowed_roots: list[str]) -> list[Store]:
+    """``validate.allowed_roots`` as stores; one on an object store is read with the source's options."""
+    return [store_for(r, src.storage_options if is_url(r) else None) for r in allowed_roots]
+
+
+def load_source_image(src: DatasetSource, name: str, allowed_roots: list[str]) -> Image.Image:
+    """An accepted record's image, decoded as training decodes it (for reports, smoke prompts, preprocess)."""
+    store = source_store(src)
+    path = store.resolve(name, allowed_stores(src, allowed_roots))
+    return load_image(io.BytesIO(store.read_bytes(path)), name=store.display(path))
+
+
+def data_files(src: DatasetSource) -> list[tuple[str, str]]:
+    """(kind, store path) of every data file of a source, in a stable order."""
+    store = source_store(src)
+    if not store.isdir():
+        raise FileNotFoundError(f"UFX source {src.source}: not a folder")
+    state = next((p for p in store.find("state.json") if posixpath.basename(p) == "state.json"), None)
     if state is not None:
-        files = [state.parent / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        return [("arrow", f) for f in files]
-    files = [("jsonl", p) for p in sorted(root.rglob("*.jsonl"))]
-    files += [("parquet", p) for p in sorted(root.rglob("*.parquet"))]
+        names = json.loads(store.read_bytes(state))["_data_files"]
+        return [("arrow", posixpath.join(posixpath.dirname(state), f["filename"])) for f in names]
+    files = [("jsonl", p) for p in store.find(".jsonl")]
+    files += [("parquet", p) for p in store.find(".parquet")]
     if not files:
-        raise FileNotFoundError(f"UFX source {root}: no *.jsonl, *.parquet or save_to_disk dataset found")
+        raise FileNotFoundError(f"UFX source {src.source}: no *.jsonl, *.parquet or save_to_disk dataset found")
     return files
-
-
-def _rel(src: DatasetSource, path: Path) -> str:
-    return str(path.relative_to(Path(src.source)))
 
 
 def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
     """Split a source into units by streaming through it once (line starts, row-group and batch sizes)."""
-    name, units = source_name(src), []
+    name, units, store = source_name(src), [], source_store(src)
     for kind, path in data_files(src):
-        rel = _rel(src, path)
+        rel = store.rel(path)
         if kind == "jsonl":
-            with path.open("rb") as fh:
+            with store.open_read(path) as fh:
                 row, offset, start_row, start_off = 0, 0, 0, 0
                 for line in fh:
                     if row - start_row == chunk_rows:
@@ -87,16 +105,21 @@ def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
                 if row > start_row:
                     units.append(Unit(name, rel, start_row, row - start_row, start_off))
         else:
-            total = _table_rows(kind, path)
+            total = _table_rows(store, kind, path)
             units += [Unit(name, rel, s, min(chunk_rows, total - s)) for s in range(0, total, chunk_rows)]
     return units
 
 
-def _table_rows(kind: str, path: Path) -> int:
-    if kind == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with pa.memory_map(str(path)) as mm:
-        return sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
+def _table_rows(store: Store, kind: str, path: str) -> int:
+    with _open_table(store, path) as fh:
+        if kind == "parquet":
+            return pq.ParquetFile(fh).metadata.num_rows
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(fh))
+
+
+def _open_table(store: Store, path: str) -> Any:
+    """Local files memory-mapped; objects through the retrying reader (parquet reads footer + row groups)."""
+    return pa.memory_map(path) if store.local else store.open_read(path)
 
 
 def _remap(src: DatasetSource, row: dict[str, Any]) -> dict[str, Any]:
@@ -112,11 +135,12 @@ def _remap(src: DatasetSource, row: dict[str, Any]) -> dict[str, Any]:
 
 def read_unit(src: DatasetSource, unit: Unit) -> Iterator[RawRecord]:
     """Yield the unit's rows in order. Only this unit's rows are held in memory."""
-    path = Path(src.source) / unit.file
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(src, unit, path)
+    store = source_store(src)
+    path = store.join(unit.file)
+    if path.endswith(".jsonl"):
+        yield from _read_jsonl(src, unit, store.open_read(path))
         return
-    for i, row in enumerate(_table_rows_slice(path, unit.start, unit.count)):
+    for i, row in enumerate(_table_rows_slice(store, path, unit.start, unit.count)):
         yield RawRecord(unit.source, unit.file, unit.start + i, None, _remap(src, _drop_nulls(row)))
 
 
@@ -134,8 +158,8 @@ def _drop_nulls(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_jsonl(src: DatasetSource, unit: Unit, path: Path) -> Iterator[RawRecord]:
-    with path.open("rb") as fh:
+def _read_jsonl(src: DatasetSource, unit: Unit, fh: BinaryIO) -> Iterator[RawRecord]:
+    with fh:
         fh.seek(unit.offset)
         offset = unit.offset
         for i in range(unit.count):
@@ -161,20 +185,13 @@ def _read_jsonl(src: DatasetSource, unit: Unit, path: Path) -> Iterator[RawRecor
             yield RawRecord(unit.source, unit.file, row, pos, _remap(src, data))
 
 
-def _table_rows_slice(path: Path, start: int, count: int) -> Iterator[dict[str, Any]]:
+def _table_rows_slice(store: Store, path: str, start: int, count: int) -> Iterator[dict[str, Any]]:
     """Rows [start, start+count) of a parquet or Arrow-stream file, reading only the batches needed."""
-    if path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
-        first = 0
-        for rg in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            if first + n > start and first < start + count:
-                table = pf.read_row_group(rg)
-                lo, hi = max(start - first, 0), min(start + count - first, n)
-                yield from table.slice(lo, hi - lo).to_pylist()
-            first += n
+    if path.endswith(".parquet"):
+        with _open_table(store, path) as fh:
+            yield from _parquet_slice(pq.ParquetFile(fh), start, count)
         return
-    with pa.memory_map(str(path)) as mm:
+    with _open_table(store, path) as mm:
         first = 0
         for batch in pa.ipc.open_stream(mm):
             n = batch.num_rows
@@ -184,6 +201,17 @@ def _table_rows_slice(path: Path, start: int, count: int) -> Iterator[dict[str, 
             first += n
             if first >= start + count:
                 return
+
+
+def _parquet_slice(pf: pq.ParquetFile, start: int, count: int) -> Iterator[dict[str, Any]]:
+    first = 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        if first + n > start and first < start + count:
+            table = pf.read_row_group(rg)
+            lo, hi = max(start - first, 0), min(start + count - first, n)
+            yield from table.slice(lo, hi - lo).to_pylist()
+        first += n
 
 
 def read_at(src: DatasetSource, file: str, row: int, offset: int | None) -> RawRecord:

@@ -15,17 +15,17 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.validate.outputs import iter_manifest, validate_dir
+from docev.validate.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
-from docev.vision.image_io import load_image
 from docev.vision.tiling import tile_image
 
 THUMB_SIDE = 320
 
 
-def grid_thumbnail(path: Path, tile_size: int, min_tiles: int, max_tiles: int) -> Image.Image:
+def grid_thumbnail(image: Image.Image, tile_size: int, min_tiles: int, max_tiles: int) -> Image.Image:
     """The page as the model sees it (the transform's canvas: resized, padded) with its tile grid drawn."""
     tiled = tile_image(
-        load_image(path),
+        image,
         tile_size=tile_size,
         min_num_tiles=min_tiles,
         max_num_tiles=max_tiles,
@@ -44,12 +44,13 @@ def grid_thumbnail(path: Path, tile_size: int, min_tiles: int, max_tiles: int) -
 
 def _thumbnails(cfg: DocEVConfig, out: Path) -> list[tuple[str, str, str, bytes]]:
     """(record id, file name under thumbnails/, caption, png bytes) for the first accepted pages."""
-    tok, sources = cfg.tokenizer, {(s.name or Path(s.source).name): Path(s.source) for s in cfg.datasets}
+    tok, sources = cfg.tokenizer, {source_name(s): s for s in cfg.datasets}
+    allowed = cfg.validate_.allowed_roots
     thumbs = []
     for entry in islice((e for e in iter_manifest(cfg) if e["images"]), cfg.validate_.thumbnails):
         im = entry["images"][0]
-        path = (sources[entry["source"]] / im["path"]).resolve()
-        thumb = grid_thumbnail(path, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles)
+        image = load_source_image(sources[entry["source"]], im["path"], allowed)
+        thumb = grid_thumbnail(image, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles)
         buf = io.BytesIO()
         thumb.save(buf, "PNG")
         name = f"{entry['source']}-{entry['row']}.png"
@@ -79,6 +80,8 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
     md += ["", "## Image modes (normalised to RGB for training)", ""]
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{m} {n}" for m, n in s["image_modes"].items()))
+    md += ["", "## Storage (transient faults retried and survived: throttling, 5xx, dropped connections)", ""]
+    md += [f"- {name}: retries {s['retries']}" for name, s in report["sources"].items()]
     md += ["", "## Sequence lengths (sampling ratio: bucket → records)", ""]
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))

@@ -9,15 +9,17 @@ normalisation the transform applies.
 
 from __future__ import annotations
 
+import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from docev import ufx
+from docev.storage import PathEscape
 from docev.vision.image_io import is_transposed, load_image
 
 FILE_REASONS = {
@@ -63,7 +65,6 @@ class Limits:
     min_image_size: int
     max_image_pixels: int
     max_seq_len: int
-    allowed_roots: tuple[Path, ...] = ()
 
 
 def check_text(value: Any, path: str = "") -> None:
@@ -83,59 +84,58 @@ def check_text(value: Any, path: str = "") -> None:
             check_text(v, f"{path}.{i}" if path else str(i))
 
 
-def resolve_image(root: Path, name: str, allowed_roots: tuple[Path, ...], field_name: str) -> Path:
-    """The real path of an image, confined to the source root (relative) or an allowed root (absolute).
-    Symlinks are resolved before the check, so a link pointing outside is an escape."""
-    p = Path(name)
-    candidate, roots = (p, allowed_roots) if p.is_absolute() else (root / p, (root, *allowed_roots))
-    real = candidate.resolve()
-    if not any(real.is_relative_to(r.resolve()) for r in roots):
-        where = "the allowed roots" if p.is_absolute() else f"the source root {root}"
-        raise Reject("path_escape", f"{name!r} resolves to {real}, outside {where}", field_name)
-    return real
+# name in image_files → (where it was read, its bytes or why they could not be read); raises PathEscape
+ImageFetch = Callable[[str], tuple[str, "bytes | BaseException"]]
 
 
-def inspect_image(path: Path, limits: Limits, field_name: str) -> ImageInfo:
-    if not path.is_file():
-        raise Reject("image_missing", f"{path} does not exist", field_name)
-    nbytes = path.stat().st_size
-    if nbytes == 0:
-        raise Reject("image_undecodable", f"{path} is 0 bytes", field_name)
+def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field_name: str) -> ImageInfo:
+    """Check one image's bytes (``data`` is the read error when there are none): header first, then a decode."""
+    if isinstance(data, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        raise Reject("image_missing", f"{where} does not exist", field_name)
+    if isinstance(data, BaseException):
+        raise Reject("image_undecodable", f"{where}: cannot read ({data})", field_name)
+    if len(data) == 0:
+        raise Reject("image_undecodable", f"{where} is 0 bytes", field_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
+            with Image.open(io.BytesIO(data)) as im:  # parses the header only
                 w, h = im.size
                 mode = im.mode
                 rotated = is_transposed(im)  # the same reading of EXIF as the decoder's
     except Image.DecompressionBombError as exc:
-        raise Reject("image_too_large", f"{path}: {exc}", field_name) from None
+        raise Reject("image_too_large", f"{where}: {_detail(exc)}", field_name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise Reject("image_undecodable", f"{path}: {exc}", field_name) from None
+        raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
     if w * h > limits.max_image_pixels:
-        raise Reject("image_too_large", f"{path}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
+        raise Reject("image_too_large", f"{where}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
     if rotated:
         w, h = h, w
     if min(w, h) < limits.min_image_size:
-        raise Reject("image_too_small", f"{path}: {w}x{h} is below {limits.min_image_size} px", field_name)
+        raise Reject("image_too_small", f"{where}: {w}x{h} is below {limits.min_image_size} px", field_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            decoded = load_image(path)  # the same decode + normalisation as training
+            decoded = load_image(io.BytesIO(data), name=where)  # the same decode + normalisation as training
     except Image.DecompressionBombError as exc:
-        raise Reject("image_too_large", f"{path}: {exc}", field_name) from None
+        raise Reject("image_too_large", f"{where}: {_detail(exc)}", field_name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise Reject("image_undecodable", f"{path}: {exc}", field_name) from None
+        raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
     if (decoded.height, decoded.width) != (h, w):
-        raise Reject("image_undecodable", f"{path}: decoded size {decoded.size} differs from header", field_name)
-    return ImageInfo(str(path), (h, w), mode, rotated, nbytes)
+        raise Reject("image_undecodable", f"{where}: decoded size {decoded.size} differs from header", field_name)
+    return ImageInfo(where, (h, w), mode, rotated, len(data))
+
+
+def _detail(exc: BaseException) -> str:
+    """The decoder's message without the in-memory buffer's repr (stable across runs and workers)."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(exc))
 
 
 TokenCounter = Callable[[ufx.UFXRecord, list[tuple[int, int]]], dict[int, int]]
 
 
 def check_record(
-    data: dict[str, Any], root: Path, ufx_type: str, limits: Limits, count_tokens: TokenCounter
+    data: dict[str, Any], fetch: ImageFetch, ufx_type: str, limits: Limits, count_tokens: TokenCounter
 ) -> Accepted:
     """All rules for one parsed record, cheapest first. Raises :class:`Reject`."""
     check_text(data)
@@ -143,10 +143,13 @@ def check_record(
         record = ufx.parse_record(data, ufx_type)  # type: ignore[arg-type]
     except ufx.UFXError as exc:
         raise Reject(exc.reason, exc.detail, exc.field) from None
-    images = [
-        inspect_image(resolve_image(root, name, limits.allowed_roots, f"image_files.{i}"), limits, f"image_files.{i}")
-        for i, name in enumerate(record.image_files)
-    ]
+    images = []
+    for i, name in enumerate(record.image_files):
+        try:
+            where, blob = fetch(name)
+        except PathEscape as exc:
+            raise Reject("path_escape", str(exc), f"image_files.{i}") from None
+        images.append(inspect_image(where, blob, limits, f"image_files.{i}"))
     tokens = count_tokens(record, [im.size for im in images])
     shortest = min(tokens.values())
     if shortest > limits.max_seq_len:

@@ -29,10 +29,20 @@ from typing import Any
 from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
+from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.outputs import validate_dir
-from docev.validate.readers import Unit, plan_units, read_at, read_unit, source_name
+from docev.validate.readers import (
+    RawRecord,
+    Unit,
+    allowed_stores,
+    plan_units,
+    read_at,
+    read_unit,
+    source_name,
+    source_store,
+)  # fmt: skip
 from docev.validate.report import write_reports
-from docev.validate.rules import Limits, Reject, check_record
+from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
 from docev.vision.geometry import plan_tiles
 
@@ -58,28 +68,33 @@ class UnitValidator:
 
         self.cfg = cfg
         v, tok = cfg.validate_, cfg.tokenizer
-        self.limits = Limits(
-            v.min_image_size, v.max_image_pixels, tok.max_seq_len, tuple(Path(r) for r in v.allowed_roots)
-        )
+        self.limits = Limits(v.min_image_size, v.max_image_pixels, tok.max_seq_len)
         self.count_tokens = build_token_counter(cfg)
 
     def run(self, index: int, source_index: int, unit: Unit) -> UnitResult:
         src = self.cfg.datasets[source_index]
         tok = self.cfg.tokenizer
-        root = Path(src.source)
+        store = source_store(src)
+        allowed = allowed_stores(src, self.cfg.validate_.allowed_roots)
         stats, accepted, rejects = SourceStats(), [], []
+        retries_before = RETRIES.value
 
         def count(record, sizes):  # the source's system prompt replaces the record's, as in training
             return self.count_tokens(record, sizes, src.new_system_prompt)
 
-        for raw in read_unit(src, unit):
+        def fetch_all(raw: RawRecord) -> dict[str, tuple[str, bytes | BaseException] | PathEscape]:
+            return {name: _fetch(store, allowed, name) for name in _image_names(raw)}
+
+        for raw, fetched in ordered_map(fetch_all, read_unit(src, unit), src.storage_options.threads):
+            if isinstance(fetched, BaseException):
+                raise fetched
             stats.read += 1
             pos = {"source": unit.source, "file": raw.file, "row": raw.row, "offset": raw.offset, "unit": index}
             record_id = raw.data.get("id") if raw.data and isinstance(raw.data.get("id"), str) else None
             try:
                 if raw.error:
                     raise Reject(*raw.error)
-                ok = check_record(raw.data, root, src.ufx_type, self.limits, count)
+                ok = check_record(raw.data, _lookup(fetched), src.ufx_type, self.limits, count)
             except Reject as rej:
                 stats.add_reject(rej.reason)
                 rejects.append(
@@ -104,7 +119,39 @@ class UnitValidator:
             accepted.append(
                 {**pos, "id": ok.record.id, "images": images, "tokens": {str(r): n for r, n in ok.tokens.items()}}
             )
+        stats.retries += RETRIES.value - retries_before
         return UnitResult(index, unit.source, accepted, rejects, stats)
+
+
+def _image_names(raw: RawRecord) -> list[str]:
+    """The image names a record asks for, read ahead of its checks (an ill-typed list has none)."""
+    names = raw.data.get("image_files") if raw.data else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _fetch(store: Store, allowed: list[Store], name: str) -> tuple[str, bytes | BaseException] | PathEscape:
+    """(where, bytes or the non-transient read error) of one image; an escape is kept for its record's checks."""
+    try:
+        path = store.resolve(name, allowed)
+    except PathEscape as exc:
+        return exc
+    where = store.display(path)
+    try:
+        return where, store.read_bytes(path)
+    except TransientStorageError:
+        raise
+    except OSError as exc:  # missing / unreadable: the record's reject, as for a local file
+        return where, exc
+
+
+def _lookup(fetched: dict[str, tuple[str, bytes | BaseException] | PathEscape]) -> ImageFetch:
+    def fetch(name: str) -> tuple[str, bytes | BaseException]:
+        got = fetched[name]
+        if isinstance(got, PathEscape):
+            raise got
+        return got
+
+    return fetch
 
 
 _WORKER: UnitValidator | None = None

@@ -26,6 +26,7 @@ class SourceStats:
         self.read = 0
         self.accepted = 0
         self.rejected = 0
+        self.retries = 0  # transient storage faults retried (and survived) while reading this source
         self.reasons: Counter[str] = Counter()
         self.image_modes: Counter[str] = Counter()  # file modes, plus "exif_rotated"
         self.image_max_side: Counter[str] = Counter()
@@ -51,11 +52,13 @@ class SourceStats:
         self.read += other.read
         self.accepted += other.accepted
         self.rejected += other.rejected
+        self.retries += other.retries
         for name in self.FIELDS:
             getattr(self, name).update(getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"read": self.read, "accepted": self.accepted, "rejected": self.rejected}
+        out: dict[str, Any] = {"read": self.read, "accepted": self.accepted, "rejected": self.rejected,
+                               "retries": self.retries}  # fmt: skip
         out["reject_fraction"] = self.rejected / self.read if self.read else 0.0
         out.update({name: dict(sorted(getattr(self, name).items())) for name in self.FIELDS})
         return out
@@ -64,6 +67,7 @@ class SourceStats:
     def from_dict(cls, data: dict[str, Any]) -> SourceStats:
         s = cls()
         s.read, s.accepted, s.rejected = data["read"], data["accepted"], data["rejected"]
+        s.retries = data["retries"]
         for name in cls.FIELDS:
             getattr(s, name).update(data[name])
         return s

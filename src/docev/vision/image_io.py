@@ -12,6 +12,7 @@ headers agree with the decoded pixels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -79,12 +80,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise ValueError(f"unsupported image mode {mode!r}")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` to an upright 8-bit RGB PIL image. Raises :class:`ImageLoadError` naming the file."""
+def load_image(path: str | Path | IO[bytes], name: str | None = None) -> Image.Image:
+    """Decode ``path`` (or a binary file object, e.g. bytes read from an object store, then ``name`` says
+    where they came from) to an upright 8-bit RGB PIL image. Raises :class:`ImageLoadError` naming the file."""
+    where = name if name is not None else path
     try:
         image = Image.open(path)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(path, f"cannot open image ({exc})") from exc
+        raise ImageLoadError(where, f"cannot open image ({exc})") from exc
     try:
         image.load()  # single-frame formats close their file here
         out = image if _orientation(image) == 1 else ImageOps.exif_transpose(image)
@@ -93,7 +96,7 @@ def load_image(path: str | Path) -> Image.Image:
             out = image.copy()  # multi-frame files (TIFF, GIF) keep the file open: detach the first frame
         return out
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(path, f"cannot decode image ({exc})") from exc
+        raise ImageLoadError(where, f"cannot decode image ({exc})") from exc
     finally:
         if getattr(image, "fp", None) is not None:
             image.fp.close()

@@ -1,0 +1,63 @@
+"""Stage the shards to a node-local folder once per node, then memory-map them from there.
+
+Shards usually live on a shared volume (NFS, CephFS, a cloud file store) or, read through
+:mod:`docev.storage`, any fsspec location; random row reads over the network cost a round trip each.
+With ``dataloader.cache_dir`` set, the first process of a node to take the cache's lock copies every
+shard (streamed, sha256 computed while copying and checked against ``manifest.json``, written under a
+temporary name, then renamed) and writes the manifest last; the node's other ranks wait on the lock
+and find the manifest in place. A cache holding another run's shards is a different folder (the
+folder is named by the source manifest's sha256), so runs never mix shards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from docev.data.shards import ShardError, sha256_file
+from docev.storage import store_for, with_retries
+
+
+def stage_shards(source: str | Path, cache_dir: str | Path) -> Path:
+    """A local folder holding the shards of ``source`` (a folder or fsspec URL with ``manifest.json``)."""
+    store = store_for(str(source))
+    manifest_bytes = store.read_bytes(store.join("manifest.json"))
+    digest = hashlib.sha256(manifest_bytes).hexdigest()[:16]
+    target = Path(cache_dir) / f"shards-{digest}"
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process per node stages; the others wait here, then find it done
+        done = target / "manifest.json"
+        if done.is_file() and done.read_bytes() == manifest_bytes:
+            return target
+        for shard in json.loads(manifest_bytes)["shards"]:
+            _copy_verified(store, shard["file"], shard["sha256"], target)
+        tmp = target / ".manifest.json.tmp"
+        tmp.write_bytes(manifest_bytes)
+        os.replace(tmp, done)  # published last: a cache with a manifest is complete
+    return target
+
+
+def _copy_verified(store, name: str, sha256: str, target: Path) -> None:
+    final = target / name
+    if final.is_file() and sha256_file(final) == sha256:
+        return  # left by a staging that was interrupted after this shard
+    tmp = target / f".{name}.tmp"
+
+    def copy() -> str:
+        h = hashlib.sha256()
+        with store.open_read(store.join(name)) as src, tmp.open("wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                h.update(chunk)
+                dst.write(chunk)
+        return h.hexdigest()
+
+    got = with_retries(copy, f"stage {store.display(store.join(name))}", store.options)
+    if got != sha256:
+        tmp.unlink()
+        raise ShardError(f"{store.display(store.join(name))}: sha256 {got[:12]}… while staging, manifest says "
+                         f"{sha256[:12]}…: corrupt shard")  # fmt: skip
+    os.replace(tmp, final)
