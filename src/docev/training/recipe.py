@@ -9,7 +9,8 @@ one-process group. What differs from torchtune's stock recipe, and why:
 - **Checkpoints every ``save_every_n_steps``** with everything an exact resume needs (optimizer, lr
   scheduler, sampler position, every rank's RNG states, step, tokens seen); ``latest`` names the newest
   complete folder and only the last ``keep_last_n_checkpoints`` stay. A resumed run continues at the
-  next sample and repeats the interrupted run's losses bit for bit (CPU, fp32).
+  next sample and repeats the interrupted run's losses bit for bit (CPU, fp32). Sharded DCP folders
+  (each rank writes its shards, optionally in the background) or HF folders: ``checkpoint_manager``.
 - **Loss normalised by the loss tokens of the whole step** across ranks and micro-batches (not by
   micro-batch count), as torchtune does; the counts come with the batch, so no extra sync.
 - **FSDP units are the modules every rank calls exactly once per micro-batch**: each decoder layer and
@@ -53,6 +54,7 @@ from tqdm import tqdm
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
 from docev.k8s.pytorchjob import checkpoint_dir
+from docev.training.checkpoint_manager import CheckpointManager
 from docev.training.checkpointing import (
     LR_SCHEDULER_KEY,
     OPTIMIZER_KEY,
@@ -62,10 +64,8 @@ from docev.training.checkpointing import (
     STEP_KEY,
     TOKENS_KEY,
     WORLD_SIZE_KEY,
-    capture_rng,
     prune_checkpoints,
     restore_rng,
-    start_folder,
 )
 from docev.training.metrics import MetricsLog, wandb_mode
 
@@ -156,16 +156,14 @@ class DocEVFinetuneRecipe:
         cfg = self.cfg
         if self._is_rank_zero:
             self._metrics = self._setup_metrics()
-        folder, resumed = self._start_folder()
-        self._resumed_from = folder if resumed else None
-        self._checkpointer = config.instantiate(
-            component(cfg, "checkpointer"), checkpoint_dir=str(folder), output_dir=str(self._output_dir)
-        )
-        state = self._checkpointer.load_checkpoint()
-        utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
+        self._checkpoints = CheckpointManager(cfg, component(cfg, "checkpointer"), self._output_dir, self._device)
+        state, resumed = self._checkpoints.load()
 
-        self._model = self._setup_model(state.pop("model"))
+        model_sd = state.pop("model")  # None: a sharded (DCP) folder, read once model and optimizer exist
+        self._model = self._setup_model(model_sd)
         self._optimizer = self._setup_optimizer(state.get(OPTIMIZER_KEY) if resumed else None)
+        if model_sd is None:
+            self._checkpoints.load_sharded(self._model, self._optimizer)
         self._loss_fn = self._setup_loss()
         # uint8 tiles travel to the device and are normalised there (4x fewer bytes, no host float work)
         self._dataloader, self._sampler = build_dataloader(
@@ -198,18 +196,10 @@ class DocEVFinetuneRecipe:
         logger.log_config(OmegaConf.create(cfg.to_dict()))
         return MetricsLog(self._log_dir, logger)
 
-    def _start_folder(self) -> tuple[Path, bool]:
-        """Rank 0 decides (base or ``latest``) and tells the others, so nodes never disagree."""
-        choice: list[Any] = [None]
-        if self._is_rank_zero:
-            base = self.cfg.checkpointer.checkpoint_dir
-            choice[0] = start_folder(base, self._output_dir, self.cfg.resume_from_checkpoint)
-        dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def _setup_model(self, model_state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         """Built on the meta device in the training dtype, compiled per layer, activation-checkpointed,
-        sharded, then filled from the full state dict (each rank keeps its shard)."""
+        sharded, then filled from the full state dict (each rank keeps its shard); with None, left
+        allocated but unset for a sharded checkpoint to fill."""
         cfg = self.cfg
         start = time.perf_counter()
         with training.set_default_dtype(self._dtype), torch.device("meta"):
@@ -220,7 +210,10 @@ class DocEVFinetuneRecipe:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
         model.set_reduce_scatter_unused_params(True)
-        training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
+        if model_state_dict is None:
+            model.to_empty(device=self._device)
+        else:
+            training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
                 if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
@@ -290,7 +283,7 @@ class DocEVFinetuneRecipe:
             )
         self._sampler.load_state_dict(state[SAMPLER_KEY])
         if self._is_rank_zero:
-            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, protect=self._resumed_from)
+            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._checkpoints.resumed_from)
 
     def _steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch: its full gradient-accumulation groups, capped by max_steps_per_epoch."""
@@ -334,6 +327,7 @@ class DocEVFinetuneRecipe:
                 utils.log_rank_zero(log, f"stop_after_steps: stopping after step {self.global_step}")
                 break
         pbar.close()
+        self._checkpoints.wait()  # the last save is complete before the run counts as done
         if self._is_rank_zero:  # the folder this run resumed from is no longer needed for saving
             prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints)
 
@@ -442,37 +436,27 @@ class DocEVFinetuneRecipe:
     # ------------------------------------------------------------------------------------------
     # checkpoints and shutdown
 
-    def save_checkpoint(self) -> Path | None:
-        """``step_N``: the model (HF layout) + recipe state; then ``latest``, then pruning to the last K.
-        Every rank takes part in gathering; rank 0 writes. Returns the folder on rank 0."""
-        start = time.perf_counter()
-        model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
-        opt_sd = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self._is_rank_zero, device=self._device
-        )
-        rng: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng, capture_rng())
-        folder = None
-        if self._is_rank_zero:
-            state = {
-                "model": model_sd,
-                OPTIMIZER_KEY: opt_sd,
-                LR_SCHEDULER_KEY: None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
-                SAMPLER_KEY: self._sampler.state_dict(),
-                RNG_KEY: rng,
-                STEP_KEY: self.global_step,
-                TOKENS_KEY: self.tokens_seen,
-                SEED_KEY: self.seed,
-                WORLD_SIZE_KEY: self.world_size,
-            }
-            folder = self._checkpointer.save_checkpoint(state, self.global_step)
-            removed = prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._resumed_from)
-            kept = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
-            log.info(f"Saved {folder} in {time.perf_counter() - start:.1f} s{kept}")
-        dist.barrier()
-        return folder
+    def save_checkpoint(self, *, wait: bool = False) -> Path | None:
+        """``step_N`` of the current step, in ``checkpoint_format`` (see ``checkpoint_manager``); then
+        ``latest``, then pruning to the last K. Collective. ``wait=True`` returns only once an async save
+        is published (a run about to exit). Returns the folder on rank 0."""
+        return self._checkpoints.save(self._model, self._optimizer, self._recipe_state(), self.global_step, wait=wait)
+
+    def _recipe_state(self) -> dict[str, Any]:
+        """Everything saved besides the model, the optimizer and the RNG states (the manager adds those)."""
+        return {
+            LR_SCHEDULER_KEY: None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
+            SAMPLER_KEY: self._sampler.state_dict(),
+            STEP_KEY: self.global_step,
+            TOKENS_KEY: self.tokens_seen,
+            SEED_KEY: self.seed,
+            WORLD_SIZE_KEY: self.world_size,
+        }
 
     def cleanup(self) -> None:
+        checkpoints = getattr(self, "_checkpoints", None)  # absent when setup failed before it
+        if checkpoints is not None:
+            checkpoints.close()
         if self._metrics is not None:
             self._metrics.plot()
             self._metrics.close()
