@@ -296,7 +296,7 @@ def test_two_rank_dcp_checkpoint_resumes_on_one_rank(data, split_dcp):
     frozen = [k for k in before if k.startswith("vision_tower.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
-    assert 0 < (after[q] - before[q]).abs().max() <= 10 * rows[-1]["lr"]
+    assert 0 < (after[q] - before[q]).abs().max() <= 3 * rows[-1]["lr"]
 
 
 def _worker(launcher: int, rank: int) -> int:

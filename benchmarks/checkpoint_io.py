@@ -1,0 +1,258 @@
+"""Checkpoint I/O of the recipe's CheckpointManager: a ~300M-parameter DocEV on 2 CPU ranks (torchrun, gloo).
+
+For each of ``hf`` (model + optimizer gathered to rank 0, which writes), ``dcp`` (every rank writes
+its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per rank:
+
+- **blocked**: wall time the training loop spends inside ``save`` (for async: until the shards are
+  staged in host memory and the write runs in the background), and **total** until the folder is
+  published (``latest`` moved);
+- **peak RSS**: the process's peak resident memory during the save (``VmHWM`` after resetting it with
+  ``/proc/self/clear_refs``), and how far above the RSS before the save it went, against the rank's
+  share of the state (its model + optimizer shards) and the full state;
+- **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
+  count of its parameters with the preview config's trainable groups.
+
+The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k;
+a small frozen vision tower), built in bf16 with AdamW state in bf16 (``master_dtype: bf16``; fp32
+master weights double every byte figure, which the extrapolation prints too). Weights are random:
+the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
+written here (``config.json`` + an empty weights file: the checkpointer copies side files from it).
+Targets: rank 0's save-time RSS growth under DCP stays within its share of the state plus a fixed
+buffer (HF's grows by the full state), and async blocks the loop for ≤ 10% of a sync DCP save.
+Each mode runs in its own torchrun launch (so one mode's freed memory does not hide another's peak);
+``--saves`` saves per launch, the last one reported (the first warms the file system and allocator).
+Memory: ~2 GiB per rank for the state, ~3 GiB on rank 0 during the hf save.
+
+    .venv/bin/python benchmarks/checkpoint_io.py [--layers 20] [--dim 1024] [--saves 2] [--modes hf,dcp,dcp_async]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+MODES = {
+    "hf": ["checkpoint_format=hf"],
+    "dcp": ["checkpoint_format=dcp"],
+    "dcp_async": ["checkpoint_format=dcp", "enable_async_checkpointing=true"],
+}
+GIB = 2**30
+
+
+def bench_arch(dim: int, layers: int):
+    from docev.models.docev import tiny
+
+    return replace(tiny(), vocab_size=32000, dim=dim, layers=layers, heads=16, kv_heads=8, mlp=int(dim * 2.75))
+
+
+def _rss() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# one rank (under torchrun)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torchtune import training
+
+    from docev.config import load_config
+    from docev.models.docev import DocEVCheckpointer, docev
+    from docev.training.checkpoint_manager import CheckpointManager
+    from docev.training.recipe import shard_condition
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    out = Path(args.work) / args.mode
+    overrides = [
+        f"output_dir={out}",
+        f"tokenizer.model_name_or_path={args.base}",
+        "synthetic=null",
+        'datasets=[{"source": "none"}]',
+        f"keep_last_n_checkpoints={args.saves}",
+        *MODES[args.mode],
+    ]
+    cfg = load_config(CONFIG, overrides)
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = docev(bench_arch(args.dim, args.layers))
+    training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    for p in params:  # one real AdamW step: its state at full size
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    local += sum(t.to_local().numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if hasattr(t, "to_local"))  # fmt: skip
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    full += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+
+    manager = CheckpointManager(
+        cfg, OmegaConf.create(cfg.to_dict()["checkpointer"]), out / "checkpoints", torch.device("cpu")
+    )
+    manager.checkpointer = DocEVCheckpointer(args.base, checkpoint_files=["model.safetensors"],
+                                             output_dir=out / "checkpoints")  # fmt: skip
+    manager.checkpointer.unused = {}
+    result = {}
+    for step in range(1, args.saves + 1):
+        dist.barrier()
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before, _ = _rss()
+        t0 = time.perf_counter()
+        manager.save(model, optimizer, {"global_step": step}, step)
+        blocked = time.perf_counter() - t0
+        manager.wait()
+        total = time.perf_counter() - t0
+        _, peak = _rss()
+        folder = out / "checkpoints" / f"step_{step}"
+        dist.barrier()
+        if args.mode == "hf":
+            written = sum(f.stat().st_size for f in folder.iterdir()) if rank == 0 else 0
+        else:
+            written = (folder / f"__{rank}_0.distcp").stat().st_size
+        result = {"rank": rank, "blocked_s": blocked, "total_s": total, "rss_before": before, "rss_peak": peak,
+                  "share_bytes": local, "full_bytes": full, "written_bytes": written}  # fmt: skip
+    manager.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+
+
+def preview_state_bytes() -> dict[str, int]:
+    """Bytes of model + AdamW state at preview size with the preview config's trainable groups."""
+    import torch
+
+    from docev.config import load_config
+    from docev.models.docev import docev, preview
+
+    model_cfg = load_config(CONFIG.with_name("docev_preview.yaml")).model
+    with torch.device("meta"):
+        m = docev(
+            preview(),
+            decoder_trainable=model_cfg.decoder_trainable,
+            encoder_trainable=model_cfg.encoder_trainable,
+            fusion_trainable=model_cfg.fusion_trainable,
+        )
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen,
+            "bf16": 2 * frozen + 6 * trainable,  # bf16 weights + two bf16 moments
+            "fp32": 4 * frozen + 12 * trainable}  # fp32 master weights + two fp32 moments  # fmt: skip
+
+
+def write_base(base: Path, arch) -> None:
+    from safetensors.torch import save_file
+
+    from docev.models.docev import hf_config
+
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps(hf_config(arch), indent=2))
+    save_file({}, str(base / "model.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--saves", type=int, default=2)
+    parser.add_argument("--modes", default="hf,dcp,dcp_async")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    from docev.models.docev import docev
+
+    arch = bench_arch(args.dim, args.layers)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in docev(arch).parameters())
+    print(f"model: DocEV decoder dim {args.dim} × {args.layers} layers, {n_params / 1e6:.0f}M parameters, bf16; "
+          "2 CPU ranks (gloo)")  # fmt: skip
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ckpt_io_", dir=os.environ.get("TMPDIR")) as tmp:
+        work = Path(tmp)
+        write_base(work / "base", arch)
+        for mode in args.modes.split(","):
+            res = work / f"{mode}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                   "--nproc_per_node", "2", __file__, "--worker", "--mode", mode, "--work", str(work),
+                   "--base", str(work / "base"), "--result", str(res), "--dim", str(args.dim),
+                   "--layers", str(args.layers), "--saves", str(args.saves)]  # fmt: skip
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            results[mode] = json.loads(res.read_text())
+
+    print(f"\n{'mode':<10} {'rank':>4} {'blocked s':>10} {'total s':>8} {'RSS before':>11} {'peak':>8} "
+          f"{'growth':>8} {'share':>8} {'full':>8} {'written':>9}")  # fmt: skip
+    for mode, ranks in results.items():
+        for r in ranks:
+            print(f"{mode:<10} {r['rank']:>4} {r['blocked_s']:>10.2f} {r['total_s']:>8.2f} "
+                  f"{r['rss_before'] / GIB:>9.2f} G {r['rss_peak'] / GIB:>6.2f} G "
+                  f"{(r['rss_peak'] - r['rss_before']) / GIB:>6.2f} G {r['share_bytes'] / GIB:>6.2f} G "
+                  f"{r['full_bytes'] / GIB:>6.2f} G {r['written_bytes'] / GIB:>7.2f} G")  # fmt: skip
+
+    print()
+    if "dcp" in results and "dcp_async" in results:
+        sync, asy = results["dcp"][0]["blocked_s"], results["dcp_async"][0]["blocked_s"]
+        print(f"async blocks the loop {asy:.2f} s vs sync dcp {sync:.2f} s: {asy / sync:.1%} (target ≤ 10%)")
+    for mode in ("dcp", "dcp_async", "hf"):
+        if mode in results:
+            r0 = results[mode][0]
+            growth = r0["rss_peak"] - r0["rss_before"]
+            print(
+                f"{mode}: rank 0 RSS growth during the save {growth / GIB:.2f} GiB = {growth / r0['share_bytes']:.2f}× "
+                f"its share ({r0['share_bytes'] / GIB:.2f} GiB), {growth / r0['full_bytes']:.2f}× the full state"
+            )
+    if "hf" in results and "dcp" in results:
+        print(f"sync save time, hf / dcp: {results['hf'][0]['total_s'] / results['dcp'][0]['total_s']:.2f}")
+
+    preview = preview_state_bytes()
+    print(f"\npreview (11.4B: {preview['trainable'] / 1e9:.2f}B trainable, {preview['frozen'] / 1e9:.2f}B frozen), "
+          "bytes written per save per rank at 16 GPUs:")  # fmt: skip
+    for mode in ("dcp", "hf"):
+        if mode not in results:
+            continue
+        ranks = results[mode]
+        overhead = sum(r["written_bytes"] for r in ranks) / ranks[0]["full_bytes"]  # files / state (metadata, index)
+        for dtype in ("bf16", "fp32"):
+            total = preview[dtype] * overhead
+            per_rank = total / 16 if mode == "dcp" else total
+            who = "each of 16 ranks" if mode == "dcp" else "rank 0 alone (the others write nothing)"
+            state = preview[dtype] / 1e9
+            print(f"  {mode:<4} master {dtype}: {per_rank / 1e9:7.1f} GB by {who} (state {state:.1f} GB, "
+                  f"files/state measured {overhead:.3f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
