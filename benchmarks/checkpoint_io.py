@@ -6,9 +6,9 @@ its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per
 - **blocked**: wall time the training loop spends inside ``save`` (for async: until the shards are
   staged in host memory and the write runs in the background), and **total** until the folder is
   published (``latest`` moved);
-- **peak RSS**: the process's peak resident memory during the save (``VmHWM`` after resetting it with
-  ``/proc/self/clear_refs``), and how far above the RSS before the save it went, against the rank's
-  share of the state (its model + optimizer shards) and the full state;
+- **peak RSS**: the process's peak resident memory during the saves (``VmHWM`` reset with
+  ``/proc/self/clear_refs`` before each), against the baseline (the process before any state) plus
+  the rank's share of the state (its model + optimizer shards), and the full state;
 - **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
   count of its parameters with the preview config's trainable groups.
 
@@ -17,8 +17,9 @@ a small frozen vision tower), built in bf16 with AdamW state in bf16 (``master_d
 master weights double every byte figure, which the extrapolation prints too). Weights are random:
 the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
 written here (``config.json`` + an empty weights file: the checkpointer copies side files from it).
-Targets: rank 0's save-time RSS growth under DCP stays within its share of the state plus a fixed
-buffer (HF's grows by the full state), and async blocks the loop for ≤ 10% of a sync DCP save.
+Targets: rank 0's peak RSS under DCP stays within its share of the state plus a fixed buffer (the
+process baseline before any state, and the writer's buffers; HF's adds the full state), and async
+blocks the loop for ≤ 10% of a sync DCP save.
 Each mode runs in its own torchrun launch (so one mode's freed memory does not hide another's peak);
 ``--saves`` saves per launch, the last one reported (the first warms the file system and allocator).
 Memory: ~2 GiB per rank for the state, ~3 GiB on rank 0 during the hf save.
@@ -76,6 +77,7 @@ def worker(args: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    baseline, _ = _rss()  # the process before any state: interpreter, libraries, process group
     torch.manual_seed(rank)
     out = Path(args.work) / args.mode
     overrides = [
@@ -112,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
     manager.checkpointer = DocEVCheckpointer(args.base, checkpoint_files=["model.safetensors"],
                                              output_dir=out / "checkpoints")  # fmt: skip
     manager.checkpointer.unused = {}
-    result = {}
+    result, peak_all = {}, 0
     for step in range(1, args.saves + 1):
         dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -123,14 +125,16 @@ def worker(args: argparse.Namespace) -> None:
         manager.wait()
         total = time.perf_counter() - t0
         _, peak = _rss()
+        peak_all = max(peak_all, peak)
         folder = out / "checkpoints" / f"step_{step}"
         dist.barrier()
         if args.mode == "hf":
             written = sum(f.stat().st_size for f in folder.iterdir()) if rank == 0 else 0
         else:
             written = (folder / f"__{rank}_0.distcp").stat().st_size
-        result = {"rank": rank, "blocked_s": blocked, "total_s": total, "rss_before": before, "rss_peak": peak,
-                  "share_bytes": local, "full_bytes": full, "written_bytes": written}  # fmt: skip
+        result = {"rank": rank, "blocked_s": blocked, "total_s": total, "rss_baseline": baseline,
+                  "rss_before": before, "rss_peak": peak_all, "share_bytes": local, "full_bytes": full,
+                  "written_bytes": written}  # fmt: skip
     manager.close()
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -213,14 +217,14 @@ def main() -> None:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             results[mode] = json.loads(res.read_text())
 
-    print(f"\n{'mode':<10} {'rank':>4} {'blocked s':>10} {'total s':>8} {'RSS before':>11} {'peak':>8} "
-          f"{'growth':>8} {'share':>8} {'full':>8} {'written':>9}")  # fmt: skip
+    print(f"\n{'mode':<10} {'rank':>4} {'blocked s':>10} {'total s':>8} {'baseline':>9} {'peak':>8} "
+          f"{'peak-base':>9} {'share':>8} {'full':>8} {'written':>9}   (memory in GiB)")  # fmt: skip
     for mode, ranks in results.items():
         for r in ranks:
             print(f"{mode:<10} {r['rank']:>4} {r['blocked_s']:>10.2f} {r['total_s']:>8.2f} "
-                  f"{r['rss_before'] / GIB:>9.2f} G {r['rss_peak'] / GIB:>6.2f} G "
-                  f"{(r['rss_peak'] - r['rss_before']) / GIB:>6.2f} G {r['share_bytes'] / GIB:>6.2f} G "
-                  f"{r['full_bytes'] / GIB:>6.2f} G {r['written_bytes'] / GIB:>7.2f} G")  # fmt: skip
+                  f"{r['rss_baseline'] / GIB:>9.2f} {r['rss_peak'] / GIB:>8.2f} "
+                  f"{(r['rss_peak'] - r['rss_baseline']) / GIB:>9.2f} {r['share_bytes'] / GIB:>8.2f} "
+                  f"{r['full_bytes'] / GIB:>8.2f} {r['written_bytes'] / GIB:>9.2f}")  # fmt: skip
 
     print()
     if "dcp" in results and "dcp_async" in results:
@@ -229,11 +233,9 @@ def main() -> None:
     for mode in ("dcp", "dcp_async", "hf"):
         if mode in results:
             r0 = results[mode][0]
-            growth = r0["rss_peak"] - r0["rss_before"]
-            print(
-                f"{mode}: rank 0 RSS growth during the save {growth / GIB:.2f} GiB = {growth / r0['share_bytes']:.2f}× "
-                f"its share ({r0['share_bytes'] / GIB:.2f} GiB), {growth / r0['full_bytes']:.2f}× the full state"
-            )
+            extra = r0["rss_peak"] - r0["rss_baseline"] - r0["share_bytes"]
+            print(f"{mode}: rank 0 peak RSS = baseline + its share + {extra / GIB:.2f} GiB "
+                  f"({extra / r0['full_bytes']:.2f}× the full state of {r0['full_bytes'] / GIB:.2f} GiB)")  # fmt: skip
     if "hf" in results and "dcp" in results:
         print(f"sync save time, hf / dcp: {results['hf'][0]['total_s'] / results['dcp'][0]['total_s']:.2f}")
 

@@ -9,8 +9,9 @@ Two layouts (``checkpoint_format``), read by resume, ``docev export`` and ``doce
   recipe state, the RNG states of every rank among them), ``config.json`` and the tokenizer files. On
   resume each rank reads only its own byte ranges (DCP reshards when the world size differs); nobody
   reads the whole optimizer. With ``enable_async_checkpointing`` the save copies the shards to host
-  memory and returns; a background thread writes them, coordinating over a gloo group of its own so its
-  collectives never interleave with the training loop's. The next save and the end of the run wait for it.
+  memory (a buffer kept for the run and reused by every save) and returns; a background thread writes
+  them, coordinating over a gloo group of its own so its collectives never interleave with the training
+  loop's. The next save and the end of the run wait for it.
 - **hf**: the model and the optimizer gathered to rank 0, which writes HF safetensors and a
   ``recipe_state.pt`` holding the full optimizer (``DocEVCheckpointer.save_checkpoint``).
 
@@ -34,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchtune import config, training, utils
 
@@ -63,10 +65,14 @@ class CheckpointManager:
         self._output_dir, self._device = output_dir, device
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        self._async_group = None
+        self._async_group = self._stager = None
         if cfg.enable_async_checkpointing:
             timeout = timedelta(seconds=cfg.train.collective_timeout_seconds)
             self._async_group = dist.new_group(backend="gloo", timeout=timeout)
+            # One stager for the run: it keeps the host copy of this rank's shards between saves, so a
+            # later save only copies into it (no fresh allocation and page faults); pinned on CUDA.
+            on_cuda = device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(on_cuda, False, False, False))
         self._pending: Future | None = None  # every rank: the in-flight async write
         self._published: Future | None = None  # rank 0: done once that write is renamed into place
         self.checkpointer: DocEVCheckpointer | None = None
@@ -179,7 +185,9 @@ class CheckpointManager:
             folder = self._publish(tmp, step, start) if self._is_rank_zero else None
             dist.barrier()
             return folder
-        self._pending = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+        self._pending = dcp.async_save(
+            state, checkpoint_id=str(tmp), process_group=self._async_group, async_stager=self._stager
+        )
         if not self._is_rank_zero:
             return None
         self._published = Future()
@@ -217,6 +225,9 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for the save in flight (a run's last checkpoint must be complete before the process exits)."""
         self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         if self._async_group is not None and dist.is_initialized():
             dist.destroy_process_group(self._async_group)
             self._async_group = None
