@@ -147,3 +147,17 @@ def test_training_run_control_fields():
     assert err.startswith(f"{TINY}: stop_after_steps: ") and "greater than or equal to 1" in err
     (err,) = _errors(["train.collective_timeout_seconds=0"])
     assert err.startswith(f"{TINY}: train.collective_timeout_seconds: ") and "greater than 0" in err
+
+
+def test_checkpoint_format_and_async():
+    cfg = load_config(TINY)
+    assert (cfg.checkpoint_format, cfg.enable_async_checkpointing) == ("dcp", False)
+    assert load_config(TINY, ["enable_async_checkpointing=true"]).enable_async_checkpointing is True
+    assert load_config(TINY, ["checkpoint_format=hf"]).checkpoint_format == "hf"
+    (err,) = _errors(["checkpoint_format=safetensors"])
+    assert err.startswith(f"{TINY}: checkpoint_format: ") and "'dcp' or 'hf'" in err
+    assert _errors(["checkpoint_format=hf", "enable_async_checkpointing=true"]) == [
+        f"{TINY}: enable_async_checkpointing: needs checkpoint_format: dcp (is 'hf'): an hf save gathers to rank 0"
+    ]
+    preview = load_config(CONFIGS / "docev_preview.yaml")
+    assert (preview.checkpoint_format, preview.enable_async_checkpointing) == ("dcp", True)
