@@ -3,12 +3,16 @@
 For each of ``hf`` (model + optimizer gathered to rank 0, which writes), ``dcp`` (every rank writes
 its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per rank:
 
-- **blocked**: wall time the training loop spends inside ``save`` (for async: until the shards are
-  staged in host memory and the write runs in the background), and **total** until the folder is
-  published (``latest`` moved);
-- **peak RSS**: the process's peak resident memory during the saves (``VmHWM`` reset with
-  ``/proc/self/clear_refs`` before each), against the baseline (the process before any state) plus
-  the rank's share of the state (its model + optimizer shards), and the full state;
+- **blocked**: the wall time one save adds to the training loop: (the ``save`` call + the next
+  training step) − a training step without a save. The step is a real text-only forward/backward/AdamW
+  step in the recipe's order, so an async save's host copy overlaps the forward/backward and only what
+  the step then waits for (``wait_for_staging`` before the optimizer step), plus what the copy slows
+  the step down on shared cores, counts. **call**: the ``save`` call alone; **total**: from the call
+  until the folder is published (``latest`` moved), the next step included;
+- **peak RSS**: the process's peak resident memory during a save run alone, to publication (``VmHWM``
+  reset with ``/proc/self/clear_refs`` before it; the timed saves run beside a training step, whose
+  activations would blur it), against the baseline (the process before any state) plus the rank's
+  share of the state (its model + optimizer shards), and the full state;
 - **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
   count of its parameters with the preview config's trainable groups.
 
@@ -21,7 +25,8 @@ Targets: rank 0's peak RSS under DCP stays within its share of the state plus a 
 process baseline before any state, and the writer's buffers; HF's adds the full state), and async
 blocks the loop for ≤ 10% of a sync DCP save.
 Each mode runs in its own torchrun launch (so one mode's freed memory does not hide another's peak);
-``--saves`` saves per launch, the last one reported (the first warms the file system and allocator).
+``--saves`` rounds per launch (one save for memory, one timed), the last round reported (the first
+warms the file system and the allocator).
 Memory: ~2 GiB per rank for the state, ~3 GiB on rank 0 during the hf save.
 
     .venv/bin/python benchmarks/checkpoint_io.py [--layers 20] [--dim 1024] [--saves 2] [--modes hf,dcp,dcp_async]
@@ -85,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
         f"tokenizer.model_name_or_path={args.base}",
         "synthetic=null",
         'datasets=[{"source": "none"}]',
-        f"keep_last_n_checkpoints={args.saves}",
+        "keep_last_n_checkpoints=2",
         *MODES[args.mode],
     ]
     cfg = load_config(CONFIG, overrides)
@@ -96,44 +101,56 @@ def worker(args: argparse.Namespace) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    for p in params:  # one real AdamW step: its state at full size
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    local += sum(t.to_local().numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                 if hasattr(t, "to_local"))  # fmt: skip
-    full = sum(p.numel() * p.element_size() for p in model.parameters())
-    full += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
-
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     manager = CheckpointManager(
         cfg, OmegaConf.create(cfg.to_dict()["checkpointer"]), out / "checkpoints", torch.device("cpu")
     )
     manager.checkpointer = DocEVCheckpointer(args.base, checkpoint_files=["model.safetensors"],
                                              output_dir=out / "checkpoints")  # fmt: skip
     manager.checkpointer.unused = {}
-    result, peak_all = {}, 0
-    for step in range(1, args.saves + 1):
-        dist.barrier()
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before, _ = _rss()
+    tokens = torch.randint(0, 32000, (1, args.seq_len), generator=torch.Generator().manual_seed(rank))
+
+    def train_step() -> float:
+        """One text-only step as the recipe orders it: forward, backward, wait for staging, AdamW."""
         t0 = time.perf_counter()
-        manager.save(model, optimizer, {"global_step": step}, step)
-        blocked = time.perf_counter() - t0
+        model(tokens).float().square().mean().backward()
+        manager.wait_for_staging()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    train_step()  # the AdamW state at full size
+    plain = min(train_step() for _ in range(2))
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    local += sum(t.to_local().numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if hasattr(t, "to_local"))  # fmt: skip
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    full += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+
+    result, peak_all = {}, 0
+    for i in range(1, args.saves + 1):
+        # memory: a save alone (the step's activations would blur the peak), VmHWM reset to the current RSS
+        dist.barrier()
+        Path("/proc/self/clear_refs").write_text("5")
+        manager.save(model, optimizer, {"global_step": 2 * i - 1}, 2 * i - 1, wait=True)
+        peak_all = max(peak_all, _rss()[1])
+        # time: the save and the training step after it
+        dist.barrier()
+        t0 = time.perf_counter()
+        manager.save(model, optimizer, {"global_step": 2 * i}, 2 * i)
+        call = time.perf_counter() - t0
+        train_step()  # an async save's copy and write overlap it
+        blocked = time.perf_counter() - t0 - plain
         manager.wait()
         total = time.perf_counter() - t0
-        _, peak = _rss()
-        peak_all = max(peak_all, peak)
-        folder = out / "checkpoints" / f"step_{step}"
+        folder = out / "checkpoints" / f"step_{2 * i}"
         dist.barrier()
         if args.mode == "hf":
             written = sum(f.stat().st_size for f in folder.iterdir()) if rank == 0 else 0
         else:
             written = (folder / f"__{rank}_0.distcp").stat().st_size
-        result = {"rank": rank, "blocked_s": blocked, "total_s": total, "rss_baseline": baseline,
-                  "rss_before": before, "rss_peak": peak_all, "share_bytes": local, "full_bytes": full,
+        result = {"rank": rank, "call_s": call, "blocked_s": blocked, "total_s": total, "step_s": plain,
+                  "rss_baseline": baseline, "rss_peak": peak_all, "share_bytes": local, "full_bytes": full,
                   "written_bytes": written}  # fmt: skip
     manager.close()
     gathered = [None] * world
@@ -184,6 +201,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--saves", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens of the training step around each save")
     parser.add_argument("--modes", default="hf,dcp,dcp_async")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -213,15 +231,17 @@ def main() -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                    "--nproc_per_node", "2", __file__, "--worker", "--mode", mode, "--work", str(work),
                    "--base", str(work / "base"), "--result", str(res), "--dim", str(args.dim),
-                   "--layers", str(args.layers), "--saves", str(args.saves)]  # fmt: skip
+                   "--layers", str(args.layers), "--saves", str(args.saves),
+                   "--seq-len", str(args.seq_len)]  # fmt: skip
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             results[mode] = json.loads(res.read_text())
 
-    print(f"\n{'mode':<10} {'rank':>4} {'blocked s':>10} {'total s':>8} {'baseline':>9} {'peak':>8} "
+    print(f"\none training step without a save: {results[next(iter(results))][0]['step_s']:.2f} s (rank 0)")
+    print(f"\n{'mode':<10} {'rank':>4} {'call s':>7} {'blocked s':>10} {'total s':>8} {'baseline':>9} {'peak':>8} "
           f"{'peak-base':>9} {'share':>8} {'full':>8} {'written':>9}   (memory in GiB)")  # fmt: skip
     for mode, ranks in results.items():
         for r in ranks:
-            print(f"{mode:<10} {r['rank']:>4} {r['blocked_s']:>10.2f} {r['total_s']:>8.2f} "
+            print(f"{mode:<10} {r['rank']:>4} {r['call_s']:>7.2f} {r['blocked_s']:>10.2f} {r['total_s']:>8.2f} "
                   f"{r['rss_baseline'] / GIB:>9.2f} {r['rss_peak'] / GIB:>8.2f} "
                   f"{(r['rss_peak'] - r['rss_baseline']) / GIB:>9.2f} {r['share_bytes'] / GIB:>8.2f} "
                   f"{r['full_bytes'] / GIB:>8.2f} {r['written_bytes'] / GIB:>9.2f}")  # fmt: skip

@@ -8,10 +8,11 @@ Two layouts (``checkpoint_format``), read by resume, ``docev export`` and ``doce
   ``.metadata`` once every rank's data is written, plus ``recipe_state.pt`` (every other entry of the
   recipe state, the RNG states of every rank among them), ``config.json`` and the tokenizer files. On
   resume each rank reads only its own byte ranges (DCP reshards when the world size differs); nobody
-  reads the whole optimizer. With ``enable_async_checkpointing`` the save copies the shards to host
-  memory (a buffer kept for the run and reused by every save) and returns; a background thread writes
-  them, coordinating over a gloo group of its own so its collectives never interleave with the training
-  loop's. The next save and the end of the run wait for it.
+  reads the whole optimizer. With ``enable_async_checkpointing`` the save returns at once: a thread
+  copies the shards to host memory (a buffer kept for the run and reused by every save) while the next
+  step's forward and backward run (the recipe calls ``wait_for_staging`` before its optimizer step),
+  then a background thread writes them, coordinating over a gloo group of its own so its collectives
+  never interleave with the training loop's. The next save and the end of the run wait for it.
 - **hf**: the model and the optimizer gathered to rank 0, which writes HF safetensors and a
   ``recipe_state.pt`` holding the full optimizer (``DocEVCheckpointer.save_checkpoint``).
 
@@ -70,9 +71,12 @@ class CheckpointManager:
             timeout = timedelta(seconds=cfg.train.collective_timeout_seconds)
             self._async_group = dist.new_group(backend="gloo", timeout=timeout)
             # One stager for the run: it keeps the host copy of this rank's shards between saves, so a
-            # later save only copies into it (no fresh allocation and page faults); pinned on CUDA.
+            # later save only copies into it (no fresh allocation and page faults); pinned, on a side
+            # stream, on CUDA. The copy runs in a thread while the next step's forward/backward runs:
+            # wait_for_staging() before anything changes the parameters or the optimizer state.
             on_cuda = device.type == "cuda"
-            self._stager = DefaultStager(StagingOptions(on_cuda, False, False, False))
+            self._stager = DefaultStager(StagingOptions(on_cuda, False, True, on_cuda))
+        self._staging: Future | None = None  # every rank: the host copy of the in-flight async save
         self._pending: Future | None = None  # every rank: the in-flight async write
         self._published: Future | None = None  # rank 0: done once that write is renamed into place
         self.checkpointer: DocEVCheckpointer | None = None
@@ -185,9 +189,10 @@ class CheckpointManager:
             folder = self._publish(tmp, step, start) if self._is_rank_zero else None
             dist.barrier()
             return folder
-        self._pending = dcp.async_save(
+        response = dcp.async_save(
             state, checkpoint_id=str(tmp), process_group=self._async_group, async_stager=self._stager
         )
+        self._staging, self._pending = response.staging_completion, response.upload_completion
         if not self._is_rank_zero:
             return None
         self._published = Future()
@@ -213,8 +218,16 @@ class CheckpointManager:
         kept = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
         log.info(f"Saved {folder} ({self.format}) in {time.perf_counter() - start:.1f} s{kept}")
 
+    def wait_for_staging(self) -> None:
+        """Block until the async save in flight has its host copy (call before the optimizer step: the copy
+        must not see parameters or optimizer state from after the step it saves)."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.result()
+
     def wait(self) -> None:
         """Block until the async save in flight is written and published; raise its failure, if any."""
+        self.wait_for_staging()
         pending, published = self._pending, self._published
         self._pending = self._published = None
         if pending is not None:

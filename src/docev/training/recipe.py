@@ -392,6 +392,7 @@ class DocEVFinetuneRecipe:
         if not math.isfinite(grad_norm):
             self._fail(f"gradient norm is {grad_norm}", step.sample_ids)
         lr = get_lr(self._optimizer)
+        self._checkpoints.wait_for_staging()  # an async save's host copy is complete before weights change
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
