@@ -22,7 +22,8 @@ PARTIAL = f".step_{STEP}.partial"
 
 def _hold(folder: Path) -> None:
     if folder.name == PARTIAL and os.environ["RANK"] == RANK:
-        Path(MARKER).write_text(str(os.getpid()))
+        Path(MARKER + ".tmp").write_text(str(os.getpid()))
+        os.replace(MARKER + ".tmp", MARKER)  # the test reads a complete pid
         time.sleep(300)
 
 
