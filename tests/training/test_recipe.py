@@ -372,9 +372,10 @@ SLOW_SAVE = Path(__file__).with_name("slow_save_recipe.py")
 
 @pytest.mark.parametrize("fmt", ["hf", "dcp", "dcp_async"])
 def test_kill_rank_while_it_saves_keeps_the_previous_checkpoint(data, tmp_path, fmt):
-    """The second save (step 8) is held open on the writing rank (rank 0 for hf, rank 1 for dcp) and that
-    rank is killed mid-write; an async save is killed only after training went on past it. ``latest`` still
-    names step 4, which loads, and pruning removes the partial folder."""
+    """The save of step 8 (after those of step 4 and of the epoch end, step 7) is held open on the writing
+    rank (rank 0 for hf, rank 1 for dcp) and that rank is killed mid-write; an async save is killed only after
+    training went on past it. ``latest`` still names step 7, which loads, and pruning removes the partial
+    folder."""
     out = _out(data, f"save_kill_{fmt}")
     marker = tmp_path / "holding"
     extra = {"hf": [], "dcp": ["checkpoint_format=dcp"],
@@ -399,11 +400,11 @@ def test_kill_rank_while_it_saves_keeps_the_previous_checkpoint(data, tmp_path, 
     assert partial.is_dir() and not (ckpts / f"step_{2 * SAVE_EVERY}").exists()
     assert any(p.suffix in (".safetensors", ".distcp") for p in partial.iterdir())  # killed mid-write
     latest = latest_checkpoint(ckpts)
-    assert latest.name == f"step_{SAVE_EVERY}"
+    assert latest.name == f"step_{STEPS // 2}"
     state = DocEVCheckpointer(latest).load_checkpoint()
-    assert state["global_step"] == SAVE_EVERY and len(state["rng"]) == 2
+    assert state["global_step"] == STEPS // 2 and len(state["rng"]) == 2
     assert prune_checkpoints(ckpts, keep=2) == [partial]  # the resumed run starts clean
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", f"step_{SAVE_EVERY}"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", f"step_{SAVE_EVERY}", f"step_{STEPS // 2}"]
 
 
 _KILL_SCRIPT = """
