@@ -93,7 +93,7 @@ def test_shard_checksums_are_split_over_ranks_and_the_verdict_shared(
 
     cfg = _config(tmp_path, tiny_checkpoint, synth_sources)
     run_preprocess(cfg, workers=1)
-    path = shards_dir(cfg) / "shard-00002.arrow"
+    path = shards_dir(cfg) / "shard-00001.arrow"
     data = bytearray(path.read_bytes())
     data[-50] ^= 0x01
     path.write_bytes(bytes(data))
@@ -107,14 +107,14 @@ def test_shard_checksums_are_split_over_ranks_and_the_verdict_shared(
         hashed.clear()
         shares.append(build_dataset(cfg, verify_share=(rank, 2)).corrupt)
         assert hashed == names[rank::2]  # each shard hashed by one rank only
-    assert shares[0] == [] and len(shares[1]) == 1 and "shard-00002.arrow: sha256" in shares[1][0]
+    assert shares[0] == [] and len(shares[1]) == 1 and "shard-00001.arrow: sha256" in shares[1][0]
 
     def all_gather_object(out, obj):  # what the other rank contributes: its own half's verdict
         out[:] = [obj, build_dataset(cfg, verify_share=(1, 2)).corrupt]
 
     monkeypatch.setattr(loader.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(loader.dist, "all_gather_object", all_gather_object)
-    with pytest.raises(ShardError, match=r"shard-00002.arrow: sha256 .* corrupt shard"):
+    with pytest.raises(ShardError, match=r"shard-00001.arrow: sha256 .* corrupt shard"):
         loader.verified_dataset(cfg, rank=0, world_size=2)
 
 
