@@ -43,7 +43,7 @@ def _run(base: Path, name: str, data_args: list[str], steps: int, lr: float, dty
     out = _out(base, name)
     args = [f"output_dir={out}", *data_args, "epochs=50", f"stop_after_steps={steps}", "save_every_n_steps=100000",
             "lr_scheduler.num_warmup_steps=2", f"optimizer.lr={lr}", f"dtype={dtype}", f"master_dtype={master}",
-            "keep_last_n_checkpoints=1"]  # fmt: skip
+            "keep_last_n_checkpoints=1", "checkpoint_format=hf"]  # fmt: skip
     cmd = [sys.executable, "-m", "docev.cli", "train", "--config", str(CONFIG), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode:

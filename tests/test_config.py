@@ -160,3 +160,17 @@ def test_master_dtype():
     (err,) = _errors(["master_dtype=fp16"])
     assert err.startswith(f"{TINY}: master_dtype: ") and "'fp32' or 'bf16'" in err
     assert load_config(TINY, ["train.termination_grace_seconds=90"]).train.termination_grace_seconds == 90
+
+
+def test_checkpoint_format_and_async():
+    cfg = load_config(TINY)
+    assert (cfg.checkpoint_format, cfg.enable_async_checkpointing) == ("dcp", False)
+    assert load_config(TINY, ["enable_async_checkpointing=true"]).enable_async_checkpointing is True
+    assert load_config(TINY, ["checkpoint_format=hf"]).checkpoint_format == "hf"
+    (err,) = _errors(["checkpoint_format=safetensors"])
+    assert err.startswith(f"{TINY}: checkpoint_format: ") and "'dcp' or 'hf'" in err
+    assert _errors(["checkpoint_format=hf", "enable_async_checkpointing=true"]) == [
+        f"{TINY}: enable_async_checkpointing: needs checkpoint_format: dcp (is 'hf'): an hf save gathers to rank 0"
+    ]
+    preview = load_config(CONFIGS / "docev_preview.yaml")
+    assert (preview.checkpoint_format, preview.enable_async_checkpointing) == ("dcp", True)

@@ -488,6 +488,17 @@ class DocEVConfig(_Strict):
     log_peak_memory_stats: bool = True
     save_every_n_steps: int = Field(100, ge=1)
     keep_last_n_checkpoints: int = Field(2, ge=1)
+    checkpoint_format: Literal["dcp", "hf"] = Field(
+        "dcp",
+        description="step_N layout: 'dcp' = torch.distributed.checkpoint, every rank writes its own shards of the "
+        "model and optimizer; 'hf' = the model gathered to rank 0 and written as HF safetensors (+ the full "
+        "optimizer in recipe_state.pt). Export, generate and resume read both.",
+    )
+    enable_async_checkpointing: bool = Field(
+        False,
+        description="dcp only: the save copies the shards to host memory and writes them in the background while "
+        "training continues; the next save (and the end of the run) waits for it.",
+    )
     stop_after_steps: int | None = Field(
         None,
         ge=1,
@@ -532,6 +543,13 @@ class DocEVConfig(_Strict):
         if self.master_dtype == "bf16" and self.dtype == "fp32":
             errors.append(
                 ("master_dtype", "bf16 with dtype fp32: the master weights cannot be coarser than the compute dtype")
+            )
+        if self.enable_async_checkpointing and self.checkpoint_format != "dcp":
+            errors.append(
+                (
+                    "enable_async_checkpointing",
+                    f"needs checkpoint_format: dcp (is {self.checkpoint_format!r}): an hf save gathers to rank 0",
+                )
             )
         if self.dataloader.packed and self.dataloader.bucket_by_length:
             errors.append(

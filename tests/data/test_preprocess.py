@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from docev.data import dataset as dataset_module
 from docev.data.dataset import ShardDataset
 from docev.data.loader import build_collate, build_dataset
 from docev.data.messages import ufx_to_messages
@@ -84,6 +85,39 @@ def test_corrupt_shard_is_detected_when_training_opens_it(tmp_path, tiny_checkpo
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"shard-00002.arrow: sha256 .* corrupt shard"):
         build_dataset(cfg)
+
+
+def test_shard_checksums_are_split_over_ranks_and_the_verdict_shared(
+    tmp_path, tiny_checkpoint, synth_sources, monkeypatch
+):
+    """Each of 2 ranks hashes every other shard; a rank whose own half is clean still raises the other's error."""
+    from docev.data import loader
+
+    cfg = _config(tmp_path, tiny_checkpoint, synth_sources)
+    run_preprocess(cfg, workers=1)
+    path = shards_dir(cfg) / "shard-00001.arrow"
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0x01
+    path.write_bytes(bytes(data))
+    names = [s["file"] for s in json.loads((shards_dir(cfg) / "manifest.json").read_text())["shards"]]
+    assert len(names) >= 3 and names[1] == path.name
+    hashed: list[str] = []
+    original = dataset_module.sha256_file
+    monkeypatch.setattr(dataset_module, "sha256_file", lambda f: hashed.append(f.name) or original(f))
+    shares = []
+    for rank in (0, 1):
+        hashed.clear()
+        shares.append(build_dataset(cfg, verify_share=(rank, 2)).corrupt)
+        assert hashed == names[rank::2]  # each shard hashed by one rank only
+    assert shares[0] == [] and len(shares[1]) == 1 and "shard-00001.arrow: sha256" in shares[1][0]
+
+    def all_gather_object(out, obj):  # what the other rank contributes: its own half's verdict
+        out[:] = [obj, build_dataset(cfg, verify_share=(1, 2)).corrupt]
+
+    monkeypatch.setattr(loader.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loader.dist, "all_gather_object", all_gather_object)
+    with pytest.raises(ShardError, match=r"shard-00001.arrow: sha256 .* corrupt shard"):
+        loader.verified_dataset(cfg, rank=0, world_size=2)
 
 
 def test_other_config_or_tokenizer_is_refused(tmp_path, tiny_checkpoint, synth_sources):

@@ -2,10 +2,12 @@
 data path (validate → preprocess) from the session's synthetic documents plus a text-only chat source.
 
 The runs are shared by the assertions (each costs ~10 s on 2 cores):
-- ``full``: 2 epochs = 14 steps uninterrupted;
+- ``full``: 2 epochs = 14 steps uninterrupted, HF checkpoints (the reference of every comparison);
 - ``split``: the same config stopped after 6 steps (``stop_after_steps``), then resumed to 14, logging to
-  W&B (offline, no API key);
-- the fault test's own run: ``kill -9`` of rank 1 mid-run, then a restart that resumes from ``latest``;
+  W&B (offline, no API key); HF checkpoints;
+- ``split_dcp``: the same with DCP checkpoints, async until the stop, sync after the resume;
+- the fault tests' own runs (per format): ``kill -9`` of rank 1 mid-run, then a restart that resumes from
+  ``latest``; a rank killed while it writes a checkpoint (``slow_save_recipe.py`` holds the write open);
 - the preemption test's own run: SIGTERM to ``docev train`` mid-epoch, then a restart (W&B offline);
 - the precision test's two 3-step bf16 runs (fp32 and bf16 master weights), each exported in fp32.
 """
@@ -26,12 +28,14 @@ import pytest
 import torch
 from conftest import CONFIGS, tiny_config
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
 from docev.data.preprocess import run_preprocess
 from docev.export import export_checkpoint
 from docev.models.docev import DocEVCheckpointer, docev_tiny, latest_checkpoint
+from docev.training.checkpointing import prune_checkpoints
 from docev.training.metrics import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
@@ -90,7 +94,7 @@ def _args(data: dict, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(CONFIG), f"output_dir={out}", f"tokenizer.model_name_or_path={data['checkpoint']}",
         "synthetic=null", f"datasets={json.dumps(data['datasets'])}", "epochs=2",
-        f"save_every_n_steps={SAVE_EVERY}", "keep_last_n_checkpoints=2", *extra,
+        f"save_every_n_steps={SAVE_EVERY}", "keep_last_n_checkpoints=2", "checkpoint_format=hf", *extra,
     ]  # fmt: skip
 
 
@@ -131,6 +135,25 @@ def runs(data) -> dict:
     resumed = _train(_args(data, split, *wandb))
     _ok(resumed)
     return {"full": full, "split": split, "stopped": stopped, "resumed_log": resumed.stdout + resumed.stderr}
+
+
+@pytest.fixture(scope="module")
+def split_dcp(data) -> dict:
+    """``split`` with DCP checkpoints: async saves until the stop at step 6, sync after the resume."""
+    out = _out(data, "split_dcp")
+    stop = _train(
+        _args(data, out, "checkpoint_format=dcp", "enable_async_checkpointing=true", f"stop_after_steps={STOP_AT}")
+    )
+    _ok(stop)
+    stopped = {"latest": latest_checkpoint(out / "checkpoints"), "log": stop.stdout + stop.stderr}
+    resumed = _train(_args(data, out, "checkpoint_format=dcp"))
+    _ok(resumed)
+    return {"out": out, "stopped": stopped, "resumed_log": resumed.stdout + resumed.stderr}
+
+
+def _dcp_optimizer(folder: Path) -> dict:
+    """The optimizer entries of a DCP folder, consolidated in this process (no process group)."""
+    return _load_state_dict_from_keys({"optimizer"}, checkpoint_id=str(folder))["optimizer"]
 
 
 def test_shard_units_are_decoder_layers_and_embedding():
@@ -217,6 +240,73 @@ def test_exact_resume(runs):
     assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {saved_id}
 
 
+def test_exact_resume_from_dcp(runs, split_dcp):
+    """Async DCP saves, a stop, a resume from DCP: the losses, weights and optimizer state of the uninterrupted
+    HF run, bit for bit; each rank wrote its own shards, and recipe_state.pt holds neither model nor optimizer."""
+    out = split_dcp["out"]
+    assert split_dcp["stopped"]["latest"].name == f"step_{STOP_AT}"
+    assert "Saving step_4 in the background" in split_dcp["stopped"]["log"]
+    assert f"Resuming from {out / 'checkpoints' / f'step_{STOP_AT}'}" in split_dcp["resumed_log"]
+    keys = ("step", "loss", "lr", "grad_norm", "num_tokens", "num_loss_tokens", "sampling_ratio", "tokens_seen")
+    full = read_metrics(runs["full"] / "logs" / "metrics.jsonl")
+    split = read_metrics(out / "logs" / "metrics.jsonl")
+    assert [[r[k] for k in keys] for r in split] == [[r[k] for k in keys] for r in full]
+
+    hf, dcp = runs["full"] / "checkpoints" / f"step_{STEPS}", out / "checkpoints" / f"step_{STEPS}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_12", f"step_{STEPS}"]
+    shards = sorted(dcp.glob("*.distcp"))
+    assert [p.name for p in shards] == ["__0_0.distcp", "__1_0.distcp"] and (dcp / ".metadata").is_file()
+    sizes = [p.stat().st_size for p in shards]
+    assert max(sizes) < 0.7 * sum(sizes)  # each rank wrote about its half, not the whole state
+    wa, wb = _weights(hf), DocEVCheckpointer(dcp).load_hf_state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = torch.load(hf / "recipe_state.pt", weights_only=True)["optimizer"]["state"], _dcp_optimizer(dcp)["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
+    recipe = torch.load(dcp / "recipe_state.pt", weights_only=True)
+    expected = {"lr_scheduler", "sampler", "rng", "global_step", "tokens_seen", "seed", "world_size", "wandb_run_id"}
+    assert recipe.keys() == expected
+    assert recipe["global_step"] == STEPS and len(recipe["rng"]) == 2
+
+
+def test_export_from_dcp_is_bit_exact(runs, split_dcp, data, tmp_path):
+    """``docev export`` of the DCP step_14 writes the same bytes as the export of the HF step_14."""
+    folders = {}
+    for name, root in (("hf", runs["full"]), ("dcp", split_dcp["out"])):
+        folders[name] = tmp_path / name
+        export_checkpoint(data["cfg"], str(root / "checkpoints" / f"step_{STEPS}"), str(folders[name]))
+    files = sorted(p.name for p in folders["hf"].glob("model-*.safetensors"))
+    assert files and files == sorted(p.name for p in folders["dcp"].glob("model-*.safetensors"))
+    for name in [*files, "model.safetensors.index.json", "config.json", "tokenizer.json"]:  # README: paths differ
+        assert (folders["hf"] / name).read_bytes() == (folders["dcp"] / name).read_bytes(), name
+    assert not any(p.suffix == ".distcp" or p.name == ".metadata" for p in folders["dcp"].iterdir())
+
+
+def test_two_rank_dcp_checkpoint_resumes_on_one_rank(data, split_dcp):
+    """DCP reshards the 2-rank step_14 onto 1 rank: the frozen encoder comes back bit for bit, one more step
+    moves the trained weights by about one AdamW update, and the run says its samples now differ."""
+    out = _out(data, "one_rank")
+    shutil.copytree(split_dcp["out"] / "checkpoints", out / "checkpoints")
+    proc = _train(_args(data, out, "checkpoint_format=dcp", "train.nproc_per_node=1", f"stop_after_steps={STEPS + 1}"))
+    _ok(proc)
+    log = proc.stdout + proc.stderr
+    assert f"Resuming from {out / 'checkpoints' / f'step_{STEPS}'}" in log
+    assert "Resuming on 1 ranks from a 2-rank checkpoint" in log
+    rows = read_metrics(out / "logs" / "metrics.jsonl")
+    assert (
+        rows[-1]["step"] == STEPS + 1
+        and 0 < rows[-1]["loss"] < read_metrics(split_dcp["out"] / "logs" / "metrics.jsonl")[0]["loss"] - 1.0
+    )
+    new = out / "checkpoints" / f"step_{STEPS + 1}"
+    assert [p.name for p in new.glob("*.distcp")] == ["__0_0.distcp"]
+    before, after = (
+        DocEVCheckpointer(f).load_hf_state_dict() for f in (split_dcp["out"] / "checkpoints" / f"step_{STEPS}", new)
+    )
+    frozen = [k for k in before if k.startswith("vision_tower.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert 0 < (after[q] - before[q]).abs().max() <= 3 * rows[-1]["lr"]
+
+
 def _worker(launcher: int, rank: int) -> int:
     """The pid of torchrun's worker with this RANK (torchrun's children carry it in their environment)."""
     for d in Path("/proc").iterdir():
@@ -232,10 +322,12 @@ def _worker(launcher: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} among the children of {launcher}")
 
 
-def test_kill_rank_mid_run_then_resume(data, runs):
-    out = _out(data, "fault")
+@pytest.mark.parametrize("fmt", ["hf", "dcp"])
+def test_kill_rank_mid_run_then_resume(data, runs, fmt):
+    out = _out(data, f"fault_{fmt}")
     # Activation checkpointing recomputes the same ops: the losses before the kill equal the full run's.
-    cmd = [sys.executable, "-m", "docev.cli", "train", *_args(data, out, "enable_activation_checkpointing=true")]
+    args = _args(data, out, "enable_activation_checkpointing=true", f"checkpoint_format={fmt}")
+    cmd = [sys.executable, "-m", "docev.cli", "train", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     metrics = out / "logs" / "metrics.jsonl"
     try:
@@ -255,7 +347,7 @@ def test_kill_rank_mid_run_then_resume(data, runs):
     assert STEPS > logged >= saved and logged - saved <= SAVE_EVERY
     assert [r["loss"] for r in before] == [r["loss"] for r in full[:logged]]
 
-    restart = _train(_args(data, out))
+    restart = _train(_args(data, out, f"checkpoint_format={fmt}"))
     _ok(restart)
     assert f"Resuming from {out / 'checkpoints' / f'step_{saved}'}" in restart.stdout + restart.stderr
     rows = read_metrics(metrics)
@@ -283,37 +375,68 @@ def test_nan_loss_stops_every_rank_naming_the_samples(data):
     assert set(stored.values()) == {torch.bfloat16}
 
 
+SLOW_SAVE = Path(__file__).with_name("slow_save_recipe.py")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dcp", "dcp_async"])
+def test_kill_rank_while_it_saves_keeps_the_previous_checkpoint(data, tmp_path, fmt):
+    """The save of step 8 (after those of step 4 and of the epoch end, step 7) is held open on the writing
+    rank (rank 0 for hf, rank 1 for dcp) and that rank is killed mid-write; an async save is killed only after
+    training went on past it. ``latest`` still names step 7, which loads, and pruning removes the partial
+    folder."""
+    out = _out(data, f"save_kill_{fmt}")
+    marker = tmp_path / "holding"
+    extra = {"hf": [], "dcp": ["checkpoint_format=dcp"],
+             "dcp_async": ["checkpoint_format=dcp", "enable_async_checkpointing=true"]}[fmt]  # fmt: skip
+    env = _env() | {"SLOW_SAVE_STEP": str(2 * SAVE_EVERY), "SLOW_SAVE_RANK": "0" if fmt == "hf" else "1",
+                    "SLOW_SAVE_MARKER": str(marker)}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           str(SLOW_SAVE), *_args(data, out, *extra)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = out / "logs" / "metrics.jsonl"
+    try:
+        while not marker.exists() or (fmt == "dcp_async" and len(read_metrics(metrics)) <= 2 * SAVE_EVERY):
+            assert proc.poll() is None, "the run ended before the save could be killed"
+            time.sleep(0.02)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in log, log[-3000:]
+    ckpts = out / "checkpoints"
+    partial = ckpts / f".step_{2 * SAVE_EVERY}.partial"
+    assert partial.is_dir() and not (ckpts / f"step_{2 * SAVE_EVERY}").exists()
+    assert any(p.suffix in (".safetensors", ".distcp") for p in partial.iterdir())  # killed mid-write
+    latest = latest_checkpoint(ckpts)
+    assert latest.name == f"step_{STEPS // 2}"
+    state = DocEVCheckpointer(latest).load_checkpoint()
+    assert state["global_step"] == STEPS // 2 and len(state["rng"]) == 2
+    assert prune_checkpoints(ckpts, keep=2) == [partial]  # the resumed run starts clean
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", f"step_{SAVE_EVERY}", f"step_{STEPS // 2}"]
+
+
 _KILL_SCRIPT = """
 import os, signal, sys
 from docev.models.docev import DocEVCheckpointer, _checkpointer
-where, src, out = sys.argv[1:]
-if where == "shards":  # after the first weights file of the new folder is written
-    original = _checkpointer.assets.save_sharded
-    def save_sharded(*args, **kwargs):
-        original(*args, **kwargs)
+src, out = sys.argv[1:]
+# the folder is renamed into place, `latest` not yet moved
+original = _checkpointer.os.replace
+def replace(a, b):
+    if str(a).endswith(".latest.tmp"):
         os.kill(os.getpid(), signal.SIGKILL)
-    _checkpointer.assets.save_sharded = save_sharded
-else:  # the folder is renamed into place, `latest` not yet moved
-    original = _checkpointer.os.replace
-    def replace(a, b):
-        if str(a).endswith(".latest.tmp"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        original(a, b)
-    _checkpointer.os.replace = replace
+    original(a, b)
+_checkpointer.os.replace = replace
 ckpt = DocEVCheckpointer(src, output_dir=out)
 ckpt.save_checkpoint(ckpt.load_checkpoint(), 15)
 """
 
 
-@pytest.mark.parametrize("where", ["shards", "pointer"])
-def test_kill_during_checkpoint_write_keeps_the_previous_one(runs, tmp_path, where):
-    from docev.training.checkpointing import prune_checkpoints
-
+def test_kill_between_folder_and_pointer_keeps_the_previous_one(runs, tmp_path):
     out = tmp_path / "checkpoints"
     shutil.copytree(runs["full"] / "checkpoints", out)
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, where, str(out / f"step_{STEPS}"), str(out)], env=_env())
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(out / f"step_{STEPS}"), str(out)], env=_env())
     assert proc.returncode == -signal.SIGKILL
-    left = {"shards": [out / ".step_15.partial"], "pointer": [out / ".latest.tmp", out / "step_15"]}[where]
+    left = [out / ".latest.tmp", out / "step_15"]
     assert all(p.exists() for p in left)
     latest = latest_checkpoint(out)
     assert latest.name == f"step_{STEPS}"

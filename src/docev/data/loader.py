@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from docev.config import DocEVConfig
@@ -10,6 +11,7 @@ from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
 from docev.data.preprocess import config_hash, shards_dir, tokenizer_fingerprint
 from docev.data.sampler import DocEVBatchSampler
+from docev.data.shards import ShardError
 from docev.data.staging import stage_shards
 from docev.data.transform import transform_from_config
 
@@ -25,14 +27,29 @@ def build_collate(cfg: DocEVConfig, dtype: torch.dtype, normalize: bool = True) 
     )  # fmt: skip
 
 
-def build_dataset(cfg: DocEVConfig) -> ShardDataset:
-    """The run's shards, refused when built with another config or tokenizer, or when corrupt."""
+def build_dataset(cfg: DocEVConfig, verify_share: tuple[int, int] | None = None) -> ShardDataset:
+    """The run's shards, refused when built with another config or tokenizer, or when corrupt (with
+    ``verify_share``, this rank's part of the checksums is listed in ``dataset.corrupt``, see ShardDataset)."""
     expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
     folder = shards_dir(cfg)
     if cfg.dataloader.cache_dir is not None:
         folder = stage_shards(folder, cfg.dataloader.cache_dir)
     return ShardDataset(folder, tile_size=cfg.tokenizer.tile_size, expect=expect,
-                        verify_checksums=cfg.dataloader.verify_checksums)  # fmt: skip
+                        verify_checksums=cfg.dataloader.verify_checksums, verify_share=verify_share)  # fmt: skip
+
+
+def verified_dataset(cfg: DocEVConfig, *, rank: int, world_size: int) -> ShardDataset:
+    """``build_dataset`` on every rank of a process group, each rank hashing 1/world_size of the shards;
+    every rank raises the same error, naming every corrupt shard, when any rank found one."""
+    if world_size == 1 or not dist.is_initialized():
+        return build_dataset(cfg)
+    dataset = build_dataset(cfg, verify_share=(rank, world_size))
+    found: list[list[str] | None] = [None] * world_size
+    dist.all_gather_object(found, dataset.corrupt)
+    problems = [p for part in found for p in part]
+    if problems:
+        raise ShardError("; ".join(problems))
+    return dataset
 
 
 def build_sampler(cfg: DocEVConfig, dataset: ShardDataset, *, rank: int, world_size: int) -> DocEVBatchSampler:
@@ -51,7 +68,7 @@ def build_dataloader(
     """The loader and its sampler (the recipe saves/restores ``sampler.state_dict()`` to resume exactly).
     ``normalize=False``: ``pixel_values`` stay uint8; the consumer calls ``loader.collate_fn.normalize_pixels``
     after moving them to the device."""
-    dataset = build_dataset(cfg)
+    dataset = verified_dataset(cfg, rank=rank, world_size=world_size)
     sampler = build_sampler(cfg, dataset, rank=rank, world_size=world_size)
     dl = cfg.dataloader
     loader = DataLoader(

@@ -38,6 +38,7 @@ from docev.export.checksums import SUMS, list_files, verify_checksums, write_che
 from docev.export.generate import DocEVGenerator, Generation
 from docev.export.weights import ExportError, export_tensors
 from docev.models.docev import latest_checkpoint
+from docev.models.docev._dcp import DCP_METADATA
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
 from docev.validate.readers import allowed_stores, source_name, source_store
@@ -46,8 +47,8 @@ from docev.vision.image_io import load_image
 INDEX = "model.safetensors.index.json"
 # Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
 _NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
-               "recipe_state.pt", "latest", "pytorch_model.bin.index.json"}  # fmt: skip
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA}  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
 _STEP = re.compile(r"step_(\d+)")
 
 

@@ -96,7 +96,8 @@ class DocEVGenerator:
     """A model folder loaded for inference: weights, tokenizer, chat template, tiling, stop tokens.
 
     Args:
-        model_dir (str | Path): HF-format DocEV folder (``config.json``, safetensors, tokenizer files).
+        model_dir (str | Path): HF-format DocEV folder (``config.json``, safetensors, tokenizer files), or a
+            DCP ``step_N`` (its shards consolidated on CPU).
         device (str | torch.device): where the model runs.
         dtype (torch.dtype | None): compute dtype; None keeps the stored dtype.
     """

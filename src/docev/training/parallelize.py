@@ -114,11 +114,18 @@ def parallelize_model(
 
 
 def load_model_state(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device, compute_dtype: torch.dtype
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor] | None,
+    device: torch.device,
+    compute_dtype: torch.dtype,
 ) -> None:
-    """Each rank keeps its shard of the full state dict (cast to the parameters' dtype); the RoPE caches,
-    which are not in the state dict, are made in the compute dtype."""
-    training.load_from_full_model_state_dict(model, state_dict, device, strict=True)
+    """Each rank keeps its shard of the full state dict (cast to the parameters' dtype); ``None`` leaves the
+    shards allocated but unset, for a sharded (DCP) checkpoint to fill. The RoPE caches, which are not in
+    the state dict, are made in the compute dtype."""
+    if state_dict is None:
+        model.to_empty(device=device)
+    else:
+        training.load_from_full_model_state_dict(model, state_dict, device, strict=True)
     with training.set_default_dtype(compute_dtype), device:
         for m in model.modules():
             if hasattr(m, "rope_init"):
@@ -128,7 +135,7 @@ def load_model_state(
 
 def setup_model(
     model_cfg: DictConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: dict[str, torch.Tensor] | None,
     device: torch.device,
     *,
     compute_dtype: torch.dtype,
@@ -137,7 +144,8 @@ def setup_model(
     activation_checkpointing: bool = False,
     mesh: DeviceMesh | None = None,
 ) -> torch.nn.Module:
-    """Build on meta, parallelize, fill from ``state_dict``; every rank returns with its shard."""
+    """Build on meta, parallelize, fill from ``state_dict`` (None: left for a sharded checkpoint); every rank
+    returns with its shard."""
     start = time.perf_counter()
     verbose = dist.get_rank() == 0
     model = build_model(model_cfg, master_dtype)

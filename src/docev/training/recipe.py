@@ -9,7 +9,8 @@ one-process group. What differs from torchtune's stock recipe, and why:
 - **Checkpoints every ``save_every_n_steps``** with everything an exact resume needs (optimizer, lr
   scheduler, sampler position, every rank's RNG states, step, tokens seen); ``latest`` names the newest
   complete folder and only the last ``keep_last_n_checkpoints`` stay. A resumed run continues at the
-  next sample and repeats the interrupted run's losses bit for bit (CPU, fp32).
+  next sample and repeats the interrupted run's losses bit for bit (CPU, fp32). Sharded DCP folders
+  (each rank writes its shards, optionally in the background) or HF folders: ``checkpoint_manager``.
 - **Loss normalised by the loss tokens of the whole step** across ranks and micro-batches (not by
   micro-batch count), as torchtune does; the counts come with the batch, so no extra sync.
 - **fp32 master weights** by default (``master_dtype``), compute in ``dtype``; how the model is built,
@@ -48,6 +49,7 @@ from tqdm import tqdm
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
 from docev.k8s.pod import checkpoint_dir
+from docev.training.checkpoint_manager import CheckpointManager
 from docev.training.checkpointing import (
     LR_SCHEDULER_KEY,
     OPTIMIZER_KEY,
@@ -58,10 +60,8 @@ from docev.training.checkpointing import (
     TOKENS_KEY,
     WANDB_RUN_KEY,
     WORLD_SIZE_KEY,
-    capture_rng,
     prune_checkpoints,
     restore_rng,
-    start_folder,
 )
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import precision_warning, setup_model
@@ -148,21 +148,19 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
-        folder, resumed = self._start_folder()
-        self._resumed_from = folder if resumed else None
-        self._checkpointer = config.instantiate(
-            component(cfg, "checkpointer"), checkpoint_dir=str(folder), output_dir=str(self._output_dir)
-        )
-        state = self._checkpointer.load_checkpoint()
+        self._checkpoints = CheckpointManager(cfg, component(cfg, "checkpointer"), self._output_dir, self._device)
+        state, resumed = self._checkpoints.load()
         if self._is_rank_zero:  # a resumed run continues the W&B run of its checkpoint
             self._metrics = self._setup_metrics(state.get(WANDB_RUN_KEY) if resumed else None)
-        utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
         warning = precision_warning(self._master_dtype, (cfg.optimizer.model_extra or {}).get("lr"))
         if warning is not None and self._is_rank_zero:
             log.warning(warning)
 
-        self._model = self._setup_model(state.pop("model"))
+        model_sd = state.pop("model")  # None: a sharded (DCP) folder, read once model and optimizer exist
+        self._model = self._setup_model(model_sd)
         self._optimizer = self._setup_optimizer(state.get(OPTIMIZER_KEY) if resumed else None)
+        if model_sd is None:
+            self._checkpoints.load_sharded(self._model, self._optimizer)
         self._loss_fn = self._setup_loss()
         # uint8 tiles travel to the device and are normalised there (4x fewer bytes, no host float work)
         self._dataloader, self._sampler = build_dataloader(
@@ -197,17 +195,9 @@ class DocEVFinetuneRecipe:
         logger.log_config(OmegaConf.create(cfg.to_dict()))
         return MetricsLog(self._log_dir, logger)
 
-    def _start_folder(self) -> tuple[Path, bool]:
-        """Rank 0 decides (base or ``latest``) and tells the others, so nodes never disagree."""
-        choice: list[Any] = [None]
-        if self._is_rank_zero:
-            base = self.cfg.checkpointer.checkpoint_dir
-            choice[0] = start_folder(base, self._output_dir, self.cfg.resume_from_checkpoint)
-        dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def _setup_model(self, model_state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """``parallelize.setup_model`` with this run's dtypes and switches, then the activation-offloading context."""
+    def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """``parallelize.setup_model`` with this run's dtypes and switches (None: a sharded checkpoint fills the
+        model later), then the activation-offloading context."""
         cfg = self.cfg
         model = setup_model(
             component(cfg, "model"),
@@ -277,7 +267,7 @@ class DocEVFinetuneRecipe:
             )
         self._sampler.load_state_dict(state[SAMPLER_KEY])
         if self._is_rank_zero:
-            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, protect=self._resumed_from)
+            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._checkpoints.resumed_from)
 
     def _steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch: its full gradient-accumulation groups, capped by max_steps_per_epoch."""
@@ -314,7 +304,7 @@ class DocEVFinetuneRecipe:
                 stopping = stop is not None and self.global_step >= stop
                 preempted = self._preemption.agreed()
                 if end_of_epoch or stopping or preempted or self.global_step % self.cfg.save_every_n_steps == 0:
-                    self.save_checkpoint()
+                    self.save_checkpoint(wait=preempted)  # a preempted run exits once its save is published
                 finished = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
                 if preempted and not finished:  # a run that just finished ends as finished
                     pbar.close()
@@ -326,6 +316,7 @@ class DocEVFinetuneRecipe:
                 utils.log_rank_zero(log, f"stop_after_steps: stopping after step {self.global_step}")
                 break
         pbar.close()
+        self._checkpoints.wait()  # the last save is complete before the run counts as done
         if self._is_rank_zero:  # the folder this run resumed from is no longer needed for saving
             prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints)
 
@@ -390,6 +381,7 @@ class DocEVFinetuneRecipe:
         if not math.isfinite(grad_norm):
             self._fail(f"gradient norm is {grad_norm}", step.sample_ids)
         lr = get_lr(self._optimizer)
+        self._checkpoints.wait_for_staging()  # an async save's host copy is complete before weights change
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
@@ -440,39 +432,29 @@ class DocEVFinetuneRecipe:
     # ------------------------------------------------------------------------------------------
     # checkpoints and shutdown
 
-    def save_checkpoint(self) -> Path | None:
-        """``step_N``: the model (HF layout) + recipe state; then ``latest``, then pruning to the last K.
-        Every rank takes part in gathering; rank 0 writes. Returns the folder on rank 0."""
-        start = time.perf_counter()
-        model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
-        opt_sd = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self._is_rank_zero, device=self._device
-        )
-        rng: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng, capture_rng())
-        folder = None
-        if self._is_rank_zero:
-            state = {
-                "model": model_sd,
-                OPTIMIZER_KEY: opt_sd,
-                LR_SCHEDULER_KEY: None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
-                SAMPLER_KEY: self._sampler.state_dict(),
-                RNG_KEY: rng,
-                STEP_KEY: self.global_step,
-                TOKENS_KEY: self.tokens_seen,
-                SEED_KEY: self.seed,
-                WORLD_SIZE_KEY: self.world_size,
-                WANDB_RUN_KEY: self._wandb_run_id,
-            }
-            folder = self._checkpointer.save_checkpoint(state, self.global_step)
-            removed = prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._resumed_from)
-            kept = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
-            log.info(f"Saved {folder} in {time.perf_counter() - start:.1f} s{kept}")
-        dist.barrier()
-        return folder
+    def save_checkpoint(self, *, wait: bool = False) -> Path | None:
+        """``step_N`` of the current step, in ``checkpoint_format`` (see ``checkpoint_manager``); then
+        ``latest``, then pruning to the last K. Collective. ``wait=True`` returns only once an async save
+        is published (a run about to exit). Returns the folder on rank 0."""
+        return self._checkpoints.save(self._model, self._optimizer, self._recipe_state(), self.global_step, wait=wait)
+
+    def _recipe_state(self) -> dict[str, Any]:
+        """Everything saved besides the model, the optimizer and the RNG states (the manager adds those)."""
+        return {
+            LR_SCHEDULER_KEY: None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
+            SAMPLER_KEY: self._sampler.state_dict(),
+            STEP_KEY: self.global_step,
+            TOKENS_KEY: self.tokens_seen,
+            SEED_KEY: self.seed,
+            WORLD_SIZE_KEY: self.world_size,
+            WANDB_RUN_KEY: self._wandb_run_id,
+        }
 
     def cleanup(self) -> None:
         self._preemption.uninstall()
+        checkpoints = getattr(self, "_checkpoints", None)  # absent when setup failed before it
+        if checkpoints is not None:
+            checkpoints.close()
         if self._metrics is not None:
             self._metrics.plot()
             self._metrics.close()

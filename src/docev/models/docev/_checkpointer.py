@@ -1,10 +1,13 @@
-"""Checkpointer for ``checkpointer._component_``: HF-format DocEV folders in, HF-format folders out.
+"""Checkpointer for ``checkpointer._component_``: DocEV folders in (HF or DCP), HF-format folders out.
 
-A training checkpoint is itself a loadable HF checkpoint (so export and resume read the same
+An HF training checkpoint is itself a loadable HF checkpoint (so export and resume read the same
 thing): ``step_N/`` holds the sharded safetensors + index, ``config.json`` (dtype updated), the
 tokenizer/processor/template files copied from the source folder, and ``recipe_state.pt`` when
-the recipe saves more than the model. ``latest`` names the newest complete folder; folders are
-written under a temporary name and renamed, so a crash never leaves a half-written ``step_N``.
+the recipe saves more than the model. A DCP ``step_N`` (``checkpoint_format: dcp``, written by
+``docev.training.checkpoint_manager``) has the same side files with the weights as DCP shards; this
+class reads its model consolidated in one process, so export and generate take either.
+``latest`` names the newest complete folder; folders are written under a temporary name and
+renamed (``partial_folder`` / ``publish``), so a crash never leaves a half-written ``step_N``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from docev.models.docev._convert_weights import (
     docev_hf_to_tune,
     docev_tune_to_hf,
 )
+from docev.models.docev._dcp import DCP_METADATA, is_dcp_folder, read_dcp_model
 
 RECIPE_STATE = "recipe_state.pt"
 LATEST = "latest"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, DCP_METADATA}
+DCP_WHERE = "DCP shards"
 
 
 class DocEVCheckpointer:
@@ -63,10 +68,12 @@ class DocEVCheckpointer:
             raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_path} does not exist")
         self.hf_config = json.loads(config_path.read_text())
         self.arch = arch_from_hf_config(self.hf_config, origin=str(config_path))
-        self.checkpoint_files = self._resolve_files(checkpoint_files)
+        self.is_dcp = is_dcp_folder(self.checkpoint_dir)
+        self.checkpoint_files = [] if self.is_dcp else self._resolve_files(checkpoint_files)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.max_shard_bytes = max_shard_bytes
-        self._unused: dict[str, torch.Tensor] | None = None
+        # Checkpoint tensors the model has no parameter for, carried into every save (set by a load).
+        self.unused: dict[str, torch.Tensor] | None = None
 
     def _resolve_files(self, files: Sequence[str] | Mapping[str, str] | None) -> list[Path]:
         d = self.checkpoint_dir
@@ -95,8 +102,15 @@ class DocEVCheckpointer:
 
     def load_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as stored (HF layout, unused tensors included), checked against the architecture.
-        Reads no ``recipe_state.pt``: export wants the weights without the optimizer state."""
-        tensors: dict[str, torch.Tensor] = {}
+        Reads no ``recipe_state.pt``: export wants the weights without the optimizer state. A DCP folder is
+        consolidated from every rank's shards (its optimizer entries are not read)."""
+        if self.is_dcp:
+            model, unused = read_dcp_model(self.checkpoint_dir)
+            tensors = docev_tune_to_hf(model, self.arch)
+            tensors.update(unused)
+            check_hf_state_dict(tensors, self.arch, dict.fromkeys(tensors, DCP_WHERE))
+            return tensors
+        tensors = {}
         where: dict[str, str] = {}
         for path in self.checkpoint_files:
             for key, value in _read_weights(path).items():
@@ -108,7 +122,7 @@ class DocEVCheckpointer:
 
     def load_checkpoint(self) -> dict[str, Any]:
         """``{"model": torchtune state dict}`` plus the entries of ``recipe_state.pt`` when the folder has one."""
-        model, self._unused = docev_hf_to_tune(self.load_hf_state_dict(), self.arch)
+        model, self.unused = docev_hf_to_tune(self.load_hf_state_dict(), self.arch)
         out: dict[str, Any] = {"model": model}
         recipe = self.checkpoint_dir / RECIPE_STATE
         if recipe.is_file():
@@ -120,30 +134,45 @@ class DocEVCheckpointer:
         point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``. Returns the folder."""
         if self.output_dir is None:
             raise ValueError("checkpointer.output_dir is not set; cannot save")
-        if self._unused is None:
+        if self.unused is None:
             raise RuntimeError("call load_checkpoint() before save_checkpoint(): unused tensors are carried from it")
         hf = docev_tune_to_hf(state_dict["model"], self.arch)
-        hf.update(self._unused)
+        hf.update(self.unused)
         order = list(hf_param_shapes(self.arch))
         ordered = {k: hf[k].contiguous() for k in order if k in hf}
         ordered.update({k: v.contiguous() for k, v in hf.items() if k not in ordered})
 
-        name = f"step_{step}"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.partial_folder(step)
         assets.save_sharded(ordered, tmp, self.max_shard_bytes)
-        for src in self.checkpoint_dir.iterdir():
-            if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
-                shutil.copy2(src, tmp / src.name)
-        config = dict(self.hf_config)
-        config["torch_dtype"] = str(state_dict["model"]["image_newline"].dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        self.write_side_files(tmp, state_dict["model"]["image_newline"].dtype)
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
+        return self.publish(tmp, step)
 
+    def partial_folder(self, step: int) -> Path:
+        """An empty ``output_dir/.step_{step}.partial`` (what an earlier attempt left there is removed)."""
+        if self.output_dir is None:
+            raise ValueError("checkpointer.output_dir is not set; cannot save")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".step_{step}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def write_side_files(self, folder: Path, dtype: torch.dtype) -> None:
+        """``config.json`` (``torch_dtype`` = the saved weights' dtype) and the tokenizer/processor/template
+        files of the source folder."""
+        for src in self.checkpoint_dir.iterdir():
+            if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
+                shutil.copy2(src, folder / src.name)
+        config = dict(self.hf_config)
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+    def publish(self, tmp: Path, step: int) -> Path:
+        """Rename the complete ``tmp`` to ``step_{step}``, then point ``latest`` at it (atomic replace)."""
+        name = f"step_{step}"
         final = self.output_dir / name
         if final.exists():
             shutil.rmtree(final)
