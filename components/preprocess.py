@@ -48,6 +48,7 @@ def preprocess_merge(
     metrics.log_metric("samples", result["total_samples"])
     metrics.log_metric("shards", len(result["shards"]))
     metrics.log_metric("dropped", sum(result["dropped"].values()))
+    metrics.log_metric("eval_samples", result["eval_samples"])
     for name, n in result["sources"].items():
         metrics.log_metric(f"{name}/samples", n)
     return str(shards_dir(load(run)))

@@ -75,19 +75,21 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from docev.data.preprocess import merge, run_shards, shards_dir
+    from docev.data.preprocess import merge_all, run_shards, shards_dir, splits_to_build
 
     cfg = load_config(args.config, args.overrides)
     if not args.merge:
         shard, num = _parse_shard(args.shard)
-        built = run_shards(cfg, shard, num, args.workers)
-        print(f"built {len(built)} shard(s) in {shards_dir(cfg)}")
+        for split in splits_to_build(cfg):
+            built = run_shards(cfg, shard, num, args.workers, split)
+            print(f"built {len(built)} shard(s) in {shards_dir(cfg, split)}")
         if num > 1:
             print(f"shard {shard}/{num} done; run `docev preprocess --merge` when all are done")
             return 0
-    manifest = merge(cfg)
+    manifest = merge_all(cfg)
     print(
         f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards: {shards_dir(cfg) / 'manifest.json'}"
+        + (f"; {manifest['eval_samples']} held out in {shards_dir(cfg, 'eval')}" if manifest["eval_samples"] else "")
     )
     return 0
 

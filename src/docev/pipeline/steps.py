@@ -58,15 +58,17 @@ def validate_merge_step(run: dict[str, Any], num_shards: int) -> dict[str, Any]:
 
 
 def preprocess_shard_step(run: dict[str, Any], shard: int, num_shards: int) -> list[int]:
-    from docev.data.preprocess import run_shards
+    """The training shards of this fan-out index, then the held-out split's (built the same way)."""
+    from docev.data.preprocess import run_shards, splits_to_build
 
-    return run_shards(load(run), int(shard), int(num_shards))
+    cfg = load(run)
+    return [k for split in splits_to_build(cfg) for k in run_shards(cfg, int(shard), int(num_shards), split=split)]
 
 
 def preprocess_merge_step(run: dict[str, Any]) -> dict[str, Any]:
-    from docev.data.preprocess import merge
+    from docev.data.preprocess import merge_all
 
-    return merge(load(run))
+    return merge_all(load(run))
 
 
 def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
