@@ -210,7 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from docev.export import DocEVGenerator
+    from docev.inference import DocEVGenerator
 
     try:
         generator = DocEVGenerator(args.model, device=args.device)

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from docev.export.card import SmokeSample, smoke_section, training_facts
-from docev.export.generate import Generation
+from docev.inference.generate import Generation
 
 from .conftest import make_config
 

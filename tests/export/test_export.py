@@ -16,9 +16,10 @@ from conftest import CONFIGS
 from safetensors.torch import load_file
 
 from docev.cli import main
-from docev.export import ChecksumError, DocEVGenerator, ExportError, export_checkpoint, resolve_checkpoint
+from docev.export import ChecksumError, ExportError, export_checkpoint, resolve_checkpoint
 from docev.export.card import TRAINING_SECTIONS
 from docev.export.checksums import SUMS, verify_checksums
+from docev.inference import DocEVGenerator
 from docev.models.docev import DocEVCheckpointer, docev_tiny
 
 from .conftest import folder_tensors, make_config, sources_list

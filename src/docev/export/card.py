@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from docev.config import DocEVConfig
-from docev.export.generate import Generation
+from docev.inference.generate import Generation
 from docev.models.docev._convert_weights import is_unused
 
 # The config sections that decide the trained weights (the card's config hash).

@@ -33,8 +33,8 @@ from docev import assets
 from docev.config import DocEVConfig
 from docev.export.card import SmokeSample, TrainingFacts, model_card, parameter_counts, smoke_section, training_facts
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
-from docev.export.generate import DocEVGenerator, Generation
 from docev.export.weights import ExportError, export_tensors
+from docev.inference.generate import DocEVGenerator, Generation
 from docev.models.docev import latest_checkpoint
 from docev.text.chat_template import resolve_chat_template
 
