@@ -223,6 +223,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from docev.evaluation.evaluate import eval_dir, evaluate
+    from docev.training.checkpointing import CheckpointError
+
+    cfg = load_config(args.config, args.overrides)
+    with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:
+        try:
+            m = evaluate(cfg, model_dir=args.model, checkpoint=args.checkpoint, label=args.label, progress=bar.update)
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"evaluate failed: {exc}", file=sys.stderr)
+            return 1
+    f1 = f", field F1 {m['f1']:.3f}" if "f1" in m else ""
+    print(f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}{f1} "
+          f"({m['answers_per_second']:.1f} answers/s): {eval_dir(cfg, m['label'])}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docev", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,10 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a checkpoint -> verified HF model folder with SHA256SUMS and a model card")
     _config_args(ex)
-    ex.add_argument("--checkpoint", help="latest, step_N, base, or a folder (default: export.checkpoint)")
+    ex.add_argument("--checkpoint", help="latest, best, step_N, base, or a folder (default: export.checkpoint)")
     ex.add_argument("--out", help="folder or fsspec URI (default: export.destination, else <output_dir>/export)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export (swapped in whole)")
     ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("evaluate", help="answer the held-out questions; ANLS, exact match, field F1")
+    _config_args(ev)
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model folder (an export); default: --checkpoint latest")
+    which.add_argument("--checkpoint", help="latest, best, step_N or base (under checkpointer.output_dir)")
+    ev.add_argument("--label", help="results go to <output_dir>/eval/<label> (default: base or tuned)")
+    ev.set_defaults(func=cmd_evaluate)
 
     gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
     gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")

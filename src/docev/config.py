@@ -282,7 +282,9 @@ class ExportSection(_Strict):
     destination: str | None = Field(
         None, description="Folder or fsspec URI (s3://…) of the export; default {output_dir}/export."
     )
-    checkpoint: str = Field("latest", description="latest, step_N (under checkpointer.output_dir), base, or a folder.")
+    checkpoint: str = Field(
+        "latest", description="latest, best, step_N (under checkpointer.output_dir), base, or a folder."
+    )
     overwrite: bool = Field(False, description="Replace an existing export (swapped in whole); else refuse.")
     smoke_prompt: str = "What does this document say?"
     smoke_max_new_tokens: int = Field(16, ge=1)

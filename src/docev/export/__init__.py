@@ -2,7 +2,7 @@
 (``docev export``); generation from such a folder lives in :mod:`docev.inference`."""
 
 from docev.export.checksums import SUMS, ChecksumError, verify_checksums, write_checksums
-from docev.export.export import ExportResult, export_checkpoint, pick_smoke_sample, resolve_checkpoint
+from docev.export.export import ExportResult, export_checkpoint, pick_smoke_sample
 from docev.export.weights import ExportError, export_tensors, frozen_state_keys
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "export_tensors",
     "frozen_state_keys",
     "pick_smoke_sample",
-    "resolve_checkpoint",
     "verify_checksums",
     "write_checksums",
 ]

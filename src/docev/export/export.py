@@ -35,8 +35,8 @@ from docev.export.card import SmokeSample, TrainingFacts, model_card, parameter_
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
-from docev.models.docev import latest_checkpoint
 from docev.text.chat_template import resolve_chat_template
+from docev.training.checkpointing import CheckpointError, resolve_checkpoint
 
 INDEX = "model.safetensors.index.json"
 # Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
@@ -54,25 +54,6 @@ class ExportResult:
     dtype: str
     checksums: dict[str, str]  # file name → sha256, as in SHA256SUMS
     smoke: Generation | None
-
-
-def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
-    """``latest`` / ``step_N`` (under ``checkpointer.output_dir``), ``base`` (``checkpointer.checkpoint_dir``)
-    or a folder path → the checkpoint folder."""
-    if which == "base":
-        return Path(cfg.checkpointer.checkpoint_dir)
-    if which == "latest" or _STEP.fullmatch(which):
-        if cfg.checkpointer.output_dir is None:
-            raise ExportError(f"--checkpoint {which}: checkpointer.output_dir is not set")
-        root = Path(cfg.checkpointer.output_dir)
-        folder = latest_checkpoint(root) if which == "latest" else root / which
-        if folder is None:
-            raise ExportError(f"--checkpoint latest: no checkpoint under {root} yet (train first, or export 'base')")
-    else:
-        folder = Path(which)
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
-    return folder
 
 
 def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
@@ -213,7 +194,10 @@ def export_checkpoint(
     """
     exp = cfg.export
     which = checkpoint or exp.checkpoint
-    source = resolve_checkpoint(cfg, which)
+    try:
+        source = resolve_checkpoint(cfg, which)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     dest = destination or exp.destination or str(Path(cfg.output_dir) / "export")
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
