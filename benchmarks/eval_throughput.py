@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=16, help="max new tokens per answer")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: on a shared machine, idle intra-op threads spin and skew timings
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint(Path(tmp) / "ckpt")
         src = synth_data(Path(tmp) / "data", args.records, seed=0, fmt="jsonl", workers=1)["instruct"]
@@ -56,7 +56,7 @@ def main() -> None:
         many_rate, many = _best(generator, questions, args.batch, args.new, args.repeats)
     assert one == many, "batched answers differ from one-at-a-time answers"
     distinct = len(set(one))
-    print(f"{len(questions)} questions ({distinct} distinct answers), max {args.new} new tokens, 2 threads")
+    print(f"{len(questions)} questions ({distinct} distinct answers), max {args.new} new tokens, 1 thread")
     print(f"one at a time: {one_rate:.2f} answers/s")
     print(f"batch {args.batch}:       {many_rate:.2f} answers/s")
     print(f"ratio: {many_rate / one_rate:.2f}x (identical answers)")
