@@ -63,6 +63,8 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
         for line in fh:
             try:
                 entry = json.loads(line)
+                if "eval_loss" in entry and "loss" not in entry:  # a validation line (docev.training.evaluation)
+                    continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):
                 bad += len(line.strip()) > 0

@@ -94,7 +94,9 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     logged = read_metrics(Path(cfg.output_dir) / "logs" / "metrics.jsonl")
     if not logged:
         raise RuntimeError(f"training wrote no metrics to {Path(cfg.output_dir) / 'logs' / 'metrics.jsonl'}")
-    return {"steps": logged[-1]["step"], **{k: v for k, v in logged[-1].items() if isinstance(v, int | float)}}
+    train = [r for r in logged if "loss" in r]  # validation lines hold eval_loss only
+    last = {**train[-1], **next((r for r in reversed(logged) if "eval_loss" in r), {})} if train else logged[-1]
+    return {"steps": last["step"], **{k: v for k, v in last.items() if isinstance(v, int | float)}}
 
 
 def export_step(run: dict[str, Any]) -> dict[str, Any]:

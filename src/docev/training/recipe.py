@@ -67,6 +67,7 @@ from docev.training.checkpointing import (
     restore_rng,
     start_folder,
 )
+from docev.training.evaluation import EvalLoss
 from docev.training.metrics import MetricsLog, wandb_mode
 
 log = utils.get_logger("INFO")
@@ -171,6 +172,9 @@ class DocEVFinetuneRecipe:
         self._dataloader, self._sampler = build_dataloader(
             cfg, rank=self.rank, world_size=self.world_size, dtype=self._dtype, normalize=False
         )
+        self._validation = EvalLoss.from_config(cfg, self._dataloader.collate_fn, rank=self.rank,
+                                                world_size=self.world_size, checkpoint_dir=self._output_dir,
+                                                resumed=resumed)  # fmt: skip
         if resumed:
             self._update_recipe_state(state)
         if self._metrics is not None:  # lines past the checkpoint are repeated by this run
@@ -325,8 +329,13 @@ class DocEVFinetuneRecipe:
                 done += 1
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
-                if end_of_epoch or stopping or self.global_step % self.cfg.save_every_n_steps == 0:
+                last = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
+                best = None if self._validation is None else self._validation.maybe_run(
+                    self._model, self._loss_fn, self._device, self.global_step, last, self._metrics)  # fmt: skip
+                if end_of_epoch or stopping or best is not None or self.global_step % self.cfg.save_every_n_steps == 0:
                     self.save_checkpoint()
+                if best is not None:
+                    self._validation.mark_best(self.global_step, best)
                 if end_of_epoch or stopping:
                     break
                 step, t0 = _Step(), time.perf_counter()
