@@ -331,13 +331,14 @@ class KubernetesSection(_Strict):
     wandb_secret_key: str = "api-key"
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
-    step_resources: dict[Literal["validate", "preprocess", "export"], StepResources] = Field(
+    step_resources: dict[Literal["validate", "preprocess", "export", "evaluate"], StepResources] = Field(
         default_factory=lambda: {
             "validate": StepResources(cpu="4", memory="16Gi"),
             "preprocess": StepResources(cpu="16", memory="64Gi"),
             "export": StepResources(cpu="8", memory="128Gi"),
+            "evaluate": StepResources(cpu="8", memory="128Gi"),
         },
-        description="CPU/memory limits of the pipeline's data and export tasks (train: train.resources).",
+        description="CPU/memory limits of the pipeline's data, evaluate and export tasks (train: train.resources).",
     )
     run_as_user: int = Field(1000, ge=1, description="Non-root uid of the training pods (the image's user).")
     run_as_group: int = Field(1000, ge=0)

@@ -26,6 +26,10 @@ from docev.training.checkpointing import resolve_checkpoint
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+class NoQuestionsError(ValueError):
+    """The held-out split holds no question (nothing held out, or only pretraining records)."""
+
+
 def eval_dir(cfg: DocEVConfig, label: str) -> Path:
     return Path(cfg.output_dir) / "eval" / label
 
@@ -99,7 +103,7 @@ def evaluate(
     if ev.max_questions is not None:
         questions = questions[: ev.max_questions]
     if not questions:
-        raise ValueError(
+        raise NoQuestionsError(
             "evaluate: the held-out split has no question; set datasets[].eval_fraction or eval_datasets "
             "(instruction sources) and rerun validate and preprocess"
         )
@@ -110,15 +114,31 @@ def evaluate(
         answers = answer_questions(generator, questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                                    sampling_ratio=ratio, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start
+    loss = eval_loss(cfg, generator)
     root = Path(cfg.output_dir)
     rows = prediction_rows(questions, answers, ev.anls_threshold, root)
     metrics = {**summarize(rows), "label": label, "model": _relative(str(folder), root), "sampling_ratio": ratio,
-               "seconds": seconds, "answers_per_second": len(rows) / seconds}  # fmt: skip
+               "seconds": seconds, "answers_per_second": len(rows) / seconds,
+               **({"eval_loss": loss} if loss is not None else {})}  # fmt: skip
     out = eval_dir(cfg, label)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _write(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
+    """The validation loss of this model on the held-out shards, as training computes it (one process);
+    None without eval shards."""
+    from docev.data.loader import build_collate
+    from docev.training.evaluation import EvalLoss
+
+    collate = build_collate(cfg, generator.dtype)
+    evaluator = EvalLoss.from_config(cfg, collate, rank=0, world_size=1, checkpoint_dir=Path(cfg.output_dir),
+                                     resumed=False)  # fmt: skip
+    if evaluator is None:
+        return None
+    return evaluator.run(generator.model, torch.nn.CrossEntropyLoss(), generator.device)["eval_loss"]
 
 
 def _write(path: Path, text: str) -> None:

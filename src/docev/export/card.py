@@ -128,8 +128,8 @@ def smoke_section(
     return [
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
         f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), its first image: the last "
-        "accepted record with images in the validated manifest, instruction sources first. The pipeline keeps no "
-        "held-out split, so training may have seen it.",
+        "accepted record with images in the validated manifest, instruction sources first; training may have "
+        "seen it (the held-out scores are above).",
         "",
         f"- prompt: {json.dumps(prompt)} after the image `{sample.image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
@@ -145,6 +145,21 @@ def smoke_section(
         shlex.join(command),
         "```",
     ]
+
+
+def evaluation_section(cfg: DocEVConfig) -> list[str]:
+    """The base vs tuned table of ``eval/<label>/metrics.json`` (the pipeline's evaluate tasks)."""
+    from docev.evaluation.report import LABELS, metric_table
+
+    root = Path(cfg.output_dir) / "eval"
+    results = {k: m for k in LABELS if (m := _read_json(root / k / "metrics.json")) is not None and m.get("n")}
+    if not results:
+        return [f"{NOT_AVAILABLE}: no `eval/base` or `eval/tuned` results (hold data out with "
+                "`datasets[].eval_fraction` or `eval_datasets`, then `docev evaluate`)."]  # fmt: skip
+    note = (f"ANLS (DocVQA), exact match and, for JSON answers, field F1 on the held-out questions; greedy, "
+            f"sampling ratio {next(iter(results.values()))['sampling_ratio']}. Per question: "
+            "`eval/<label>/predictions.jsonl` under the run folder.")  # fmt: skip
+    return [note, "", *metric_table(results)]
 
 
 def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -197,6 +212,10 @@ def model_card(
         "## Data",
         "",
         *data_section(cfg),
+        "",
+        "## Evaluation (held-out split)",
+        "",
+        *evaluation_section(cfg),
         "",
         "## Smoke generation",
         "",
