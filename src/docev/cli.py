@@ -131,9 +131,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = local_config(args.config, args.overrides)
     try:
         outputs = run_pipeline_locally(cfg, _params(args.param))
-    except RuntimeError as exc:  # kfp.local: a task failed; its log above says why
+    except RuntimeError as exc:  # kfp.local: a task failed; the tail of its log is printed above
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
+    from docev.evaluation.report import LABELS, metric_table
+
+    root = Path(cfg.output_dir) / "eval"
+    results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
+               if (root / k / "metrics.json").is_file()}  # fmt: skip
+    if any(m.get("n") for m in results.values()):
+        print("\nheld-out evaluation:")
+        print("\n".join(f"  {line}" for line in metric_table(results)))
     print("\npipeline finished; outputs:")
     for name, path in outputs.items():
         print(f"  {name:26s} {path}")
