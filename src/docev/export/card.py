@@ -56,7 +56,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
     if step is None:
         return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
     if not path.is_file():
-        return TrainingFacts(step, None, None, f"{path} does not exist")
+        return TrainingFacts(step, None, None, f"{relative(cfg, path)} does not exist")
     best: tuple[int, float] | None = None
     bad = 0
     with path.open() as fh:
@@ -73,19 +73,29 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
                 best = (s, loss)
     skipped = f"; {bad} malformed line(s) skipped" if bad else ""
     if best is None:
-        return TrainingFacts(step, None, None, f"no entry with step ≤ {step} in {path}{skipped}")
-    return TrainingFacts(step, best[1], best[0], f"{path}{skipped}")
+        return TrainingFacts(step, None, None, f"no entry with step ≤ {step} in {relative(cfg, path)}{skipped}")
+    return TrainingFacts(step, best[1], best[0], f"{relative(cfg, path)}{skipped}")
 
 
 def _read_json(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def relative(cfg: DocEVConfig, path: str | Path) -> str:
+    """A path as the card prints it: relative to the run's output folder when below it (the card travels
+    with the export; absolute local paths would name another machine), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(cfg.output_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def data_section(cfg: DocEVConfig) -> list[str]:
     """Per source: records read/accepted/rejected by validate, samples in the shards."""
     out = Path(cfg.output_dir)
-    report_path, manifest_path = out / "validate" / "report.json", out / "shards" / "manifest.json"
-    report, manifest = _read_json(report_path), _read_json(manifest_path)
+    report_file, manifest_file = out / "validate" / "report.json", out / "shards" / "manifest.json"
+    report, manifest = _read_json(report_file), _read_json(manifest_file)
+    report_path, manifest_path = relative(cfg, report_file), relative(cfg, manifest_file)
     names = [d.name or Path(d.source).name for d in cfg.datasets]
     validated = (report or {}).get("sources", {})
     shards = (manifest or {}).get("sources", {})
@@ -97,7 +107,8 @@ def data_section(cfg: DocEVConfig) -> list[str]:
         v = validated.get(name, {})
         cells = [str(v.get(k, NOT_AVAILABLE)) for k in ("read", "accepted", "rejected")]
         lines.append(
-            f"| {name} | `{d.source}` | {d.weight:g} | {' | '.join(cells)} | {shards.get(name, NOT_AVAILABLE)} |"
+            f"| {name} | `{relative(cfg, d.source)}` | {d.weight:g} | {' | '.join(cells)} "
+            f"| {shards.get(name, NOT_AVAILABLE)} |"
         )
     lines.append("")
     lines.append(
@@ -199,8 +210,8 @@ def model_card(
         "",
         "| fact | value |",
         "|---|---|",
-        f"| base checkpoint | `{base}` |",
-        f"| exported checkpoint | `{checkpoint}` |",
+        f"| base checkpoint | `{relative(cfg, base)}` |",
+        f"| exported checkpoint | `{relative(cfg, checkpoint)}` |",
         f"| training steps | {steps} |",
         f"| final loss | {loss} |",
         f"| trained groups | {', '.join(trained) or 'none'} (the others are the base's tensors, unchanged) |",

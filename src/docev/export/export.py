@@ -163,7 +163,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
-    why_not = f"no accepted record with images in {Path(cfg.output_dir) / 'validate' / 'manifest.jsonl'}"
+    why_not = "no accepted record with images in validate/manifest.jsonl"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
         result = generator.generate([sample.image], exp.smoke_prompt, max_new_tokens=exp.smoke_max_new_tokens,
