@@ -203,7 +203,7 @@ def question_answer(page: Page, rng: random.Random) -> tuple[str, str, str]:
 # tells the kind apart, and the answers come from a small closed set. Asked in this share of the
 # single-question records, drawn from its own random stream so the pages stay those of the seed.
 KIND_QUESTION = "What kind of document is this?"
-KIND_SHARE = 0.5
+KIND_SHARE = 0.75
 
 
 def kind_question(page: Page) -> tuple[str, str, str]:
