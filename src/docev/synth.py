@@ -199,9 +199,9 @@ def question_answer(page: Page, rng: random.Random) -> tuple[str, str, str]:
     return q, str(a), kind
 
 
-# A question the tiny model learns within the demo's budget: the page's layout (size, tile grid, ink)
-# tells the kind apart, and the answers come from a small closed set. Asked in this share of the
-# single-question records, drawn from its own random stream so the pages stay those of the seed.
+# A closed-set question: the page's layout (size, tile grid, ink) tells the kind apart, six possible
+# answers. Asked in this share of the single-question records, drawn from its own random stream so
+# the pages stay those of the seed.
 KIND_QUESTION = "What kind of document is this?"
 KIND_SHARE = 0.75
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -63,80 +65,89 @@ def task_summary(cfg: DocEVConfig, task: str) -> str:
     return ""
 
 
+@dataclass
+class _Running:
+    name: str
+    path: Path
+    log: TextIO
+    started: float
+
+
 class TaskConsole(io.TextIOBase):
-    """A ``sys.stdout`` stand-in that routes kfp.local's output (see the module docstring)."""
+    """A ``sys.stdout`` stand-in that routes kfp.local's output (see the module docstring).
+
+    kfp.local runs the iterations of a ParallelFor in threads, each task's logging and streamed output
+    in its own thread, so lines are attributed to the task running in the writing thread."""
 
     def __init__(self, cfg: DocEVConfig, console: TextIO, summarize: Callable[[DocEVConfig, str], str] = task_summary):
         self.cfg, self.console, self.summarize = cfg, console, summarize
         self.log_dir = Path(cfg.output_dir) / "pipeline" / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_log = (self.log_dir / "pipeline.log").open("w")
-        self.task: str | None = None
-        self.task_log: TextIO | None = None
-        self.task_path: Path | None = None
-        self.started = 0.0
+        self.running: dict[int, _Running] = {}
         self.seen: dict[str, int] = {}
         self.failed: str | None = None
-        self._pending = ""
+        self._pending: dict[int, str] = {}
+        self._lock = threading.Lock()
         self._tty = console.isatty()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self._pending += text
-        *lines, self._pending = re.split(r"(?<=\n)|(?<=\r)", self._pending)
-        for line in lines:
-            self._line(line)
+        thread = threading.get_ident()
+        with self._lock:
+            pending = self._pending.get(thread, "") + text
+            *lines, self._pending[thread] = re.split(r"(?<=\n)|(?<=\r)", pending)
+            for line in lines:
+                self._line(thread, line)
         return len(text)
 
     def _say(self, text: str) -> None:
         self.console.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         self.console.flush()
 
-    def _line(self, line: str) -> None:
+    def _line(self, thread: int, line: str) -> None:
         plain = _ANSI.sub("", line)
         if m := _START.search(plain):
             name = m.group(1)
             self.seen[name] = self.seen.get(name, 0) + 1
-            suffix = f"-{self.seen[name]}" if self.seen[name] > 1 else ""
-            self.task, self.started = name, time.perf_counter()
-            self.task_path = self.log_dir / f"{name}{suffix}.log"
-            self.task_log = self.task_path.open("w")
-            self._say(f"▶ {name}{suffix}")
-        target = self.task_log or self.run_log
+            label = f"{name}-{self.seen[name]}" if self.seen[name] > 1 else name
+            path = self.log_dir / f"{label}.log"
+            self.running[thread] = _Running(name, path, path.open("w"), time.perf_counter())
+            self._say(f"▶ {label}")
+        task = self.running.get(thread)
+        target = task.log if task is not None else self.run_log
         target.write(plain if plain.endswith(("\n", "\r")) else plain + "\n")
         target.flush()
-        if self._tty and self.task == "train" and _BAR.search(plain):
+        if self._tty and task is not None and task.name == "train" and _BAR.search(plain):
             self.console.write("\r  " + plain.strip()[-100:])
             self.console.flush()
-        if m := _END.search(plain):
-            self._end(m.group(1), m.group(2))
+        if (m := _END.search(plain)) and task is not None:
+            self._end(self.running.pop(thread), m.group(2))
 
-    def _end(self, name: str, status: str) -> None:
-        seconds = time.perf_counter() - self.started
-        if self._tty and name == "train":
+    def _end(self, task: _Running, status: str) -> None:
+        seconds = time.perf_counter() - task.started
+        if self._tty and task.name == "train":
             self.console.write("\r\033[K")
-        path = self.task_path
-        if self.task_log is not None:
-            self.task_log.close()
-        self.task, self.task_log, self.task_path = None, None, None
+        task.log.close()
         if status == "SUCCESS":
-            summary = self.summarize(self.cfg, name)
-            self._say(f"✓ {name} {seconds:.0f} s" + (f"  {summary}" if summary else ""))
+            summary = self.summarize(self.cfg, task.name)
+            self._say(f"✓ {task.path.stem} {seconds:.0f} s" + (f"  {summary}" if summary else ""))
             return
-        self.failed = name
-        self._say(f"✗ {name} failed after {seconds:.0f} s; last lines of {path}:")
-        lines = path.read_text().splitlines() if path is not None else []
-        for line in lines[-TAIL_LINES:]:
+        self.failed = task.name
+        self._say(f"✗ {task.path.stem} failed after {seconds:.0f} s; last lines of {task.path}:")
+        for line in task.path.read_text().splitlines()[-TAIL_LINES:]:
             self.console.write(f"    {line}\n")
         self.console.flush()
 
     def close(self) -> None:
-        if self._pending:
-            self._line(self._pending)
-            self._pending = ""
-        for f in (self.task_log, self.run_log):
-            if f is not None and not f.closed:
-                f.close()
+        with self._lock:
+            for thread, rest in self._pending.items():
+                if rest:
+                    self._line(thread, rest)
+            self._pending.clear()
+        for task in self.running.values():
+            task.log.close()
+        self.run_log.close()
         super().close()
