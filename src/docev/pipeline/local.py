@@ -10,6 +10,7 @@ embedded default is made first (tiny checkpoint + synthetic UFX documents, only 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import sys
 from pathlib import Path
@@ -62,10 +63,14 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"))
     run = {**knob_defaults(cfg), **(params or {})}
     console = TaskConsole(cfg, sys.stdout)  # kfp.local's output goes to per-task logs; one line per task here
+    # kfp.local indents print() per task by swapping builtins.print; concurrent loop tasks restore each
+    # other's swapped version, leaving print indented after the run. Put the real one back.
+    real_print = builtins.print
     try:
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             build_pipeline(cfg)(**run)
     finally:
+        builtins.print = real_print
         console.close()
     from docev.data.preprocess import shards_dir
     from docev.validate.runner import validate_dir
