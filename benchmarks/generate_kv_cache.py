@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from docev.assets import init_checkpoint
-from docev.export import DocEVGenerator, greedy_generate
+from docev.inference import DocEVGenerator, greedy_generate
 from docev.synth import synth_data
 
 

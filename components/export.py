@@ -13,6 +13,7 @@ def export(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    eval_every_n_steps: int,
     model_card: Output[Markdown],
     metrics: Output[Metrics],
 ) -> str:

@@ -15,6 +15,7 @@ def preprocess_shard(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    eval_every_n_steps: int,
     shard: int,
     num_shards: int,
 ) -> str:
@@ -32,6 +33,7 @@ def preprocess_merge(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    eval_every_n_steps: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     manifest: Output[Artifact],
     metrics: Output[Metrics],
@@ -48,6 +50,7 @@ def preprocess_merge(
     metrics.log_metric("samples", result["total_samples"])
     metrics.log_metric("shards", len(result["shards"]))
     metrics.log_metric("dropped", sum(result["dropped"].values()))
+    metrics.log_metric("eval_samples", result["eval_samples"])
     for name, n in result["sources"].items():
         metrics.log_metric(f"{name}/samples", n)
     return str(shards_dir(load(run)))

@@ -14,6 +14,7 @@ def train(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    eval_every_n_steps: int,
     run_id: str,
     task: str,
     metrics: Output[Metrics],

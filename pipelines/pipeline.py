@@ -1,4 +1,5 @@
-"""The DAG: resolve config → validate (fan-out + merge) → preprocess (fan-out + merge) → train → export.
+"""The DAG: resolve config → validate (fan-out + merge) → preprocess (fan-out + merge) → train → evaluate
+→ export, with the base model's evaluation running beside training.
 
 ``build_pipeline(cfg)`` bakes one config into a pipeline function: the whole config is the default of
 the ``config_json`` parameter and the rerun knobs default to its values. Cluster settings (volume,
@@ -10,6 +11,7 @@ import json
 
 from kfp import dsl, kubernetes
 
+from components import evaluate as evaluate_c
 from components import export as export_c
 from components import preprocess as preprocess_c
 from components import resolve as resolve_c
@@ -57,18 +59,29 @@ def _schedule_like_training(task: dsl.PipelineTask, cfg: DocEVConfig) -> None:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
 
 
+def _schedule_evaluation(task: dsl.PipelineTask, cfg: DocEVConfig) -> None:
+    """One GPU of the training node type when training uses GPUs (generation is a one-process job)."""
+    res = cfg.train.resources
+    if res.gpu:
+        task.set_accelerator_type(res.gpu_resource).set_accelerator_limit(1)
+        for key, value in cfg.kubernetes.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for t in cfg.kubernetes.tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+
+
 def build_pipeline(cfg: DocEVConfig):
     """A ``@dsl.pipeline`` function for this config (see the module docstring)."""
     image = cfg.train.image
     resolve_op = resolve_c.build(image)
     validate_shard_op, validate_merge_op = validate_c.build(image)
     preprocess_shard_op, preprocess_merge_op = preprocess_c.build(image)
-    train_op, export_op = train_c.build(image), export_c.build(image)
+    train_op, export_op, evaluate_op = train_c.build(image), export_c.build(image), evaluate_c.build(image)
     knobs = knob_defaults(cfg)
     embedded = json.dumps(cfg.to_dict(), sort_keys=True)
     v_shards, p_shards = list(range(cfg.validate_.fanout)), list(range(cfg.preprocess.fanout))
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune DocEV Preview: validate, preprocess, train, export.")
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune DocEV Preview: validate, preprocess, train, evaluate.")
     def docev_finetune(
         config_json: str = embedded,
         learning_rate: float = knobs["learning_rate"],
@@ -77,6 +90,7 @@ def build_pipeline(cfg: DocEVConfig):
         num_nodes: int = knobs["num_nodes"],
         gpus_per_node: int = knobs["gpus_per_node"],
         resume: str = knobs["resume"],
+        eval_every_n_steps: int = knobs["eval_every_n_steps"],
     ):
         run = dict(
             config_json=config_json,
@@ -86,6 +100,7 @@ def build_pipeline(cfg: DocEVConfig):
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
             resume=resume,
+            eval_every_n_steps=eval_every_n_steps,
         )
         resolved = resolve_op(**run).set_display_name("resolve config")
         _on_cluster(resolved, cfg)
@@ -115,7 +130,16 @@ def build_pipeline(cfg: DocEVConfig):
         if cfg.train.backend == "local":
             _schedule_like_training(trained, cfg)
 
-        exported = export_op(**run).after(trained).set_display_name("export")
+        # The base model is scored while training runs; the tuned one is the checkpoint the export publishes,
+        # scored before the export so the model card carries both.
+        base_eval = evaluate_op(**run, label="base", checkpoint="base").after(p_merge)
+        _on_cluster(base_eval.set_display_name("evaluate base"), cfg, retries=1, step="evaluate")
+        _schedule_evaluation(base_eval, cfg)
+        tuned_eval = evaluate_op(**run, label="tuned", checkpoint="export").after(trained, base_eval)
+        _on_cluster(tuned_eval.set_display_name("evaluate tuned"), cfg, retries=1, step="evaluate")
+        _schedule_evaluation(tuned_eval, cfg)
+
+        exported = export_op(**run).after(tuned_eval).set_display_name("export")
         _on_cluster(exported, cfg, retries=2, step="export")
 
     return docev_finetune

@@ -32,3 +32,17 @@ def tiny_config(output_dir: Path, checkpoint: Path, datasets: list[dict] | None 
     if datasets is not None:
         args.append(f"datasets={json.dumps(datasets)}")
     return load_config(CONFIGS / "tiny.yaml", [*args, *overrides])
+
+
+TRAINABLE_PREFIXES = ("decoder.", "tok_embeddings.", "connector.", "image_newline")
+
+
+def perturb(state: dict, seed: int = 1, scale: float = 0.1) -> dict:
+    """What training would change: the decoder and fusion groups (the config's defaults), never the encoder."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale if k.startswith(TRAINABLE_PREFIXES) else v
+        for k, v in state.items()
+    }

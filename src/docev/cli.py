@@ -75,19 +75,21 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from docev.data.preprocess import merge, run_shards, shards_dir
+    from docev.data.preprocess import merge_all, run_shards, shards_dir, splits_to_build
 
     cfg = load_config(args.config, args.overrides)
     if not args.merge:
         shard, num = _parse_shard(args.shard)
-        built = run_shards(cfg, shard, num, args.workers)
-        print(f"built {len(built)} shard(s) in {shards_dir(cfg)}")
+        for split in splits_to_build(cfg):
+            built = run_shards(cfg, shard, num, args.workers, split)
+            print(f"built {len(built)} shard(s) in {shards_dir(cfg, split)}")
         if num > 1:
             print(f"shard {shard}/{num} done; run `docev preprocess --merge` when all are done")
             return 0
-    manifest = merge(cfg)
+    manifest = merge_all(cfg)
     print(
         f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards: {shards_dir(cfg) / 'manifest.json'}"
+        + (f"; {manifest['eval_samples']} held out in {shards_dir(cfg, 'eval')}" if manifest["eval_samples"] else "")
     )
     return 0
 
@@ -129,9 +131,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = local_config(args.config, args.overrides)
     try:
         outputs = run_pipeline_locally(cfg, _params(args.param))
-    except RuntimeError as exc:  # kfp.local: a task failed; its log above says why
+    except RuntimeError as exc:  # kfp.local: a task failed; the tail of its log is printed above
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
+    from docev.evaluation.report import LABELS, metric_table
+
+    root = Path(cfg.output_dir) / "eval"
+    results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
+               if (root / k / "metrics.json").is_file()}  # fmt: skip
+    if any(m.get("n") for m in results.values()):
+        print("\nheld-out evaluation:")
+        print("\n".join(f"  {line}" for line in metric_table(results)))
     print("\npipeline finished; outputs:")
     for name, path in outputs.items():
         print(f"  {name:26s} {path}")
@@ -229,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from docev.export import DocEVGenerator
+    from docev.inference import DocEVGenerator
 
     try:
         generator = DocEVGenerator(args.model, device=args.device)
@@ -239,6 +249,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"generate failed: {exc}", file=sys.stderr)
         return 1
     print(result.text)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from docev.evaluation.evaluate import eval_dir, evaluate
+    from docev.training.checkpointing import CheckpointError
+
+    cfg = load_config(args.config, args.overrides)
+    with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:
+        try:
+            m = evaluate(cfg, model_dir=args.model, checkpoint=args.checkpoint, label=args.label, progress=bar.update)
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"evaluate failed: {exc}", file=sys.stderr)
+            return 1
+    f1 = f", field F1 {m['f1']:.3f}" if "f1" in m else ""
+    print(f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}{f1} "
+          f"({m['answers_per_second']:.1f} answers/s): {eval_dir(cfg, m['label'])}")  # fmt: skip
     return 0
 
 
@@ -326,10 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a checkpoint -> verified HF model folder with SHA256SUMS and a model card")
     _config_args(ex)
-    ex.add_argument("--checkpoint", help="latest, step_N, base, or a folder (default: export.checkpoint)")
+    ex.add_argument("--checkpoint", help="latest, best, step_N, base, or a folder (default: export.checkpoint)")
     ex.add_argument("--out", help="folder or fsspec URI (default: export.destination, else <output_dir>/export)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export (swapped in whole)")
     ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("evaluate", help="answer the held-out questions; ANLS, exact match, field F1")
+    _config_args(ev)
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model folder (an export); default: --checkpoint latest")
+    which.add_argument("--checkpoint", help="latest, best, step_N or base (under checkpointer.output_dir)")
+    ev.add_argument("--label", help="results go to <output_dir>/eval/<label> (default: base or tuned)")
+    ev.set_defaults(func=cmd_evaluate)
 
     gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
     gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")

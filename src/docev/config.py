@@ -161,6 +161,21 @@ class DatasetSource(_Strict):
     context_col: str = "context"
     image_files_col: str = "image_files"
     new_system_prompt: str | None = None
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of the records held out for evaluation (by a stable hash of the id)."
+    )
+    eval_records: int | None = Field(None, ge=1, description="At most this many held-out records of this source.")
+
+
+class EvaluateSection(_Strict):
+    """``docev evaluate``: greedy answers for the held-out split's assistant turns, scored (ANLS, EM, F1)."""
+
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (one padded KV cache).")
+    max_new_tokens: int = Field(32, ge=1)
+    sampling_ratio: int | None = Field(None, ge=1, description="Ratio of the prompts; default the largest.")
+    max_questions: int | None = Field(None, ge=1, description="Score only the first N questions (quick checks).")
+    anls_threshold: float = Field(0.5, gt=0, le=1, description="DocVQA's τ: a normalised distance ≥ τ scores 0.")
+    report_examples: int = Field(12, ge=0, description="Pages shown in the HTML report (largest changes first).")
 
     @field_validator("source")
     @classmethod
@@ -338,7 +353,9 @@ class ExportSection(_Strict):
     destination: str | None = Field(
         None, description="Folder or fsspec URI (s3://…) of the export; default {output_dir}/export."
     )
-    checkpoint: str = Field("latest", description="latest, step_N (under checkpointer.output_dir), base, or a folder.")
+    checkpoint: str = Field(
+        "latest", description="latest, best, step_N (under checkpointer.output_dir), base, or a folder."
+    )
     overwrite: bool = Field(False, description="Replace an existing export (swapped in whole); else refuse.")
     smoke_prompt: str = "What does this document say?"
     smoke_max_new_tokens: int = Field(16, ge=1)
@@ -394,13 +411,14 @@ class KubernetesSection(_Strict):
     )
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
-    step_resources: dict[Literal["validate", "preprocess", "export"], StepResources] = Field(
+    step_resources: dict[Literal["validate", "preprocess", "export", "evaluate"], StepResources] = Field(
         default_factory=lambda: {
             "validate": StepResources(cpu="4", memory="16Gi"),
             "preprocess": StepResources(cpu="16", memory="64Gi"),
             "export": StepResources(cpu="8", memory="128Gi"),
+            "evaluate": StepResources(cpu="8", memory="128Gi"),
         },
-        description="CPU/memory limits of the pipeline's data and export tasks (train: train.resources).",
+        description="CPU/memory limits of the pipeline's data, evaluate and export tasks (train: train.resources).",
     )
     run_as_user: int = Field(1000, ge=1, description="Non-root uid of the training pods (the image's user).")
     run_as_group: int = Field(1000, ge=0)
@@ -469,6 +487,9 @@ class DocEVConfig(_Strict):
     checkpointer: CheckpointerSection
     resume_from_checkpoint: bool | Literal["auto"] = "auto"
     datasets: list[DatasetSource] = Field(min_length=1)
+    eval_datasets: list[DatasetSource] = Field(
+        [], description="UFX sources used only for evaluation (every record held out; eval_records caps them)."
+    )
     dataloader: DataloaderSection = DataloaderSection()
 
     epochs: int = Field(1, ge=1)
@@ -487,6 +508,10 @@ class DocEVConfig(_Strict):
     log_every_n_steps: int = Field(1, ge=1)
     log_peak_memory_stats: bool = True
     save_every_n_steps: int = Field(100, ge=1)
+    eval_every_n_steps: int | None = Field(
+        None, ge=1, description="Validation loss every N steps (and at the end); null: only at the end."
+    )
+    eval_max_batches: int | None = Field(None, ge=1, description="Eval micro-batches per rank and ratio; null: all.")
     keep_last_n_checkpoints: int = Field(2, ge=1)
     checkpoint_format: Literal["dcp", "hf"] = Field(
         "dcp",
@@ -510,6 +535,7 @@ class DocEVConfig(_Strict):
     preprocess: PreprocessSection = PreprocessSection()
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
+    evaluate: EvaluateSection = EvaluateSection()
     kubernetes: KubernetesSection = KubernetesSection()
     synthetic: SyntheticSection | None = None
 
@@ -558,6 +584,23 @@ class DocEVConfig(_Strict):
                     "excludes dataloader.packed: packing already fills rows to max_seq_len; choose one",
                 )
             )
+        errors += self._split_checks()
+        return errors
+
+    def _split_checks(self) -> list[tuple[str, str]]:
+        errors = []
+        for i, d in enumerate(self.datasets):
+            if d.eval_records is not None and d.eval_fraction == 0:
+                errors.append((f"datasets.{i}.eval_records", "caps the held-out records: set eval_fraction too"))
+        for i, d in enumerate(self.eval_datasets):
+            if d.eval_fraction:
+                errors.append((f"eval_datasets.{i}.eval_fraction", "an eval-only source is held out whole; remove it"))
+        names = [d.name or Path(d.source).name for d in (*self.datasets, *self.eval_datasets)]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            errors.append(("eval_datasets" if self.eval_datasets else "datasets", f"source name {dup!r} used twice"))
+        r = self.evaluate.sampling_ratio
+        if r is not None and r not in self.tokenizer.sampling_ratio:
+            errors.append(("evaluate.sampling_ratio", f"{r} is not one of tokenizer.sampling_ratio"))
         return errors
 
     def section_hash(self, *sections: str) -> str:

@@ -180,21 +180,34 @@ def render_crop(rng: random.Random) -> Page:
 RENDERERS = [render_invoice, render_receipt, render_table, render_form, render_columns, render_crop]
 
 
-def question_answer(page: Page, rng: random.Random) -> tuple[str, str]:
-    """A question whose answer is text drawn on the page."""
+def question_answer(page: Page, rng: random.Random) -> tuple[str, str, str]:
+    """A question whose answer is text drawn on the page: (question, answer, question type)."""
     f = page.facts
     options = {
-        "invoice": [("What is the invoice total?", f.get("total")), ("Who issued this invoice?", f.get("company")),
-                    ("What is the invoice number?", f.get("number"))],
-        "receipt": [("What is the total on this receipt?", f.get("total")),
-                    ("Which shop printed this receipt?", f.get("shop"))],
-        "table": [(f"What is the {f.get('col')} value for {f.get('row')}?", f.get("cell"))],
-        "form": [("What name is written on the form?", f.get("name")), ("Which city is entered?", f.get("city"))],
-        "columns": [("What is the title of this page?", f.get("title"))],
-        "crop": [("How much is due?", f.get("amount"))],
+        "invoice": [("What is the invoice total?", f.get("total"), "total"),
+                    ("Who issued this invoice?", f.get("company"), "issuer"),
+                    ("What is the invoice number?", f.get("number"), "number")],
+        "receipt": [("What is the total on this receipt?", f.get("total"), "total"),
+                    ("Which shop printed this receipt?", f.get("shop"), "issuer")],
+        "table": [(f"What is the {f.get('col')} value for {f.get('row')}?", f.get("cell"), "cell")],
+        "form": [("What name is written on the form?", f.get("name"), "name"),
+                 ("Which city is entered?", f.get("city"), "city")],
+        "columns": [("What is the title of this page?", f.get("title"), "title")],
+        "crop": [("How much is due?", f.get("amount"), "total")],
     }[page.kind]  # fmt: skip
-    q, a = rng.choice(options)
-    return q, str(a)
+    q, a, kind = rng.choice(options)
+    return q, str(a), kind
+
+
+# A closed-set question: the page's layout (size, tile grid, ink) tells the kind apart, six possible
+# answers. Asked in this share of the single-question records, drawn from its own random stream so
+# the pages stay those of the seed.
+KIND_QUESTION = "What kind of document is this?"
+KIND_SHARE = 0.75
+
+
+def kind_question(page: Page) -> tuple[str, str, str]:
+    return KIND_QUESTION, page.kind, "kind"
 
 
 def _page(rng: random.Random) -> Page:
@@ -223,24 +236,29 @@ def make_instruction_record(index: int, seed: int, root: Path) -> dict:
     pages = [_page(rng) for _ in range(n_images)]
     ext = ".jpg" if rng.random() < 0.4 else ".png"
     files = [_save(p, root, f"images/{index:06d}_{k}{ext}") for k, p in enumerate(pages)]
-    q, a = question_answer(pages[0], rng)
+    q, a, qtype = question_answer(pages[0], rng)
+    if style != 2 and random.Random(f"{seed}:kind:{index}").random() < KIND_SHARE:
+        q, a, qtype = kind_question(pages[0])
+    qtypes = [qtype]
     context: list[dict]
     if style == 1:
         context = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
                    {"role": "assistant", "content": a}]  # fmt: skip
     elif style == 2:
-        q2, a2 = question_answer(pages[1], rng)
+        q2, a2, _ = question_answer(pages[1], rng)
+        qtypes = ["two-page"]
         context = [{"role": "user", "content": f"<image>\n<image>\nFirst page: {q} Second page: {q2}"},
                    {"role": "assistant", "content": f"{a}; {a2}"}]  # fmt: skip
     elif style == 3:
-        q2, a2 = question_answer(pages[0], rng)
+        q2, a2, qtype2 = question_answer(pages[0], rng)
+        qtypes.append(qtype2)
         context = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a},
                    {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]  # fmt: skip
     else:
         context = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]
         if style == 4:
             context.insert(0, {"role": "system", "content": "You read documents and answer briefly."})
-    meta = json.dumps({"kinds": [p.kind for p in pages], "size": list(pages[0].image.size)})
+    meta = json.dumps({"kinds": [p.kind for p in pages], "size": list(pages[0].image.size), "question_types": qtypes})
     return {"id": f"doc-{index:06d}", "name": pages[0].kind, "context": context, "image_files": files,
             "meta": meta}  # fmt: skip
 
@@ -325,5 +343,5 @@ def corpus(n_pages: int = 300, seed: int = 0) -> Iterator[str]:
     for i in range(n_pages):
         rng = random.Random(f"{seed}:corpus:{i}")
         page = _page(rng)
-        q, a = question_answer(page, rng)
+        q, a, _ = question_answer(page, rng)
         yield "\n".join(page.lines) + f"\n{q}\n{a}\nYou read documents and answer briefly.\nPicture 1:"

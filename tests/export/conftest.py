@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import perturb, tiny_config
 from safetensors.torch import load_file
 
 from docev.data.preprocess import run_preprocess
 from docev.export.checksums import SUMS
 from docev.models.docev import DocEVCheckpointer
 from docev.validate.runner import run_validate
-
-TRAINABLE_PREFIXES = ("decoder.", "tok_embeddings.", "connector.", "image_newline")
 
 
 def sources_list(synth_sources):
@@ -43,15 +41,6 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("model-*.safetensors")):
         out.update(load_file(str(f)))
     return out
-
-
-def perturb(state: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.1) -> dict[str, torch.Tensor]:
-    """What training would change: the decoder and fusion groups (the config's defaults), never the encoder."""
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale if k.startswith(TRAINABLE_PREFIXES) else v
-        for k, v in state.items()
-    }
 
 
 @pytest.fixture(scope="session")

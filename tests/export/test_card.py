@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from docev.export.card import SmokeSample, smoke_section, training_facts
-from docev.export.generate import Generation
+from docev.inference.generate import Generation
 
 from .conftest import make_config
 
@@ -13,13 +13,13 @@ def test_training_facts(tmp_path, tiny_checkpoint, synth_sources):
     cfg = make_config(tmp_path, tiny_checkpoint, synth_sources)
     metrics = tmp_path / "logs" / "metrics.jsonl"
     assert training_facts(cfg, None, untrained=True).note == "untrained base checkpoint"
-    assert training_facts(cfg, 4, untrained=False).note == f"{metrics} does not exist"
+    assert training_facts(cfg, 4, untrained=False).note == "logs/metrics.jsonl does not exist"  # relative to the run
     metrics.parent.mkdir()
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.0}, {"step": 2, "loss": 2.4}]
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 4, "loss": nan-garbage\n\n')
     facts = training_facts(cfg, 2, untrained=False)  # a resumed run logged step 2 again: the later line wins
     assert (facts.step, facts.loss, facts.loss_step) == (2, 2.4, 2)
-    assert facts.note == f"{metrics}; 1 malformed line(s) skipped"
+    assert facts.note == "logs/metrics.jsonl; 1 malformed line(s) skipped"
     assert training_facts(cfg, 9, untrained=False).loss == 2.0
     assert training_facts(cfg, 0, untrained=False).note.startswith("no entry with step ≤ 0 in ")
     assert training_facts(cfg, None, untrained=False).note == "the checkpoint folder is not named step_N"

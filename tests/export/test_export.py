@@ -16,10 +16,12 @@ from conftest import CONFIGS
 from safetensors.torch import load_file
 
 from docev.cli import main
-from docev.export import ChecksumError, DocEVGenerator, ExportError, export_checkpoint, resolve_checkpoint
+from docev.export import ChecksumError, ExportError, export_checkpoint
 from docev.export.card import TRAINING_SECTIONS
 from docev.export.checksums import SUMS, verify_checksums
+from docev.inference import DocEVGenerator
 from docev.models.docev import DocEVCheckpointer, docev_tiny
+from docev.training.checkpointing import CheckpointError, resolve_checkpoint
 
 from .conftest import folder_tensors, make_config, sha256sum_check, sources_list
 
@@ -269,12 +271,12 @@ def test_resolve_checkpoint(cfg, step_checkpoint, tiny_checkpoint, tmp_path):
     assert resolve_checkpoint(cfg, "latest") == step_checkpoint == resolve_checkpoint(cfg, "step_8")
     assert resolve_checkpoint(cfg, "base") == tiny_checkpoint
     assert resolve_checkpoint(cfg, str(step_checkpoint)) == step_checkpoint
-    with pytest.raises(ExportError, match="step_99 is not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="step_99 is not a checkpoint folder"):
         resolve_checkpoint(cfg, "step_99")
-    with pytest.raises(ExportError, match=f"no checkpoint under {tmp_path} yet"):
+    with pytest.raises(CheckpointError, match=f"no checkpoint under {tmp_path} yet"):
         resolve_checkpoint(cfg.model_copy(update={"checkpointer": cfg.checkpointer.model_copy(
             update={"output_dir": str(tmp_path)})}), "latest")  # fmt: skip
-    with pytest.raises(ExportError, match="is not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint folder"):
         resolve_checkpoint(cfg, str(tmp_path))
 
 

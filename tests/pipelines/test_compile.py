@@ -37,20 +37,22 @@ def test_run_parameters(compiled):
     assert {k: v["parameterType"] for k, v in params.items()} == {
         "config_json": "STRING", "learning_rate": "NUMBER_DOUBLE", "epochs": "NUMBER_INTEGER",
         "max_steps_per_epoch": "NUMBER_INTEGER", "num_nodes": "NUMBER_INTEGER", "gpus_per_node": "NUMBER_INTEGER",
-        "resume": "STRING",
+        "resume": "STRING", "eval_every_n_steps": "NUMBER_INTEGER",
     }  # fmt: skip
     embedded = json.loads(params["config_json"]["defaultValue"])
     assert embedded["tokenizer"]["tile_size"] == 560 and embedded["output_dir"] == "/mnt/docev/runs/docev-preview"
     assert params["learning_rate"]["defaultValue"] == 1e-5
     assert params["num_nodes"]["defaultValue"] == 2 and params["gpus_per_node"]["defaultValue"] == 8
     assert params["resume"]["defaultValue"] == "auto" and params["max_steps_per_epoch"]["defaultValue"] == 0
+    assert params["eval_every_n_steps"]["defaultValue"] == 0
 
 
 def test_every_step_mounts_the_volume_uncached(compiled):
     _, ir, executors = compiled
     tasks = ir["root"]["dag"]["tasks"]
     steps = [n for n in tasks if not n.startswith("for-loop")]
-    assert set(steps) == {"resolve-config", "validate-merge", "preprocess-merge", "train", "export"}
+    assert set(steps) == {"resolve-config", "validate-merge", "preprocess-merge", "train", "evaluate", "evaluate-2",
+                          "export"}  # fmt: skip
     for name in steps:
         assert tasks[name]["cachingOptions"] == {}, name  # KFP's cache key ignores volumes: never cache
     for name, ex in executors.items():
@@ -77,6 +79,10 @@ def test_train_gets_the_secret_by_reference_and_the_cluster_does_the_gpus(compil
     res = ir["deploymentSpec"]["executors"]["exec-preprocess-shard"]["container"]["resources"]
     assert res["cpuLimit"] == 16.0 and res["memoryLimit"] == 68.719476736  # 64Gi in GB
     assert ir["deploymentSpec"]["executors"]["exec-export"]["container"]["resources"]["cpuLimit"] == 8.0
+    # evaluation generates in one process: one GPU of the training node type, beside the running training
+    ev = ir["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert ev["accelerator"]["resourceCount"] == "1" and executors["exec-evaluate"]["nodeSelector"]["labels"]
+    assert "train" not in ir["root"]["dag"]["tasks"]["evaluate"].get("dependentTasks", [])
 
 
 def test_local_backend_schedules_the_train_task_itself(tmp_path):

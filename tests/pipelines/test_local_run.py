@@ -40,7 +40,18 @@ def test_outputs_exist_and_counts_add_up(first_run):
     drops = Counter(json.loads(line)["source"] for line in outputs["shards"].with_name("dropped.jsonl").open())
     stored = {name: s["accepted"] - drops[name] for name, s in report["sources"].items()}
     assert shards["sources"] == {name: n for name, n in stored.items() if n}
-    assert [m["step"] for m in read_metrics(outputs["training metrics"])][-1] == 3
+    assert [m["step"] for m in read_metrics(outputs["training metrics"]) if "loss" in m][-1] == 3
+    # both evaluations on the same held-out questions, the HTML report, KFP metrics of each task
+    root = outputs["evaluation report"].parents[1]
+    base, tuned = (json.loads((root / k / "metrics.json").read_text()) for k in ("base", "tuned"))
+    assert base["n"] == tuned["n"] > 0 and "eval_loss" in tuned
+    assert "<table>" in outputs["evaluation report"].read_text()
+    # kfp.local keeps Metrics in each task's executor output; the HTML report is an artifact file
+    runs = [p for p in outputs["kfp artifacts"].rglob("executor_output.json") if p.parent.name.startswith("evaluate")]
+    assert len(runs) >= 2 and all('"anls"' in p.read_text() for p in runs)
+    assert all((p.parent / "report").is_file() for p in runs)
+    assert "## Evaluation (held-out split)" in outputs["model card"].read_text()
+    assert (outputs["task logs"] / "train.log").is_file()
     card = outputs["model card"].read_text()
     assert "| training steps | 3 |" in card and "at step 3" in card  # the time-boxed run exported step_3
     assert (outputs["exported model"] / "SHA256SUMS").is_file()
@@ -49,22 +60,21 @@ def test_outputs_exist_and_counts_add_up(first_run):
     assert any(p.name == "report_md" for p in outputs["kfp artifacts"].rglob("report_md"))
 
 
-def test_rerun_with_edited_parameters(first_run, capfd):
+def test_rerun_with_edited_parameters(first_run):
     cfg, outputs = first_run
     metrics = outputs["training metrics"]
-    capfd.readouterr()  # the task logs (kfp.local prints them) of this test's runs only
     run_pipeline_locally(cfg, {"resume": "true"})  # continue from `latest` (step 3) to the epoch's 5 steps
-    starts = _start_lines(capfd)
+    starts = _start_lines(outputs)
     checkpoints = Path(cfg.checkpointer.output_dir)
     assert starts == [f"Resuming from {checkpoints / 'step_3'}"], starts  # not a fresh start
-    steps = [m["step"] for m in read_metrics(metrics)]
+    steps = [m["step"] for m in read_metrics(metrics) if "loss" in m]
     assert steps == [1, 2, 3, 4, 5]  # steps 4-5 added, 1-3 not redone
     run_pipeline_locally(cfg, {"max_steps_per_epoch": 2, "resume": "false"})  # a fresh run of 2 steps
-    assert _start_lines(capfd) == [f"Starting from {cfg.checkpointer.checkpoint_dir}"]
-    assert [m["step"] for m in read_metrics(metrics)][-1] == 2
+    assert _start_lines(outputs) == [f"Starting from {cfg.checkpointer.checkpoint_dir}"]
+    assert [m["step"] for m in read_metrics(metrics) if "loss" in m][-1] == 2
 
 
-def _start_lines(capfd) -> list[str]:
-    """The recipe's "Resuming from DIR" / "Starting from DIR" lines (rank 0) in the captured task logs."""
-    captured = capfd.readouterr()
-    return re.findall(r"(?:Resuming|Starting) from \S+", captured.out + captured.err)
+def _start_lines(outputs) -> list[str]:
+    """The recipe's "Resuming from DIR" / "Starting from DIR" lines (rank 0) in the train task's log of the
+    latest run (the console rewrites each task's log per run)."""
+    return re.findall(r"(?:Resuming|Starting) from \S+", (outputs["task logs"] / "train.log").read_text())

@@ -12,7 +12,7 @@ EMBEDDED = json.dumps(PREVIEW.to_dict())
 
 def test_defaults_are_the_config_values():
     assert knob_defaults(PREVIEW) == {"learning_rate": 1e-5, "epochs": 1, "max_steps_per_epoch": 0, "num_nodes": 2,
-                                      "gpus_per_node": 8, "resume": "auto"}  # fmt: skip
+                                      "gpus_per_node": 8, "resume": "auto", "eval_every_n_steps": 0}  # fmt: skip
 
 
 def test_knobs_override_the_embedded_config_with_kfp_types():
@@ -23,6 +23,8 @@ def test_knobs_override_the_embedded_config_with_kfp_types():
     assert (cfg.train.nnodes, cfg.train.nproc_per_node, cfg.train.resources.gpu) == (4, 4, 4)
     assert cfg.resume_from_checkpoint is False
     assert resolve_run_config(EMBEDDED, max_steps_per_epoch=0, resume="auto").max_steps_per_epoch is None
+    assert resolve_run_config(EMBEDDED, eval_every_n_steps=50.0).eval_every_n_steps == 50
+    assert resolve_run_config(EMBEDDED, eval_every_n_steps=0).eval_every_n_steps is None  # 0: after the last step
 
 
 def test_bad_knob_names_the_path():

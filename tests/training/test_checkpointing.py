@@ -54,3 +54,38 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
+
+
+def test_best_pointer_survives_pruning(tmp_path):
+    from docev.training.checkpointing import read_best, write_best
+
+    out = tmp_path
+    _folders(out, [2, 4, 6, 8], 8)
+    assert read_best(out) is None
+    write_best(out, out / "step_2", 1.25)
+    best = read_best(out)
+    assert (best.folder, best.step, best.eval_loss) == (out / "step_2", 2, 1.25)
+    removed = prune_checkpoints(out, keep=2)
+    assert [p.name for p in removed] == ["step_4"] and (out / "step_2").is_dir()
+    write_best(out, out / "step_8", 1.0)  # the pointer moves: step_2 is an ordinary old folder again
+    assert [p.name for p in prune_checkpoints(out, keep=2)] == ["step_2"]
+    import shutil
+
+    shutil.rmtree(out / "step_8")
+    with pytest.raises(FileNotFoundError, match="best names step_8"):
+        read_best(out)
+
+
+def test_resolve_best(tmp_path, tiny_checkpoint):
+    from conftest import tiny_config
+
+    from docev.training.checkpointing import CheckpointError, resolve_checkpoint, write_best
+
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match="--checkpoint best: no checkpoint under"):
+        resolve_checkpoint(cfg, "best")
+    _folders(root, [3], 3)
+    (root / "step_3" / "config.json").write_text("{}")
+    write_best(root, root / "step_3", 0.5)
+    assert resolve_checkpoint(cfg, "best") == root / "step_3" == resolve_checkpoint(cfg, "latest")

@@ -107,6 +107,7 @@ class DocEVCollate:
             batch.update(pixel_values=None, image_sizes=None, image_grids=None)
         batch.update(
             tokens=tokens, labels=labels, sampling_ratio=ratio, sample_ids=[s["id"] for s in samples],
-            num_tokens=sum(lengths), num_loss_tokens=int((labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()),
+            row_lengths=lengths, num_tokens=sum(lengths),
+            num_loss_tokens=int((labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()),
         )  # fmt: skip
         return batch

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
 from docev.data.shards import ShardError, image_row, sha256_file, write_shard
+from docev.data.split import Split, all_sources, eval_shards_dir
 from docev.data.transform import DocEVTransform, transform_from_config
 from docev.storage import RETRIES, ordered_map
 from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
@@ -40,8 +41,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json")  # fmt: skip
 
 
-def shards_dir(cfg: DocEVConfig) -> Path:
-    return Path(cfg.output_dir) / "shards"
+def shards_dir(cfg: DocEVConfig, split: Split = "train") -> Path:
+    """``shards/`` for training, ``shards/eval/`` for the held-out split (see docev.data.split)."""
+    out = Path(cfg.output_dir) / "shards"
+    return eval_shards_dir(out) if split == "eval" else out
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
@@ -70,12 +73,15 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def _chunks(cfg: DocEVConfig) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(shard index, accepted manifest entries) streamed from validate/manifest.jsonl."""
+def _chunks(cfg: DocEVConfig, split: Split = "train") -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(shard index, accepted manifest entries of the split) streamed from validate/manifest.jsonl."""
     size, chunk, k = cfg.preprocess.records_per_shard, [], 0
     with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
         for line in fh:
-            chunk.append(json.loads(line))
+            entry = json.loads(line)
+            if entry.get("split", "train") != split:
+                continue
+            chunk.append(entry)
             if len(chunk) == size:
                 yield k, chunk
                 chunk, k = [], k + 1
@@ -83,19 +89,19 @@ def _chunks(cfg: DocEVConfig) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         yield k, chunk
 
 
-def count_shards(cfg: DocEVConfig) -> int:
+def count_shards(cfg: DocEVConfig, split: Split = "train") -> int:
     with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
-        n = sum(1 for _ in fh)
+        n = sum(1 for line in fh if json.loads(line).get("split", "train") == split)
     return -(-n // cfg.preprocess.records_per_shard)
 
 
 class ShardBuilder:
     """Builds shards in one process (the transform and tokenizer are loaded once)."""
 
-    def __init__(self, cfg: DocEVConfig, chash: str, fingerprint: str):
-        self.cfg, self.chash, self.fingerprint = cfg, chash, fingerprint
+    def __init__(self, cfg: DocEVConfig, chash: str, fingerprint: str, split: Split = "train"):
+        self.cfg, self.chash, self.fingerprint, self.split = cfg, chash, fingerprint, split
         self.transform: DocEVTransform = transform_from_config(cfg)
-        self.sources = {source_name(s): (i, s) for i, s in enumerate(cfg.datasets)}
+        self.sources = {source_name(s): (i, s) for i, s in enumerate(all_sources(cfg))}
         self.ratios = sorted(cfg.tokenizer.sampling_ratio)
 
     def _records(self, entries: list[dict[str, Any]]) -> Iterator[RawRecord]:
@@ -117,7 +123,7 @@ class ShardBuilder:
         return [(store.display(p), store.read_bytes(p)) for p in paths]
 
     def build(self, k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        out = shards_dir(self.cfg)
+        out = shards_dir(self.cfg, self.split)
         fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
         t, rows, dropped, stored, original = self.transform, [], [], 0, 0
         retries_before = RETRIES.value
@@ -179,9 +185,9 @@ def shard_done(out: Path, k: int, chash: str, fingerprint: str) -> bool:
 _BUILDER: ShardBuilder | None = None
 
 
-def _init(cfg_dict: dict[str, Any], chash: str, fingerprint: str) -> None:
+def _init(cfg_dict: dict[str, Any], chash: str, fingerprint: str, split: Split) -> None:
     global _BUILDER
-    _BUILDER = ShardBuilder(validate_dict(cfg_dict), chash, fingerprint)
+    _BUILDER = ShardBuilder(validate_dict(cfg_dict), chash, fingerprint, split)
 
 
 def _build(k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,23 +195,27 @@ def _build(k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
     return _BUILDER.build(k, entries)
 
 
-def run_shards(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> list[int]:
-    """Build the missing shards k with k % num_shards == shard. Returns the shard indices built."""
-    out = shards_dir(cfg)
+def run_shards(
+    cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None, split: Split = "train"
+) -> list[int]:
+    """Build the split's missing shards k with k % num_shards == shard. Returns the shard indices built."""
+    out = shards_dir(cfg, split)
     out.mkdir(parents=True, exist_ok=True)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
-    todo = ((k, e) for k, e in _chunks(cfg) if k % num_shards == shard and not shard_done(out, k, chash, fingerprint))
+    chunks = _chunks(cfg, split)
+    todo = ((k, e) for k, e in chunks if k % num_shards == shard and not shard_done(out, k, chash, fingerprint))
     workers = workers or cfg.preprocess.workers
     built: list[int] = []
-    bar = tqdm(unit="rec", desc=f"preprocess {shard}/{num_shards}", disable=None, mininterval=1.0)
+    bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=None, mininterval=1.0)
     if workers <= 1:
-        builder = ShardBuilder(cfg, chash, fingerprint)
+        builder = ShardBuilder(cfg, chash, fingerprint, split)
         for k, entries in todo:
             builder.build(k, entries)
             built.append(k)
             bar.update(len(entries))
     else:
-        with ProcessPoolExecutor(workers, initializer=_init, initargs=(cfg.to_dict(), chash, fingerprint)) as pool:
+        init_args = (cfg.to_dict(), chash, fingerprint, split)
+        with ProcessPoolExecutor(workers, initializer=_init, initargs=init_args) as pool:
             running: dict[Any, tuple[int, int]] = {}
             for k, entries in todo:  # bounded submission: the manifest is streamed, never held whole
                 if len(running) >= 2 * workers:
@@ -226,11 +236,12 @@ def _collect(future: Any, running: dict[Any, tuple[int, int]], bar: tqdm) -> int
     return k
 
 
-def merge(cfg: DocEVConfig) -> dict[str, Any]:
-    """All shards present and intact → ``manifest.json`` and ``dropped.jsonl``."""
-    out = shards_dir(cfg)
+def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
+    """All shards of the split present and intact → its ``manifest.json`` and ``dropped.jsonl``."""
+    out = shards_dir(cfg, split)
+    out.mkdir(parents=True, exist_ok=True)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
-    n = count_shards(cfg)
+    n = count_shards(cfg, split)
     missing = [k for k in range(n) if not shard_done(out, k, chash, fingerprint)]
     if missing:
         raise ShardError(f"preprocess merge: {len(missing)} of {n} shards missing or corrupt in {out}: {missing[:10]}")
@@ -266,6 +277,19 @@ def merge(cfg: DocEVConfig) -> dict[str, Any]:
 
 
 def run_preprocess(cfg: DocEVConfig, workers: int | None = None) -> dict[str, Any]:
-    """Whole step on one machine: every missing shard, then the merge."""
-    run_shards(cfg, 0, 1, workers)
-    return merge(cfg)
+    """Whole step on one machine: every missing shard of both splits, then the merges; returns the
+    training manifest (``eval_samples``: the held-out split's samples)."""
+    for split in splits_to_build(cfg):
+        run_shards(cfg, 0, 1, workers, split)
+    return merge_all(cfg)
+
+
+def splits_to_build(cfg: DocEVConfig) -> list[Split]:
+    """``train``, plus ``eval`` when the validated manifest holds held-out records."""
+    return ["train", "eval"] if count_shards(cfg, "eval") else ["train"]
+
+
+def merge_all(cfg: DocEVConfig) -> dict[str, Any]:
+    """Merge each split; the training manifest, with the held-out split's sample count added."""
+    manifests = {split: merge(cfg, split) for split in splits_to_build(cfg)}
+    return {**manifests["train"], "eval_samples": manifests["eval"]["total_samples"] if "eval" in manifests else 0}

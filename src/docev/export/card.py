@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from docev.config import DocEVConfig
-from docev.export.generate import Generation
+from docev.inference.generate import Generation
 from docev.models.docev._convert_weights import is_unused
 
 # The config sections that decide the trained weights (the card's config hash).
@@ -56,13 +56,15 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
     if step is None:
         return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
     if not path.is_file():
-        return TrainingFacts(step, None, None, f"{path} does not exist")
+        return TrainingFacts(step, None, None, f"{relative(cfg, path)} does not exist")
     best: tuple[int, float] | None = None
     bad = 0
     with path.open() as fh:
         for line in fh:
             try:
                 entry = json.loads(line)
+                if "eval_loss" in entry and "loss" not in entry:  # a validation line (docev.training.evaluation)
+                    continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):
                 bad += len(line.strip()) > 0
@@ -71,19 +73,29 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
                 best = (s, loss)
     skipped = f"; {bad} malformed line(s) skipped" if bad else ""
     if best is None:
-        return TrainingFacts(step, None, None, f"no entry with step ≤ {step} in {path}{skipped}")
-    return TrainingFacts(step, best[1], best[0], f"{path}{skipped}")
+        return TrainingFacts(step, None, None, f"no entry with step ≤ {step} in {relative(cfg, path)}{skipped}")
+    return TrainingFacts(step, best[1], best[0], f"{relative(cfg, path)}{skipped}")
 
 
 def _read_json(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def relative(cfg: DocEVConfig, path: str | Path) -> str:
+    """A path as the card prints it: relative to the run's output folder when below it (the card travels
+    with the export; absolute local paths would name another machine), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(cfg.output_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def data_section(cfg: DocEVConfig) -> list[str]:
     """Per source: records read/accepted/rejected by validate, samples in the shards."""
     out = Path(cfg.output_dir)
-    report_path, manifest_path = out / "validate" / "report.json", out / "shards" / "manifest.json"
-    report, manifest = _read_json(report_path), _read_json(manifest_path)
+    report_file, manifest_file = out / "validate" / "report.json", out / "shards" / "manifest.json"
+    report, manifest = _read_json(report_file), _read_json(manifest_file)
+    report_path, manifest_path = relative(cfg, report_file), relative(cfg, manifest_file)
     names = [d.name or Path(d.source).name for d in cfg.datasets]
     validated = (report or {}).get("sources", {})
     shards = (manifest or {}).get("sources", {})
@@ -95,7 +107,8 @@ def data_section(cfg: DocEVConfig) -> list[str]:
         v = validated.get(name, {})
         cells = [str(v.get(k, NOT_AVAILABLE)) for k in ("read", "accepted", "rejected")]
         lines.append(
-            f"| {name} | `{d.source}` | {d.weight:g} | {' | '.join(cells)} | {shards.get(name, NOT_AVAILABLE)} |"
+            f"| {name} | `{relative(cfg, d.source)}` | {d.weight:g} | {' | '.join(cells)} "
+            f"| {shards.get(name, NOT_AVAILABLE)} |"
         )
     lines.append("")
     lines.append(
@@ -126,8 +139,8 @@ def smoke_section(
     return [
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
         f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), its first image: the last "
-        "accepted record with images in the validated manifest, instruction sources first. The pipeline keeps no "
-        "held-out split, so training may have seen it.",
+        "accepted record with images in the validated manifest, instruction sources first; training may have "
+        "seen it (the held-out scores are above).",
         "",
         f"- prompt: {json.dumps(prompt)} after the image `{sample.image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
@@ -143,6 +156,21 @@ def smoke_section(
         shlex.join(command),
         "```",
     ]
+
+
+def evaluation_section(cfg: DocEVConfig) -> list[str]:
+    """The base vs tuned table of ``eval/<label>/metrics.json`` (the pipeline's evaluate tasks)."""
+    from docev.evaluation.report import LABELS, metric_table
+
+    root = Path(cfg.output_dir) / "eval"
+    results = {k: m for k in LABELS if (m := _read_json(root / k / "metrics.json")) is not None and m.get("n")}
+    if not results:
+        return [f"{NOT_AVAILABLE}: no `eval/base` or `eval/tuned` results (hold data out with "
+                "`datasets[].eval_fraction` or `eval_datasets`, then `docev evaluate`)."]  # fmt: skip
+    note = (f"ANLS (DocVQA), exact match and, for JSON answers, field F1 on the held-out questions; greedy, "
+            f"sampling ratio {next(iter(results.values()))['sampling_ratio']}. Per question: "
+            "`eval/<label>/predictions.jsonl` under the run folder.")  # fmt: skip
+    return [note, "", *metric_table(results)]
 
 
 def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -182,8 +210,8 @@ def model_card(
         "",
         "| fact | value |",
         "|---|---|",
-        f"| base checkpoint | `{base}` |",
-        f"| exported checkpoint | `{checkpoint}` |",
+        f"| base checkpoint | `{relative(cfg, base)}` |",
+        f"| exported checkpoint | `{relative(cfg, checkpoint)}` |",
         f"| training steps | {steps} |",
         f"| final loss | {loss} |",
         f"| trained groups | {', '.join(trained) or 'none'} (the others are the base's tensors, unchanged) |",
@@ -195,6 +223,10 @@ def model_card(
         "## Data",
         "",
         *data_section(cfg),
+        "",
+        "## Evaluation (held-out split)",
+        "",
+        *evaluation_section(cfg),
         "",
         "## Smoke generation",
         "",

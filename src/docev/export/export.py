@@ -35,12 +35,12 @@ from docev import assets
 from docev.config import DocEVConfig
 from docev.export.card import SmokeSample, TrainingFacts, model_card, parameter_counts, smoke_section, training_facts
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
-from docev.export.generate import DocEVGenerator, Generation
 from docev.export.weights import ExportError, export_tensors
-from docev.models.docev import latest_checkpoint
+from docev.inference.generate import DocEVGenerator, Generation
 from docev.models.docev._dcp import DCP_METADATA
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
+from docev.training.checkpointing import CheckpointError, resolve_checkpoint
 from docev.validate.readers import allowed_stores, source_name, source_store
 from docev.vision.image_io import load_image
 
@@ -60,25 +60,6 @@ class ExportResult:
     dtype: str
     checksums: dict[str, str]  # file name → sha256, as in SHA256SUMS
     smoke: Generation | None
-
-
-def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
-    """``latest`` / ``step_N`` (under ``checkpointer.output_dir``), ``base`` (``checkpointer.checkpoint_dir``)
-    or a folder path → the checkpoint folder."""
-    if which == "base":
-        return Path(cfg.checkpointer.checkpoint_dir)
-    if which == "latest" or _STEP.fullmatch(which):
-        if cfg.checkpointer.output_dir is None:
-            raise ExportError(f"--checkpoint {which}: checkpointer.output_dir is not set")
-        root = Path(cfg.checkpointer.output_dir)
-        folder = latest_checkpoint(root) if which == "latest" else root / which
-        if folder is None:
-            raise ExportError(f"--checkpoint latest: no checkpoint under {root} yet (train first, or export 'base')")
-    else:
-        folder = Path(which)
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
-    return folder
 
 
 def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
@@ -195,7 +176,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
-    why_not = f"no accepted record with images in {Path(cfg.output_dir) / 'validate' / 'manifest.jsonl'}"
+    why_not = "no accepted record with images in validate/manifest.jsonl"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
         result = generator.generate([_smoke_image(cfg, sample)], exp.smoke_prompt,
@@ -227,7 +208,10 @@ def export_checkpoint(
     """
     exp = cfg.export
     which = checkpoint or exp.checkpoint
-    source = resolve_checkpoint(cfg, which)
+    try:
+        source = resolve_checkpoint(cfg, which)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     dest = destination or exp.destination or str(Path(cfg.output_dir) / "export")
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)

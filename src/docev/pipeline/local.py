@@ -10,10 +10,14 @@ embedded default is made first (tiny checkpoint + synthetic UFX documents, only 
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig, load_config
+from docev.pipeline.console import TaskConsole
 
 
 def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
@@ -58,7 +62,16 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"))
     run = {**knob_defaults(cfg), **(params or {})}
-    build_pipeline(cfg)(**run)
+    console = TaskConsole(cfg, sys.stdout)  # kfp.local's output goes to per-task logs; one line per task here
+    # kfp.local indents print() per task by swapping builtins.print; concurrent loop tasks restore each
+    # other's swapped version, leaving print indented after the run. Put the real one back.
+    real_print = builtins.print
+    try:
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            build_pipeline(cfg)(**run)
+    finally:
+        builtins.print = real_print
+        console.close()
     from docev.data.preprocess import shards_dir
     from docev.validate.runner import validate_dir
 
@@ -72,5 +85,8 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
         "shards": shards_dir(cfg) / "manifest.json",
         "training metrics": out / "logs" / "metrics.jsonl",
         "loss plot": out / "logs" / "loss.png",
+        "evaluation report": out / "eval" / "tuned" / "report.html",
+        "predictions (tuned)": out / "eval" / "tuned" / "predictions.jsonl",
+        "task logs": out / "pipeline" / "logs",
         "kfp artifacts": out / "kfp",
     }

@@ -21,6 +21,7 @@ KNOBS: dict[str, tuple[str, type]] = {
     "num_nodes": ("train.nnodes", int),
     "gpus_per_node": ("train.nproc_per_node", int),
     "resume": ("resume_from_checkpoint", str),  # auto | true | false
+    "eval_every_n_steps": ("eval_every_n_steps", int),  # 0 = only after the last step
 }
 
 
@@ -36,6 +37,7 @@ def knob_defaults(cfg: DocEVConfig) -> dict[str, Any]:
         "num_nodes": cfg.train.nnodes,
         "gpus_per_node": cfg.train.nproc_per_node,
         "resume": str(cfg.resume_from_checkpoint).lower(),
+        "eval_every_n_steps": cfg.eval_every_n_steps or 0,
     }
 
 
@@ -48,7 +50,7 @@ def knob_overrides(knobs: dict[str, Any], cfg: DocEVConfig) -> list[str]:
     for name, value in knobs.items():
         path, kind = KNOBS[name]
         value = kind(float(value)) if kind is not str else str(value)  # KFP may hand ints over as floats
-        if name == "max_steps_per_epoch":
+        if name in ("max_steps_per_epoch", "eval_every_n_steps"):
             value = value or None
         elif name == "resume":
             value = {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)

@@ -58,15 +58,17 @@ def validate_merge_step(run: dict[str, Any], num_shards: int) -> dict[str, Any]:
 
 
 def preprocess_shard_step(run: dict[str, Any], shard: int, num_shards: int) -> list[int]:
-    from docev.data.preprocess import run_shards
+    """The training shards of this fan-out index, then the held-out split's (built the same way)."""
+    from docev.data.preprocess import run_shards, splits_to_build
 
-    return run_shards(load(run), int(shard), int(num_shards))
+    cfg = load(run)
+    return [k for split in splits_to_build(cfg) for k in run_shards(cfg, int(shard), int(num_shards), split=split)]
 
 
 def preprocess_merge_step(run: dict[str, Any]) -> dict[str, Any]:
-    from docev.data.preprocess import merge
+    from docev.data.preprocess import merge_all
 
-    return merge(load(run))
+    return merge_all(load(run))
 
 
 def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
@@ -99,7 +101,9 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     logged = read_metrics(Path(cfg.output_dir) / "logs" / "metrics.jsonl")
     if not logged:
         raise RuntimeError(f"training wrote no metrics to {Path(cfg.output_dir) / 'logs' / 'metrics.jsonl'}")
-    return {"steps": logged[-1]["step"], **{k: v for k, v in logged[-1].items() if isinstance(v, int | float)}}
+    train = [r for r in logged if "loss" in r]  # validation lines hold eval_loss only
+    last = {**train[-1], **next((r for r in reversed(logged) if "eval_loss" in r), {})} if train else logged[-1]
+    return {"steps": last["step"], **{k: v for k, v in last.items() if isinstance(v, int | float)}}
 
 
 def export_step(run: dict[str, Any]) -> dict[str, Any]:
@@ -114,3 +118,18 @@ def export_step(run: dict[str, Any]) -> dict[str, Any]:
         "files": len(result.checksums),
         "smoke": result.smoke.text if result.smoke else None,
     }
+
+
+def evaluate_step(run: dict[str, Any], label: str, checkpoint: str) -> dict[str, Any]:
+    """Score a checkpoint on the held-out split (``export``: the one the export step publishes) and write
+    the HTML report; a run without held-out questions reports ``n`` = 0 instead of failing."""
+    from docev.evaluation.evaluate import NoQuestionsError, evaluate
+    from docev.evaluation.report import write_report
+
+    cfg = load(run)
+    which = cfg.export.checkpoint if checkpoint == "export" else checkpoint
+    try:
+        metrics = evaluate(cfg, checkpoint=which, label=label)
+    except NoQuestionsError as exc:
+        metrics = {"n": 0, "label": label, "note": str(exc)}
+    return {**metrics, "report": str(write_report(cfg, label))}

@@ -3,22 +3,31 @@
 ``DocEVCheckpointer`` writes a ``step_N`` folder atomically (under ``.step_N.partial``, renamed when
 complete) and moves ``latest`` last, so a kill at any moment leaves ``latest`` naming a complete
 folder. This module adds the recipe's side: choosing the folder a run starts from, the RNG states of
-every rank, and pruning to the last K folders (plus the leftovers of an interrupted save).
+every rank, pruning to the last K folders (plus the leftovers of an interrupted save), and the ``best``
+pointer: the saved step with the lowest eval loss, written after the folder it names is complete and
+kept out of pruning. Its second line holds the loss and step as JSON, so a resumed run compares its
+evaluations against the same record.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from docev.config import DocEVConfig
 from docev.models.docev import latest_checkpoint
 from docev.models.docev._checkpointer import LATEST, RECIPE_STATE
+
+BEST = "best"
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 _PARTIAL = re.compile(r"\.step_\d+\.partial")
@@ -39,6 +48,68 @@ RECIPE_KEYS = (OPTIMIZER_KEY, LR_SCHEDULER_KEY, SAMPLER_KEY, RNG_KEY, STEP_KEY, 
 
 class ResumeError(RuntimeError):
     """``resume_from_checkpoint`` cannot be honoured (no checkpoint, or one without recipe state)."""
+
+
+class CheckpointError(ValueError):
+    """A ``--checkpoint`` choice that names no checkpoint folder."""
+
+
+@dataclass(frozen=True)
+class Best:
+    """What the ``best`` pointer records."""
+
+    folder: Path
+    step: int
+    eval_loss: float
+
+
+def read_best(output_dir: str | Path) -> Best | None:
+    """The ``best`` pointer, or None before the first evaluation with a checkpoint."""
+    pointer = Path(output_dir) / BEST
+    if not pointer.is_file():
+        return None
+    name, _, record = pointer.read_text().partition("\n")
+    folder = pointer.parent / name.strip()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which does not exist")
+    data = json.loads(record)
+    return Best(folder, int(data["step"]), float(data["eval_loss"]))
+
+
+def write_best(output_dir: str | Path, folder: Path, eval_loss: float) -> Best:
+    """Point ``best`` at a complete step folder (atomic replace)."""
+    out = Path(output_dir)
+    step = step_of(folder)
+    tmp = out / f".{BEST}.tmp"
+    tmp.write_text(f"{folder.name}\n{json.dumps({'step': step, 'eval_loss': eval_loss})}\n")
+    os.replace(tmp, out / BEST)
+    return Best(out / folder.name, step, eval_loss)
+
+
+def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
+    """``latest`` / ``best`` / ``step_N`` (under ``checkpointer.output_dir``), ``base``
+    (``checkpointer.checkpoint_dir``) or a folder path → the checkpoint folder."""
+    if which == "base":
+        return Path(cfg.checkpointer.checkpoint_dir)
+    if which in (LATEST, BEST) or _STEP_DIR.fullmatch(which):
+        if cfg.checkpointer.output_dir is None:
+            raise CheckpointError(f"--checkpoint {which}: checkpointer.output_dir is not set")
+        root = Path(cfg.checkpointer.output_dir)
+        if which == LATEST:
+            folder = latest_checkpoint(root)
+        elif which == BEST:
+            best = read_best(root)
+            folder = best.folder if best else None
+        else:
+            folder = root / which
+        if folder is None:
+            hint = "train first, or use 'base'" if which == LATEST else "no evaluation has run (eval shards?)"
+            raise CheckpointError(f"--checkpoint {which}: no checkpoint under {root} yet ({hint})")
+    else:
+        folder = Path(which)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
+    return folder
 
 
 def start_folder(base: str | Path, output_dir: str | Path, resume: bool | str) -> tuple[Path, bool]:
@@ -72,26 +143,27 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
     ``latest``; the resumed run writes that step again) and the partial folder or pointer of an interrupted
     save.
     ``protect`` survives regardless: a resumed run's checkpointer copies the tokenizer files from the
-    folder it started from, so that folder stays until the next run prunes it."""
+    folder it started from, so that folder stays until the next run prunes it. So does the folder
+    ``best`` names."""
     out = Path(output_dir)
     latest = latest_checkpoint(out)
     if latest is None:
         return []
     newest = step_of(latest)
+    best = read_best(out)
+    kept = (latest, protect, best.folder if best else None)
     steps = sorted(
-        (step_of(p), p)
-        for p in out.iterdir()
-        if p.is_dir() and _STEP_DIR.fullmatch(p.name) and p not in (latest, protect)
+        (step_of(p), p) for p in out.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and p not in kept
     )
     older = [p for s, p in steps if s < newest]
     doomed = older[: max(0, len(older) - (keep - 1))] + [p for s, p in steps if s > newest]
     doomed += [p for p in out.iterdir() if p.is_dir() and _PARTIAL.fullmatch(p.name)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
-    pointer = out / f".{LATEST}.tmp"  # written before the pointer's atomic replace
-    if pointer.is_file():
-        pointer.unlink()
-        doomed.append(pointer)
+    for pointer in (out / f".{LATEST}.tmp", out / f".{BEST}.tmp"):  # written before a pointer's atomic replace
+        if pointer.is_file():
+            pointer.unlink()
+            doomed.append(pointer)
     return sorted(doomed)
 
 

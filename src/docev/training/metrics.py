@@ -1,6 +1,7 @@
 """Training metrics: the configured torchtune metric logger, ``logs/metrics.jsonl`` and ``logs/loss.png``.
 
-``metrics.jsonl`` is written whatever logger the config names (one JSON object per logged step), so
+``metrics.jsonl`` is written whatever logger the config names (one JSON object per logged step, and
+one per validation with ``eval_loss`` / ``eval_loss_r{R}``), so
 later steps (export, the pipeline's metrics artifact) read the run without knowing the logger. A
 resumed run first drops the lines past its checkpoint, which the interrupted run wrote but the
 resumed run repeats, so each step appears once.
@@ -82,8 +83,10 @@ class MetricsLog:
         self._file.flush()
 
     def plot(self) -> Path | None:
-        """``loss.png``: loss (and lr on a second axis) over the steps in ``metrics.jsonl``."""
-        rows = read_metrics(self.path)
+        """``loss.png``: loss, the eval losses (validation lines) and lr (second axis) over the steps."""
+        every = read_metrics(self.path)
+        rows = [r for r in every if "loss" in r]
+        evals = [r for r in every if "eval_loss" in r]
         if not rows:
             return None
         import matplotlib
@@ -94,6 +97,12 @@ class MetricsLog:
         steps = [r["step"] for r in rows]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+        for key in sorted({k for r in evals for k in r if k.startswith("eval_loss")}):
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            style = {"marker": "o", "color": "tab:green"} if key == "eval_loss" else {"marker": ".", "alpha": 0.5}
+            ax.plot(*zip(*points, strict=True), linestyle="--", label=key, **style)
+        if evals:
+            ax.legend(loc="upper right", fontsize="small")
         ax.set_xlabel("step")
         ax.set_ylabel("loss", color="tab:blue")
         lr = ax.twinx()

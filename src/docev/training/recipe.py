@@ -63,6 +63,7 @@ from docev.training.checkpointing import (
     prune_checkpoints,
     restore_rng,
 )
+from docev.training.evaluation import EvalLoss
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import precision_warning, setup_model
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
@@ -166,6 +167,9 @@ class DocEVFinetuneRecipe:
         self._dataloader, self._sampler = build_dataloader(
             cfg, rank=self.rank, world_size=self.world_size, dtype=self._dtype, normalize=False
         )
+        self._validation = EvalLoss.from_config(cfg, self._dataloader.collate_fn, rank=self.rank,
+                                                world_size=self.world_size, checkpoint_dir=self._output_dir,
+                                                resumed=resumed)  # fmt: skip
         if resumed:
             self._update_recipe_state(state)
         if self._metrics is not None:  # lines past the checkpoint are repeated by this run
@@ -302,11 +306,17 @@ class DocEVFinetuneRecipe:
                 done += 1
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
+                last = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
+                best = None if self._validation is None else self._validation.maybe_run(
+                    self._model, self._loss_fn, self._device, self.global_step, last, self._metrics)  # fmt: skip
                 preempted = self._preemption.agreed()
-                if end_of_epoch or stopping or preempted or self.global_step % self.cfg.save_every_n_steps == 0:
-                    self.save_checkpoint(wait=preempted)  # a preempted run exits once its save is published
-                finished = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
-                if preempted and not finished:  # a run that just finished ends as finished
+                save_now = self.global_step % self.cfg.save_every_n_steps == 0
+                if end_of_epoch or stopping or preempted or best is not None or save_now:
+                    # published before returning when the run exits next or `best` will name the folder
+                    self.save_checkpoint(wait=preempted or best is not None)
+                if best is not None:
+                    self._validation.mark_best(self.global_step, best)
+                if preempted and not last:  # a run that just finished ends as finished
                     pbar.close()
                     raise Preempted(self.global_step)
                 if end_of_epoch or stopping:

@@ -70,9 +70,14 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
     out = validate_dir(cfg)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out)
-    md = ["# Validation report", "", "| source | read | accepted | rejected | reject share |", "|---|---|---|---|---|"]
+    split = {name: report["split"][name] for name in report["sources"]}
+    md = ["# Validation report", "", "| source | read | accepted | rejected | reject share | train | held out |"]
+    md.append("|---|---|---|---|---|---|---|")
     for name, s in report["sources"].items():
-        md.append(f"| {name} | {s['read']} | {s['accepted']} | {s['rejected']} | {s['reject_fraction']:.2%} |")
+        md.append(
+            f"| {name} | {s['read']} | {s['accepted']} | {s['rejected']} | {s['reject_fraction']:.2%} "
+            f"| {split[name]['train']} | {split[name]['eval']} |"
+        )
     md += ["", f"Step fails above a reject share of {report['max_reject_fraction']:.2%}.", "", "## Reject reasons", ""]
     md += ["| source | reason | count | meaning |", "|---|---|---|---|"]
     for name, s in report["sources"].items():
@@ -104,7 +109,7 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['read']}</td><td>{s['accepted']}</td><td>{s['rejected']}</td>"
         f"<td>{s['reject_fraction']:.2%}</td><td>{html.escape(', '.join(f'{r}: {c}' for r, c in s['reasons'].items()))}"
-        "</td></tr>"
+        f"</td><td>{split[n]['train']}</td><td>{split[n]['eval']}</td></tr>"
         for n, s in report["sources"].items()
     )
     exs = "".join(
@@ -122,7 +127,7 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
         "<!doctype html><meta charset='utf-8'><title>DocEV validation report</title>"
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}"
         "</style><h1>Validation report</h1><table><tr><th>source</th><th>read</th><th>accepted</th>"
-        f"<th>rejected</th><th>reject share</th><th>reasons</th></tr>{rows}</table>"
+        f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )
     (out / "report.html").write_text(page)

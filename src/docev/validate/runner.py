@@ -29,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
+from docev.data.split import SplitAssigner, all_sources
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.outputs import validate_dir
 from docev.validate.readers import (
@@ -72,7 +73,7 @@ class UnitValidator:
         self.count_tokens = build_token_counter(cfg)
 
     def run(self, index: int, source_index: int, unit: Unit) -> UnitResult:
-        src = self.cfg.datasets[source_index]
+        src = all_sources(self.cfg)[source_index]
         tok = self.cfg.tokenizer
         store = source_store(src)
         allowed = allowed_stores(src, self.cfg.validate_.allowed_roots)
@@ -169,7 +170,7 @@ def _run_unit(args: tuple[int, int, Unit]) -> UnitResult:
 
 def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     """(global index, source index, unit) for every unit of every source, in a stable order."""
-    units = [(si, u) for si, src in enumerate(cfg.datasets) for u in plan_units(src)]
+    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src)]
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
@@ -186,7 +187,7 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     final = _part_dir(cfg, shard, num_shards)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in cfg.datasets}
+    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
     with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
         bar = tqdm(
             total=sum(u.count for _, _, u in mine),
@@ -230,11 +231,12 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     missing = [str(p) for p in parts if not (p / "stats.json").exists()]
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
-    stats = {source_name(s): SourceStats() for s in cfg.datasets}
+    stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
     for p in parts:
         for name, data in json.loads((p / "stats.json").read_text()).items():
             stats[name].merge(SourceStats.from_dict(data))
-    sources = {source_name(s): s for s in cfg.datasets}
+    sources = {source_name(s): s for s in all_sources(cfg)}
+    splits = SplitAssigner(cfg)
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
     with tempfile.TemporaryDirectory(dir=out) as tmpdir:
@@ -269,6 +271,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     s.accepted -= 1
                     s.add_reject("duplicate_id")
                     continue
+                entry["split"] = splits.assign(entry["source"], entry["id"])
                 man.write(json.dumps(entry) + "\n")
                 written[entry["source"]][0] += 1
         db.close()
@@ -287,8 +290,9 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
             os.replace(tmp / name, out / name)
     report = {
         "sources": {name: s.to_dict() for name, s in stats.items()},
+        "split": splits.summary(),
         "max_reject_fraction": cfg.validate_.max_reject_fraction,
-        "config_hash": cfg.section_hash("datasets", "validate", "tokenizer"),
+        "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
     }
     failing = {
         n: s["reject_fraction"]

@@ -9,7 +9,6 @@ step instead: the reference the cached path is tested against.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,47 +48,99 @@ def greedy_generate(
     """Argmax decoding of one prompt ``tokens`` [1, S]; ``images`` are the model's image inputs
     (``pixel_values``, ``image_sizes``, ``image_grids``, ``sampling_ratio``), used in the prefill only.
     ``suppress_token_ids`` are never chosen (``<image>`` has no image to fill it; fusion rows have no
-    token). Returns (generated ids, whether a stop token ended the generation)."""
+    token). Returns (generated ids, whether a stop token ended the generation). The cached path is
+    :func:`greedy_generate_batch` with one row; ``use_cache=False`` recomputes the whole sequence at
+    every step (the reference both are tested against)."""
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(f"greedy_generate takes one prompt [1, S], got shape {tuple(tokens.shape)}")
-    prompt_len = tokens.shape[1]
+    if use_cache:
+        kwargs = {"max_new_tokens": max_new_tokens, "stop_token_ids": stop_token_ids}
+        return greedy_generate_batch(model, [tokens[0]], suppress_token_ids=suppress_token_ids, **kwargs, **images)[0]
+    total = _check_length(model, tokens.shape[1], max_new_tokens)
+    suppress = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=tokens.device)
+    stops, out, seq = set(stop_token_ids), [], tokens
+    logits = model(tokens, **images)
+    for pos in range(tokens.shape[1], total):
+        last = logits[0, -1].clone()
+        last[suppress] = float("-inf")
+        nxt = int(last.argmax())
+        out.append(nxt)
+        if nxt in stops:
+            return out, True
+        if pos + 1 == total:
+            break
+        seq = torch.cat([seq, torch.tensor([[nxt]], device=tokens.device)], dim=1)
+        logits = model(seq, **images)
+    return out, False
+
+
+def _check_length(model: DocEVModel, prompt_len: int, max_new_tokens: int) -> int:
     total = prompt_len + max_new_tokens
     if total > model.decoder.max_seq_len:
         raise ValueError(
             f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
             f"max_seq_len {model.decoder.max_seq_len}"
         )
-    device = tokens.device
+    return total
+
+
+@torch.no_grad()
+def greedy_generate_batch(
+    model: DocEVModel,
+    prompts: Sequence[torch.Tensor],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    suppress_token_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    **images: Any,
+) -> list[tuple[list[int], bool]]:
+    """Argmax decoding of several prompts (1-D id tensors) in one forward per step.
+
+    Prompts are left-padded to the longest, so every row's next token sits in the same column; one KV
+    cache of ``longest + max_new_tokens`` slots serves the batch. The mask lets each row attend only to
+    its own real tokens (a padding slot attends to itself, so no row of the softmax is empty) and the
+    positions count real tokens only, so a row computes what it would alone. ``images`` hold every
+    prompt's images in row order (one ``sampling_ratio``). Rows that stopped keep decoding until all
+    have (their extra tokens are dropped). Returns (generated ids, stopped) per prompt."""
+    if not prompts:
+        return []
+    device, b = prompts[0].device, len(prompts)
+    lengths = [int(p.numel()) for p in prompts]
+    width = max(lengths)
+    total = _check_length(model, width, max_new_tokens)
+    tokens = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(b, total, dtype=torch.bool, device=device)
+    real[:, width:] = True  # generated tokens
+    for i, p in enumerate(prompts):
+        tokens[i, width - lengths[i] :] = p
+        real[i, width - lengths[i] :] = True
+    mask = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))[None] & real[:, None, :]
+    mask.diagonal(dim1=1, dim2=2)[:] = True
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     suppress = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=device)
-    stops = set(stop_token_ids)
-    causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    out = torch.empty(b, 0, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     dtype = model.image_newline.dtype
-    caches = (
-        local_kv_cache(model, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=total)
-        if use_cache
-        else contextlib.nullcontext()
-    )
-    out: list[int] = []
-    seq = tokens
-    with caches:
-        prefill = {"mask": causal[None, :prompt_len], "input_pos": torch.arange(prompt_len, device=device)[None]}
-        logits = model(tokens, **(prefill if use_cache else {}), **images)
-        for pos in range(prompt_len, total):
-            last = logits[0, -1].clone()
-            last[suppress] = float("-inf")
-            nxt = int(last.argmax())
-            out.append(nxt)
-            if nxt in stops:
-                return out, True
-            if pos + 1 == total:
+    with local_kv_cache(model, batch_size=b, device=device, dtype=dtype, decoder_max_seq_len=total):
+        logits = model(tokens, mask=mask[:, :width], input_pos=positions[:, :width], **images)
+        for pos in range(width, total):
+            last = logits[:, -1].clone()
+            last[:, suppress] = float("-inf")
+            nxt = last.argmax(-1)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()) or pos + 1 == total:
                 break
-            new = torch.tensor([[nxt]], device=device)
-            if use_cache:
-                logits = model(new, mask=causal[None, pos : pos + 1], input_pos=torch.tensor([[pos]], device=device))
-            else:
-                seq = torch.cat([seq, new], dim=1)
-                logits = model(seq, **images)
-    return out, False
+            step = {"mask": mask[:, pos : pos + 1], "input_pos": positions[:, pos : pos + 1]}
+            logits = model(nxt[:, None], **step)
+    results = []
+    stop_set = set(stop_token_ids)
+    for row in out.tolist():
+        end = next((k for k, t in enumerate(row) if t in stop_set), None)
+        results.append((row[: end + 1], True) if end is not None else (row, False))
+    return results
 
 
 class DocEVGenerator:
@@ -132,23 +183,36 @@ class DocEVGenerator:
 
     def prepare(self, images: Sequence[str | Path | Image.Image], prompt: str, sampling_ratio: int) -> dict[str, Any]:
         """One user turn (each image, a newline, then ``prompt``) + the assistant prefix → model inputs."""
-        side = self.arch.patch_grid
-        if not 1 <= sampling_ratio <= side:
-            raise ValueError(f"sampling_ratio {sampling_ratio} outside 1..{side} (the tile's patch grid side)")
         parts: list[dict[str, Any]] = []
         for image in images:
             parts += [{"type": "image", "content": image}, {"type": "text", "content": "\n"}]
         parts.append({"type": "text", "content": prompt})
-        encoded = self.transform.encode([Message(role="user", content=parts)], add_generation_prompt=True)
-        tiled = encoded.images or []
-        sample = {
-            "ratio": sampling_ratio, "tokens": encoded.tokens, "loss_mask": encoded.loss_mask, "id": "prompt",
-            "row": 0, "image_sizes": encoded.image_sizes, "image_grids": [t.plan.grid for t in tiled], "images": tiled,
-        }  # fmt: skip
-        batch = self._collate([sample])
-        inputs = {k: batch[k] for k in ("tokens", "pixel_values", "image_sizes", "image_grids")}
+        prompts, inputs = self.prepare_batch([[Message(role="user", content=parts)]], sampling_ratio)
+        return {"tokens": prompts[0][None], **inputs}
+
+    def prepare_batch(
+        self, conversations: Sequence[Sequence[Message]], sampling_ratio: int
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Conversations ending in a user turn → (one 1-D prompt per conversation, the batch's image
+        inputs in conversation order), through the training transform and collate."""
+        side = self.arch.patch_grid
+        if not 1 <= sampling_ratio <= side:
+            raise ValueError(f"sampling_ratio {sampling_ratio} outside 1..{side} (the tile's patch grid side)")
+        samples = []
+        for k, messages in enumerate(conversations):
+            encoded = self.transform.encode(list(messages), add_generation_prompt=True)
+            tiled = encoded.images or []
+            samples.append({
+                "ratio": sampling_ratio, "tokens": encoded.tokens, "loss_mask": encoded.loss_mask, "id": str(k),
+                "row": 0, "image_sizes": encoded.image_sizes, "image_grids": [t.plan.grid for t in tiled],
+                "images": tiled,
+            })  # fmt: skip
+        batch = self._collate(samples)
+        tokens = batch["tokens"].to(self.device)
+        prompts = [tokens[i, :n] for i, n in enumerate(batch["row_lengths"])]
+        inputs = {k: batch[k] for k in ("pixel_values", "image_sizes", "image_grids")}
         inputs = {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
-        return {**inputs, "sampling_ratio": sampling_ratio}
+        return prompts, {**inputs, "sampling_ratio": sampling_ratio}
 
     def generate(
         self,
@@ -165,9 +229,23 @@ class DocEVGenerator:
             self.model, tokens, max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids,
             suppress_token_ids=self.suppress_token_ids, use_cache=use_cache, **inputs,
         )  # fmt: skip
-        text_ids = ids[:-1] if stopped else ids
-        text = self.transform.tokenizer.decode(text_ids, skip_special_tokens=True)
-        return Generation(text, ids, tokens.shape[1], stopped, sampling_ratio)
+        return self._generation(ids, stopped, tokens.shape[1], sampling_ratio)
+
+    def generate_batch(
+        self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int = 64, sampling_ratio: int = 2
+    ) -> list[Generation]:
+        """The assistant's next answer for each conversation, all decoded together (one padded KV cache)."""
+        prompts, inputs = self.prepare_batch(conversations, sampling_ratio)
+        results = greedy_generate_batch(
+            self.model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids,
+            suppress_token_ids=self.suppress_token_ids, pad_id=self._collate.pad_id, **inputs,
+        )  # fmt: skip
+        pairs = zip(results, prompts, strict=True)
+        return [self._generation(ids, stopped, len(p), sampling_ratio) for (ids, stopped), p in pairs]
+
+    def _generation(self, ids: list[int], stopped: bool, prompt_tokens: int, sampling_ratio: int) -> Generation:
+        text = self.transform.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+        return Generation(text, ids, prompt_tokens, stopped, sampling_ratio)
 
 
 def _transform(model_dir: Path, arch: Any) -> DocEVTransform:

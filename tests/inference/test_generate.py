@@ -4,7 +4,7 @@ suppressed tokens; prompts built by the training transform and collate."""
 import pytest
 import torch
 
-from docev.export import DocEVGenerator, greedy_generate
+from docev.inference import DocEVGenerator, greedy_generate
 from docev.vision.geometry import num_image_tokens
 
 
@@ -78,3 +78,21 @@ def test_bf16_generation(step_checkpoint, pages):
     a = generator.generate(pages[:1], "Total?", max_new_tokens=8)
     b = generator.generate(pages[:1], "Total?", max_new_tokens=8, use_cache=False)
     assert a.token_ids == b.token_ids
+
+
+def test_batched_equals_one_at_a_time(generator, pages, synth_sources):
+    """Several prompts of different lengths and image counts in one padded batch give each prompt's own ids."""
+    from torchtune.data import Message
+
+    def conv(images, question):
+        parts = [p for im in images for p in ({"type": "image", "content": im}, {"type": "text", "content": "\n"})]
+        return [Message(role="user", content=[*parts, {"type": "text", "content": question}])]
+
+    convs = [conv(pages[:1], "Total?"), conv(pages[1:3], "Who issued the first invoice on this page?"),
+             conv(pages[3:4], "What name is written on the form, and in which city?"), conv([], "Hello")]  # fmt: skip
+    batched = generator.generate_batch(convs, max_new_tokens=10, sampling_ratio=2)
+    alone = [generator.generate_batch([c], max_new_tokens=10, sampling_ratio=2)[0] for c in convs]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in alone}) > 1 and len({g.prompt_tokens for g in alone}) == 4
+    first = generator.generate(pages[:1], "Total?", max_new_tokens=10, sampling_ratio=2, use_cache=False)
+    assert batched[0].token_ids == first.token_ids and batched[0].text == first.text

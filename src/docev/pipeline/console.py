@@ -1,0 +1,153 @@
+"""A short console for ``docev run``: one line per task as it starts and ends, everything else to files.
+
+``kfp.local`` writes its own logging (executor inputs, outputs, warnings) and every task's streamed
+output to ``sys.stdout``. :class:`TaskConsole` stands in for it during the run: it recognises kfp's
+"Executing task" / "finished with status" lines, writes each task's lines to
+``{output_dir}/pipeline/logs/<task>.log`` (and the rest to ``pipeline.log``), prints a start line and an
+end line with the time and the task's key numbers (read from the files the task wrote), shows the
+training progress bar on a terminal, and prints the tail of a failing task's log.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from docev.config import DocEVConfig
+from docev.training.metrics import read_metrics
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([^']+)'")
+_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_BAR = re.compile(r"\d+\|\d+\|loss [0-9.]+")  # the recipe's tqdm description: epoch|step|loss
+TAIL_LINES = 40
+
+
+def _read(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def task_summary(cfg: DocEVConfig, task: str) -> str:
+    """The key numbers of a finished task, from what it wrote under ``output_dir``."""
+    out = Path(cfg.output_dir)
+    if task == "validate-merge" and (report := _read(out / "validate" / "report.json")):
+        s = report["sources"].values()
+        held = sum(v.get("eval", 0) for v in report.get("split", {}).values())
+        return (f"{sum(x['accepted'] for x in s)} accepted, {sum(x['rejected'] for x in s)} rejected"
+                + (f", {held} held out" if held else ""))  # fmt: skip
+    if task == "preprocess-merge" and (m := _read(out / "shards" / "manifest.json")):
+        held = _read(out / "shards" / "eval" / "manifest.json")
+        extra = f", {held['total_samples']} held out" if held else ""
+        return f"{m['total_samples']} samples in {len(m['shards'])} shards{extra}"
+    if task == "train":
+        rows = read_metrics(out / "logs" / "metrics.jsonl")
+        train = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "eval_loss" in r]
+        if not train:
+            return ""
+        text = f"{train[-1]['step']} steps, loss {train[0]['loss']:.3f} → {train[-1]['loss']:.3f}"
+        return text + (f", eval loss {evals[0]['eval_loss']:.3f} → {evals[-1]['eval_loss']:.3f}" if evals else "")
+    if task.startswith("evaluate"):
+        done = sorted((out / "eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        if done and (m := _read(done[-1])):
+            if not m.get("n"):
+                return f"{m['label']}: no held-out questions"
+            return f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}"
+    if task == "export":
+        return f"→ {cfg.export.destination or out / 'export'}"
+    return ""
+
+
+@dataclass
+class _Running:
+    name: str
+    path: Path
+    log: TextIO
+    started: float
+
+
+class TaskConsole(io.TextIOBase):
+    """A ``sys.stdout`` stand-in that routes kfp.local's output (see the module docstring).
+
+    kfp.local runs the iterations of a ParallelFor in threads, each task's logging and streamed output
+    in its own thread, so lines are attributed to the task running in the writing thread."""
+
+    def __init__(self, cfg: DocEVConfig, console: TextIO, summarize: Callable[[DocEVConfig, str], str] = task_summary):
+        self.cfg, self.console, self.summarize = cfg, console, summarize
+        self.log_dir = Path(cfg.output_dir) / "pipeline" / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.run_log = (self.log_dir / "pipeline.log").open("w")
+        self.running: dict[int, _Running] = {}
+        self.seen: dict[str, int] = {}
+        self.failed: str | None = None
+        self._pending: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._tty = console.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        thread = threading.get_ident()
+        with self._lock:
+            pending = self._pending.get(thread, "") + text
+            *lines, self._pending[thread] = re.split(r"(?<=\n)|(?<=\r)", pending)
+            for line in lines:
+                self._line(thread, line)
+        return len(text)
+
+    def _say(self, text: str) -> None:
+        self.console.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        self.console.flush()
+
+    def _line(self, thread: int, line: str) -> None:
+        plain = _ANSI.sub("", line)
+        if m := _START.search(plain):
+            name = m.group(1)
+            self.seen[name] = self.seen.get(name, 0) + 1
+            label = f"{name}-{self.seen[name]}" if self.seen[name] > 1 else name
+            path = self.log_dir / f"{label}.log"
+            self.running[thread] = _Running(name, path, path.open("w"), time.perf_counter())
+            self._say(f"▶ {label}")
+        task = self.running.get(thread)
+        target = task.log if task is not None else self.run_log
+        target.write(plain if plain.endswith(("\n", "\r")) else plain + "\n")
+        target.flush()
+        if self._tty and task is not None and task.name == "train" and _BAR.search(plain):
+            self.console.write("\r  " + plain.strip()[-100:])
+            self.console.flush()
+        if (m := _END.search(plain)) and task is not None:
+            self._end(self.running.pop(thread), m.group(2))
+
+    def _end(self, task: _Running, status: str) -> None:
+        seconds = time.perf_counter() - task.started
+        if self._tty and task.name == "train":
+            self.console.write("\r\033[K")
+        task.log.close()
+        if status == "SUCCESS":
+            summary = self.summarize(self.cfg, task.name)
+            self._say(f"✓ {task.path.stem} {seconds:.0f} s" + (f"  {summary}" if summary else ""))
+            return
+        self.failed = task.name
+        self._say(f"✗ {task.path.stem} failed after {seconds:.0f} s; last lines of {task.path}:")
+        for line in task.path.read_text().splitlines()[-TAIL_LINES:]:
+            self.console.write(f"    {line}\n")
+        self.console.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            for thread, rest in self._pending.items():
+                if rest:
+                    self._line(thread, rest)
+            self._pending.clear()
+        for task in self.running.values():
+            task.log.close()
+        self.run_log.close()
+        super().close()

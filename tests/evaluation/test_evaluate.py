@@ -1,0 +1,77 @@
+"""docev evaluate: held-out questions → predictions.jsonl + metrics.json, through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from docev.cli import main
+from docev.evaluation.evaluate import evaluate
+from docev.evaluation.questions import eval_questions, record_questions
+from docev.validate.runner import run_validate
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_record_questions_multi_turn_with_meta(tmp_path):
+    record = {
+        "id": "r1",
+        "image_files": ["p.png"],
+        "context": [
+            {"role": "user", "content": "<image>\nWho issued it?"},
+            {"role": "assistant", "content": "Acme"},
+            {"role": "user", "content": "Total?"},
+            {"role": "assistant", "content": "12.50"},
+        ],
+        "meta": json.dumps({"answers": [["ACME Corp"], ["12.5", "12.50"]], "question_types": ["issuer", "total"]}),
+    }
+    q0, q1 = record_questions(record, "src", str(tmp_path), None)
+    assert (q0.turn, q0.question, q0.question_type) == (0, "Who issued it?", "issuer")
+    assert q0.answers == ["Acme", "ACME Corp"]
+    assert (q1.turn, q1.question, q1.answers, q1.question_type) == (1, "Total?", ["12.50", "12.5"], "total")
+    assert [m.role for m in q1.prompt] == ["user", "assistant", "user"] and q1.images == [str(tmp_path / "p.png")]
+    assert q1.prompt[1].text_content == "Acme"  # the gold history, not the model's earlier answer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_checkpoint, synth_sources):
+    data = [
+        {"source": str(synth_sources["instruct"]), "name": "instruct", "eval_fraction": 0.4},
+        {"source": str(synth_sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain",
+         "context_col": "text", "eval_fraction": 0.5},
+    ]  # fmt: skip
+    out = tmp_path_factory.mktemp("evalrun")
+    cfg = tiny_config(out, tiny_checkpoint, data, "evaluate.max_new_tokens=6", "evaluate.batch_size=3")
+    run_validate(cfg, workers=1)
+    return cfg
+
+
+def test_evaluate_writes_predictions_and_metrics(run):
+    questions = list(eval_questions(run))
+    assert questions and {q.source for q in questions} == {"instruct"}  # pretraining records ask nothing
+    metrics = evaluate(run, checkpoint="base")
+    out = Path(run.output_dir) / "eval" / "base"
+    rows = _lines(out / "predictions.jsonl")
+    assert len(rows) == len(questions) == metrics["n"]
+    assert set(rows[0]) >= {"id", "source", "turn", "question", "answers", "prediction", "anls", "exact"}
+    assert [(r["id"], r["turn"]) for r in rows] == [(q.id, q.turn) for q in questions]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["label"] == "base" and saved["model"] and set(saved["sources"]) == {"instruct"}
+    assert saved["anls"] == pytest.approx(sum(r["anls"] for r in rows) / len(rows))
+    assert all(Path(p).is_file() for r in rows for p in r["images"])  # the sources live outside output_dir here
+    one = evaluate(run.model_copy(update={"evaluate": run.evaluate.model_copy(update={"batch_size": 1})}),
+                   checkpoint="base", label="b1")  # fmt: skip
+    alone = [r["prediction"] for r in _lines(Path(run.output_dir) / "eval" / "b1" / "predictions.jsonl")]
+    assert alone == [r["prediction"] for r in rows] and one["anls"] == metrics["anls"]
+
+
+def test_cli_evaluate(run, tiny_checkpoint, capsys, tmp_path):
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(run.to_dict()))
+    assert main(["evaluate", "--config", str(cfg_file), "--model", str(tiny_checkpoint), "--label", "cli"]) == 0
+    assert "cli: " in capsys.readouterr().out
+    assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best"]) == 1
+    assert "no checkpoint under" in capsys.readouterr().err
