@@ -68,6 +68,7 @@ from docev.training.checkpointing import (
     start_folder,
 )
 from docev.training.metrics import MetricsLog, wandb_mode
+from docev.training.peft import PeftRun, trained_state_dict
 
 log = utils.get_logger("INFO")
 
@@ -146,6 +147,7 @@ class DocEVFinetuneRecipe:
         self.global_step = 0
         self.tokens_seen = 0
         self._metrics: MetricsLog | None = None
+        self._peft = PeftRun.from_config(cfg)  # None: full fine-tuning
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -158,10 +160,16 @@ class DocEVFinetuneRecipe:
             self._metrics = self._setup_metrics()
         folder, resumed = self._start_folder()
         self._resumed_from = folder if resumed else None
+        # An adapter run reads its weights from the base and lays a step folder's trained tensors over them.
         self._checkpointer = config.instantiate(
-            component(cfg, "checkpointer"), checkpoint_dir=str(folder), output_dir=str(self._output_dir)
+            component(cfg, "checkpointer"),
+            checkpoint_dir=str(folder if self._peft is None else cfg.checkpointer.checkpoint_dir),
+            output_dir=str(self._output_dir),
         )
-        state = self._checkpointer.load_checkpoint()
+        if self._peft is None:
+            state = self._checkpointer.load_checkpoint()
+        else:
+            state = self._peft.load(self._checkpointer, self._resumed_from)
         utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
 
         self._model = self._setup_model(state.pop("model"))
@@ -220,7 +228,10 @@ class DocEVFinetuneRecipe:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
         model.set_reduce_scatter_unused_params(True)
-        training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
+        if self._peft is None:
+            training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
+        else:
+            self._peft.load_model(model, model_state_dict, self._device)
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
                 if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
@@ -446,7 +457,10 @@ class DocEVFinetuneRecipe:
         """``step_N``: the model (HF layout) + recipe state; then ``latest``, then pruning to the last K.
         Every rank takes part in gathering; rank 0 writes. Returns the folder on rank 0."""
         start = time.perf_counter()
-        model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        if self._peft is None:
+            model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        else:
+            model_sd = trained_state_dict(self._model, self._is_rank_zero)
         opt_sd = training.get_full_optimizer_state_dict(
             self._model, self._optimizer, self._is_rank_zero, device=self._device
         )
@@ -465,7 +479,10 @@ class DocEVFinetuneRecipe:
                 SEED_KEY: self.seed,
                 WORLD_SIZE_KEY: self.world_size,
             }
-            folder = self._checkpointer.save_checkpoint(state, self.global_step)
+            if self._peft is None:
+                folder = self._checkpointer.save_checkpoint(state, self.global_step)
+            else:
+                folder = self._checkpointer.save_trained_checkpoint(state, self.global_step, self._peft.metadata())
             removed = prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._resumed_from)
             kept = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
             log.info(f"Saved {folder} in {time.perf_counter() - start:.1f} s{kept}")

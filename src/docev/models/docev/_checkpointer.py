@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from docev import assets
 from docev.models.docev._arch import hf_param_shapes
@@ -29,9 +29,12 @@ from docev.models.docev._convert_weights import (
 )
 
 RECIPE_STATE = "recipe_state.pt"
+# A step folder of an adapter run: the trained tensors (torchtune names) and the adapter settings.
+TRAINED_FILE = "trained_model.safetensors"
+PEFT_META = "peft.json"
 LATEST = "latest"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST}
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, PEFT_META}
 
 
 class DocEVCheckpointer:
@@ -70,6 +73,11 @@ class DocEVCheckpointer:
 
     def _resolve_files(self, files: Sequence[str] | Mapping[str, str] | None) -> list[Path]:
         d = self.checkpoint_dir
+        if (d / TRAINED_FILE).is_file():
+            raise ValueError(
+                f"{d} is a checkpoint of an adapter run ({TRAINED_FILE}: the trained tensors only); it is read "
+                "over its base checkpoint (docev.training.peft), or exported (docev export)"
+            )
         if files is None:
             index = d / "model.safetensors.index.json"
             if index.is_file():
@@ -128,22 +136,48 @@ class DocEVCheckpointer:
         ordered = {k: hf[k].contiguous() for k in order if k in hf}
         ordered.update({k: v.contiguous() for k, v in hf.items() if k not in ordered})
 
-        name = f"step_{step}"
+        tmp = self._stage(step)
+        assets.save_sharded(ordered, tmp, self.max_shard_bytes)
+        self._write_beside(tmp, state_dict, str(state_dict["model"]["image_newline"].dtype))
+        return self._publish(tmp, step)
+
+    def save_trained_checkpoint(self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any]) -> Path:
+        """``step_{step}`` of a run that trains adapters: ``state_dict["model"]`` holds the trained tensors
+        only (torchtune names, written to ``trained_model.safetensors``), ``peft`` goes to ``peft.json``; the
+        frozen weights stay in the base checkpoint. Same atomic folder and ``latest`` as ``save_checkpoint``."""
+        if self.output_dir is None:
+            raise ValueError("checkpointer.output_dir is not set; cannot save")
+        tmp = self._stage(step)
+        model = {k: v.contiguous() for k, v in state_dict["model"].items()}
+        save_file(model, str(tmp / TRAINED_FILE), metadata={"format": "pt"})
+        (tmp / PEFT_META).write_text(json.dumps(dict(peft), indent=2))
+        self._write_beside(tmp, state_dict, str(self.hf_config.get("torch_dtype", "bfloat16")))
+        return self._publish(tmp, step)
+
+    def _stage(self, step: int) -> Path:
+        assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / f".{name}.partial"
+        tmp = self.output_dir / f".step_{step}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        assets.save_sharded(ordered, tmp, self.max_shard_bytes)
+        return tmp
+
+    def _write_beside(self, tmp: Path, state_dict: Mapping[str, Any], dtype: str) -> None:
+        """Tokenizer/processor files of the source folder, ``config.json`` and ``recipe_state.pt``."""
         for src in self.checkpoint_dir.iterdir():
             if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
                 shutil.copy2(src, tmp / src.name)
         config = dict(self.hf_config)
-        config["torch_dtype"] = str(state_dict["model"]["image_newline"].dtype).removeprefix("torch.")
+        config["torch_dtype"] = dtype.removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
 
+    def _publish(self, tmp: Path, step: int) -> Path:
+        """Rename the complete folder into place, then move ``latest`` (a kill leaves ``latest`` whole)."""
+        assert self.output_dir is not None
+        name = f"step_{step}"
         final = self.output_dir / name
         if final.exists():
             shutil.rmtree(final)
