@@ -211,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from docev.export import DocEVGenerator
 
     try:
-        generator = DocEVGenerator(args.model, device=args.device)
+        generator = DocEVGenerator(args.model, device=args.device, adapter=args.adapter)
         result = generator.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                     sampling_ratio=args.sampling_ratio)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
     gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")
+    gen.add_argument("--adapter", help="a PEFT LoRA/DoRA adapter folder (an export's adapter/) applied to --model")
     gen.add_argument("--image", action="append", default=[], help="image file (repeat for several pages)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
