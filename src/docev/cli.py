@@ -207,6 +207,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_memory(args: argparse.Namespace) -> int:
+    from docev.training.memory import format_plans, plan
+
+    cfg = load_config(args.config, args.overrides)
+    nnodes = args.nnodes or cfg.train.nnodes
+    gpus = args.gpus_per_node or cfg.train.nproc_per_node
+    print(format_plans(plan(cfg, nnodes * gpus), cfg))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from docev.export import DocEVGenerator
 
@@ -300,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder or fsspec URI (default: export.destination, else <output_dir>/export)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export (swapped in whole)")
     ex.set_defaults(func=cmd_export)
+
+    pm = sub.add_parser("plan-memory", help="per-GPU bytes of full / LoRA / QLoRA training, counted on meta models")
+    pm.add_argument("--config", required=True)
+    pm.add_argument("--nnodes", type=int, help="default: train.nnodes")
+    pm.add_argument("--gpus-per-node", type=int, help="default: train.nproc_per_node")
+    pm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pm.set_defaults(func=cmd_plan_memory)
 
     gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
     gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")
