@@ -13,6 +13,7 @@ def export(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     model_card: Output[Markdown],
     metrics: Output[Metrics],
 ) -> str:

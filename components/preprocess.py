@@ -15,6 +15,7 @@ def preprocess_shard(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     shard: int,
     num_shards: int,
 ) -> str:
@@ -32,6 +33,7 @@ def preprocess_merge(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     manifest: Output[Artifact],
     metrics: Output[Metrics],

@@ -11,6 +11,7 @@ def resolve_config(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
 ) -> str:
     run = dict(locals())  # first: the run parameters and this step's arguments
     from docev.pipeline.steps import resolve_step

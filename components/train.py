@@ -13,6 +13,7 @@ def train(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     run_id: str,
     task: str,
     metrics: Output[Metrics],

@@ -15,6 +15,7 @@ def validate_shard(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     shard: int,
     num_shards: int,
 ) -> str:
@@ -33,6 +34,7 @@ def validate_merge(
     num_nodes: int,
     gpus_per_node: int,
     resume: str,
+    lora_rank: int,
     num_shards: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     report_md: Output[Markdown],

@@ -75,6 +75,7 @@ def build_pipeline(cfg: DocEVConfig):
         num_nodes: int = knobs["num_nodes"],
         gpus_per_node: int = knobs["gpus_per_node"],
         resume: str = knobs["resume"],
+        lora_rank: int = knobs["lora_rank"],
     ):
         run = dict(
             config_json=config_json,
@@ -84,6 +85,7 @@ def build_pipeline(cfg: DocEVConfig):
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
             resume=resume,
+            lora_rank=lora_rank,
         )
         resolved = resolve_op(**run).set_display_name("resolve config")
         _on_cluster(resolved, cfg)

@@ -21,6 +21,7 @@ KNOBS: dict[str, tuple[str, type]] = {
     "num_nodes": ("train.nnodes", int),
     "gpus_per_node": ("train.nproc_per_node", int),
     "resume": ("resume_from_checkpoint", str),  # auto | true | false
+    "lora_rank": ("model.lora_rank", int),  # 0 = the config's (a full fine-tune has none)
 }
 
 
@@ -36,6 +37,7 @@ def knob_defaults(cfg: DocEVConfig) -> dict[str, Any]:
         "num_nodes": cfg.train.nnodes,
         "gpus_per_node": cfg.train.nproc_per_node,
         "resume": str(cfg.resume_from_checkpoint).lower(),
+        "lora_rank": cfg.model.lora_rank or 0,
     }
 
 
@@ -50,6 +52,8 @@ def knob_overrides(knobs: dict[str, Any], cfg: DocEVConfig) -> list[str]:
         value = kind(float(value)) if kind is not str else str(value)  # KFP may hand ints over as floats
         if name == "max_steps_per_epoch":
             value = value or None
+        elif name == "lora_rank" and not value:
+            continue
         elif name == "resume":
             value = {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
         out.append(f"{path}={json.dumps(value)}")

@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torchtune import training
+from torchtune import training, utils
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, get_lora_module_names
 
 from docev.config import DocEVConfig, ModelSection
 from docev.models.docev import DocEVCheckpointer
 from docev.models.docev._checkpointer import PEFT_META, RECIPE_STATE, TRAINED_FILE
+
+log = utils.get_logger("INFO")
 
 
 class PeftCheckpointError(ValueError):
@@ -133,6 +135,25 @@ class PeftRun:
     def from_config(cls, cfg: DocEVConfig) -> PeftRun | None:
         spec = PeftSpec.from_model(cfg.model)
         return None if spec is None else cls(cfg, spec)
+
+    def start_folder(self, folder: Path, resumed: bool, resume: bool | str) -> tuple[Path, bool]:
+        """``resume_from_checkpoint: auto`` resumes only a checkpoint of these adapter settings on this base
+        (a rerun with another ``lora_rank`` starts from the base); ``true`` resumes or fails in ``load``."""
+        if not resumed or resume != "auto":
+            return folder, resumed
+        why = None
+        if not is_trained_only(folder):
+            why = "it is a full fine-tuning checkpoint"
+        else:
+            meta = json.loads((Path(folder) / PEFT_META).read_text())
+            if meta["spec"] != self.spec.as_dict():
+                why = "it was trained with other adapter settings"
+            elif meta["base"] != base_fingerprint(self.base_dir):
+                why = "it was trained on another base"
+        if why is None:
+            return folder, True
+        log.info(f"resume_from_checkpoint auto: not resuming {folder} ({why}); starting from {self.base_dir}")
+        return self.base_dir, False
 
     def load(self, checkpointer: DocEVCheckpointer, resumed_from: Path | None) -> dict[str, Any]:
         """The base state dict (``checkpointer`` reads the base), with a step folder's trained tensors and

@@ -212,6 +212,8 @@ class DocEVFinetuneRecipe:
         if self._is_rank_zero:
             base = self.cfg.checkpointer.checkpoint_dir
             choice[0] = start_folder(base, self._output_dir, self.cfg.resume_from_checkpoint)
+            if self._peft is not None:
+                choice[0] = self._peft.start_folder(*choice[0], self.cfg.resume_from_checkpoint)
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
