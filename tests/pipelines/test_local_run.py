@@ -46,3 +46,18 @@ def test_rerun_with_edited_parameters(first_run):
     assert steps == [1, 2, 3, 4, 5]  # steps 4-5 added, 1-3 not redone
     run_pipeline_locally(cfg, {"max_steps_per_epoch": 2, "resume": "false"})  # a fresh run of 2 steps
     assert [m["step"] for m in read_metrics(metrics)][-1] == 2
+
+
+def test_lora_config_end_to_end_and_a_rerun_with_another_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local-lora")
+    base = [f"output_dir={out}", "synthetic.records=24", "max_steps_per_epoch=3", "save_every_n_steps=2"]
+    cfg = local_config(CONFIGS / "tiny_lora.yaml", base)
+    outputs = run_pipeline_locally(cfg)
+    adapter = outputs["exported model"] / "adapter" / "adapter_config.json"
+    assert json.loads(adapter.read_text())["r"] == 8
+    assert "| rank / alpha | 8 / 16 (scale alpha/rank = 2) |" in outputs["model card"].read_text()
+    # resume=auto: the rank-8 checkpoint does not fit rank 4, so the rerun trains from the base
+    run_pipeline_locally(cfg, {"lora_rank": 4})
+    assert json.loads(adapter.read_text())["r"] == 4
+    assert "| rank / alpha | 4 / 16 (scale alpha/rank = 4) |" in outputs["model card"].read_text()
+    assert [m["step"] for m in read_metrics(outputs["training metrics"])] == [1, 2, 3]
