@@ -2,18 +2,20 @@
 
 The recipe class is the same; with a ``lora_*`` model builder it calls this module at four points:
 
-- **start**: the weights always come from the base checkpoint; a resumed run lays the step folder's
+- **start folder**: under ``resume_from_checkpoint: auto`` a checkpoint of other adapter settings (or
+  another base) is not resumed, so a rerun with another ``lora_rank`` starts from the base;
+- **load**: the weights always come from the base checkpoint; a resumed run lays the step folder's
   trained tensors (adapters + fully trained groups) over them, after checking that the folder was
-  trained with the same adapter settings (a changed rank cannot be resumed);
-- **model load**: the base state dict has no adapter keys, so it loads non-strictly and the missing
+  trained with the same adapter settings on the same base (else an error naming what differs);
+- **model fill**: the base state dict has no adapter keys, so it loads non-strictly and the missing
   keys must be exactly the adapters; fresh adapters get torchtune's initialisation (A Kaiming, B zero),
   DoRA magnitudes are computed from the loaded base as torchtune's LoRA recipe does;
 - **save**: only parameters with ``requires_grad`` are gathered (``trained_state_dict``, a filter on
   the model, usable by any save path) and written by ``DocEVCheckpointer.save_trained_checkpoint``;
   the optimizer state holds the same parameters, since the optimizer only ever sees trainable ones.
 
-The base of a step folder is read from ``checkpointer.checkpoint_dir``; the export checks that the
-base has not changed (its ``config.json`` and weight files' sha256 are in ``peft.json``).
+``peft.json`` in a step folder records the adapter settings and the base's fingerprint
+(``base_fingerprint``), which resume and export check.
 """
 
 from __future__ import annotations
