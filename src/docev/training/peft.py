@@ -172,7 +172,8 @@ class PeftRun:
         state.update(torch.load(Path(resumed_from) / RECIPE_STATE, map_location="cpu", weights_only=True))
         return state
 
-    def load_model(self, model: nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
+    @staticmethod
+    def load_model(model: nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
         """Fill the sharded model: base (+ trained) tensors; adapters the state dict lacks are initialised
         (first run only). Raises when keys other than adapters are missing, or any is unexpected."""
         adapters = set(get_adapter_params(model))

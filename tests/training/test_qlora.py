@@ -1,0 +1,18 @@
+"""QLoRA under FSDP2 on 2 CPU ranks (torchao's NF4 runs on CPU; sharding splits its quantisation factors)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_qlora_trains_sharded_on_two_cpu_ranks():
+    worker = Path(__file__).with_name("qlora_fsdp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for r in rows:
+        assert r["local"] == "NF4Tensor"  # each rank holds its shard of the NF4 weight
+        assert r["losses"][-1] < r["losses"][0] - 0.2, r["losses"]
