@@ -8,7 +8,18 @@ from pathlib import Path
 
 def test_qlora_trains_sharded_on_two_cpu_ranks():
     worker = Path(__file__).with_name("qlora_fsdp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker)]
+    # --standalone: a free port, so concurrent torchrun jobs on the machine do not collide
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
