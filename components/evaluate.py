@@ -14,6 +14,7 @@ def evaluate(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     label: str,
     checkpoint: str,
     metrics: Output[Metrics],

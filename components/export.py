@@ -14,6 +14,7 @@ def export(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     model_card: Output[Markdown],
     metrics: Output[Metrics],
 ) -> str:

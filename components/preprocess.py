@@ -16,6 +16,7 @@ def preprocess_shard(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     shard: int,
     num_shards: int,
 ) -> str:
@@ -34,6 +35,7 @@ def preprocess_merge(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     manifest: Output[Artifact],
     metrics: Output[Metrics],

@@ -12,6 +12,7 @@ def resolve_config(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
 ) -> str:
     run = dict(locals())  # first: the run parameters and this step's arguments
     from docev.pipeline.steps import resolve_step

@@ -15,6 +15,7 @@ def train(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     run_id: str,
     task: str,
     metrics: Output[Metrics],

@@ -16,6 +16,7 @@ def validate_shard(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     shard: int,
     num_shards: int,
 ) -> str:
@@ -35,6 +36,7 @@ def validate_merge(
     gpus_per_node: int,
     resume: str,
     eval_every_n_steps: int,
+    lora_rank: int,
     num_shards: int,
     shards_done: List[str],  # noqa: UP006 - KFP reads typing annotations
     report_md: Output[Markdown],

@@ -91,6 +91,7 @@ def build_pipeline(cfg: DocEVConfig):
         gpus_per_node: int = knobs["gpus_per_node"],
         resume: str = knobs["resume"],
         eval_every_n_steps: int = knobs["eval_every_n_steps"],
+        lora_rank: int = knobs["lora_rank"],
     ):
         run = dict(
             config_json=config_json,
@@ -101,6 +102,7 @@ def build_pipeline(cfg: DocEVConfig):
             gpus_per_node=gpus_per_node,
             resume=resume,
             eval_every_n_steps=eval_every_n_steps,
+            lora_rank=lora_rank,
         )
         resolved = resolve_op(**run).set_display_name("resolve config")
         _on_cluster(resolved, cfg)

@@ -16,7 +16,7 @@ def _errors(overrides, path=TINY):
     return exc.value.errors
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "docev_preview.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny_lora.yaml", "docev_preview.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.datasets and cfg.tokenizer.chat_template == "docev_chatml"

@@ -238,11 +238,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_memory(args: argparse.Namespace) -> int:
+    from docev.training.memory import format_plans, plan
+
+    cfg = load_config(args.config, args.overrides)
+    nnodes = args.nnodes or cfg.train.nnodes
+    gpus = args.gpus_per_node or cfg.train.nproc_per_node
+    print(format_plans(plan(cfg, nnodes * gpus), cfg))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from docev.inference import DocEVGenerator
 
     try:
-        generator = DocEVGenerator(args.model, device=args.device)
+        generator = DocEVGenerator(args.model, device=args.device, adapter=args.adapter)
         result = generator.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                     sampling_ratio=args.sampling_ratio)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
@@ -368,8 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label", help="results go to <output_dir>/eval/<label> (default: base or tuned)")
     ev.set_defaults(func=cmd_evaluate)
 
+    pm = sub.add_parser("plan-memory", help="per-GPU bytes of full / LoRA / QLoRA training, counted on meta models")
+    pm.add_argument("--config", required=True)
+    pm.add_argument("--nnodes", type=int, help="default: train.nnodes")
+    pm.add_argument("--gpus-per-node", type=int, help="default: train.nproc_per_node")
+    pm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pm.set_defaults(func=cmd_plan_memory)
+
     gen = sub.add_parser("generate", help="greedy generation from a model folder about one or more images")
     gen.add_argument("--model", required=True, help="an export, a step_N checkpoint or a base checkpoint folder")
+    gen.add_argument("--adapter", help="a PEFT LoRA/DoRA adapter folder (an export's adapter/) applied to --model")
     gen.add_argument("--image", action="append", default=[], help="image file (repeat for several pages)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -10,6 +10,7 @@ the file, the dotted path, and what was expected.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import importlib
@@ -22,7 +23,15 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -44,9 +53,26 @@ class Component(BaseModel):
     component: str = Field(alias="_component_", description="Dotted path of the callable to instantiate.")
 
 
+# The LoRA arguments of the lora_* builders and their defaults (torchtune's names).
+LORA_DEFAULTS: dict[str, Any] = {
+    "lora_attn_modules": ["q_proj", "v_proj"],
+    "apply_lora_to_mlp": False,
+    "apply_lora_to_output": False,
+    "lora_rank": 8,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "use_dora": False,
+    "quantize_base": False,
+}
+
+
 class ModelSection(_Strict):
+    """Arguments of the model builder. The ``lora_*`` builders (``lora_docev_tiny``, ``lora_docev_preview``)
+    also take torchtune's LoRA arguments; ``decoder_trainable`` then defaults to false (the adapters train,
+    the decoder's base stays frozen) and the other flags keep their meaning for the groups without adapters."""
+
     component: str = Field("docev.models.docev.docev_tiny", alias="_component_")
-    decoder_trainable: bool = True
+    decoder_trainable: bool | None = Field(None, description="Default: true, false for the lora_* builders.")
     encoder_trainable: bool = False
     fusion_trainable: bool = True
     image_token_id: int | None = Field(None, description="Token id of <image>; must match the tokenizer.")
@@ -54,6 +80,38 @@ class ModelSection(_Strict):
     patch_size: int | None = None
     max_num_tiles: int | None = None
     min_num_tiles: int | None = None
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]] | None = None
+    apply_lora_to_mlp: bool | None = None
+    apply_lora_to_output: bool | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    use_dora: bool | None = Field(None, description="DoRA (torchtune DoRALinear) instead of LoRA.")
+    quantize_base: bool | None = Field(None, description="QLoRA: the decoder's frozen weights in NF4 (torchao).")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.component.rpartition(".")[2].startswith("lora_")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> ModelSection:
+        if self.decoder_trainable is None:
+            self.decoder_trainable = not self.is_lora
+        if self.is_lora:
+            for key, value in LORA_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, copy.copy(value))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_lora(self, handler: Any) -> dict[str, Any]:
+        # Full fine-tuning builders take no LoRA arguments: leave them out of what the recipe instantiates.
+        data = handler(self)
+        return {k: v for k, v in data.items() if k not in LORA_DEFAULTS or v is not None}
+
+    def lora_args(self) -> dict[str, Any]:
+        """The LoRA arguments of a ``lora_*`` builder (empty otherwise)."""
+        return {k: getattr(self, k) for k in LORA_DEFAULTS} if self.is_lora else {}
 
 
 class TokenizerSection(_Strict):
@@ -166,6 +224,11 @@ class DatasetSource(_Strict):
     )
     eval_records: int | None = Field(None, ge=1, description="At most this many held-out records of this source.")
 
+    @field_validator("source")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        return _check_store_url(v)
+
 
 class EvaluateSection(_Strict):
     """``docev evaluate``: greedy answers for the held-out split's assistant turns, scored (ANLS, EM, F1)."""
@@ -176,11 +239,6 @@ class EvaluateSection(_Strict):
     max_questions: int | None = Field(None, ge=1, description="Score only the first N questions (quick checks).")
     anls_threshold: float = Field(0.5, gt=0, le=1, description="DocVQA's τ: a normalised distance ≥ τ scores 0.")
     report_examples: int = Field(12, ge=0, description="Pages shown in the HTML report (largest changes first).")
-
-    @field_validator("source")
-    @classmethod
-    def _backend_installed(cls, v: str) -> str:
-        return _check_store_url(v)
 
 
 class DataloaderSection(_Strict):
@@ -577,6 +635,7 @@ class DocEVConfig(_Strict):
                     f"needs checkpoint_format: dcp (is {self.checkpoint_format!r}): an hf save gathers to rank 0",
                 )
             )
+        errors += self._lora_checks()
         if self.dataloader.packed and self.dataloader.bucket_by_length:
             errors.append(
                 (
@@ -602,6 +661,17 @@ class DocEVConfig(_Strict):
         if r is not None and r not in self.tokenizer.sampling_ratio:
             errors.append(("evaluate.sampling_ratio", f"{r} is not one of tokenizer.sampling_ratio"))
         return errors
+
+    def _lora_checks(self) -> list[tuple[str, str]]:
+        """LoRA arguments only on a lora_* builder, and no combination that cannot train."""
+        m = self.model
+        if not m.is_lora:
+            given = [k for k in LORA_DEFAULTS if getattr(m, k) is not None]
+            return [(f"model.{k}", f"{m.component} takes no LoRA arguments (use a lora_* builder)") for k in given]
+        from docev.models.docev import lora_problems
+
+        args = {**m.lora_args(), "decoder_trainable": m.decoder_trainable}
+        return [(f"model.{key}", why) for key, why in lora_problems(**args)]
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections (for caches and shard compatibility)."""

@@ -37,7 +37,7 @@ def test_run_parameters(compiled):
     assert {k: v["parameterType"] for k, v in params.items()} == {
         "config_json": "STRING", "learning_rate": "NUMBER_DOUBLE", "epochs": "NUMBER_INTEGER",
         "max_steps_per_epoch": "NUMBER_INTEGER", "num_nodes": "NUMBER_INTEGER", "gpus_per_node": "NUMBER_INTEGER",
-        "resume": "STRING", "eval_every_n_steps": "NUMBER_INTEGER",
+        "resume": "STRING", "eval_every_n_steps": "NUMBER_INTEGER", "lora_rank": "NUMBER_INTEGER",
     }  # fmt: skip
     embedded = json.loads(params["config_json"]["defaultValue"])
     assert embedded["tokenizer"]["tile_size"] == 560 and embedded["output_dir"] == "/mnt/docev/runs/docev-preview"
@@ -45,6 +45,7 @@ def test_run_parameters(compiled):
     assert params["num_nodes"]["defaultValue"] == 2 and params["gpus_per_node"]["defaultValue"] == 8
     assert params["resume"]["defaultValue"] == "auto" and params["max_steps_per_epoch"]["defaultValue"] == 0
     assert params["eval_every_n_steps"]["defaultValue"] == 0
+    assert params["lora_rank"]["defaultValue"] == 0  # a full fine-tune: no rank
 
 
 def test_every_step_mounts_the_volume_uncached(compiled):

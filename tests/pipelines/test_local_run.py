@@ -78,3 +78,18 @@ def _start_lines(outputs) -> list[str]:
     """The recipe's "Resuming from DIR" / "Starting from DIR" lines (rank 0) in the train task's log of the
     latest run (the console rewrites each task's log per run)."""
     return re.findall(r"(?:Resuming|Starting) from \S+", (outputs["task logs"] / "train.log").read_text())
+
+
+def test_lora_config_end_to_end_and_a_rerun_with_another_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local-lora")
+    base = [f"output_dir={out}", "synthetic.records=24", "max_steps_per_epoch=3", "save_every_n_steps=2"]
+    cfg = local_config(CONFIGS / "tiny_lora.yaml", base)
+    outputs = run_pipeline_locally(cfg)
+    adapter = outputs["exported model"] / "adapter" / "adapter_config.json"
+    assert json.loads(adapter.read_text())["r"] == 8
+    assert "| rank / alpha | 8 / 16 (scale alpha/rank = 2) |" in outputs["model card"].read_text()
+    # resume=auto: the rank-8 checkpoint does not fit rank 4, so the rerun trains from the base
+    run_pipeline_locally(cfg, {"lora_rank": 4})
+    assert json.loads(adapter.read_text())["r"] == 4
+    assert "| rank / alpha | 4 / 16 (scale alpha/rank = 4) |" in outputs["model card"].read_text()
+    assert [m["step"] for m in read_metrics(outputs["training metrics"]) if "loss" in m] == [1, 2, 3]

@@ -12,7 +12,8 @@ EMBEDDED = json.dumps(PREVIEW.to_dict())
 
 def test_defaults_are_the_config_values():
     assert knob_defaults(PREVIEW) == {"learning_rate": 1e-5, "epochs": 1, "max_steps_per_epoch": 0, "num_nodes": 2,
-                                      "gpus_per_node": 8, "resume": "auto", "eval_every_n_steps": 0}  # fmt: skip
+                                      "gpus_per_node": 8, "resume": "auto", "eval_every_n_steps": 0,
+                                      "lora_rank": 0}  # fmt: skip
 
 
 def test_knobs_override_the_embedded_config_with_kfp_types():
@@ -32,3 +33,14 @@ def test_bad_knob_names_the_path():
         resolve_run_config(EMBEDDED, epochs=0)
     with pytest.raises(ValueError, match="unknown run parameter"):
         resolve_run_config(EMBEDDED, batch=3)
+
+
+def test_lora_rank_knob():
+    lora = load_config(CONFIGS / "tiny_lora.yaml")
+    embedded = json.dumps(lora.to_dict())
+    assert knob_defaults(lora)["lora_rank"] == 8
+    assert resolve_run_config(embedded, lora_rank=16.0).model.lora_rank == 16
+    assert resolve_run_config(embedded, lora_rank=0).model.lora_rank == 8  # 0 keeps the config's
+    assert resolve_run_config(EMBEDDED, lora_rank=0).model.lora_rank is None
+    with pytest.raises(ConfigError, match="model.lora_rank: docev.models.docev.docev_preview takes no LoRA arguments"):
+        resolve_run_config(EMBEDDED, lora_rank=4)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from docev.config import DocEVConfig
+from docev.config import DocEVConfig, ModelSection
 from docev.inference.generate import Generation
 from docev.models.docev._convert_weights import is_unused
+from docev.training.peft import PeftSpec
 
 # The config sections that decide the trained weights (the card's config hash).
 TRAINING_SECTIONS = (
@@ -179,6 +180,20 @@ def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     return sum(t.numel() for t in tensors.values()) - unused, unused
 
 
+def adaptation_rows(model: ModelSection) -> list[str]:
+    """Card rows of an adapter run: method, rank, alpha, targets, and what the two exports are."""
+    spec = PeftSpec.from_model(model)
+    if spec is None:
+        return []
+    method = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (NF4 base)", "qdora": "DoRA on an NF4 base"}
+    return [
+        f"| method | {method[spec.method]} on the decoder (torchtune), merged into these weights |",
+        f"| rank / alpha | {spec.rank} / {spec.alpha:g} (scale alpha/rank = {spec.scale:g}) |",
+        f"| adapter targets | {', '.join(spec.targets)} (torchtune names), every decoder layer |",
+        "| adapter | `adapter/` (PEFT: adapter_config.json + adapter_model.safetensors) for the base checkpoint |",
+    ]
+
+
 def model_card(
     cfg: DocEVConfig,
     *,
@@ -187,8 +202,10 @@ def model_card(
     parameters: tuple[int, int],
     dtype: str,
     smoke: Sequence[str],
+    adaptation: Sequence[str] = (),
 ) -> str:
-    """The whole ``README.md`` (HF model card front matter + facts)."""
+    """The whole ``README.md`` (HF model card front matter + facts); ``adaptation``: table rows of an
+    adapter run (``adaptation_rows``)."""
     base = Path(cfg.checkpointer.checkpoint_dir)
     used, unused = parameters
     if training.loss is None:
@@ -215,6 +232,7 @@ def model_card(
         f"| training steps | {steps} |",
         f"| final loss | {loss} |",
         f"| trained groups | {', '.join(trained) or 'none'} (the others are the base's tensors, unchanged) |",
+        *adaptation,
         f"| dtype | {dtype} |",
         f"| parameters | {used:,} (+ {unused:,} in checkpoint tensors the model does not use, carried through) |",
         f"| config hash | `{cfg.section_hash(*TRAINING_SECTIONS)}` (sha256 of {', '.join(TRAINING_SECTIONS)}) |",

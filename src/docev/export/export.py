@@ -33,7 +33,16 @@ from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
 from docev import assets
 from docev.config import DocEVConfig
-from docev.export.card import SmokeSample, TrainingFacts, model_card, parameter_counts, smoke_section, training_facts
+from docev.export.adapter import merged_and_adapter, write_adapter
+from docev.export.card import (
+    SmokeSample,
+    TrainingFacts,
+    adaptation_rows,
+    model_card,
+    parameter_counts,
+    smoke_section,
+    training_facts,
+)
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
@@ -41,13 +50,15 @@ from docev.models.docev._dcp import DCP_METADATA
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
 from docev.training.checkpointing import CheckpointError, resolve_checkpoint
+from docev.training.peft import is_trained_only
 from docev.validate.readers import allowed_stores, source_name, source_store
 from docev.vision.image_io import load_image
 
 INDEX = "model.safetensors.index.json"
 # Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
 _NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
-               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA}  # fmt: skip
+               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA,
+               "peft.json"}  # fmt: skip
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
 _STEP = re.compile(r"step_(\d+)")
 
@@ -168,9 +179,16 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     exp = cfg.export
     dtype = PRECISION_STR_TO_DTYPE[exp.dtype]
     base = Path(cfg.checkpointer.checkpoint_dir)
-    tensors, arch = export_tensors(checkpoint, base, cfg.model, dtype)
+    adapter = None
+    if is_trained_only(checkpoint):  # an adapter run: merged model + the PEFT adapter
+        tensors, arch, adapter, adapter_cfg = merged_and_adapter(checkpoint, base, cfg.model, dtype)
+    else:
+        tensors, arch = export_tensors(checkpoint, base, cfg.model, dtype)
     _write_folder(cfg, checkpoint, staging, tensors)
     check_weights(staging, tensors)
+    if adapter is not None:
+        write_adapter(staging, adapter, adapter_cfg)
+        del adapter
     parameters = parameter_counts(tensors)
     del tensors  # the smoke model loads its own copy from the folder
     check_tokenizer(cfg, staging, arch.image_token_id)
@@ -188,7 +206,8 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
     smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not)
     dtype_name = str(dtype).removeprefix("torch.")
-    card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke)
+    card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
+                      adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
     (staging / "README.md").write_text(card)
     for path in staging.iterdir():  # safetensors writes 0600; the export is read by other pods and users
         path.chmod(0o644)

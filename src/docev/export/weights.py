@@ -69,8 +69,14 @@ def export_tensors(
                 )
         state.update(base_state)
         unused = base_unused
-    hf = docev_tune_to_hf(state, arch)
-    hf.update(unused)
+    return ordered_hf(docev_tune_to_hf(state, arch), unused, arch, dtype), arch
+
+
+def ordered_hf(
+    hf: dict[str, torch.Tensor], unused: dict[str, torch.Tensor], arch: DocEVArch, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model's HF tensors plus the unused ones, in ``dtype``, in the released checkpoint's order."""
+    hf = {**hf, **unused}
     layout = hf_param_shapes(arch)
     order = [k for k in layout if k in hf] + sorted(k for k in hf if k not in layout)
-    return {k: hf[k].to(dtype).contiguous() for k in order}, arch
+    return {k: hf[k].to(dtype).contiguous() for k in order}

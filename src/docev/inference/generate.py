@@ -151,13 +151,27 @@ class DocEVGenerator:
             DCP ``step_N`` (its shards consolidated on CPU).
         device (str | torch.device): where the model runs.
         dtype (torch.dtype | None): compute dtype; None keeps the stored dtype.
+        adapter (str | Path | None): a PEFT LoRA/DoRA adapter folder (an export's ``adapter/``) merged into
+            ``model_dir``'s weights before they load (the base + adapter model).
     """
 
-    def __init__(self, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        adapter: str | Path | None = None,
+    ):
         self.model_dir = Path(model_dir)
         ckpt = DocEVCheckpointer(self.model_dir)
         self.arch = ckpt.arch
-        state, _ = docev_hf_to_tune(ckpt.load_hf_state_dict(), self.arch)
+        hf = ckpt.load_hf_state_dict()
+        if adapter is not None:  # only `docev generate --adapter`: evaluation never reaches the export package
+            from docev.export.adapter import apply_adapter
+
+            hf = apply_adapter(hf, Path(adapter))
+        state, _ = docev_hf_to_tune(hf, self.arch)
         self.dtype = dtype or state["image_newline"].dtype
         self.device = torch.device(device)
         with torch.device("meta"):

@@ -22,6 +22,7 @@ KNOBS: dict[str, tuple[str, type]] = {
     "gpus_per_node": ("train.nproc_per_node", int),
     "resume": ("resume_from_checkpoint", str),  # auto | true | false
     "eval_every_n_steps": ("eval_every_n_steps", int),  # 0 = only after the last step
+    "lora_rank": ("model.lora_rank", int),  # 0 = the config's (a full fine-tune has none)
 }
 
 
@@ -38,6 +39,7 @@ def knob_defaults(cfg: DocEVConfig) -> dict[str, Any]:
         "gpus_per_node": cfg.train.nproc_per_node,
         "resume": str(cfg.resume_from_checkpoint).lower(),
         "eval_every_n_steps": cfg.eval_every_n_steps or 0,
+        "lora_rank": cfg.model.lora_rank or 0,
     }
 
 
@@ -52,6 +54,8 @@ def knob_overrides(knobs: dict[str, Any], cfg: DocEVConfig) -> list[str]:
         value = kind(float(value)) if kind is not str else str(value)  # KFP may hand ints over as floats
         if name in ("max_steps_per_epoch", "eval_every_n_steps"):
             value = value or None
+        elif name == "lora_rank" and not value:
+            continue
         elif name == "resume":
             value = {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
         out.append(f"{path}={json.dumps(value)}")

@@ -45,6 +45,7 @@ from docev.models.docev import DocEVCheckpointer
 from docev.models.docev._checkpointer import RECIPE_STATE
 from docev.models.docev._dcp import MODEL_KEY, OPTIMIZER_KEY, UNUSED_KEY
 from docev.training.checkpointing import RNG_KEY, capture_rng, prune_checkpoints, start_folder
+from docev.training.peft import PeftRun, trained_state_dict
 
 log = utils.get_logger("INFO")
 
@@ -58,10 +59,21 @@ class CheckpointManager:
         checkpointer (DictConfig): the ``checkpointer`` component, instantiated on the start folder.
         output_dir (Path): where ``step_N`` folders and ``latest`` go.
         device (torch.device): the training device (gathers for the hf format go through it).
+        peft (PeftRun | None): an adapter run (``docev.training.peft``): it starts from the base with a step
+            folder's trained tensors laid over it, and saves only those tensors.
     """
 
-    def __init__(self, cfg: DocEVConfig, checkpointer: DictConfig, output_dir: Path, device: torch.device) -> None:
-        self.format = cfg.checkpoint_format
+    def __init__(
+        self,
+        cfg: DocEVConfig,
+        checkpointer: DictConfig,
+        output_dir: Path,
+        device: torch.device,
+        peft: PeftRun | None = None,
+    ) -> None:
+        # An adapter run saves its trained tensors only (small, gathered to rank 0), whatever the format.
+        self.format = "adapter" if peft is not None else cfg.checkpoint_format
+        self._peft = peft
         self._cfg, self._checkpointer_cfg = cfg, checkpointer
         self._output_dir, self._device = output_dir, device
         self.world_size, self.rank = utils.get_world_size_and_rank()
@@ -91,6 +103,15 @@ class CheckpointManager:
         The other entries are the recipe state (``recipe_state.pt``; the full optimizer for an HF folder)."""
         folder, resumed = self._start_folder()
         self.resumed_from = folder if resumed else None
+        if self._peft is not None:  # weights come from the base; the step folder's trained tensors go over them
+            self.checkpointer = config.instantiate(
+                self._checkpointer_cfg,
+                checkpoint_dir=str(self._cfg.checkpointer.checkpoint_dir),
+                output_dir=str(self._output_dir),
+            )
+            state = self._peft.load(self.checkpointer, self.resumed_from)
+            utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
+            return state, resumed
         self.checkpointer = config.instantiate(
             self._checkpointer_cfg, checkpoint_dir=str(folder), output_dir=str(self._output_dir)
         )
@@ -108,6 +129,8 @@ class CheckpointManager:
         if self._is_rank_zero:
             cfg = self._cfg
             choice[0] = start_folder(cfg.checkpointer.checkpoint_dir, self._output_dir, cfg.resume_from_checkpoint)
+            if self._peft is not None:  # a folder of other adapter settings is not resumed (see PeftRun)
+                choice[0] = self._peft.start_folder(*choice[0], cfg.resume_from_checkpoint)
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
@@ -154,7 +177,9 @@ class CheckpointManager:
         rng: list[Any] = [None] * self.world_size
         dist.all_gather_object(rng, capture_rng())
         extra = {**recipe_state, RNG_KEY: rng}
-        if self.format == "hf":
+        if self.format == "adapter":
+            folder = self._save_adapter(model, optimizer, extra, step, start)
+        elif self.format == "hf":
             folder = self._save_hf(model, optimizer, extra, step, start)
         else:
             folder = self._save_dcp(model, optimizer, extra, step, start)
@@ -168,6 +193,18 @@ class CheckpointManager:
         folder = None
         if self._is_rank_zero:
             folder = self.checkpointer.save_checkpoint({MODEL_KEY: model_sd, OPTIMIZER_KEY: opt_sd, **extra}, step)
+            self._prune_and_log(folder, start)
+        dist.barrier()
+        return folder
+
+    def _save_adapter(self, model, optimizer, extra: dict[str, Any], step: int, start: float) -> Path | None:
+        assert self._peft is not None
+        model_sd = trained_state_dict(model, self._is_rank_zero)
+        opt_sd = training.get_full_optimizer_state_dict(model, optimizer, self._is_rank_zero, device=self._device)
+        folder = None
+        if self._is_rank_zero:
+            state = {MODEL_KEY: model_sd, OPTIMIZER_KEY: opt_sd, **extra}
+            folder = self.checkpointer.save_trained_checkpoint(state, step, self._peft.metadata())
             self._prune_and_log(folder, start)
         dist.barrier()
         return folder

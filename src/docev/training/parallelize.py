@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,12 +119,15 @@ def load_model_state(
     state_dict: dict[str, torch.Tensor] | None,
     device: torch.device,
     compute_dtype: torch.dtype,
+    fill: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.device], None] | None = None,
 ) -> None:
     """Each rank keeps its shard of the full state dict (cast to the parameters' dtype); ``None`` leaves the
     shards allocated but unset, for a sharded (DCP) checkpoint to fill. The RoPE caches, which are not in
     the state dict, are made in the compute dtype."""
     if state_dict is None:
         model.to_empty(device=device)
+    elif fill is not None:  # an adapter run: base + trained tensors, adapters initialised (docev.training.peft)
+        fill(model, state_dict, device)
     else:
         training.load_from_full_model_state_dict(model, state_dict, device, strict=True)
     with training.set_default_dtype(compute_dtype), device:
@@ -143,6 +147,7 @@ def setup_model(
     compile: bool = False,
     activation_checkpointing: bool = False,
     mesh: DeviceMesh | None = None,
+    fill: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.device], None] | None = None,
 ) -> torch.nn.Module:
     """Build on meta, parallelize, fill from ``state_dict`` (None: left for a sharded checkpoint); every rank
     returns with its shard."""
@@ -158,7 +163,7 @@ def setup_model(
         mesh=mesh,
         verbose=verbose,
     )
-    load_model_state(model, state_dict, device, compute_dtype)
+    load_model_state(model, state_dict, device, compute_dtype, fill)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * dist.get_world_size()
     utils.log_rank_zero(
         log,

@@ -66,6 +66,7 @@ from docev.training.checkpointing import (
 from docev.training.evaluation import EvalLoss
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import precision_warning, setup_model
+from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
 
 log = utils.get_logger("INFO")
@@ -140,6 +141,7 @@ class DocEVFinetuneRecipe:
         self._metrics: MetricsLog | None = None
         self._wandb_run_id: str | None = None
         self._preemption = PreemptionHandler(self._device)
+        self._peft = PeftRun.from_config(cfg)  # None: full fine-tuning
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -149,7 +151,9 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
-        self._checkpoints = CheckpointManager(cfg, component(cfg, "checkpointer"), self._output_dir, self._device)
+        self._checkpoints = CheckpointManager(
+            cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
+        )
         state, resumed = self._checkpoints.load()
         if self._is_rank_zero:  # a resumed run continues the W&B run of its checkpoint
             self._metrics = self._setup_metrics(state.get(WANDB_RUN_KEY) if resumed else None)
@@ -211,6 +215,7 @@ class DocEVFinetuneRecipe:
             master_dtype=self._master_dtype,
             compile=cfg.compile,
             activation_checkpointing=cfg.enable_activation_checkpointing,
+            fill=None if self._peft is None else self._peft.load_model,
         )
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, cfg.enable_activation_offloading)
         return model

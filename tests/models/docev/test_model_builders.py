@@ -33,7 +33,8 @@ def test_trainable_flags_freeze_exactly_their_groups(decoder, encoder, fusion):
     expected = set().union(*(groups[g] for g, on in flags.items() if on))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert set(get_fusion_params(model)) == groups["fusion"]
-    assert {k: set(v) for k, v in model.param_groups().items() if k != "unused"} == groups
+    assert {k: set(v) for k, v in model.param_groups().items() if k not in ("unused", "adapter")} == groups
+    assert model.param_groups()["adapter"] == []
 
 
 def test_layer_lists_are_torchtune_layers():

@@ -2,11 +2,24 @@
 
 from docev.models.docev._arch import DocEVArch, hf_config, hf_param_shapes, preview, tiny
 from docev.models.docev._checkpointer import DocEVCheckpointer, latest_checkpoint
-from docev.models.docev._component_builders import docev, docev_decoder, ldpv2_connector, siglip_vision_encoder
+from docev.models.docev._component_builders import (
+    docev,
+    docev_decoder,
+    ldpv2_connector,
+    lora_docev_decoder,
+    siglip_vision_encoder,
+)
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._convert_weights import arch_from_hf_config, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._fusion import DocEVModel, image_feature_counts, pack_image_features
-from docev.models.docev._model_builders import docev_from_arch, docev_preview, docev_tiny
+from docev.models.docev._model_builders import (
+    docev_from_arch,
+    docev_preview,
+    docev_tiny,
+    lora_docev_preview,
+    lora_docev_tiny,
+    lora_problems,
+)
 from docev.models.docev._vision import SiglipVisionEncoder
 
 __all__ = [
@@ -28,6 +41,10 @@ __all__ = [
     "image_feature_counts",
     "latest_checkpoint",
     "ldpv2_connector",
+    "lora_docev_decoder",
+    "lora_docev_preview",
+    "lora_docev_tiny",
+    "lora_problems",
     "pack_image_features",
     "preview",
     "tiny",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from docev import assets
 from docev.models.docev._arch import hf_param_shapes
@@ -33,9 +33,13 @@ from docev.models.docev._convert_weights import (
 from docev.models.docev._dcp import DCP_METADATA, is_dcp_folder, read_dcp_model
 
 RECIPE_STATE = "recipe_state.pt"
+# A step folder of an adapter run: the trained tensors (torchtune names) and the adapter settings.
+TRAINED_FILE = "trained_model.safetensors"
+PEFT_META = "peft.json"
 LATEST = "latest"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, DCP_METADATA}
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, DCP_METADATA,
+               PEFT_META}  # fmt: skip
 DCP_WHERE = "DCP shards"
 
 
@@ -77,6 +81,11 @@ class DocEVCheckpointer:
 
     def _resolve_files(self, files: Sequence[str] | Mapping[str, str] | None) -> list[Path]:
         d = self.checkpoint_dir
+        if (d / TRAINED_FILE).is_file():
+            raise ValueError(
+                f"{d} is a checkpoint of an adapter run ({TRAINED_FILE}: the trained tensors only); it is read "
+                "over its base checkpoint (docev.training.peft), or exported (docev export)"
+            )
         if files is None:
             index = d / "model.safetensors.index.json"
             if index.is_file():
@@ -145,6 +154,20 @@ class DocEVCheckpointer:
         tmp = self.partial_folder(step)
         assets.save_sharded(ordered, tmp, self.max_shard_bytes)
         self.write_side_files(tmp, state_dict["model"]["image_newline"].dtype)
+        extra = {k: v for k, v in state_dict.items() if k != "model"}
+        if extra:
+            torch.save(extra, tmp / RECIPE_STATE)
+        return self.publish(tmp, step)
+
+    def save_trained_checkpoint(self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any]) -> Path:
+        """``step_{step}`` of a run that trains adapters: ``state_dict["model"]`` holds the trained tensors
+        only (torchtune names, written to ``trained_model.safetensors``), ``peft`` goes to ``peft.json``; the
+        frozen weights stay in the base checkpoint. Same atomic folder and ``latest`` as ``save_checkpoint``."""
+        tmp = self.partial_folder(step)
+        model = {k: v.contiguous() for k, v in state_dict["model"].items()}
+        save_file(model, str(tmp / TRAINED_FILE), metadata={"format": "pt"})
+        (tmp / PEFT_META).write_text(json.dumps(dict(peft), indent=2))
+        self.write_side_files(tmp, getattr(torch, str(self.hf_config.get("torch_dtype", "bfloat16"))))
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)

@@ -6,6 +6,9 @@ checkpoint writer and the weight converter agree on shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any, get_args
+
 from torch import nn
 from torchtune.modules import (
     FeedForward,
@@ -15,12 +18,17 @@ from torchtune.modules import (
     TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
+from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.model_fusion import FusionEmbedding, register_fusion_module
+from torchtune.modules.peft import LORA_ATTN_MODULES, DoRALinear, LoRALinear, get_lora_module_names
 
 from docev.models.docev._arch import DocEVArch
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel
 from docev.models.docev._vision import SiglipVisionEncoder
+
+_ATTN_MODULES = get_args(LORA_ATTN_MODULES)
+_NF4_BLOCK = 64 * 256  # torchao to_nf4 defaults: block_size 64, scaler_block_size 256
 
 
 def siglip_vision_encoder(
@@ -101,6 +109,73 @@ def docev_decoder(
 ) -> TransformerDecoder:
     """Llama decoder (GQA, SwiGLU, RMSNorm, RoPE) with ``fusion_vocab_size`` trainable extra embedding
     rows and an untied output of ``vocab_size + fusion_vocab_size`` rows."""
+    return _llama_decoder(
+        _plain_linear, vocab_size=vocab_size, fusion_vocab_size=fusion_vocab_size, num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps,
+    )  # fmt: skip
+
+
+def lora_docev_decoder(
+    *,
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    **decoder_args: Any,
+) -> TransformerDecoder:
+    """``docev_decoder`` with torchtune ``LoRALinear`` (``DoRALinear`` with ``use_dora``) on the named
+    projections. ``lora_attn_modules`` uses torchtune's names (``q_proj``, ``k_proj``, ``v_proj``,
+    ``output_proj``); the MLP adapters go on ``w1``/``w2``/``w3``. With ``quantize_base`` every frozen
+    linear of the decoder layers (adapted or not) holds its weight in NF4, as torchtune's QLoRA builders
+    do; the output projection stays in the training dtype unless it carries an adapter."""
+    unknown = sorted(set(lora_attn_modules) - set(_ATTN_MODULES))
+    if unknown:
+        raise ValueError(f"lora_attn_modules: {unknown} are not attention projections (use {list(_ATTN_MODULES)})")
+    targets = set(get_lora_module_names(list(lora_attn_modules), apply_lora_to_mlp, apply_lora_to_output))
+    if not targets:
+        raise ValueError("no LoRA target: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output")
+    adapter_cls = DoRALinear if use_dora else LoRALinear
+
+    def linear(name: str, in_dim: int, out_dim: int) -> nn.Module:
+        if quantize_base and name != "output" and (in_dim * out_dim) % _NF4_BLOCK:
+            raise ValueError(
+                f"quantize_base: {name} holds {in_dim}x{out_dim} weights, not a multiple of {_NF4_BLOCK} "
+                "(torchao's NF4 quantises blocks of 64 values with scalers in blocks of 256)"
+            )
+        if name in targets:
+            return adapter_cls(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                               quantize_base=quantize_base and name != "output")  # fmt: skip
+        if quantize_base and name != "output":
+            return FrozenNF4Linear(in_dim, out_dim, bias=False)
+        return nn.Linear(in_dim, out_dim, bias=False)
+
+    return _llama_decoder(linear, **decoder_args)
+
+
+def _plain_linear(name: str, in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Linear(in_dim, out_dim, bias=False)
+
+
+def _llama_decoder(
+    linear: Callable[[str, int, int], nn.Module],
+    *,
+    vocab_size: int,
+    fusion_vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    rope_base: float,
+    norm_eps: float = 1e-5,
+) -> TransformerDecoder:
+    """The decoder with every bias-free projection made by ``linear(torchtune name, in, out)``."""
     head_dim = embed_dim // num_heads
     rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = nn.ModuleList()
@@ -110,17 +185,17 @@ def docev_decoder(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
-            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+            q_proj=linear("q_proj", embed_dim, num_heads * head_dim),
+            k_proj=linear("k_proj", embed_dim, num_kv_heads * head_dim),
+            v_proj=linear("v_proj", embed_dim, num_kv_heads * head_dim),
+            output_proj=linear("output_proj", num_heads * head_dim, embed_dim),
             pos_embeddings=rope,
             max_seq_len=max_seq_len,
         )
         mlp = FeedForward(
-            gate_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
-            down_proj=nn.Linear(intermediate_dim, embed_dim, bias=False),
-            up_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
+            gate_proj=linear("w1", embed_dim, intermediate_dim),
+            down_proj=linear("w2", intermediate_dim, embed_dim),
+            up_proj=linear("w3", embed_dim, intermediate_dim),
         )
         layers.append(
             TransformerSelfAttentionLayer(
@@ -137,7 +212,7 @@ def docev_decoder(
         num_heads=num_heads,
         head_dim=head_dim,
         norm=RMSNorm(embed_dim, eps=norm_eps),
-        output=nn.Linear(embed_dim, vocab_size + fusion_vocab_size, bias=False),
+        output=linear("output", embed_dim, vocab_size + fusion_vocab_size),
     )
 
 
@@ -148,8 +223,10 @@ def docev(
     decoder_trainable: bool = True,
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
+    lora: Mapping[str, Any] | None = None,
 ) -> DocEVModel:
-    """The fused model at ``arch``'s widths; ``image_token_id`` defaults to the first fusion row."""
+    """The fused model at ``arch``'s widths; ``image_token_id`` defaults to the first fusion row.
+    ``lora`` (the keyword arguments of ``lora_docev_decoder``) puts adapters on the decoder."""
     encoder = siglip_vision_encoder(
         tile_size=arch.tile_size,
         patch_size=arch.patch_size,
@@ -159,7 +236,7 @@ def docev(
         intermediate_dim=arch.vision_mlp,
         norm_eps=arch.vision_eps,
     )
-    decoder = docev_decoder(
+    decoder_args = dict(
         vocab_size=arch.vocab_size,
         fusion_vocab_size=arch.fusion_vocab_size,
         num_layers=arch.layers,
@@ -171,6 +248,7 @@ def docev(
         rope_base=arch.rope_base,
         norm_eps=arch.norm_eps,
     )
+    decoder = docev_decoder(**decoder_args) if lora is None else lora_docev_decoder(**lora, **decoder_args)
     return DocEVModel(
         decoder,
         encoder,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import get_fusion_params
+from torchtune.modules.peft import get_adapter_params
 
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._vision import SiglipVisionEncoder
@@ -114,12 +115,16 @@ class DocEVModel(nn.Module):
         return ["image_newline"]
 
     def param_groups(self) -> dict[str, list[str]]:
-        """Parameter names by trainable group, plus ``unused`` (held for the checkpoint only)."""
+        """Parameter names by trainable group, plus ``unused`` (held for the checkpoint only) and
+        ``adapter`` (LoRA/DoRA parameters found by torchtune's ``get_adapter_params``: always trained)."""
         fusion = set(get_fusion_params(self))
+        adapters = set(get_adapter_params(self))
         unused = {f"encoder.{n}" for n in self.encoder.unused_params()}
-        groups: dict[str, list[str]] = {"decoder": [], "encoder": [], "fusion": [], "unused": []}
+        groups: dict[str, list[str]] = {"decoder": [], "encoder": [], "fusion": [], "unused": [], "adapter": []}
         for name, _ in self.named_parameters():
-            if name in fusion:
+            if name in adapters:
+                groups["adapter"].append(name)
+            elif name in fusion:
                 groups["fusion"].append(name)
             elif name in unused:
                 groups["unused"].append(name)
@@ -130,7 +135,7 @@ class DocEVModel(nn.Module):
         return groups
 
     def set_trainable(self, *, decoder: bool, encoder: bool, fusion: bool) -> None:
-        flags = {"decoder": decoder, "encoder": encoder, "fusion": fusion, "unused": False}
+        flags = {"decoder": decoder, "encoder": encoder, "fusion": fusion, "unused": False, "adapter": True}
         params = dict(self.named_parameters())
         for group, names in self.param_groups().items():
             for name in names:

@@ -9,6 +9,7 @@ transform produces, which the model reads from each batch.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from docev.models.docev._arch import DocEVArch, preview, tiny
 from docev.models.docev._component_builders import docev
@@ -26,8 +27,10 @@ def docev_from_arch(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> DocEVModel:
-    """A model at ``arch``'s widths from the config's ``model`` section (what the fixed-size builders call)."""
+    """A model at ``arch``'s widths from the config's ``model`` section (what the fixed-size builders call);
+    ``lora`` holds the LoRA arguments of the ``lora_*`` builders."""
     for name, value in (("tile_size", tile_size), ("patch_size", patch_size)):
         if value is not None and value != getattr(arch, name):
             raise ValueError(f"model.{name} = {value}, but this architecture's checkpoint has {getattr(arch, name)}")
@@ -39,6 +42,7 @@ def docev_from_arch(
         decoder_trainable=decoder_trainable,
         encoder_trainable=encoder_trainable,
         fusion_trainable=fusion_trainable,
+        lora=lora,
     )
 
 
@@ -68,3 +72,100 @@ def docev_tiny(
 ) -> DocEVModel:
     """The same structure at toy widths (tests, local demo); matches ``docev init-checkpoint``."""
     return docev_from_arch(tiny(), **locals())
+
+
+def lora_problems(
+    *,
+    decoder_trainable: bool,
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool,
+    apply_lora_to_output: bool,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    quantize_base: bool,
+    **_: Any,
+) -> list[tuple[str, str]]:
+    """Settings of a LoRA builder that cannot work, as (``model`` key, reason); the config check and the
+    builders share it."""
+    problems = []
+    if decoder_trainable:
+        why = (
+            "quantize_base stores the decoder's frozen weights in NF4, which cannot be trained"
+            if quantize_base
+            else "the decoder carries the adapters, so it would be both fully trained and adapted"
+        )
+        problems.append(("decoder_trainable", f"true with LoRA on the decoder: {why}; set it to false"))
+    unknown = sorted(set(lora_attn_modules) - {"q_proj", "k_proj", "v_proj", "output_proj"})
+    if unknown:
+        why = "not attention projections (q_proj, k_proj, v_proj, output_proj)"
+        problems.append(("lora_attn_modules", f"{unknown}: {why}"))
+    if not lora_attn_modules and not apply_lora_to_mlp and not apply_lora_to_output:
+        why = "no adapter to train (docev_tiny/docev_preview fine-tune fully)"
+        problems.append(("lora_attn_modules", f"empty, and apply_lora_to_mlp/apply_lora_to_output false: {why}"))
+    if lora_rank < 1:
+        problems.append(("lora_rank", f"{lora_rank}: must be at least 1"))
+    if lora_alpha <= 0:
+        problems.append(("lora_alpha", f"{lora_alpha}: must be positive"))
+    if not 0.0 <= lora_dropout < 1.0:
+        problems.append(("lora_dropout", f"{lora_dropout}: must be in [0, 1)"))
+    return problems
+
+
+_LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+              "lora_dropout", "use_dora", "quantize_base")  # fmt: skip
+
+
+def _lora_model(arch: DocEVArch, args: dict[str, Any]) -> DocEVModel:
+    problems = lora_problems(**args)
+    if problems:
+        raise ValueError("; ".join(f"model.{key}: {why}" for key, why in problems))
+    lora = {k: args.pop(k) for k in _LORA_KEYS}
+    lora["lora_attn_modules"] = list(lora["lora_attn_modules"])
+    return docev_from_arch(arch, lora=lora, **args)
+
+
+def lora_docev_preview(
+    lora_attn_modules: list[str] = ("q_proj", "v_proj"),
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
+) -> DocEVModel:
+    """DocEV Preview with LoRA/DoRA adapters on the decoder (torchtune's LoRA arguments); the trainable flags
+    keep their meaning for the groups without adapters (e.g. connector trained, tower frozen).
+    ``quantize_base`` stores the decoder layers' frozen weights in NF4 (QLoRA)."""
+    return _lora_model(preview(), dict(locals()))
+
+
+def lora_docev_tiny(
+    lora_attn_modules: list[str] = ("q_proj", "v_proj"),
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+    image_token_id: int | None = None,
+    tile_size: int | None = None,
+    patch_size: int | None = None,
+    max_num_tiles: int | None = None,
+    min_num_tiles: int | None = None,
+) -> DocEVModel:
+    """``lora_docev_preview`` at the tiny widths (tests, local demo)."""
+    return _lora_model(tiny(), dict(locals()))

@@ -1,0 +1,225 @@
+"""What a LoRA / DoRA / QLoRA run of ``DocEVFinetuneRecipe`` does differently from full fine-tuning.
+
+The recipe class is the same; with a ``lora_*`` model builder it calls this module at four points:
+
+- **start folder**: under ``resume_from_checkpoint: auto`` a checkpoint of other adapter settings (or
+  another base) is not resumed, so a rerun with another ``lora_rank`` starts from the base;
+- **load**: the weights always come from the base checkpoint; a resumed run lays the step folder's
+  trained tensors (adapters + fully trained groups) over them, after checking that the folder was
+  trained with the same adapter settings on the same base (else an error naming what differs);
+- **model fill**: the base state dict has no adapter keys, so it loads non-strictly and the missing
+  keys must be exactly the adapters; fresh adapters get torchtune's initialisation (A Kaiming, B zero),
+  DoRA magnitudes are computed from the loaded base as torchtune's LoRA recipe does;
+- **save**: only parameters with ``requires_grad`` are gathered (``trained_state_dict``, a filter on
+  the model, usable by any save path) and written by ``DocEVCheckpointer.save_trained_checkpoint``;
+  the optimizer state holds the same parameters, since the optimizer only ever sees trainable ones.
+
+``peft.json`` in a step folder records the adapter settings and the base's fingerprint
+(``base_fingerprint``), which resume and export check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchtune import training, utils
+from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, get_lora_module_names
+
+from docev.config import DocEVConfig, ModelSection
+from docev.models.docev import DocEVCheckpointer
+from docev.models.docev._checkpointer import PEFT_META, RECIPE_STATE, TRAINED_FILE
+
+log = utils.get_logger("INFO")
+
+
+class PeftCheckpointError(ValueError):
+    """A step folder that does not fit this run's adapters or base."""
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """The adapter settings that a step folder records and a resumed run or an export must match."""
+
+    method: str  # lora, dora, qlora or qdora
+    rank: int
+    alpha: float
+    targets: list[str]  # torchtune module names (q_proj, ..., w1, w2, w3, output)
+    lora_attn_modules: list[str]
+    apply_lora_to_mlp: bool
+    apply_lora_to_output: bool
+    use_dora: bool
+    quantize_base: bool
+    dropout: float
+    trained_groups: list[str] = field(default_factory=list)  # fully trained groups besides the adapters
+
+    @classmethod
+    def from_model(cls, model: ModelSection) -> PeftSpec | None:
+        """None for a full fine-tuning builder."""
+        if not model.is_lora:
+            return None
+        a = model.lora_args()
+        targets = get_lora_module_names(list(a["lora_attn_modules"]), a["apply_lora_to_mlp"], a["apply_lora_to_output"])
+        method = ("q" if a["quantize_base"] else "") + ("dora" if a["use_dora"] else "lora")
+        groups = [g for g in ("encoder", "fusion") if getattr(model, f"{g}_trainable")]
+        return cls(method=method, rank=a["lora_rank"], alpha=float(a["lora_alpha"]), targets=list(targets),
+                   lora_attn_modules=list(a["lora_attn_modules"]), apply_lora_to_mlp=a["apply_lora_to_mlp"],
+                   apply_lora_to_output=a["apply_lora_to_output"], use_dora=a["use_dora"],
+                   quantize_base=a["quantize_base"], dropout=float(a["lora_dropout"]),
+                   trained_groups=groups)  # fmt: skip
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_trained_only(folder: Path) -> bool:
+    """A step folder of an adapter run (trained tensors only, read over the base)."""
+    return (Path(folder) / TRAINED_FILE).is_file()
+
+
+def base_fingerprint(base_dir: Path) -> dict[str, str]:
+    """What identifies the base the adapters were trained on: sha256 of ``config.json`` (and of the weight
+    index when there is one) and every weight file's size. Hashing 23 GB of weights at every save would
+    cost a minute; a changed architecture, shard layout or file shows here."""
+    base_dir = Path(base_dir)
+    ckpt = DocEVCheckpointer(base_dir)
+    out = {"config.json": _sha256(base_dir / "config.json")}
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        out[index.name] = _sha256(index)
+    out.update({f.name: f"{f.stat().st_size} bytes" for f in ckpt.checkpoint_files})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_trained(folder: Path, spec: PeftSpec | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trained tensors and ``peft.json`` of a step folder, checked against ``spec`` (None: no check)."""
+    folder = Path(folder)
+    meta = json.loads((folder / PEFT_META).read_text())
+    if spec is not None:
+        want = spec.as_dict()
+        diff = [
+            f"{k}: checkpoint {meta['spec'].get(k)!r}, config {want[k]!r}"
+            for k in want
+            if meta["spec"].get(k) != want[k]
+        ]
+        if diff:
+            raise PeftCheckpointError(
+                f"{folder} was trained with other adapter settings ({'; '.join(diff)}); resume needs the same "
+                "model.* LoRA settings (start a new checkpointer.output_dir, or resume_from_checkpoint: false)"
+            )
+    return load_file(str(folder / TRAINED_FILE)), meta
+
+
+class PeftRun:
+    """The adapter-specific steps of the recipe for one run (see the module docstring)."""
+
+    def __init__(self, cfg: DocEVConfig, spec: PeftSpec):
+        self.cfg = cfg
+        self.spec = spec
+        self.base_dir = Path(cfg.checkpointer.checkpoint_dir)
+        self._metadata: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DocEVConfig) -> PeftRun | None:
+        spec = PeftSpec.from_model(cfg.model)
+        return None if spec is None else cls(cfg, spec)
+
+    def start_folder(self, folder: Path, resumed: bool, resume: bool | str) -> tuple[Path, bool]:
+        """``resume_from_checkpoint: auto`` resumes only a checkpoint of these adapter settings on this base
+        (a rerun with another ``lora_rank`` starts from the base); ``true`` resumes or fails in ``load``."""
+        if not resumed or resume != "auto":
+            return folder, resumed
+        why = None
+        if not is_trained_only(folder):
+            why = "it is a full fine-tuning checkpoint"
+        else:
+            meta = json.loads((Path(folder) / PEFT_META).read_text())
+            if meta["spec"] != self.spec.as_dict():
+                why = "it was trained with other adapter settings"
+            elif meta["base"] != base_fingerprint(self.base_dir):
+                why = "it was trained on another base"
+        if why is None:
+            return folder, True
+        log.info(f"resume_from_checkpoint auto: not resuming {folder} ({why}); starting from {self.base_dir}")
+        return self.base_dir, False
+
+    def load(self, checkpointer: DocEVCheckpointer, resumed_from: Path | None) -> dict[str, Any]:
+        """The base state dict (``checkpointer`` reads the base), with a step folder's trained tensors and
+        recipe state laid over it when resuming."""
+        state = checkpointer.load_checkpoint()
+        if resumed_from is None:
+            return state
+        trained, meta = read_trained(resumed_from, self.spec)
+        if meta["base"] != base_fingerprint(self.base_dir):
+            raise PeftCheckpointError(
+                f"{resumed_from} was trained on another base than {self.base_dir} (config or weight files differ)"
+            )
+        state["model"].update(trained)
+        state.update(torch.load(Path(resumed_from) / RECIPE_STATE, map_location="cpu", weights_only=True))
+        return state
+
+    @staticmethod
+    def load_model(model: nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Fill the sharded model: base (+ trained) tensors; adapters the state dict lacks are initialised
+        (first run only). Raises when keys other than adapters are missing, or any is unexpected."""
+        adapters = set(get_adapter_params(model))
+        result = training.load_from_full_model_state_dict(model, state_dict, device, strict=False)
+        missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+        not_adapters = sorted(missing - adapters)
+        if not_adapters or unexpected:
+            raise PeftCheckpointError(
+                f"checkpoint does not fit the adapted model: missing {not_adapters[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        if missing and missing != adapters:
+            raise PeftCheckpointError(f"checkpoint holds some adapters but not {sorted(missing)[:5]}")
+        if not missing:
+            return
+        for m in model.modules():
+            if isinstance(m, LoRALinear | DoRALinear):
+                m.to_empty(device=device)
+                m.initialize_parameters()
+        for m in model.modules():
+            if isinstance(m, DoRALinear):
+                m.initialize_dora_magnitude()
+
+    def metadata(self) -> dict[str, Any]:
+        """``peft.json`` of a step folder: the adapter settings and the base they were trained on."""
+        if self._metadata is None:
+            base = base_fingerprint(self.base_dir)
+            self._metadata = {"spec": self.spec.as_dict(), "base": base, "base_dir": str(self.base_dir)}
+        return self._metadata
+
+
+def trained_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the parameters with ``requires_grad`` (the adapters and the fully trained groups),
+    matched by identity so that state-dict renames (``FusionEmbedding``) are followed."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return [k for k, v in model.state_dict(keep_vars=True).items() if id(v) in trainable]
+
+
+def trained_state_dict(model: nn.Module, is_rank_zero: bool) -> dict[str, torch.Tensor]:
+    """The trained parameters as full CPU tensors on rank 0 (empty elsewhere). Every rank must call it:
+    each sharded parameter is all-gathered, in the same order on every rank."""
+    out: dict[str, torch.Tensor] = {}
+    params = model.state_dict(keep_vars=True)
+    for key in trained_keys(model):
+        value = params[key].detach()
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if is_rank_zero:
+            out[key] = full.cpu().clone()
+    return out

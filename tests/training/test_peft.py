@@ -1,0 +1,95 @@
+"""Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the shards of
+test_recipe's ``data`` fixture. Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT steps and resumed; DoRA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_recipe import _args, _ok, _out, _train, data  # noqa: F401 - data is the shared shards fixture
+from torchtune.modules.peft import get_adapter_params
+
+from docev.models.docev import DocEVCheckpointer, latest_checkpoint, lora_docev_tiny
+from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE
+from docev.training.metrics import read_metrics
+
+STEPS = 14  # 2 epochs × 7 steps, as test_recipe
+STOP_AT = 6
+LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false",
+        "model.apply_lora_to_mlp=true", "model.lora_rank=4", "model.lora_alpha=8", "optimizer.lr=1e-2"]  # fmt: skip
+
+
+def _sha(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def peft_runs(data) -> dict:  # noqa: F811
+    base_sums = _sha(data["checkpoint"])
+    lora = _out(data, "lora")
+    _ok(_train(_args(data, lora, *LORA)))
+    split = _out(data, "lora-split")
+    _ok(_train(_args(data, split, *LORA, f"stop_after_steps={STOP_AT}")))
+    resumed = _train(_args(data, split, *LORA))
+    _ok(resumed)
+    dora = _out(data, "dora")
+    _ok(_train(_args(data, dora, *LORA, "model.use_dora=true", "epochs=1")))
+    return {"lora": lora, "split": split, "dora": dora, "log": resumed.stdout + resumed.stderr, "base": base_sums}
+
+
+def _expected_trained(**kwargs) -> set[str]:
+    model = lora_docev_tiny(apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8, **kwargs)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in trainable}, set(
+        get_adapter_params(model)
+    )
+
+
+@pytest.mark.parametrize("run, dora", [("lora", False), ("dora", True)])
+def test_adapter_run_trains_adapters_and_chosen_groups_only(peft_runs, data, run, dora):  # noqa: F811
+    out = peft_runs[run]
+    losses = [r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl")]
+    assert len(losses) == (STEPS if run == "lora" else STEPS // 2)
+    assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 0.3, losses
+
+    folder = latest_checkpoint(out / "checkpoints")
+    trained = load_file(str(folder / TRAINED_FILE))
+    expected, adapters = _expected_trained(use_dora=dora)
+    fusion = {"image_newline", "tok_embeddings.fusion_embedding.weight"}
+    assert set(trained) == expected and adapters <= expected and fusion <= expected
+    assert expected - adapters == fusion | {k for k in expected if k.startswith("connector.")}
+    assert any(k.endswith(".magnitude") for k in trained) == dora
+    assert not any(k.startswith(("encoder.", "decoder.layers.0.attn.k_proj")) for k in trained)
+    state = torch.load(folder / "recipe_state.pt", weights_only=True)
+    assert set(state["optimizer"]["state"]) == expected  # no frozen base tensor in the optimizer
+    # lora_b starts at zero and moved: the adapters trained
+    assert trained["decoder.layers.0.attn.q_proj.lora_b.weight"].abs().sum() > 0
+    meta = json.loads((folder / PEFT_META).read_text())
+    assert meta["spec"]["rank"] == 4 and meta["spec"]["alpha"] == 8 and meta["spec"]["use_dora"] == dora
+    assert meta["spec"]["targets"] == ["q_proj", "v_proj", "w1", "w2", "w3"]
+    assert meta["spec"]["method"] == ("dora" if dora else "lora") and meta["spec"]["trained_groups"] == ["fusion"]
+    assert _sha(data["checkpoint"]) == peft_runs["base"]  # the base checkpoint is read, never written
+    with pytest.raises(ValueError, match="is a checkpoint of an adapter run"):
+        DocEVCheckpointer(folder)
+
+
+def test_exact_resume_from_an_adapter_checkpoint(peft_runs):
+    assert f"Resuming from {peft_runs['split'] / 'checkpoints' / f'step_{STOP_AT}'}" in peft_runs["log"]
+    keys = ("step", "loss", "lr", "grad_norm", "num_tokens", "sampling_ratio", "tokens_seen")
+    full, split = (read_metrics(peft_runs[r] / "logs" / "metrics.jsonl") for r in ("lora", "split"))
+    assert [[r[k] for k in keys] for r in split] == [[r[k] for k in keys] for r in full]
+    a, b = (peft_runs[r] / "checkpoints" / f"step_{STEPS}" for r in ("lora", "split"))
+    ta, tb = (load_file(str(f / TRAINED_FILE)) for f in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    oa, ob = (torch.load(f / "recipe_state.pt", weights_only=True)["optimizer"]["state"] for f in (a, b))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
+
+
+def test_resume_refuses_other_adapter_settings(peft_runs, data):  # noqa: F811
+    out = peft_runs["split"]
+    proc = _train(_args(data, out, *LORA, "model.lora_rank=8", "resume_from_checkpoint=true"))
+    assert proc.returncode != 0
+    assert "rank: checkpoint 4, config 8" in proc.stdout + proc.stderr
