@@ -10,8 +10,9 @@ from conftest import tiny_config
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from docev.export import DocEVGenerator, ExportError, export_checkpoint, verify_checksums
+from docev.export import ExportError, export_checkpoint, verify_checksums
 from docev.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from docev.inference import DocEVGenerator
 from docev.models.docev import DocEVCheckpointer, docev_tune_to_hf, hf_config, lora_docev_tiny, tiny
 from docev.training.peft import PeftRun, trained_keys
 
