@@ -166,6 +166,11 @@ class DatasetSource(_Strict):
     )
     eval_records: int | None = Field(None, ge=1, description="At most this many held-out records of this source.")
 
+    @field_validator("source")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        return _check_store_url(v)
+
 
 class EvaluateSection(_Strict):
     """``docev evaluate``: greedy answers for the held-out split's assistant turns, scored (ANLS, EM, F1)."""
@@ -176,11 +181,6 @@ class EvaluateSection(_Strict):
     max_questions: int | None = Field(None, ge=1, description="Score only the first N questions (quick checks).")
     anls_threshold: float = Field(0.5, gt=0, le=1, description="DocVQA's τ: a normalised distance ≥ τ scores 0.")
     report_examples: int = Field(12, ge=0, description="Pages shown in the HTML report (largest changes first).")
-
-    @field_validator("source")
-    @classmethod
-    def _backend_installed(cls, v: str) -> str:
-        return _check_store_url(v)
 
 
 class DataloaderSection(_Strict):
