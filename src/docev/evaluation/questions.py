@@ -21,8 +21,8 @@ from torchtune.data import Message
 from docev.config import DocEVConfig
 from docev.data.messages import ufx_to_messages
 from docev.data.split import all_sources
+from docev.validate.outputs import iter_manifest
 from docev.validate.readers import read_at, source_name
-from docev.validate.runner import iter_manifest
 
 
 @dataclass
