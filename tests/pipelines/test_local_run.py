@@ -31,15 +31,19 @@ def test_outputs_exist_and_counts_add_up(first_run):
     accepted = sum(s["accepted"] for s in report["sources"].values())
     for s in report["sources"].values():
         assert s["accepted"] + s["rejected"] == s["read"]
-    assert shards["total_samples"] + sum(shards["dropped"].values()) == accepted
+    # the held-out split (tiny.yaml holds out 30% of the instruction pages) has its own shards
+    held_out = json.loads(outputs["shards"].with_name("eval").joinpath("manifest.json").read_text())
+    assert held_out["total_samples"] > 0
+    assert sum(sum(m["dropped"].values()) + m["total_samples"] for m in (shards, held_out)) == accepted
     # every synthetic record written is read, per source (24 instruction pages, a quarter as many pretraining)
     written = {d.name: len((Path(d.source) / "data.jsonl").read_text().splitlines()) for d in cfg.datasets}
     assert written == {"synthetic-instruct": 24, "synthetic-pretrain": 6}
     assert {name: s["read"] for name, s in report["sources"].items()} == written
     # and every accepted record is a stored sample or a named drop, per source
-    drops = Counter(json.loads(line)["source"] for line in outputs["shards"].with_name("dropped.jsonl").open())
+    folders = (outputs["shards"].parent, outputs["shards"].parent / "eval")
+    drops = Counter(json.loads(line)["source"] for f in folders for line in (f / "dropped.jsonl").open())
     stored = {name: s["accepted"] - drops[name] for name, s in report["sources"].items()}
-    assert shards["sources"] == {name: n for name, n in stored.items() if n}
+    assert Counter(shards["sources"]) + Counter(held_out["sources"]) == Counter(stored)
     assert [m["step"] for m in read_metrics(outputs["training metrics"]) if "loss" in m][-1] == 3
     # both evaluations on the same held-out questions, the HTML report, KFP metrics of each task
     root = outputs["evaluation report"].parents[1]
