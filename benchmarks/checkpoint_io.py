@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     from docev.config import load_config
     from docev.models.docev import DocEVCheckpointer, docev
     from docev.training.checkpoint_manager import CheckpointManager
-    from docev.training.recipe import shard_condition
+    from docev.training.parallelize import shard_condition
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

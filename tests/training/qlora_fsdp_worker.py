@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torchtune import training
 
 from docev.models.docev import docev_from_arch, tiny
+from docev.training.parallelize import shard_condition
 from docev.training.peft import PeftRun
-from docev.training.recipe import shard_condition
 
 # width 256: every NF4 weight holds >= 2 scaler blocks, so FSDP2 can shard its quantisation factors over 2 ranks
 ARCH = replace(tiny(), dim=256, kv_heads=4, mlp=512)
