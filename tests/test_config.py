@@ -172,5 +172,11 @@ def test_checkpoint_format_and_async():
     assert _errors(["checkpoint_format=hf", "enable_async_checkpointing=true"]) == [
         f"{TINY}: enable_async_checkpointing: needs checkpoint_format: dcp (is 'hf'): an hf save gathers to rank 0"
     ]
+    lora = CONFIGS / "tiny_lora.yaml"
+    assert load_config(lora).enable_async_checkpointing is False
+    assert _errors(["enable_async_checkpointing=true"], lora) == [
+        f"{lora}: enable_async_checkpointing: docev.models.docev.lora_docev_tiny saves only its adapter, gathered to "
+        "rank 0 and written at once (a few MB); set enable_async_checkpointing: false"
+    ]
     preview = load_config(CONFIGS / "docev_preview.yaml")
     assert (preview.checkpoint_format, preview.enable_async_checkpointing) == ("dcp", True)

@@ -635,6 +635,14 @@ class DocEVConfig(_Strict):
                     f"needs checkpoint_format: dcp (is {self.checkpoint_format!r}): an hf save gathers to rank 0",
                 )
             )
+        if self.enable_async_checkpointing and self.model.is_lora:
+            errors.append(
+                (
+                    "enable_async_checkpointing",
+                    f"{self.model.component} saves only its adapter, gathered to rank 0 and written at once (a few "
+                    "MB); set enable_async_checkpointing: false",
+                )
+            )
         errors += self._lora_checks()
         if self.dataloader.packed and self.dataloader.bucket_by_length:
             errors.append(
