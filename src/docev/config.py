@@ -54,6 +54,11 @@ class ModelSection(_Strict):
     patch_size: int | None = None
     max_num_tiles: int | None = None
     min_num_tiles: int | None = None
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto",
+        description="Mask of packed rows: flex (a BlockMask from document ids; fused kernel), sdpa (dense "
+        "block-causal mask; CPU training, as flex has no backward on CPU), auto (flex on CUDA sm75+).",
+    )
 
 
 class TokenizerSection(_Strict):
@@ -134,6 +139,12 @@ class DataloaderSection(_Strict):
     packed: bool = False
     merge_datasets: bool = True
     bucket_by_length: bool = False
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="Pad S to a multiple of this (bounded compiled graphs); packed rows: null pads them to "
+        "tokenizer.max_seq_len (one shape). S is always a multiple of the loss's num_output_chunks.",
+    )
     pin_memory: bool = False
     prefetch_factor: int | None = None
     verify_checksums: bool = Field(True, description="sha256 every shard when training starts (corrupt = error).")

@@ -343,7 +343,8 @@ class DocEVFinetuneRecipe:
         labels = batch["labels"].to(device)
         # Predict token t+1 at position t: shift the labels, not the logits (as torchtune's recipes do).
         labels = torch.hstack((labels[:, 1:], labels.new_full((labels.shape[0], 1), self._ignore_index)))
-        optional = {k: None if batch[k] is None else batch[k].to(device) for k in ("mask", "input_pos", "pixel_values")}
+        keys = ("mask", "input_pos", "document_ids", "pixel_values")
+        optional = {k: None if batch[k] is None else batch[k].to(device) for k in keys}
         if optional["pixel_values"] is not None:
             optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
         with self._activations_ctx:

@@ -18,6 +18,7 @@ from torchtune.modules import (
 from torchtune.modules.model_fusion import FusionEmbedding, register_fusion_module
 
 from docev.models.docev._arch import DocEVArch
+from docev.models.docev._attention import AttentionKind, attention_call
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel
 from docev.models.docev._vision import SiglipVisionEncoder
@@ -117,6 +118,7 @@ def docev_decoder(
             pos_embeddings=rope,
             max_seq_len=max_seq_len,
         )
+        attn._attention_call = attention_call  # BlockMasks reach flex attention on CPU too (torchtune: CUDA only)
         mlp = FeedForward(
             gate_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
             down_proj=nn.Linear(intermediate_dim, embed_dim, bias=False),
@@ -148,8 +150,10 @@ def docev(
     decoder_trainable: bool = True,
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
-    """The fused model at ``arch``'s widths; ``image_token_id`` defaults to the first fusion row."""
+    """The fused model at ``arch``'s widths; ``image_token_id`` defaults to the first fusion row.
+    ``attention``: how packed rows are masked (``_attention.py``)."""
     encoder = siglip_vision_encoder(
         tile_size=arch.tile_size,
         patch_size=arch.patch_size,
@@ -181,4 +185,5 @@ def docev(
         decoder_trainable=decoder_trainable,
         encoder_trainable=encoder_trainable,
         fusion_trainable=fusion_trainable,
+        attention=attention,
     )

@@ -17,6 +17,7 @@ from torch import nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import get_fusion_params
 
+from docev.models.docev._attention import AttentionKind, document_mask
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._vision import SiglipVisionEncoder
 from docev.vision.geometry import packed_grid, pooled_side, unpad_shape
@@ -78,6 +79,8 @@ class DocEVModel(nn.Module):
         decoder_trainable (bool): train the decoder group.
         encoder_trainable (bool): train the vision tower.
         fusion_trainable (bool): train the fusion group.
+        attention (AttentionKind): mask of packed rows, ``auto`` (flex on CUDA ≥ sm75, else dense), ``sdpa``
+            (dense mask) or ``flex`` (``BlockMask``); see ``_attention.py``.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class DocEVModel(nn.Module):
         decoder_trainable: bool = True,
         encoder_trainable: bool = False,
         fusion_trainable: bool = True,
+        attention: AttentionKind = "auto",
     ):
         super().__init__()
         self.tok_embeddings = decoder.tok_embeddings
@@ -107,6 +111,7 @@ class DocEVModel(nn.Module):
         self.image_token_id = image_token_id
         self.tile_size = tile_size
         self.patch_size = patch_size
+        self.attention = attention
         self.set_trainable(decoder=decoder_trainable, encoder=encoder_trainable, fusion=fusion_trainable)
 
     def fusion_params(self) -> list[str]:
@@ -169,6 +174,7 @@ class DocEVModel(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
@@ -181,6 +187,8 @@ class DocEVModel(nn.Module):
             mask (torch.Tensor | None): [B, S, S] bool document mask for packed rows (True = may attend);
                 with KV caches [B, S, cache length], the rows of a causal mask for the positions fed.
             input_pos (torch.Tensor | None): [B, S] position ids for packed rows (with caches: required).
+            document_ids (torch.Tensor | None): [B, S] document index of each token of packed rows (what the
+                collate ships instead of ``mask``); the block-causal mask is built from them on their device.
             pixel_values (torch.Tensor | None): [N_img, max_tiles, 3, T, T] normalised tiles in the model
                 dtype, images in order over the batch (row-major: row, then position); tile 0 = base,
                 then the grid row-major; tiles past 1 + rows·cols are padding and ignored.
@@ -200,6 +208,10 @@ class DocEVModel(nn.Module):
         else:
             features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio, is_image)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        if document_ids is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or document_ids, not both")
+            mask = document_mask(document_ids, self.attention)
         return self.decoder(embeds, mask=mask, input_pos=input_pos)
 
     def image_features(

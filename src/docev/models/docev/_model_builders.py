@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from docev.models.docev._arch import DocEVArch, preview, tiny
+from docev.models.docev._attention import AttentionKind
 from docev.models.docev._component_builders import docev
 from docev.models.docev._fusion import DocEVModel
 
@@ -26,6 +27,7 @@ def docev_from_arch(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """A model at ``arch``'s widths from the config's ``model`` section (what the fixed-size builders call)."""
     for name, value in (("tile_size", tile_size), ("patch_size", patch_size)):
@@ -39,6 +41,7 @@ def docev_from_arch(
         decoder_trainable=decoder_trainable,
         encoder_trainable=encoder_trainable,
         fusion_trainable=fusion_trainable,
+        attention=attention,
     )
 
 
@@ -51,6 +54,7 @@ def docev_preview(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """DocEV Preview (11.6B): SigLIP so400m/14 at 560 px, LDPv2, 48-layer Solar-mini decoder."""
     return docev_from_arch(preview(), **locals())
@@ -65,6 +69,7 @@ def docev_tiny(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """The same structure at toy widths (tests, local demo); matches ``docev init-checkpoint``."""
     return docev_from_arch(tiny(), **locals())
