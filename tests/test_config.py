@@ -147,3 +147,13 @@ def test_training_run_control_fields():
     assert err.startswith(f"{TINY}: stop_after_steps: ") and "greater than or equal to 1" in err
     (err,) = _errors(["train.collective_timeout_seconds=0"])
     assert err.startswith(f"{TINY}: train.collective_timeout_seconds: ") and "greater than 0" in err
+
+
+def test_sharding_and_attention_keys():
+    (err,) = _errors(["train.gradient_reduction=last_micro_batch_across_nodes"])  # tiny: one node, auto = full
+    assert err.startswith(f"{TINY}: train: ") and "needs hybrid sharding" in err
+    cfg = load_config(TINY, ["train.nnodes=2", "train.gradient_reduction=last_micro_batch_across_nodes"])
+    assert cfg.train.fsdp_strategy == "auto" and cfg.train.gradient_reduction == "last_micro_batch_across_nodes"
+    assert any("fsdp_strategy" in e for e in _errors(["train.fsdp_strategy=zero3"]))
+    assert any("model.attention" in e for e in _errors(["model.attention=flash"]))
+    assert any("pad_to_multiple_of" in e for e in _errors(["dataloader.pad_to_multiple_of=0"]))

@@ -257,6 +257,29 @@ class TrainSection(_Strict):
         description="Process-group timeout: a collective waiting longer on a silent rank fails the job instead "
         "of hanging it (torchrun already stops every rank when one exits).",
     )
+    fsdp_strategy: Literal["auto", "full", "hybrid"] = Field(
+        "auto",
+        description="FSDP2 mesh: full (shard over all ranks) or hybrid (shard within a node of nproc_per_node "
+        "ranks, replicate across nodes); auto = hybrid when nnodes > 1.",
+    )
+    gradient_reduction: Literal["every_micro_batch", "last_micro_batch", "last_micro_batch_across_nodes"] = Field(
+        "every_micro_batch",
+        description="When gradients are reduced within a step: every micro-batch; only the last (no collective "
+        "before it, but every rank holds unsharded gradients of all trainable parameters in between); or "
+        "(hybrid) reduce-scatter in the node every micro-batch, all-reduce across nodes on the last only.",
+    )
+
+    @model_validator(mode="after")
+    def _reduction_needs_hybrid(self) -> TrainSection:
+        from docev.training.sharding import resolve_strategy
+
+        hybrid = resolve_strategy(self.fsdp_strategy, self.nnodes) == "hybrid"
+        if self.gradient_reduction == "last_micro_batch_across_nodes" and not hybrid:
+            raise ValueError(
+                "gradient_reduction: last_micro_batch_across_nodes needs hybrid sharding (fsdp_strategy hybrid, "
+                "or auto with nnodes > 1); with full sharding use last_micro_batch"
+            )
+        return self
 
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -12,13 +12,9 @@ one-process group. What differs from torchtune's stock recipe, and why:
   next sample and repeats the interrupted run's losses bit for bit (CPU, fp32).
 - **Loss normalised by the loss tokens of the whole step** across ranks and micro-batches (not by
   micro-batch count), as torchtune does; the counts come with the batch, so no extra sync.
-- **FSDP units are the modules every rank calls exactly once per micro-batch**: each decoder layer and
-  the token embedding. The rest stays in the root unit (gathered once per micro-batch): the vision
-  path, because a rank whose micro-batch holds no image skips it, and the output projection, because
-  chunked output calls it ``ceil``-many times, which depends on the rank's sequence length (33 tokens
-  in 8 chunks make 7 calls). Sharded separately, either would issue all-gathers the other ranks do
-  not match (a collective mismatch or a hang). ``set_reduce_scatter_unused_params`` makes image-less
-  ranks contribute zero gradients for the connector, so every rank reduces the same tensors.
+- **FSDP layout in ``sharding.py``**: full or hybrid (shard in the node, replicate across nodes) sharding,
+  the frozen vision tower replicated instead of gathered every micro-batch, and gradient reduction every
+  micro-batch or only on a step's last (``train.fsdp_strategy``, ``train.gradient_reduction``).
 - **Clean failure**: a non-finite loss or gradient norm stops every rank at that step, naming the
   step and the samples; collectives time out after ``train.collective_timeout_seconds``.
 """
@@ -30,7 +26,6 @@ import copy
 import gc
 import math
 import os
-import re
 import socket
 import sys
 import time
@@ -68,11 +63,9 @@ from docev.training.checkpointing import (
     start_folder,
 )
 from docev.training.metrics import MetricsLog, wandb_mode
+from docev.training.sharding import apply_fsdp, build_mesh, resolve_strategy, sync_gradients
 
 log = utils.get_logger("INFO")
-
-_SHARDED_UNITS = re.compile(r"decoder\.layers\.\d+|tok_embeddings")
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank, naming the step and samples."""
@@ -81,12 +74,6 @@ class NonFiniteLossError(RuntimeError):
 def component(cfg: DocEVConfig, name: str) -> DictConfig:
     """A ``_component_`` section as the DictConfig ``torchtune.config.instantiate`` takes."""
     return OmegaConf.create(cfg.to_dict()[name])
-
-
-def shard_condition(name: str, module: torch.nn.Module) -> bool:
-    """FSDP units besides the root: each decoder layer and the token embedding. Modules a rank may call a
-    different number of times than another stay in the root unit (see the module docstring)."""
-    return _SHARDED_UNITS.fullmatch(name) is not None
 
 
 @dataclass
@@ -218,8 +205,11 @@ class DocEVFinetuneRecipe:
             training.compile_model(model, verbose=self._is_rank_zero)
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-        training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
-        model.set_reduce_scatter_unused_params(True)
+        strategy = resolve_strategy(cfg.train.fsdp_strategy, cfg.train.nnodes)
+        self._hybrid = strategy == "hybrid"
+        per_node = cfg.train.nproc_per_node if self._hybrid else self.world_size
+        apply_fsdp(model, build_mesh(strategy, world_size=self.world_size, ranks_per_node=per_node,
+                                     device_type=self._device.type))  # fmt: skip
         training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
@@ -339,6 +329,8 @@ class DocEVFinetuneRecipe:
 
     def _forward_backward(self, batch: dict[str, Any], step: _Step) -> None:
         """One micro-batch: forward, loss summed over its loss tokens, backward."""
+        last = len(step.losses) + 1 == self._gradient_accumulation_steps
+        sync_gradients(self._model, self.cfg.train.gradient_reduction, last=last, hybrid=self._hybrid)
         device = self._device
         labels = batch["labels"].to(device)
         # Predict token t+1 at position t: shift the labels, not the logits (as torchtune's recipes do).

@@ -12,7 +12,6 @@ from torchtune.modules import (
     MultiHeadAttention,
     RMSNorm,
     RotaryPositionalEmbeddings,
-    TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
 from torchtune.modules.model_fusion import FusionEmbedding, register_fusion_module
@@ -21,6 +20,7 @@ from docev.models.docev._arch import DocEVArch
 from docev.models.docev._attention import AttentionKind, attention_call
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel
+from docev.models.docev._output import ChunkedOutputProjection, DocEVDecoder
 from docev.models.docev._vision import SiglipVisionEncoder
 
 
@@ -99,9 +99,10 @@ def docev_decoder(
     max_seq_len: int,
     rope_base: float,
     norm_eps: float = 1e-5,
-) -> TransformerDecoder:
+) -> DocEVDecoder:
     """Llama decoder (GQA, SwiGLU, RMSNorm, RoPE) with ``fusion_vocab_size`` trainable extra embedding
-    rows and an untied output of ``vocab_size + fusion_vocab_size`` rows."""
+    rows and an untied output of ``vocab_size + fusion_vocab_size`` rows (projected in one call for all loss
+    chunks, see ``_output.py``)."""
     head_dim = embed_dim // num_heads
     rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = nn.ModuleList()
@@ -132,14 +133,14 @@ def docev_decoder(
                 mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
             )
         )
-    return TransformerDecoder(
+    return DocEVDecoder(
         tok_embeddings=FusionEmbedding(vocab_size, fusion_vocab_size, embed_dim),
         layers=layers,
         max_seq_len=max_seq_len,
         num_heads=num_heads,
         head_dim=head_dim,
         norm=RMSNorm(embed_dim, eps=norm_eps),
-        output=nn.Linear(embed_dim, vocab_size + fusion_vocab_size, bias=False),
+        output=ChunkedOutputProjection(embed_dim, vocab_size + fusion_vocab_size, bias=False),
     )
 
 
