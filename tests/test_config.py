@@ -150,8 +150,11 @@ def test_training_run_control_fields():
 
 
 def test_sharding_and_attention_keys():
-    (err,) = _errors(["train.gradient_reduction=last_micro_batch_across_nodes"])  # tiny: one node, auto = full
-    assert err.startswith(f"{TINY}: train: ") and "needs hybrid sharding" in err
+    (err,) = _errors(
+        ["train.nnodes=2", "train.fsdp_strategy=full", "train.gradient_reduction=last_micro_batch_across_nodes"]
+    )
+    assert err.startswith(f"{TINY}: train: ") and "needs hybrid sharding across nodes" in err
+    assert load_config(TINY, ["train.gradient_reduction=last_micro_batch_across_nodes"])  # one node: nothing to defer
     cfg = load_config(TINY, ["train.nnodes=2", "train.gradient_reduction=last_micro_batch_across_nodes"])
     assert cfg.train.fsdp_strategy == "auto" and cfg.train.gradient_reduction == "last_micro_batch_across_nodes"
     assert any("fsdp_strategy" in e for e in _errors(["train.fsdp_strategy=zero3"]))

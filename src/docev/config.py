@@ -171,6 +171,7 @@ class PreprocessSection(_Strict):
 # Kubernetes object names: DNS-1123 labels (namespaces) and subdomains (most other objects).
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 def _k8s_name(value: str | None, pattern: re.Pattern[str], limit: int, what: str) -> str | None:
@@ -218,11 +219,40 @@ class Resources(StepResources):
     gpu_resource: str = "nvidia.com/gpu"
     gpu_type: str | None = None
     shm_size: str = Field("16Gi", description="Size limit of the memory-backed /dev/shm (counts against memory).")
+    extra: dict[str, str] = Field(
+        {},
+        description="Extra device resources per pod, e.g. {'rdma/ib': '1'} for an RDMA/InfiniBand device plugin "
+        "(requests = limits). Off by default.",
+    )
+    ipc_lock: bool = Field(
+        False,
+        description="Add the IPC_LOCK capability (RDMA needs to pin memory); every other capability stays dropped.",
+    )
 
     @field_validator("shm_size")
     @classmethod
     def _shm_quantity(cls, v: str) -> str:
         return _positive_quantity(v)
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _extra_resources(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, amount in v.items():
+            if not isinstance(name, str) or not _EXTENDED_RESOURCE.match(name):
+                raise ValueError(f"{name!r} is not an extended resource name (domain/name, e.g. rdma/ib)")
+            if name.split("/")[0].endswith("kubernetes.io"):
+                raise ValueError(f"{name!r}: kubernetes.io resources are not extended resources")
+            out[name] = _positive_quantity(str(amount))
+        return out
+
+    @model_validator(mode="after")
+    def _gpu_not_extra(self) -> Resources:
+        if self.gpu_resource in self.extra:
+            raise ValueError(f"extra: {self.gpu_resource} is the GPU resource; set it with gpu")
+        return self
 
 
 class RunPolicy(_Strict):
@@ -257,6 +287,10 @@ class TrainSection(_Strict):
         description="Process-group timeout: a collective waiting longer on a silent rank fails the job instead "
         "of hanging it (torchrun already stops every rank when one exits).",
     )
+    nccl_env: dict[str, str] = Field(
+        {},
+        description="NCCL_* variables for the training pods (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME); off by default.",
+    )
     fsdp_strategy: Literal["auto", "full", "hybrid"] = Field(
         "auto",
         description="FSDP2 mesh: full (shard over all ranks) or hybrid (shard within a node of nproc_per_node "
@@ -269,15 +303,25 @@ class TrainSection(_Strict):
         "(hybrid) reduce-scatter in the node every micro-batch, all-reduce across nodes on the last only.",
     )
 
+    @field_validator("nccl_env", mode="before")
+    @classmethod
+    def _nccl_names(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            bad = [k for k in v if not isinstance(k, str) or not re.fullmatch(r"NCCL_[A-Z0-9_]+", k)]
+            if bad:
+                raise ValueError(f"{bad}: only NCCL_* variables (upper case) go here")
+            return {k: str(val) for k, val in v.items()}
+        return v
+
     @model_validator(mode="after")
     def _reduction_needs_hybrid(self) -> TrainSection:
         from docev.training.sharding import resolve_strategy
 
-        hybrid = resolve_strategy(self.fsdp_strategy, self.nnodes) == "hybrid"
-        if self.gradient_reduction == "last_micro_batch_across_nodes" and not hybrid:
+        full = resolve_strategy(self.fsdp_strategy, self.nnodes) == "full"
+        if self.gradient_reduction == "last_micro_batch_across_nodes" and full and self.nnodes > 1:
             raise ValueError(
-                "gradient_reduction: last_micro_batch_across_nodes needs hybrid sharding (fsdp_strategy hybrid, "
-                "or auto with nnodes > 1); with full sharding use last_micro_batch"
+                "gradient_reduction: last_micro_batch_across_nodes needs hybrid sharding across nodes (full "
+                "sharding reduce-scatters across nodes every micro-batch); use last_micro_batch"
             )
         return self
 

@@ -19,7 +19,7 @@ import torch
 
 from docev.models.docev import docev_tiny
 from docev.training.comm_volume import Collective
-from docev.training.sharding import build_mesh, resolve_strategy, sync_gradients
+from docev.training.sharding import build_mesh, resolve_strategy
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 NODE0, REPLICAS0 = (0, 1), (0, 2)  # rank 0's shard group (its node) and replicate group (across nodes)
@@ -109,5 +109,3 @@ def test_strategy_and_mesh_errors():
     assert resolve_strategy("full", 4) == "full"
     with pytest.raises(ValueError, match="not a multiple of train.nproc_per_node = 4"):
         build_mesh("hybrid", world_size=6, ranks_per_node=4, device_type="cpu")
-    with pytest.raises(ValueError, match="needs train.fsdp_strategy hybrid"):
-        sync_gradients(torch.nn.Module(), "last_micro_batch_across_nodes", last=False, hybrid=False)

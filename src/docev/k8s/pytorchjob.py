@@ -151,9 +151,12 @@ def _container(cfg: DocEVConfig, config_path: str, overrides: list[str] | tuple[
                 "valueFrom": {"secretKeyRef": {"name": k8s.wandb_secret, "key": k8s.wandb_secret_key}},
             }
         )
-    limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    env += [{"name": k, "value": v} for k, v in sorted(train.nccl_env.items())]
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory, **res.extra}
+    limits: dict[str, str] = dict(requests)
     if res.gpu:
         limits[res.gpu_resource] = str(res.gpu)
+    capabilities: dict[str, list[str]] = {"drop": ["ALL"], **({"add": ["IPC_LOCK"]} if res.ipc_lock else {})}
     mounts = [
         {"name": m.volume, "mountPath": m.mount_path, **({"subPath": m.sub_path} if m.sub_path else {})}
         for m in volume_mounts(cfg)
@@ -166,9 +169,9 @@ def _container(cfg: DocEVConfig, config_path: str, overrides: list[str] | tuple[
         "command": training_command(config_path, overrides),
         "env": env,
         # requests = limits: Guaranteed QoS, so a node under memory pressure evicts other pods first.
-        "resources": {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits},
+        "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": capabilities},
     }
 
 

@@ -332,20 +332,24 @@ class DocEVFinetuneRecipe:
         last = len(step.losses) + 1 == self._gradient_accumulation_steps
         sync_gradients(self._model, self.cfg.train.gradient_reduction, last=last, hybrid=self._hybrid)
         device = self._device
-        labels = batch["labels"].to(device)
+        # image slots checked on the host copy: forward then reads no token value (no device sync)
+        self._model.check_inputs(*(batch[k] for k in ("tokens", "pixel_values", "image_sizes", "image_grids")),
+                                 batch["sampling_ratio"])  # fmt: skip
+        labels = batch["labels"].to(device, non_blocking=True)  # from pinned memory: an async copy
         # Predict token t+1 at position t: shift the labels, not the logits (as torchtune's recipes do).
         labels = torch.hstack((labels[:, 1:], labels.new_full((labels.shape[0], 1), self._ignore_index)))
         keys = ("mask", "input_pos", "document_ids", "pixel_values")
-        optional = {k: None if batch[k] is None else batch[k].to(device) for k in keys}
+        optional = {k: None if batch[k] is None else batch[k].to(device, non_blocking=True) for k in keys}
         if optional["pixel_values"] is not None:
             optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
         with self._activations_ctx:
             logits = self._model(
-                batch["tokens"].to(device),
+                batch["tokens"].to(device, non_blocking=True),
                 **optional,
                 image_sizes=batch["image_sizes"],
                 image_grids=batch["image_grids"],
                 sampling_ratio=batch["sampling_ratio"],
+                inputs_checked=True,
             )
         n_loss = batch["num_loss_tokens"]
         if n_loss:
@@ -418,6 +422,8 @@ class DocEVFinetuneRecipe:
                 "step_seconds": compute_seconds,
                 "epoch": epoch,
             }
+            if self.cfg.compile:  # bounded by the padding buckets (dataloader.pad_to_multiple_of, packed rows)
+                metrics["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             if self._log_peak_memory_stats:
                 metrics.update(training.get_memory_stats(device=self._device))
             self._metrics.log(metrics, step=self.global_step)

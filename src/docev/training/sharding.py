@@ -12,17 +12,18 @@ Why each choice (numbers: ``benchmarks/comm_volume.py``, docs/architecture.md "S
   without any collective to mismatch. Cost: the tower in bf16 on every rank (0.83 GB at preview size) instead
   of 1/N of it. A trainable tower stays in the root unit, sharded and trained as before.
 - **Units.** Each decoder layer and the token embedding (every rank calls them once per micro-batch), and the
-  output projection, which projects every loss chunk in one call (``ChunkedOutputProjection``: called once
-  per chunk, as torchtune does, FSDP would reduce-scatter and re-gather it per chunk); it and the root are
+  output projection, which projects every loss chunk in one call (``ChunkedOutputProjection``, models/docev/
+  _layers.py; called once per chunk, as torchtune does, FSDP would reduce-scatter and re-gather it per
+  chunk); it and the root are
   not resharded between forward and backward (backward starts with them). The root holds the rest (final
   norm, connector, ``image_newline``; a trainable tower): a rank whose micro-batch has no image skips the
   vision path, so it cannot be a unit of its own.
 - **Gradient reduction** (``train.gradient_reduction``): ``every_micro_batch`` reduces each micro-batch;
   ``last_micro_batch_across_nodes`` (hybrid) reduce-scatters within the node every micro-batch and all-reduces
-  across nodes only on the step's last one (no extra memory); ``last_micro_batch`` skips every reduction
-  until the last micro-batch (``set_requires_gradient_sync``): each rank then holds the unsharded gradients of
-  every trainable parameter between micro-batches (2 bytes × trainable parameters in bf16: ~23 GB at preview
-  size, instead of 1/N of it).
+  across nodes only on the step's last one (no extra memory; on one node it is ``every_micro_batch``);
+  ``last_micro_batch`` skips every reduction until the last micro-batch (``set_requires_gradient_sync``): each
+  rank then holds the unsharded gradients of every trainable parameter between micro-batches (2 bytes ×
+  trainable parameters in bf16: ~23 GB at preview size, instead of 1/N of it).
 """
 
 from __future__ import annotations
@@ -100,10 +101,5 @@ def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hy
     """Before each micro-batch's forward: whether its backward reduces gradients (``last``: the step's last)."""
     if mode == "last_micro_batch":
         model.set_requires_gradient_sync(last)
-    elif mode == "last_micro_batch_across_nodes":
-        if not hybrid:
-            raise ValueError(
-                "train.gradient_reduction: last_micro_batch_across_nodes needs train.fsdp_strategy hybrid (with "
-                "full sharding there is no separate cross-node all-reduce); use last_micro_batch"
-            )
+    elif mode == "last_micro_batch_across_nodes" and hybrid:  # one node, full sharding: nothing crosses nodes
         model.set_requires_all_reduce(last)

@@ -14,13 +14,13 @@ from torchtune.modules import (
     RotaryPositionalEmbeddings,
     TransformerSelfAttentionLayer,
 )
-from torchtune.modules.model_fusion import FusionEmbedding, register_fusion_module
+from torchtune.modules.model_fusion import register_fusion_module
 
 from docev.models.docev._arch import DocEVArch
 from docev.models.docev._attention import AttentionKind, attention_call
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel
-from docev.models.docev._output import ChunkedOutputProjection, DocEVDecoder
+from docev.models.docev._layers import ChunkedOutputProjection, DocEVDecoder, SyncFreeFusionEmbedding
 from docev.models.docev._vision import SiglipVisionEncoder
 
 
@@ -134,7 +134,7 @@ def docev_decoder(
             )
         )
     return DocEVDecoder(
-        tok_embeddings=FusionEmbedding(vocab_size, fusion_vocab_size, embed_dim),
+        tok_embeddings=SyncFreeFusionEmbedding(vocab_size, fusion_vocab_size, embed_dim),
         layers=layers,
         max_seq_len=max_seq_len,
         num_heads=num_heads,

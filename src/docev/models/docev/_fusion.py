@@ -179,6 +179,7 @@ class DocEVModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         sampling_ratio: int | None = None,
+        inputs_checked: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits [B, S, vocab + fusion] (a list of chunks after ``set_num_output_chunks``).
 
@@ -195,18 +196,18 @@ class DocEVModel(nn.Module):
             image_sizes (torch.Tensor | None): [N_img, 2] original (height, width).
             image_grids (torch.Tensor | None): [N_img, 2] (rows, cols) of the grid, base tile not counted.
             sampling_ratio (int | None): pooling ratio for every image of the batch.
+            inputs_checked (bool): the caller ran ``check_inputs`` on the host copy of the batch (the recipe
+                does, before the copy to the device), so forward does no host-syncing check of its own.
 
         Raises:
             ValueError: when ``<image>`` tokens and image features disagree, naming the batch row.
         """
+        if not inputs_checked:
+            self.check_inputs(tokens, pixel_values, image_sizes, image_grids, sampling_ratio)
         embeds = self.tok_embeddings(tokens)
-        is_image = tokens == self.image_token_id
-        if pixel_values is None:
-            rows = is_image.any(dim=1).nonzero().flatten().tolist()
-            if rows:
-                raise ValueError(f"batch row(s) {rows} hold <image> tokens but the batch has no pixel_values")
-        else:
-            features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio, is_image)
+        if pixel_values is not None:
+            is_image = tokens == self.image_token_id
+            features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
         if document_ids is not None:
             if mask is not None:
@@ -214,29 +215,47 @@ class DocEVModel(nn.Module):
             mask = document_mask(document_ids, self.attention)
         return self.decoder(embeds, mask=mask, input_pos=input_pos)
 
-    def image_features(
+    def check_inputs(
         self,
-        pixel_values: torch.Tensor,
+        tokens: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
         image_grids: torch.Tensor | None,
         sampling_ratio: int | None,
-        is_image: torch.Tensor,
-    ) -> torch.Tensor:
-        """Packed features of every image, checked against the ``<image>`` slots before any compute."""
+    ) -> None:
+        """``<image>`` slots against the images, before any compute; errors name the batch row. Reads token
+        values on the host, so the recipe runs it on the CPU batch, not on the device copy (a sync per call)."""
+        is_image = tokens == self.image_token_id
+        if pixel_values is None:
+            rows = is_image.any(dim=1).nonzero().flatten().tolist()
+            if rows:
+                raise ValueError(f"batch row(s) {rows} hold <image> tokens but the batch has no pixel_values")
+            return
         if image_sizes is None or image_grids is None or sampling_ratio is None:
             raise ValueError("pixel_values needs image_sizes, image_grids and sampling_ratio")
         n_img, max_tiles = pixel_values.shape[:2]
         sizes, grids = image_sizes.tolist(), image_grids.tolist()
         if len(sizes) != n_img or len(grids) != n_img:
             raise ValueError(f"{n_img} images in pixel_values, {len(sizes)} image_sizes, {len(grids)} image_grids")
-        tiles_per_image = [1 + r * c for r, c in grids]
-        for i, n in enumerate(tiles_per_image):
-            if n > max_tiles:
-                raise ValueError(f"image {i}: grid {grids[i]} needs {n} tiles, pixel_values holds {max_tiles}")
+        for i, (r, c) in enumerate(grids):
+            if 1 + r * c > max_tiles:
+                raise ValueError(f"image {i}: grid {grids[i]} needs {1 + r * c} tiles, pixel_values holds {max_tiles}")
         side = pooled_side(self.tile_size, self.patch_size, sampling_ratio)
         check_image_slots(is_image, image_feature_counts(sizes, grids, side))
 
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_grids: torch.Tensor,
+        sampling_ratio: int,
+    ) -> torch.Tensor:
+        """Packed features of every image (``image_sizes``/``image_grids`` on the host: no device sync)."""
+        sizes, grids = image_sizes.tolist(), image_grids.tolist()
+        tiles_per_image = [1 + r * c for r, c in grids]
         tiles = torch.cat([pixel_values[i, :n] for i, n in enumerate(tiles_per_image)])
+        # the tile count changes every batch: one compiled graph for all counts instead of one per count
+        torch._dynamo.maybe_mark_dynamic(tiles, 0)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             vision = self.encoder(tiles)
