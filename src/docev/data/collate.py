@@ -26,6 +26,7 @@ import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from docev.data.transform import expand_placeholders
+from docev.models.docev._attention import computed_attention_pairs
 from docev.vision.geometry import num_image_tokens
 from docev.vision.tiling import normalize
 
@@ -121,5 +122,7 @@ class DocEVCollate:
         batch.update(
             tokens=tokens, labels=labels, sampling_ratio=ratio, sample_ids=[s["id"] for s in samples],
             num_tokens=sum(lengths), num_loss_tokens=int((labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()),
+            attention_pairs=sum(computed_attention_pairs([len(t) for t, _ in docs], s_len, 128 if self.packed else None)
+                                for docs in rows.values()),  # what the attention kernel computes, for MFU
         )  # fmt: skip
         return batch

@@ -87,6 +87,7 @@ class _Step:
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
     tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
+    attention_pairs: int = 0  # query-key pairs the attention kernel computes (flex: whole blocks), for MFU
 
 
 class DocEVFinetuneRecipe:
@@ -366,17 +367,18 @@ class DocEVFinetuneRecipe:
         step.tokens += int(batch["num_tokens"])
         step.loss_tokens += int(n_loss)
         step.slots += batch["tokens"].numel()
+        step.attention_pairs += batch["attention_pairs"]
         if batch["image_grids"] is not None:
             step.tiles += sum(1 + rows * cols for rows, cols in batch["image_grids"].tolist())
 
     def _optimizer_step(self, step: _Step, epoch: int, compute_seconds: float, pbar: tqdm) -> None:
         losses = torch.stack(step.losses)
         bad = ~torch.isfinite(losses)
-        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles]
+        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles, step.attention_pairs]
         counts = torch.tensor(counts, dtype=torch.float64, device=self._device)
         totals = torch.cat([losses.sum().double().reshape(1), bad.sum().double().reshape(1), counts])
         dist.all_reduce(totals)  # one collective: loss sum, non-finite micro-batches, token counts
-        loss_sum, n_bad, tokens, loss_tokens, slots, tiles = totals.tolist()
+        loss_sum, n_bad, tokens, loss_tokens, slots, tiles, pairs = totals.tolist()
         if n_bad or not math.isfinite(loss_sum):
             ids = [i for flag, i in zip(bad.tolist(), step.sample_ids, strict=True) if flag]
             self._fail(f"loss is {loss_sum / max(loss_tokens, 1)}", ids)
@@ -418,6 +420,7 @@ class DocEVFinetuneRecipe:
                 "num_tokens": int(tokens),
                 "num_loss_tokens": int(loss_tokens),
                 "num_tiles": int(tiles),
+                "attention_pairs": int(pairs),
                 "tokens_seen": self.tokens_seen,
                 "step_seconds": compute_seconds,
                 "epoch": epoch,

@@ -7,7 +7,13 @@ from torch.nn.attention.flex_attention import BlockMask
 from torchtune.modules.attention_utils import create_block_causal_mask
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from docev.models.docev._attention import dense_document_mask, document_block_mask, document_mask, use_flex
+from docev.models.docev._attention import (
+    computed_attention_pairs,
+    dense_document_mask,
+    document_block_mask,
+    document_mask,
+    use_flex,
+)
 
 from .conftest import ARCH
 
@@ -96,3 +102,15 @@ def test_mask_and_document_ids_together_are_refused(tiny_model):
     tokens, docs, pos = _packed()
     with pytest.raises(ValueError, match="either mask or document_ids"):
         tiny_model(tokens, mask=dense_document_mask(docs), document_ids=docs, input_pos=pos)
+
+
+@pytest.mark.parametrize("lens", [[300, 200, 12], [128, 128, 256], [640]])
+def test_computed_pairs_count_the_block_masks_blocks(lens):
+    """The MFU count of ``computed_attention_pairs`` against the blocks flex's BlockMask actually visits."""
+    s = 640
+    docs = torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(lens)])
+    docs = torch.cat([docs, torch.full((s - docs.numel(),), -1, dtype=torch.int32)])[None]
+    block = document_block_mask(docs)
+    visited = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
+    assert computed_attention_pairs(lens, s) == visited * 128 * 128
+    assert computed_attention_pairs(lens, s, block=None) == s * (s + 1) // 2
