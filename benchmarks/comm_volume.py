@@ -3,12 +3,15 @@ previous layout: full sharding, the vision tower in the root unit, reduction eve
 (``docev.training.sharding``: hybrid across nodes, frozen tower replicated, output projection its own unit,
 cross-node reduction on the last micro-batch).
 
-How it is measured. Four CPU ranks (gloo) train two micro-batches of a reduced-depth, full-width DocEV
-(1 decoder layer, 2 vision layers: the released widths, 4096 / 14336 / 1152; vocabulary cut to 1088 rows to fit
-the box) under each layout -- 1 × 4 for full sharding, 2 × 2 for hybrid -- and ``CollectiveCounter`` records
-every c10d collective: kind, group, payload. Each payload is attributed to the FSDP unit it moves (decoder
-layer, embedding/output, root) by its size, then extrapolated: the unit's size at preview scale (48 layers,
-27 vision layers, 64064 vocabulary rows, from the model built on the meta device), the ring cost
+How it is measured. Four CPU ranks (gloo) train two micro-batches of a reduced DocEV (1 decoder layer, 2
+vision layers, 1/8 of the released widths, 1088 vocabulary rows) under each layout -- 1 × 4 for full
+sharding, 2 × 2 for hybrid -- and ``CollectiveCounter`` records every c10d collective: kind, group, payload.
+(At full width the four ranks move ~1.5 GB each per micro-batch through gloo on loopback, which the shared
+2-core box could not finish in 15 minutes; what FSDP sends is set by the unit plan, not by the widths, and
+tests/training/test_sharding.py checks that every payload equals its unit's padded size.) Each payload is
+attributed to the FSDP unit it moves (decoder layer, embedding/output, root) by its size, then extrapolated:
+the unit's size at preview scale (48 layers, 27 vision layers, 4096 / 14336 / 1152 wide, 64064 vocabulary
+rows, from the model built on the meta device), the ring cost
 ``(n-1)/n`` (twice for all-reduce) for the group size ``n`` of the target mesh, and micro-batches: the first
 ``gradient_accumulation_steps - 1`` like the counted first one, the last like the counted last one.
 "Cross-node" counts the bytes of collectives whose group spans nodes (full sharding over several nodes: all of
@@ -41,7 +44,8 @@ from docev.training.comm_volume import CollectiveCounter
 from docev.training.sharding import apply_fsdp, build_mesh, sync_gradients
 
 SIM_RANKS, SIM_PER_NODE = 4, 2
-REDUCED = {"layers": 1, "vision_layers": 2, "vocab_size": 1024}
+REDUCED = {"layers": 1, "vision_layers": 2, "vocab_size": 1024, "dim": 512, "heads": 4, "kv_heads": 1, "mlp": 1792,
+           "vision_width": 144, "vision_heads": 2, "vision_mlp": 538}  # fmt: skip
 # name: (plan, strategy, gradient_reduction)
 SCENARIOS = {
     "before": ("legacy", "full", "every_micro_batch"),
@@ -64,18 +68,23 @@ def legacy_plan(model, mesh) -> None:
     model.set_reduce_scatter_unused_params(True)
 
 
-def units(model, plan: str) -> dict[str, int]:
-    """Parameter count of each FSDP unit class of ``plan`` (``layer`` is one decoder layer)."""
-    total = sum(p.numel() for p in model.parameters())
-    layer = sum(p.numel() for p in model.decoder.layers[0].parameters())
+def units(model, plan: str, trainable: bool = False) -> dict[str, int]:
+    """Parameter count of each FSDP unit class of ``plan`` (``layer`` is one decoder layer); ``trainable``:
+    only parameters with gradients (what reduce-scatter and all-reduce move)."""
+
+    def count(params) -> int:
+        return sum(p.numel() for p in params if p.requires_grad or not trainable)
+
+    total = count(model.parameters())
+    layer = count(model.decoder.layers[0].parameters())
     layers = layer * len(model.decoder.layers)
-    embed = sum(p.numel() for p in model.tok_embeddings.parameters())
+    embed = count(model.tok_embeddings.parameters())
     out = {"layer": layer, "embedding": embed}
     if plan == "legacy":
         out["root"] = total - layers - embed
         return out
-    output = model.decoder.output.weight.numel()
-    tower = sum(p.numel() for p in model.encoder.parameters())  # frozen: replicated, in no unit
+    output = count(model.decoder.output.parameters())
+    tower = count(model.encoder.parameters())  # frozen: replicated, in no unit
     out.update(output=output, root=total - layers - embed - output - tower)
     return out
 
@@ -83,7 +92,7 @@ def units(model, plan: str) -> dict[str, int]:
 def _batch() -> dict:
     """A 64-token text micro-batch. Which collectives FSDP issues, and their sizes, do not depend on the
     batch (the root holds the connector either way; the frozen tower is gathered in the root before, not at
-    all after), so no image is run: the tower's forward at full width is too slow for these CPU ranks."""
+    all after), so no image is run."""
     gen = torch.Generator().manual_seed(0)
     return {"tokens": torch.randint(0, 1000, (1, 64), generator=gen),
             "labels": torch.randint(0, 1000, (1, 64), generator=gen)}  # fmt: skip
@@ -152,7 +161,8 @@ def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, g
     """Bytes per rank per optimizer step at nnodes × per_node, by collective, plus ``cross_node``."""
     arch_small, arch_full = replace(preview(), **REDUCED), preview()
     with torch.device("meta"):
-        small, full = units(docev_from_arch(arch_small), plan), units(docev_from_arch(arch_full), plan)
+        small_model, full_model = docev_from_arch(arch_small), docev_from_arch(arch_full)
+    sizes = {grads: (units(small_model, plan, grads), units(full_model, plan, grads)) for grads in (False, True)}
     layer_factor = arch_full.layers / arch_small.layers
     hybrid = strategy == "hybrid" and nnodes > 1
     shard_n = per_node if hybrid else nnodes * per_node
@@ -161,6 +171,7 @@ def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, g
     for micro, events in enumerate(counted):
         repeat = ga - 1 if micro == 0 else 1
         for kind, _ranks, nbytes in events:
+            small, full = sizes[kind != "all_gather"]  # gradients: trainable parameters only
             unit = _attribute(kind, nbytes, small, sim_shard)
             payload = full[unit] * 2 * (layer_factor if unit == "layer" else 1)
             if kind == "all_reduce":
@@ -168,7 +179,7 @@ def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, g
                     continue
                 sent, crosses = payload / shard_n * 2 * (nnodes - 1) / nnodes, True
             else:
-                sent, crosses = payload * (shard_n - 1) / shard_n, nnodes > 1
+                sent, crosses = payload * (shard_n - 1) / shard_n, nnodes > 1 and not hybrid
             out[kind] += sent * repeat
             out["cross_node"] += sent * repeat if crosses else 0.0
     return out
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/docev_preview.yaml")
     parser.add_argument("--nnodes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--counted", type=Path, help="keep the counted collectives here (reused when present)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     ga = cfg.gradient_accumulation_steps
@@ -190,11 +202,12 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "counted.pt")
-        mp.spawn(_worker, args=(port, out), nprocs=SIM_RANKS, join=True)
+        out = args.counted or Path(tmp) / "counted.pt"
+        if not out.exists():
+            mp.spawn(_worker, args=(port, str(out)), nprocs=SIM_RANKS, join=True)
         data = torch.load(out, weights_only=True)
     counted = data["counted"]
-    print(f"counted on {SIM_RANKS} CPU ranks (reduced depth, full width); peak RSS of all ranks together: "
+    print(f"counted on {SIM_RANKS} CPU ranks (reduced depth and width); peak RSS of all ranks together: "
           f"{data['peak_rss_bytes'] / GIB:.1f} GiB")  # fmt: skip
     frozen_bytes = {name: sum(n for k, _, n in counted[name][0] if k == "all_gather") for name in counted}
     print(f"all-gathered per micro-batch on the reduced model: before {frozen_bytes['before'] / 2**20:.0f} MiB, "
