@@ -23,7 +23,7 @@ Why each choice (numbers: ``benchmarks/comm_volume.py``, docs/architecture.md "S
   across nodes only on the step's last one (no extra memory; on one node it is ``every_micro_batch``);
   ``last_micro_batch`` skips every reduction until the last micro-batch (``set_requires_gradient_sync``): each
   rank then holds the unsharded gradients of every trainable parameter between micro-batches (2 bytes ×
-  trainable parameters in bf16: ~23 GB at preview size, instead of 1/N of it).
+  trainable parameters in bf16: ~22 GB at preview size, instead of 1/N of it).
 """
 
 from __future__ import annotations

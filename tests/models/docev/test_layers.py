@@ -47,3 +47,24 @@ def test_forward_with_checked_inputs_reads_no_device_value(make_batch):
     assert logits.device.type == "meta" and logits.shape[:2] == batch["tokens"].shape
     with pytest.raises((NotImplementedError, RuntimeError)):
         model(**meta)  # the checks read token values
+
+
+def test_vision_layers_compile_once_for_every_tile_count(tiny_model, make_batch):
+    """The tile count changes with every batch; it is marked dynamic, so compiled vision layers never recompile
+    for a new count (dynamo's graph counter, ``eager`` backend: capture without code generation)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in tiny_model.encoder.layers:
+        layer.compile(backend="eager")
+    seen, tiles = [], []
+    with torch.no_grad():
+        for rows in ([[(100, 150)]], [[(300, 90), (80, 80)]], [[(224, 224)], [(60, 400)]], [[(50, 50)]]):
+            batch = make_batch(rows, ratio=2)
+            tiles.append(int(sum(1 + r * c for r, c in batch["image_grids"].tolist())))
+            tiny_model(**batch)
+            seen.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert len(set(tiles)) == 4  # four different tile counts
+    assert seen == [seen[0]] * 4

@@ -254,8 +254,6 @@ class DocEVModel(nn.Module):
         sizes, grids = image_sizes.tolist(), image_grids.tolist()
         tiles_per_image = [1 + r * c for r, c in grids]
         tiles = torch.cat([pixel_values[i, :n] for i, n in enumerate(tiles_per_image)])
-        # the tile count changes every batch: one compiled graph for all counts instead of one per count
-        torch._dynamo.maybe_mark_dynamic(tiles, 0)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             vision = self.encoder(tiles)
