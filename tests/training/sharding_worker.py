@@ -1,6 +1,6 @@
 """torchrun worker of tests/training/test_sharding.py: 4 CPU ranks standing for 2 nodes × 2 ranks.
 
-Every scenario builds the tiny DocEV from the tiny checkpoint, shards it with ``docev.training.sharding``, runs
+Every scenario builds the tiny DocEV from the tiny checkpoint, shards it with ``docev.training.parallelize``, runs
 two optimizer steps of two micro-batches each (rank 1's micro-batches hold no image) and records, on rank 0: the
 losses, the gradients of the first step (full tensors), and every collective of the first step's micro-batches.
 A reference without FSDP (each rank runs every rank's micro-batches) gives the gradients to match.
@@ -22,16 +22,17 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.models.docev import DocEVCheckpointer, docev_tiny
 from docev.training.comm_volume import CollectiveCounter
-from docev.training.parallelize import apply_fsdp, build_mesh, sync_gradients
+from docev.training.parallelize import apply_fsdp, build_mesh, load_model_state, mixed_precision_policy, sync_gradients
 
 RANKS_PER_NODE, MICRO, STEPS = 2, 2, 2
-SCENARIOS = {  # name: (strategy, gradient_reduction, encoder_trainable)
-    "full": ("full", "every_micro_batch", False),
-    "hybrid": ("hybrid", "every_micro_batch", False),
-    "hybrid_last": ("hybrid", "last_micro_batch", False),
-    "hybrid_last_across_nodes": ("hybrid", "last_micro_batch_across_nodes", False),
-    "full_last": ("full", "last_micro_batch", False),
-    "hybrid_trainable_tower": ("hybrid", "every_micro_batch", True),
+SCENARIOS = {  # name: (strategy, gradient_reduction, encoder_trainable, compute dtype); master weights fp32
+    "full": ("full", "every_micro_batch", False, torch.float32),
+    "hybrid": ("hybrid", "every_micro_batch", False, torch.float32),
+    "hybrid_last": ("hybrid", "last_micro_batch", False, torch.float32),
+    "hybrid_last_across_nodes": ("hybrid", "last_micro_batch_across_nodes", False, torch.float32),
+    "full_last": ("full", "last_micro_batch", False, torch.float32),
+    "hybrid_trainable_tower": ("hybrid", "every_micro_batch", True, torch.float32),
+    "hybrid_mixed": ("hybrid", "last_micro_batch_across_nodes", False, torch.bfloat16),
 }
 
 
@@ -92,18 +93,15 @@ def _reference(state, batches, world) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _scenario(state, batches, rank, world, strategy, reduction, encoder_trainable) -> dict:
+def _scenario(state, batches, rank, world, strategy, reduction, encoder_trainable, compute) -> dict:
     model, loss_fn = _model(state, encoder_trainable), CEWithChunkedOutputLoss()
     sd = model.state_dict()
     with torch.device("meta"):
         meta = docev_tiny(encoder_trainable=encoder_trainable)
     meta.set_num_output_chunks(8)
     mesh = build_mesh(strategy, world_size=world, ranks_per_node=RANKS_PER_NODE, device_type="cpu")
-    apply_fsdp(meta, mesh)
-    training.load_from_full_model_state_dict(meta, sd, torch.device("cpu"), strict=True)
-    for m in meta.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
+    apply_fsdp(meta, mixed_precision_policy(compute, torch.float32), mesh, compute_dtype=compute)
+    load_model_state(meta, sd, torch.device("cpu"), compute)
     model = meta
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, grads, counted = [], {}, []
@@ -126,8 +124,9 @@ def _scenario(state, batches, rank, world, strategy, reduction, encoder_trainabl
     all_losses = [None] * world
     dist.all_gather_object(all_losses, torch.stack(losses))
     tower_sharded = [isinstance(p, DTensor) for p in model.encoder.parameters()]
-    return {"losses": torch.stack(all_losses), "grads": grads, "collectives": counted,
-            "tower_sharded": tower_sharded, "tower_dtype": str(next(model.encoder.parameters()).dtype)}  # fmt: skip
+    return {"losses": torch.stack(all_losses).float(), "grads": grads, "collectives": counted,
+            "tower_sharded": tower_sharded, "tower_dtype": str(next(model.encoder.parameters()).dtype),
+            "param_dtypes": sorted({str(p.dtype) for p in model.decoder.parameters()})}  # fmt: skip
 
 
 def main(checkpoint: str, out: str) -> None:
