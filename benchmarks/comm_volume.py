@@ -1,7 +1,7 @@
 """Bytes each rank sends per optimizer step, by collective, and how many of them cross nodes: before (the
-previous layout: full sharding, the vision tower in the root unit, reduction every micro-batch) and after
-(``docev.training.sharding``: hybrid across nodes, frozen tower replicated, output projection its own unit,
-cross-node reduction on the last micro-batch).
+previous layout: full sharding, the vision tower and the output projection in the root unit, every unit
+resharded after forward, reduction every micro-batch) and after (``docev.training.parallelize``: hybrid across
+nodes, frozen tower replicated, output projection its own unit, cross-node reduction on the last micro-batch).
 
 How it is measured. Four CPU ranks (gloo) train two micro-batches of a reduced DocEV (1 decoder layer, 2
 vision layers, 1/8 of the released widths, 1088 vocabulary rows) under each layout -- 1 × 4 for full
@@ -15,7 +15,8 @@ rows, from the model built on the meta device), the ring cost
 ``(n-1)/n`` (twice for all-reduce) for the group size ``n`` of the target mesh, and micro-batches: the first
 ``gradient_accumulation_steps - 1`` like the counted first one, the last like the counted last one.
 "Cross-node" counts the bytes of collectives whose group spans nodes (full sharding over several nodes: all of
-them; hybrid: the all-reduce only). bf16 parameters and gradients, as the recipe trains today.
+them; hybrid: the all-reduce only). Precision from the config, as the recipe trains: with the preview's
+``dtype: bf16`` and ``master_dtype: fp32`` FSDP2 all-gathers bf16 parameters and reduces fp32 gradients.
 
     .venv/bin/python benchmarks/comm_volume.py --config configs/docev_preview.yaml --nnodes 1 2 4 --gpus-per-node 8
 """
@@ -36,12 +37,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
+from torchtune import training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.config import load_config
 from docev.models.docev import docev_from_arch, preview
 from docev.training.comm_volume import CollectiveCounter
-from docev.training.parallelize import apply_fsdp, build_mesh, sync_gradients
+from docev.training.parallelize import apply_fsdp, build_mesh, mixed_precision_policy, sync_gradients
 
 SIM_RANKS, SIM_PER_NODE = 4, 2
 REDUCED = {"layers": 1, "vision_layers": 2, "vocab_size": 1024, "dim": 512, "heads": 4, "kv_heads": 1, "mlp": 1792,
@@ -58,13 +60,13 @@ SCENARIOS = {
 GIB = 2**30
 
 
-def legacy_plan(model, mesh) -> None:
-    """The layout before ``sharding.py``: decoder layers and the embedding as units, everything else (the vision
+def legacy_plan(model, mp_policy, mesh) -> None:
+    """The layout before issue 16: decoder layers and the embedding as units, everything else (the vision
     tower, the output projection) in the root, every unit resharded after forward."""
     for layer in model.decoder.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model.tok_embeddings, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
+    fully_shard(model.tok_embeddings, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
     model.set_reduce_scatter_unused_params(True)
 
 
@@ -98,14 +100,16 @@ def _batch() -> dict:
             "labels": torch.randint(0, 1000, (1, 64), generator=gen)}  # fmt: skip
 
 
-def _count(rank: int, plan: str, strategy: str, reduction: str) -> list[list[tuple]]:
+def _count(rank: int, dtypes: tuple[torch.dtype, torch.dtype], plan: str, strategy: str,
+           reduction: str) -> list[list[tuple]]:  # fmt: skip
+    compute, master = dtypes
     arch = replace(preview(), **REDUCED)
     torch.manual_seed(0)
-    with torch.device("meta"), _default_dtype(torch.bfloat16):
+    with torch.device("meta"), _default_dtype(master):
         model = docev_from_arch(arch)
     model.set_num_output_chunks(8)
     mesh = build_mesh(strategy, world_size=SIM_RANKS, ranks_per_node=SIM_PER_NODE, device_type="cpu")
-    (legacy_plan if plan == "legacy" else apply_fsdp)(model, mesh)
+    (legacy_plan if plan == "legacy" else apply_fsdp)(model, mixed_precision_policy(compute, master), mesh)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -136,11 +140,11 @@ class _default_dtype:
         torch.set_default_dtype(self.old)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(SIM_RANKS))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {name: _count(rank, *spec) for name, spec in SCENARIOS.items()}
+    results = {name: _count(rank, dtypes, *spec) for name, spec in SCENARIOS.items()}
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0])
     dist.all_reduce(peak)
     if rank == 0:
@@ -148,17 +152,19 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _attribute(kind: str, nbytes: int, sizes: dict[str, int], shard: int) -> str:
+def _attribute(kind: str, nbytes: int, sizes: dict[str, int], shard: int, itemsize: int) -> str:
     """The unit class a counted payload moves: the closest unit size (an all-reduce moves one shard of it)."""
-    n = nbytes / 2 * (shard if kind == "all_reduce" else 1)
+    n = nbytes / itemsize * (shard if kind == "all_reduce" else 1)
     name, size = min(sizes.items(), key=lambda kv: abs(kv[1] - n))
     if abs(size - n) > 0.02 * size:
         raise RuntimeError(f"{kind} of {nbytes} bytes matches no unit ({sizes})")
     return name
 
 
-def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, ga: int) -> dict[str, float]:
-    """Bytes per rank per optimizer step at nnodes × per_node, by collective, plus ``cross_node``."""
+def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, ga: int,
+                itemsize: dict[bool, int]) -> dict[str, float]:  # fmt: skip
+    """Bytes per rank per optimizer step at nnodes × per_node, by collective, plus ``cross_node``; ``itemsize``:
+    bytes per element of parameters (False) and gradients (True) on the wire."""
     arch_small, arch_full = replace(preview(), **REDUCED), preview()
     with torch.device("meta"):
         small_model, full_model = docev_from_arch(arch_small), docev_from_arch(arch_full)
@@ -171,9 +177,10 @@ def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, g
     for micro, events in enumerate(counted):
         repeat = ga - 1 if micro == 0 else 1
         for kind, _ranks, nbytes in events:
-            small, full = sizes[kind != "all_gather"]  # gradients: trainable parameters only
-            unit = _attribute(kind, nbytes, small, sim_shard)
-            payload = full[unit] * 2 * (layer_factor if unit == "layer" else 1)
+            grads = kind != "all_gather"
+            small, full = sizes[grads]  # gradients: trainable parameters only
+            unit = _attribute(kind, nbytes, small, sim_shard, itemsize[grads])
+            payload = full[unit] * itemsize[grads] * (layer_factor if unit == "layer" else 1)
             if kind == "all_reduce":
                 if not hybrid:  # one node: the replicate group has one rank, nothing to reduce
                     continue
@@ -198,22 +205,27 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     ga = cfg.gradient_accumulation_steps
+    dtypes = (training.get_dtype(cfg.dtype), training.get_dtype(cfg.master_dtype))
+    compute, master = dtypes
+    itemsize = {False: compute.itemsize, True: master.itemsize if compute != master else compute.itemsize}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.counted or Path(tmp) / "counted.pt"
         if not out.exists():
-            mp.spawn(_worker, args=(port, str(out)), nprocs=SIM_RANKS, join=True)
+            mp.spawn(_worker, args=(port, str(out), dtypes), nprocs=SIM_RANKS, join=True)
         data = torch.load(out, weights_only=True)
     counted = data["counted"]
     print(f"counted on {SIM_RANKS} CPU ranks (reduced depth and width); peak RSS of all ranks together: "
           f"{data['peak_rss_bytes'] / GIB:.1f} GiB")  # fmt: skip
     frozen_bytes = {name: sum(n for k, _, n in counted[name][0] if k == "all_gather") for name in counted}
     print(f"all-gathered per micro-batch on the reduced model: before {frozen_bytes['before'] / 2**20:.0f} MiB, "
-          f"after {frozen_bytes['hybrid'] / 2**20:.0f} MiB (the difference is the vision tower: after, it is "
-          "replicated and costs 0 bytes per micro-batch)")  # fmt: skip
-    print(f"\nGiB per rank per optimizer step, gradient_accumulation_steps = {ga}, bf16")
+          f"after {frozen_bytes['hybrid'] / 2**20:.0f} MiB (after, the frozen vision tower is replicated and costs 0 "
+          "bytes per micro-batch, and the root and the output projection are gathered once, not twice)")  # fmt: skip
+    dname = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    print(f"\nGiB per rank per optimizer step, gradient_accumulation_steps = {ga}, parameters gathered in "
+          f"{dname(compute)}, gradients reduced in {dname(master if compute != master else compute)}")  # fmt: skip
     print(f"{'mesh':6} {'layout':44} {'all-gather':>10} {'red-scat':>9} {'all-red':>9} {'total':>9} {'x-node':>9}")
     for nnodes in args.nnodes:
         mesh = f"{nnodes}x{args.gpus_per_node}"
@@ -227,7 +239,7 @@ def main() -> None:
         base = None
         for name, label in rows.items():
             plan, strategy, _ = SCENARIOS[name]
-            b = extrapolate(counted[name], plan, strategy, nnodes, args.gpus_per_node, ga)
+            b = extrapolate(counted[name], plan, strategy, nnodes, args.gpus_per_node, ga, itemsize)
             total = b["all_gather"] + b["reduce_scatter"] + b["all_reduce"]
             base = base or (total, b["cross_node"])
             ratio = f"  total ÷{base[0] / total:.1f}" + (f", x-node ÷{base[1] / b['cross_node']:.0f}"
@@ -237,7 +249,8 @@ def main() -> None:
                 f"{_fmt(b['all_reduce'])}{_fmt(total)}{_fmt(b['cross_node'])}{ratio if name != 'before' else ''}"
             )
     print("\nx-node: bytes in collectives whose group spans nodes. Memory of the 'last micro-batch' rows: every rank "
-          "holds the unsharded bf16 gradients of all trainable parameters between micro-batches.")  # fmt: skip
+          "holds the unsharded gradients of all trainable parameters between micro-batches, in the reduce dtype "
+          f"({itemsize[True]} bytes each).")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torchtune import training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.models.docev import DocEVCheckpointer, docev_tiny

@@ -37,8 +37,9 @@ is the only place that decides it:
   ``every_micro_batch`` reduces each micro-batch; ``last_micro_batch_across_nodes`` (hybrid) reduce-scatters
   within the node every micro-batch and all-reduces across nodes only on the step's last one (no extra memory);
   ``last_micro_batch`` skips every reduction until the last micro-batch (``set_requires_gradient_sync``): each
-  rank then holds the unsharded gradients of every trainable parameter between micro-batches (master dtype ×
-  trainable parameters: ~22 GB in bf16 at preview size, instead of 1/N of it).
+  rank then holds the unsharded gradients of every trainable parameter between micro-batches, accumulated in
+  the reduce dtype (FSDP2 upcasts them): 4 bytes × 11.0B trainable parameters = ~44 GB with the preview's fp32
+  master weights (~22 GB with bf16 ones), instead of 1/N of it.
 """
 
 from __future__ import annotations
