@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
-from torchtune import training
 from torchtune.modules.loss import CEWithChunkedOutputLoss
+from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
 from docev.config import load_config
 from docev.models.docev import docev_from_arch, preview
@@ -205,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     ga = cfg.gradient_accumulation_steps
-    dtypes = (training.get_dtype(cfg.dtype), training.get_dtype(cfg.master_dtype))
+    dtypes = (PRECISION_STR_TO_DTYPE[cfg.dtype], PRECISION_STR_TO_DTYPE[cfg.master_dtype])
     compute, master = dtypes
     itemsize = {False: compute.itemsize, True: master.itemsize if compute != master else compute.itemsize}
     with socket.socket() as s:
