@@ -148,7 +148,7 @@ def _worker(rank: int, port: int, out: str, dtypes: tuple[torch.dtype, torch.dty
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0])
     dist.all_reduce(peak)
     if rank == 0:
-        torch.save({"counted": results, "peak_rss_bytes": peak.item()}, out)
+        torch.save({"counted": results, "peak_rss_bytes": peak.item(), "dtypes": [str(d) for d in dtypes]}, out)
     dist.destroy_process_group()
 
 
@@ -217,6 +217,8 @@ def main() -> None:
             mp.spawn(_worker, args=(port, str(out), dtypes), nprocs=SIM_RANKS, join=True)
         data = torch.load(out, weights_only=True)
     counted = data["counted"]
+    if data.get("dtypes") != [str(d) for d in dtypes]:
+        raise SystemExit(f"{out}: counted with (compute, master) {data.get('dtypes')}, the config has {dtypes}")
     print(f"counted on {SIM_RANKS} CPU ranks (reduced depth and width); peak RSS of all ranks together: "
           f"{data['peak_rss_bytes'] / GIB:.1f} GiB")  # fmt: skip
     frozen_bytes = {name: sum(n for k, _, n in counted[name][0] if k == "all_gather") for name in counted}
