@@ -6,7 +6,8 @@ backward (a reduce-scatter) and a re-gather per chunk: 8× the gradient traffic 
 4096 at preview size). Here the decoder projects the whole sequence in one call and returns the chunks as views
 of it, so FSDP gathers and reduces the projection once per micro-batch, whatever S is. Whatever ``output`` is
 (``nn.Linear``, a LoRA/DoRA adapter) it is called the same way; the logits held are the same as torchtune's
-(its chunks are all kept for the loss too).
+(its chunks are all kept for the loss too). Being views, the chunks must not be modified in place (FSDP2 warns
+that its pre-backward hook would be lost); the chunked loss only reads them.
 
 **Fusion embedding without a host sync.** torchtune's ``FusionEmbedding`` splits the ids with
 ``masked_select``, whose output size depends on the data: on a GPU the host waits for the device on every
