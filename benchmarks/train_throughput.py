@@ -182,8 +182,9 @@ def _stock_worker(overrides: list[str], steps: int, result: Path) -> None:
         pbar = tqdm(total=steps, disable=not is_rank_zero)
         sampler.set_epoch(curr_epoch)
         for idx, batch in enumerate(dataloader):
-            # what torchtune's collates give: tokens + labels (+ mask, input_pos when packed)
-            batch = {k: batch[k] for k in ("tokens", "labels", "mask", "input_pos") if batch[k] is not None}
+            # tokens + labels (+ input_pos and document ids when packed)
+            keys = ("tokens", "labels", "mask", "input_pos", "document_ids")
+            batch = {k: batch[k] for k in keys if batch[k] is not None}
             utils.batch_to_device(batch, device)
             current_num_tokens = (batch["labels"] != loss_fn.ignore_index).sum()
             num_tokens += current_num_tokens

@@ -180,3 +180,16 @@ def test_checkpoint_format_and_async():
     ]
     preview = load_config(CONFIGS / "docev_preview.yaml")
     assert (preview.checkpoint_format, preview.enable_async_checkpointing) == ("dcp", True)
+
+
+def test_sharding_and_attention_keys():
+    (err,) = _errors(
+        ["train.nnodes=2", "train.fsdp_strategy=full", "train.gradient_reduction=last_micro_batch_across_nodes"]
+    )
+    assert err.startswith(f"{TINY}: train: ") and "needs hybrid sharding across nodes" in err
+    assert load_config(TINY, ["train.gradient_reduction=last_micro_batch_across_nodes"])  # one node: nothing to defer
+    cfg = load_config(TINY, ["train.nnodes=2", "train.gradient_reduction=last_micro_batch_across_nodes"])
+    assert cfg.train.fsdp_strategy == "auto" and cfg.train.gradient_reduction == "last_micro_batch_across_nodes"
+    assert any("fsdp_strategy" in e for e in _errors(["train.fsdp_strategy=zero3"]))
+    assert any("model.attention" in e for e in _errors(["model.attention=flash"]))
+    assert any("pad_to_multiple_of" in e for e in _errors(["dataloader.pad_to_multiple_of=0"]))

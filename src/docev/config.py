@@ -80,6 +80,11 @@ class ModelSection(_Strict):
     patch_size: int | None = None
     max_num_tiles: int | None = None
     min_num_tiles: int | None = None
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto",
+        description="Mask of packed rows: flex (a BlockMask from document ids; fused kernel), sdpa (dense "
+        "block-causal mask; CPU training, as flex has no backward on CPU), auto (flex on CUDA sm75+).",
+    )
     lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]] | None = None
     apply_lora_to_mlp: bool | None = None
     apply_lora_to_output: bool | None = None
@@ -247,6 +252,12 @@ class DataloaderSection(_Strict):
     packed: bool = False
     merge_datasets: bool = True
     bucket_by_length: bool = False
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="Pad S to a multiple of this (bounded compiled graphs); packed rows: null pads them to "
+        "tokenizer.max_seq_len (one shape). S is always a multiple of the loss's num_output_chunks.",
+    )
     pin_memory: bool = False
     prefetch_factor: int | None = None
     verify_checksums: bool = Field(True, description="sha256 every shard when training starts (corrupt = error).")
@@ -282,6 +293,7 @@ class PreprocessSection(_Strict):
 # Kubernetes object names: DNS-1123 labels (namespaces) and subdomains (most other objects).
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 def _k8s_name(value: str | None, pattern: re.Pattern[str], limit: int, what: str) -> str | None:
@@ -329,11 +341,51 @@ class Resources(StepResources):
     gpu_resource: str = "nvidia.com/gpu"
     gpu_type: str | None = None
     shm_size: str = Field("16Gi", description="Size limit of the memory-backed /dev/shm (counts against memory).")
+    extra: dict[str, str] = Field(
+        {},
+        description="Extra device resources per pod, e.g. {'rdma/ib': '1'} for an RDMA/InfiniBand device plugin "
+        "(requests = limits). Off by default.",
+    )
+    ipc_lock: bool = Field(
+        False,
+        description="Add the IPC_LOCK capability (RDMA needs to pin memory); every other capability stays dropped.",
+    )
 
     @field_validator("shm_size")
     @classmethod
     def _shm_quantity(cls, v: str) -> str:
         return _positive_quantity(v)
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _extra_resources(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, amount in v.items():
+            if not isinstance(name, str) or not _EXTENDED_RESOURCE.match(name):
+                raise ValueError(f"{name!r} is not an extended resource name (domain/name, e.g. rdma/ib)")
+            if name.split("/")[0].endswith("kubernetes.io"):
+                raise ValueError(f"{name!r}: kubernetes.io resources are not extended resources")
+            out[name] = _positive_quantity(str(amount))
+        return out
+
+    @model_validator(mode="after")
+    def _gpu_not_extra(self) -> Resources:
+        if self.gpu_resource in self.extra:
+            raise ValueError(f"extra: {self.gpu_resource} is the GPU resource; set it with gpu")
+        return self
+
+
+FsdpStrategy = Literal["auto", "full", "hybrid"]
+GradientReduction = Literal["every_micro_batch", "last_micro_batch", "last_micro_batch_across_nodes"]
+
+
+def resolve_strategy(strategy: FsdpStrategy, nnodes: int) -> Literal["full", "hybrid"]:
+    """``train.fsdp_strategy`` ``auto``: hybrid across several nodes, full sharding on one."""
+    if strategy == "auto":
+        return "hybrid" if nnodes > 1 else "full"
+    return strategy
 
 
 class RunPolicy(_Strict):
@@ -386,10 +438,46 @@ class TrainSection(_Strict):
         "flight plus one checkpoint save (the log's 'Saved ... in N s').",
     )
 
+    nccl_env: dict[str, str] = Field(
+        {},
+        description="NCCL_* variables for the training pods (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME); off by default.",
+    )
+    fsdp_strategy: FsdpStrategy = Field(
+        "auto",
+        description="FSDP2 mesh: full (shard over all ranks) or hybrid (shard within a node of nproc_per_node "
+        "ranks, replicate across nodes); auto = hybrid when nnodes > 1.",
+    )
+    gradient_reduction: GradientReduction = Field(
+        "every_micro_batch",
+        description="When gradients are reduced within a step: every micro-batch; only the last (no collective "
+        "before it, but every rank holds unsharded gradients of all trainable parameters in between); or "
+        "(hybrid) reduce-scatter in the node every micro-batch, all-reduce across nodes on the last only.",
+    )
+
     @field_validator("runtime")
     @classmethod
     def _runtime_name(cls, v: str) -> str:
         return _k8s_name(v, _DNS1123_SUBDOMAIN, 253, "object name")
+
+    @field_validator("nccl_env", mode="before")
+    @classmethod
+    def _nccl_names(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            bad = [k for k in v if not isinstance(k, str) or not re.fullmatch(r"NCCL_[A-Z0-9_]+", k)]
+            if bad:
+                raise ValueError(f"{bad}: only NCCL_* variables (upper case) go here")
+            return {k: str(val) for k, val in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _reduction_needs_hybrid(self) -> TrainSection:
+        full = resolve_strategy(self.fsdp_strategy, self.nnodes) == "full"
+        if self.gradient_reduction == "last_micro_batch_across_nodes" and full and self.nnodes > 1:
+            raise ValueError(
+                "gradient_reduction: last_micro_batch_across_nodes needs hybrid sharding across nodes (full "
+                "sharding reduce-scatters across nodes every micro-batch); use last_micro_batch"
+            )
+        return self
 
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

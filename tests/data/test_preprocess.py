@@ -184,12 +184,14 @@ def test_dataset_lengths_match_expansion(built):
         for r in (2, 3):
             item = ds[(i, r, 0)]
             batch = collate([item])
-            assert batch["tokens"].shape[1] == lengths[r][i] == batch["num_tokens"]
+            assert batch["num_tokens"] == lengths[r][i]
+            assert batch["mask"] is None and batch["document_ids"] is None and batch["input_pos"] is None
+            assert batch["tokens"].shape[1] == -(-lengths[r][i] // 8) * 8  # a multiple of the loss's 8 chunks
             image_tokens = sum(transform.image_tokens(h, w, r) for h, w in item["image_sizes"])
             assert int((batch["tokens"] == transform.image_token_id).sum()) == image_tokens
 
 
-def test_packed_collate_masks_and_positions(built):
+def test_packed_collate_ships_document_ids_and_positions(built):
     cfg, _ = built
     ds = ShardDataset(shards_dir(cfg), tile_size=112)
     collate = build_collate(
@@ -198,13 +200,16 @@ def test_packed_collate_masks_and_positions(built):
     items = [ds[(i, 3, 0)] for i in range(3)] + [ds[(3, 3, 1)]]
     batch = collate(items)
     lens = [int(ds.lengths()[3][i]) for i in range(4)]
-    assert batch["tokens"].shape == (2, sum(lens[:3]))
-    mask, pos, labels = batch["mask"], batch["input_pos"], batch["labels"]
+    assert batch["tokens"].shape == (2, cfg.tokenizer.max_seq_len)  # one shape for every packed batch
+    assert batch["mask"] is None and batch["num_tokens"] == sum(lens)
+    docs, pos, labels = batch["document_ids"], batch["input_pos"], batch["labels"]
+    assert docs.shape == (2, cfg.tokenizer.max_seq_len) and docs.dtype == torch.int32  # 4 bytes a token, not S²
     a = lens[0]
-    assert mask[0, a, a - 1].item() is False and mask[0, a + 1, a].item() is True  # no attention across samples
+    assert docs[0, a - 1].item() == 0 and docs[0, a].item() == 1  # no attention across samples
+    assert docs[0, sum(lens[:3])].item() == -1 and docs[1, lens[3]].item() == -1  # padding is its own document
+    assert torch.equal(batch["tokens"][1, lens[3] :], torch.full_like(batch["tokens"][1, lens[3] :], collate.pad_id))
     assert pos[0, a].item() == 0 and pos[0, a - 1].item() == a - 1
     assert labels[0, a].item() == -100 and labels[0, 0].item() == -100  # first label of each sample ignored
-    assert mask[1].diagonal().all()  # padding attends to itself: no empty attention rows
     assert batch["pixel_values"].shape[0] == sum(len(it["images"]) for it in items)
     pix = batch["pixel_values"]
     assert pix.dtype == torch.float32 and pix.min() >= -1.0 and pix.max() <= 1.0
@@ -217,7 +222,8 @@ def test_packed_collate_masks_and_positions(built):
 def _per_sample_losses(model, batch):
     """Per-token CE with labels shifted as the recipe does."""
     logits = model(
-        batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"], pixel_values=batch["pixel_values"],
+        batch["tokens"], document_ids=batch["document_ids"], input_pos=batch["input_pos"],
+        pixel_values=batch["pixel_values"],
         image_sizes=batch["image_sizes"], image_grids=batch["image_grids"], sampling_ratio=batch["sampling_ratio"],
     )  # fmt: skip
     labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
@@ -244,9 +250,9 @@ def test_packed_losses_equal_one_by_one(built, tiny_checkpoint):
             for item in items:
                 single = plain([item])
                 ce1, labels1 = _per_sample_losses(model, single)
-                n = single["tokens"].shape[1]
-                assert torch.equal(labels[0, start : start + n], labels1[0])  # labels stay inside the sample
-                torch.testing.assert_close(ce[0, start : start + n], ce1[0], atol=2e-5, rtol=1e-5)
+                n = single["num_tokens"]
+                assert torch.equal(labels[0, start : start + n], labels1[0, :n])  # labels stay inside the sample
+                torch.testing.assert_close(ce[0, start : start + n], ce1[0, :n], atol=2e-5, rtol=1e-5)
                 start += n
 
 

@@ -285,3 +285,36 @@ def test_object_store_credentials_come_from_the_storage_secret_by_name():
     }  # fmt: skip
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "secret-access-key"
     assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in container(render(preview()))["env"]}
+
+
+def test_rdma_resources_ipc_lock_and_nccl_env_are_off_by_default_and_reach_every_pod():
+    plain = container(render(preview(), overrides=[]))
+    assert plain["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert not any(e["name"].startswith("NCCL_") for e in plain["env"])
+    assert set(plain["resources"]["limits"]) == {"cpu", "memory", "nvidia.com/gpu"}
+    cfg = preview('train.resources.extra={"rdma/ib": 1}', "train.resources.ipc_lock=true",
+                  'train.nccl_env={"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"}')  # fmt: skip
+    job = render(cfg)
+    assert pytorchjob_errors(job) == []  # CRD schema + the core PodTemplate schema
+    for rtype in job["spec"]["pytorchReplicaSpecs"]:
+        c = container(job, rtype)
+        assert c["resources"]["requests"]["rdma/ib"] == c["resources"]["limits"]["rdma/ib"] == "1"
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["NCCL_IB_HCA"] == "mlx5" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ('train.resources.extra={"ib": "1"}', "not an extended resource name"),
+        ('train.resources.extra={"foo.kubernetes.io/x": "1"}', "kubernetes.io resources are not extended"),
+        ('train.resources.extra={"rdma/ib": "0"}', "must be positive"),
+        ('train.resources.extra={"nvidia.com/gpu": "8"}', "set it with gpu"),
+        ('train.nccl_env={"LD_PRELOAD": "x"}', "only NCCL_"),
+    ],
+)
+def test_device_resources_and_nccl_env_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        preview(override)

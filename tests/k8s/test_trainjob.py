@@ -201,10 +201,15 @@ def test_knobs_reach_the_trainjob():
         preview("train.runtime=Docev")
 
 
-def test_both_kinds_run_the_same_pod():
+_INTERCONNECT = ('train.resources.extra={"rdma/ib": 1}', "train.resources.ipc_lock=true",
+                 'train.nccl_env={"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"}')  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [(), _INTERCONNECT], ids=["default", "rdma-ipc-lock-nccl"])
+def test_both_kinds_run_the_same_pod(overrides):
     """What the PyTorchJob's pods get, the pod Trainer builds from our runtime and TrainJob gets too (the torch
-    env is the controllers' own, the container name theirs)."""
-    cfg = preview()
+    env is the controllers' own, the container name theirs); the fast-interconnect options included."""
+    cfg = preview(*overrides)
     pytorch = render_pytorchjob(cfg, name="docev-train", config_path=ON_PVC, run_id=RUN, task="train")
     assert pytorchjob_errors(pytorch) == []
     master = pytorch["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
@@ -222,6 +227,11 @@ def test_both_kinds_run_the_same_pod():
     assert m_container["env"] == [e for e in t_container["env"] if e not in torch_env]
     for key in set(m_container) - {"name", "volumeMounts", "env"}:
         assert m_container[key] == t_container[key], key
+    assert trainjob_errors(render(cfg), render_runtime(cfg)) == []
+    if overrides:
+        assert t_container["resources"]["requests"]["rdma/ib"] == t_container["resources"]["limits"]["rdma/ib"] == "1"
+        assert t_container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        assert {"name": "NCCL_IB_HCA", "value": "mlx5"} in t_container["env"]
 
 
 @pytest.mark.parametrize(

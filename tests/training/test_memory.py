@@ -9,6 +9,7 @@ from torchao.dtypes.nf4tensor import to_nf4
 
 from docev.config import load_config
 from docev.training.memory import arch_of, build_meta, plan, tensor_bytes
+from docev.training.parallelize import frozen_tower
 
 BASE = ["synthetic=null", "datasets=[{source: /tmp}]", "dtype=fp32", "batch_size=2", "tokenizer.max_seq_len=256"]
 LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false"]
@@ -30,9 +31,11 @@ def test_plan_matches_a_real_cpu_step():
         cfg = load_config(CONFIGS / "tiny.yaml", [*BASE, *extra])
         (planned,) = plan(cfg, 2, setups=(setup,))
         model = _real(cfg, setup)
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        tower = {id(p) for p in frozen_tower(model)}  # replicated whole on each rank, the rest sharded
+        params = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tower) // 2
+        params += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in tower)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        assert planned.params == params // 2 and planned.trainable == sum(p.numel() for p in trainable)
+        assert tower and planned.params == params and planned.trainable == sum(p.numel() for p in trainable)
         opt = torch.optim.AdamW(trainable)
         for p in trainable:
             p.grad = torch.zeros_like(p)

@@ -54,14 +54,22 @@ def test_the_bf16_warning_says_what_rounding_does():
 
 
 def test_fp32_master_weights_bf16_compute(group, tiny_checkpoint):
-    """fp32 parameters and gradients; the forward equals the same weights cast to bf16 in a plain model."""
+    """fp32 sharded parameters and gradients, the frozen tower replicated in bf16; the forward equals the same
+    weights cast to bf16 in a plain model."""
     state = DocEVCheckpointer(tiny_checkpoint).load_checkpoint()["model"]
     model = setup_model(
         MODEL_CFG, dict(state), torch.device("cpu"), compute_dtype=torch.bfloat16, master_dtype=torch.float32
     )
-    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
+    for name, p in model.named_parameters():
+        tower = name.startswith("encoder.")
+        assert isinstance(p, DTensor) != tower and p.dtype == (torch.bfloat16 if tower else torch.float32), name
     held = model.state_dict()
-    assert all(torch.equal(held[k].full_tensor(), state[k]) for k in state)  # the base's bits, held exactly
+    for k, v in state.items():  # the base's bits, held exactly (the tower: in the compute dtype it runs in)
+        assert (
+            torch.equal(held[k], v.to(torch.bfloat16))
+            if k.startswith("encoder.")
+            else torch.equal(held[k].full_tensor(), v)
+        ), k
 
     tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = model(tokens)

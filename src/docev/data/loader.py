@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from torchtune.config._utils import _get_component_from_path
+from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.config import DocEVConfig
 from docev.data.collate import DocEVCollate
@@ -24,7 +26,16 @@ def build_collate(cfg: DocEVConfig, dtype: torch.dtype, normalize: bool = True) 
         tile_size=tok.tile_size, patch_size=tok.patch_size, min_num_tiles=tok.min_num_tiles,
         max_num_tiles=tok.max_num_tiles, max_seq_len=tok.max_seq_len, mean=transform.pixels.mean,
         std=transform.pixels.std, dtype=dtype, packed=cfg.dataloader.packed, normalize=normalize,
+        pad_to_multiple_of=cfg.dataloader.pad_to_multiple_of, num_output_chunks=num_output_chunks(cfg),
     )  # fmt: skip
+
+
+def num_output_chunks(cfg: DocEVConfig) -> int:
+    """The chunks the loss splits the output into (``CEWithChunkedOutputLoss``), else 1."""
+    loss = _get_component_from_path(cfg.loss.component)
+    if isinstance(loss, type) and issubclass(loss, CEWithChunkedOutputLoss):
+        return int((cfg.loss.model_extra or {}).get("num_output_chunks", 8))
+    return 1
 
 
 def build_dataset(cfg: DocEVConfig, verify_share: tuple[int, int] | None = None) -> ShardDataset:

@@ -87,29 +87,35 @@ def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
             {"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.storage_secret, "key": key}}}
             for key, name in k8s.storage_secret_keys.items()
         ]
+    out += [{"name": k, "value": v} for k, v in sorted(cfg.train.nccl_env.items())]  # fast interconnect, optional
     return out
 
 
 def resources(cfg: DocEVConfig) -> dict[str, Any]:
     """Per-node resources; requests = limits: Guaranteed QoS, so a node under memory pressure evicts other
-    pods first."""
+    pods first. ``train.resources.extra`` adds device-plugin resources (e.g. ``rdma/ib``)."""
     res = cfg.train.resources
-    limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory, **res.extra}
+    limits: dict[str, str] = dict(requests)
     if res.gpu:
         limits[res.gpu_resource] = str(res.gpu)
-    return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits}
+    return {"requests": requests, "limits": limits}
 
 
 def container(cfg: DocEVConfig, name: str, mounts: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
     """The training container: image, mounts and a locked-down security context, plus ``fields``
-    (command/env/resources where the job kind puts them on the container)."""
+    (command/env/resources where the job kind puts them on the container). Every capability is dropped;
+    ``train.resources.ipc_lock`` adds back IPC_LOCK, which RDMA needs to pin memory."""
+    capabilities: dict[str, list[str]] = {"drop": ["ALL"]}
+    if cfg.train.resources.ipc_lock:
+        capabilities["add"] = ["IPC_LOCK"]
     return {
         "name": name,
         "image": cfg.train.image,
         "imagePullPolicy": cfg.train.image_pull_policy,
         **fields,
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": capabilities},
     }
 
 

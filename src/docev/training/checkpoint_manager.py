@@ -189,6 +189,9 @@ class CheckpointManager:
 
     def _save_hf(self, model, optimizer, extra: dict[str, Any], step: int, start: float) -> Path | None:
         model_sd = training.gather_cpu_state_dict(model, self._is_rank_zero, device=self._device)
+        if model_sd:  # one dtype in the folder: the replicated frozen tower is held in the compute dtype
+            master = model_sd["image_newline"].dtype
+            model_sd = {k: v.to(master) if v.is_floating_point() else v for k, v in model_sd.items()}
         opt_sd = training.get_full_optimizer_state_dict(model, optimizer, self._is_rank_zero, device=self._device)
         folder = None
         if self._is_rank_zero:

@@ -148,7 +148,7 @@ def _batch_loss(model: torch.nn.Module, loss_fn: Any, batch: dict[str, Any], dev
     if pixels is not None:
         pixels = pixels.to(device)
         pixels = collate.normalize_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
-    packed = {k: None if batch[k] is None else batch[k].to(device) for k in ("mask", "input_pos")}
+    packed = {k: None if batch[k] is None else batch[k].to(device) for k in ("mask", "input_pos", "document_ids")}
     logits = model(batch["tokens"].to(device), **packed, pixel_values=pixels,
                    image_sizes=batch["image_sizes"], image_grids=batch["image_grids"],
                    sampling_ratio=batch["sampling_ratio"])  # fmt: skip

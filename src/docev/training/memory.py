@@ -3,7 +3,8 @@
 Everything is counted from models built on the meta device (no weights, no memory), not from formulas:
 
 - **parameters**: the bytes of every parameter in the training dtype (NF4 weights: the bytes of their
-  packed data, scalers and tables), divided by the ranks, as FSDP2 shards every parameter;
+  packed data, scalers and tables), divided by the ranks, as FSDP2 shards every parameter but a frozen
+  vision tower, which every rank holds whole (``docev.training.parallelize``);
 - **gradients**: the bytes of the trainable parameters, sharded likewise;
 - **optimizer state**: the optimizer of the config stepped once on a small real parameter gives its state
   bytes per trainable element (AdamW: two tensors in the parameter's dtype), times the trainable elements;
@@ -33,6 +34,7 @@ from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 from docev.config import LORA_DEFAULTS, DocEVConfig
 from docev.models.docev import DocEVArch, docev_from_arch
 from docev.models.docev._arch import ARCHS
+from docev.training.parallelize import frozen_tower
 
 GIB = 2**30
 
@@ -178,7 +180,9 @@ def plan(cfg: DocEVConfig, world_size: int, setups: tuple[str, ...] = ("full", "
         except ValueError as exc:
             out.append(MemoryPlan(setup, world_size, 0, 0, 0, 0, 0, note=str(exc)))
             continue
-        params = sum(tensor_bytes(p) for p in model.parameters())
+        replicated = {id(p) for p in frozen_tower(model)}
+        params = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in replicated) // world_size
+        params += sum(tensor_bytes(p) for p in model.parameters() if id(p) in replicated)
         trainable = [p for p in model.parameters() if p.requires_grad]
         grads = sum(tensor_bytes(p) for p in trainable)
         n_trainable = sum(p.numel() for p in trainable)
@@ -187,7 +191,7 @@ def plan(cfg: DocEVConfig, world_size: int, setups: tuple[str, ...] = ("full", "
             MemoryPlan(
                 setup,
                 world_size,
-                params // world_size,
+                params,
                 grads // world_size,
                 int(n_trainable * per_element) // world_size,
                 activations,

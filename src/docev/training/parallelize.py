@@ -1,9 +1,9 @@
 """How the recipe's model is built, compiled, activation-checkpointed, sharded and filled (torchtitan's
 ``parallelize`` step, kept apart from the train loop).
 
-``setup_model`` is the whole sequence; its parts are public so another layout (hybrid sharding over a 2-D
-mesh, say) reuses them: ``build_model`` → ``parallelize_model`` (compile, activation checkpointing,
-``apply_fsdp``) → ``load_model_state``.
+``setup_model`` is the whole sequence; its parts are public so benchmarks and tests reuse them:
+``build_model`` → ``parallelize_model`` (compile, activation checkpointing, ``apply_fsdp`` on a mesh from
+``build_mesh``) → ``load_model_state``; the recipe calls ``sync_gradients`` before each micro-batch.
 
 **Precision.** Parameters live in ``master_dtype``; compute runs in ``dtype``. With ``master_dtype: fp32``
 and ``dtype: bf16`` FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` all-gathers
@@ -13,13 +13,33 @@ keeps everything in bf16 (torchtune's default): an update smaller than half a bf
 rounded away, which at lr 1e-5 is most of them (``precision_warning``). Frozen groups are held in the
 master dtype too: loading a bf16 or fp32 base into fp32 is exact, so their bits stay the base's.
 
-**FSDP units** are the modules every rank calls exactly once per micro-batch: each decoder layer and the
-token embedding. The rest stays in the root unit (gathered once per micro-batch): the vision path,
-because a rank whose micro-batch holds no image skips it, and the output projection, because chunked
-output calls it ``ceil``-many times, which depends on the rank's sequence length (33 tokens in 8 chunks
-make 7 calls). Sharded separately, either would issue all-gathers the other ranks do not match (a
-collective mismatch or a hang). ``set_reduce_scatter_unused_params`` makes image-less ranks contribute
-zero gradients for the connector, so every rank reduces the same tensors.
+**Sharding layout** (numbers: ``benchmarks/comm_volume.py``, docs/architecture.md "Sharding"); this module
+is the only place that decides it:
+
+- **Mesh** (``train.fsdp_strategy``). ``full`` shards every parameter over all ranks (one mesh dim ``shard``);
+  ``hybrid`` shards within a node and replicates across nodes (mesh ``(replicate, shard)`` = (nodes, ranks per
+  node)): all-gathers and reduce-scatters stay on the node's NVLink, only an all-reduce of the gradient shards
+  crosses nodes. ``auto`` (the default) is hybrid when ``train.nnodes > 1``.
+- **Units.** Each decoder layer and the token embedding (every rank calls them once per micro-batch), and the
+  output projection, which the decoder calls once for every loss chunk (``DocEVDecoder``, models/docev/
+  _layers.py; called once per chunk, FSDP would reduce-scatter and re-gather it per chunk, and ranks with
+  different chunk counts would mismatch; S is padded to a multiple of the chunk count). It and the root are not
+  resharded between forward and backward (backward starts with them). The root holds the rest (final norm,
+  connector, ``image_newline``; a trainable tower): a rank whose micro-batch has no image skips the vision path,
+  so it cannot be a unit of its own. ``set_reduce_scatter_unused_params`` makes image-less ranks contribute
+  zero gradients for the connector, so every rank reduces the same tensors.
+- **Frozen vision tower replicated, not sharded.** With ``encoder_trainable: false`` its parameters are
+  ``ignored_params`` of FSDP, cast to the compute dtype and kept whole on every rank: no all-gather per
+  micro-batch, no reduce-scatter (it has no gradient), nothing for an image-less rank to mismatch. Cost: the
+  tower in the compute dtype on every rank (0.83 GB in bf16 at preview size) instead of 1/N of it; with a bf16
+  base its bits are the base's. A trainable tower stays in the root unit, sharded and trained.
+- **Gradient reduction** (``train.gradient_reduction``, ``sync_gradients`` before each micro-batch):
+  ``every_micro_batch`` reduces each micro-batch; ``last_micro_batch_across_nodes`` (hybrid) reduce-scatters
+  within the node every micro-batch and all-reduces across nodes only on the step's last one (no extra memory);
+  ``last_micro_batch`` skips every reduction until the last micro-batch (``set_requires_gradient_sync``): each
+  rank then holds the unsharded gradients of every trainable parameter between micro-batches, accumulated in
+  the reduce dtype (FSDP2 upcasts them): 4 bytes × 11.0B trainable parameters = ~44 GB with the preview's fp32
+  master weights (~22 GB with bf16 ones), instead of 1/N of it.
 """
 
 from __future__ import annotations
@@ -27,19 +47,23 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 
+from docev.config import FsdpStrategy, GradientReduction, resolve_strategy
+
 log = utils.get_logger("INFO")
 
-_SHARDED_UNITS = re.compile(r"decoder\.layers\.\d+|tok_embeddings")
+_SHARDED_UNITS = re.compile(r"decoder\.layers\.\d+|tok_embeddings|decoder\.output")
+_KEPT_GATHERED = "decoder.output"  # not resharded after forward: backward starts with it
 # AdamW's first steps move a weight by about lr; bf16 keeps 8 significant bits, so an update is lost
 # when lr < ulp(w) / 2 = 2^(floor(log2 |w|) - 8), i.e. for |w| ≳ 256 · lr.
 _BF16_LOST_ABOVE = 256
@@ -47,7 +71,8 @@ BF16_LR_WARNING_BELOW = 1e-4
 
 
 def shard_condition(name: str, module: torch.nn.Module) -> bool:
-    """FSDP units besides the root: each decoder layer and the token embedding (see the module docstring)."""
+    """FSDP units besides the root: each decoder layer, the token embedding and the output projection (see the
+    module docstring)."""
     return _SHARDED_UNITS.fullmatch(name) is not None
 
 
@@ -77,22 +102,70 @@ def build_model(model_cfg: DictConfig, master_dtype: torch.dtype) -> torch.nn.Mo
         return config.instantiate(model_cfg)
 
 
+def build_mesh(
+    strategy: Literal["full", "hybrid"], *, world_size: int, ranks_per_node: int, device_type: str
+) -> DeviceMesh:
+    """1-D ``(shard,)`` for full sharding; 2-D ``(replicate, shard)`` = (nodes, ranks per node) for hybrid."""
+    if strategy == "full":
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    if world_size % ranks_per_node:
+        raise ValueError(
+            f"train.fsdp_strategy: hybrid needs whole nodes, but {world_size} ranks are not a multiple of "
+            f"train.nproc_per_node = {ranks_per_node}"
+        )
+    return init_device_mesh(
+        device_type, (world_size // ranks_per_node, ranks_per_node), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def run_mesh(strategy: FsdpStrategy, *, nnodes: int, nproc_per_node: int, device_type: str) -> DeviceMesh:
+    """The mesh of a run of ``dist.get_world_size()`` ranks under ``train.fsdp_strategy``."""
+    resolved = resolve_strategy(strategy, nnodes)
+    world = dist.get_world_size()
+    return build_mesh(resolved, world_size=world, ranks_per_node=nproc_per_node if resolved == "hybrid" else world,
+                      device_type=device_type)  # fmt: skip
+
+
+def is_hybrid(mesh: DeviceMesh | None) -> bool:
+    return mesh is not None and mesh.ndim == 2
+
+
+def frozen_tower(model: nn.Module) -> list[nn.Parameter]:
+    """The vision tower's parameters when none of them trains (they are replicated, not sharded)."""
+    params = list(model.encoder.parameters())
+    return [] if any(p.requires_grad for p in params) else params
+
+
 def apply_fsdp(
-    model: torch.nn.Module,
+    model: nn.Module,
     mp_policy: MixedPrecisionPolicy,
     mesh: DeviceMesh | None = None,
-    reshard_after_forward: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
-    """FSDP2 ``fully_shard`` on each unit of ``shard_condition`` (bottom-up), then on the root. ``mesh``
-    None shards over every rank; a 2-D (replicate, shard) mesh gives hybrid sharding."""
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy}
-    units = [m for n, m in reversed(list(model.named_modules())) if shard_condition(n, m)]
+    """Shard a DocEV model (on the meta device or not) in place with the layout of the module docstring:
+    ``fully_shard`` on each unit of ``shard_condition`` (bottom-up), then on the root, the frozen tower left
+    out and cast to ``compute_dtype`` (default: the policy's ``param_dtype``; it never trains, so it needs no
+    master copy). ``mesh`` None shards over every rank; a 2-D (replicate, shard) mesh gives hybrid sharding."""
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy}
+    units = [(n, m) for n, m in reversed(list(model.named_modules())) if shard_condition(n, m)]
     if not units:
         raise ValueError("model: no decoder layer or token embedding to shard; is it a DocEV model?")
-    for module in units:
-        fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
+    frozen = frozen_tower(model)
+    dtype = compute_dtype or mp_policy.param_dtype
+    if frozen and dtype is not None:
+        model.encoder.to(dtype)
+    for name, module in units:
+        fully_shard(module, reshard_after_forward=name != _KEPT_GATHERED, **kwargs)
+    fully_shard(model, reshard_after_forward=False, ignored_params=set(frozen) or None, **kwargs)
     model.set_reduce_scatter_unused_params(True)
+
+
+def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hybrid: bool) -> None:
+    """Before each micro-batch's forward: whether its backward reduces gradients (``last``: the step's last)."""
+    if mode == "last_micro_batch":
+        model.set_requires_gradient_sync(last)
+    elif mode == "last_micro_batch_across_nodes" and hybrid:  # one node, full sharding: nothing crosses nodes
+        model.set_requires_all_reduce(last)
 
 
 def parallelize_model(
@@ -110,7 +183,7 @@ def parallelize_model(
         training.compile_model(model, verbose=verbose)
     if activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-    apply_fsdp(model, mixed_precision_policy(compute_dtype, master_dtype), mesh=mesh)
+    apply_fsdp(model, mixed_precision_policy(compute_dtype, master_dtype), mesh=mesh, compute_dtype=compute_dtype)
     return model
 
 

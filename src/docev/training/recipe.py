@@ -14,7 +14,9 @@ one-process group. What differs from torchtune's stock recipe, and why:
 - **Loss normalised by the loss tokens of the whole step** across ranks and micro-batches (not by
   micro-batch count), as torchtune does; the counts come with the batch, so no extra sync.
 - **fp32 master weights** by default (``master_dtype``), compute in ``dtype``; how the model is built,
-  sharded and compiled is ``docev.training.parallelize``.
+  sharded (full or hybrid mesh, frozen vision tower replicated, gradient reduction every micro-batch or
+  on a step's last: ``train.fsdp_strategy``, ``train.gradient_reduction``) and compiled is
+  ``docev.training.parallelize``.
 - **Preemption loses nothing**: SIGTERM finishes the step in flight, saves it and exits with a code the
   operator retries (``docev.training.preemption``); a restart continues the same W&B run.
 - **Clean failure**: a non-finite loss or gradient norm stops every rank at that step, naming the
@@ -65,7 +67,7 @@ from docev.training.checkpointing import (
 )
 from docev.training.evaluation import EvalLoss
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
-from docev.training.parallelize import precision_warning, setup_model
+from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
 
@@ -92,6 +94,7 @@ class _Step:
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
     tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
+    attention_pairs: int = 0  # query-key pairs the attention kernel computes (flex: whole blocks), for MFU
 
 
 class DocEVFinetuneRecipe:
@@ -207,6 +210,9 @@ class DocEVFinetuneRecipe:
         """``parallelize.setup_model`` with this run's dtypes and switches (None: a sharded checkpoint fills the
         model later), then the activation-offloading context."""
         cfg = self.cfg
+        mesh = run_mesh(cfg.train.fsdp_strategy, nnodes=cfg.train.nnodes, nproc_per_node=cfg.train.nproc_per_node,
+                        device_type=self._device.type)  # fmt: skip
+        self._hybrid = is_hybrid(mesh)
         model = setup_model(
             component(cfg, "model"),
             model_state_dict,
@@ -215,6 +221,7 @@ class DocEVFinetuneRecipe:
             master_dtype=self._master_dtype,
             compile=cfg.compile,
             activation_checkpointing=cfg.enable_activation_checkpointing,
+            mesh=mesh,
             fill=None if self._peft is None else self._peft.load_model,
         )
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, cfg.enable_activation_offloading)
@@ -337,20 +344,27 @@ class DocEVFinetuneRecipe:
 
     def _forward_backward(self, batch: dict[str, Any], step: _Step) -> None:
         """One micro-batch: forward, loss summed over its loss tokens, backward."""
+        last = len(step.losses) + 1 == self._gradient_accumulation_steps
+        sync_gradients(self._model, self.cfg.train.gradient_reduction, last=last, hybrid=self._hybrid)
         device = self._device
-        labels = batch["labels"].to(device)
+        # image slots checked on the host copy: forward then reads no token value (no device sync)
+        self._model.check_inputs(*(batch[k] for k in ("tokens", "pixel_values", "image_sizes", "image_grids")),
+                                 batch["sampling_ratio"])  # fmt: skip
+        labels = batch["labels"].to(device, non_blocking=True)  # from pinned memory: an async copy
         # Predict token t+1 at position t: shift the labels, not the logits (as torchtune's recipes do).
         labels = torch.hstack((labels[:, 1:], labels.new_full((labels.shape[0], 1), self._ignore_index)))
-        optional = {k: None if batch[k] is None else batch[k].to(device) for k in ("mask", "input_pos", "pixel_values")}
+        keys = ("mask", "input_pos", "document_ids", "pixel_values")
+        optional = {k: None if batch[k] is None else batch[k].to(device, non_blocking=True) for k in keys}
         if optional["pixel_values"] is not None:
             optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
         with self._activations_ctx:
             logits = self._model(
-                batch["tokens"].to(device),
+                batch["tokens"].to(device, non_blocking=True),
                 **optional,
                 image_sizes=batch["image_sizes"],
                 image_grids=batch["image_grids"],
                 sampling_ratio=batch["sampling_ratio"],
+                inputs_checked=True,
             )
         n_loss = batch["num_loss_tokens"]
         if n_loss:
@@ -367,17 +381,18 @@ class DocEVFinetuneRecipe:
         step.tokens += int(batch["num_tokens"])
         step.loss_tokens += int(n_loss)
         step.slots += batch["tokens"].numel()
+        step.attention_pairs += batch["attention_pairs"]
         if batch["image_grids"] is not None:
             step.tiles += sum(1 + rows * cols for rows, cols in batch["image_grids"].tolist())
 
     def _optimizer_step(self, step: _Step, epoch: int, t0: float, pbar: tqdm) -> None:
         losses = torch.stack(step.losses)
         bad = ~torch.isfinite(losses)
-        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles]
+        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles, step.attention_pairs]
         counts = torch.tensor(counts, dtype=torch.float64, device=self._device)
         totals = torch.cat([losses.sum().double().reshape(1), bad.sum().double().reshape(1), counts])
         dist.all_reduce(totals)  # one collective: loss sum, non-finite micro-batches, token counts
-        loss_sum, n_bad, tokens, loss_tokens, slots, tiles = totals.tolist()
+        loss_sum, n_bad, tokens, loss_tokens, slots, tiles, pairs = totals.tolist()
         if n_bad or not math.isfinite(loss_sum):
             ids = [i for flag, i in zip(bad.tolist(), step.sample_ids, strict=True) if flag]
             self._fail(f"loss is {loss_sum / max(loss_tokens, 1)}", ids)
@@ -426,10 +441,13 @@ class DocEVFinetuneRecipe:
                 "num_tokens": int(tokens),
                 "num_loss_tokens": int(loss_tokens),
                 "num_tiles": int(tiles),
+                "attention_pairs": int(pairs),
                 "tokens_seen": self.tokens_seen,
                 "step_seconds": step_seconds,
                 "epoch": epoch,
             }
+            if self.cfg.compile:  # bounded by the padding buckets (dataloader.pad_to_multiple_of, packed rows)
+                metrics["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             if self._log_peak_memory_stats:
                 metrics.update(training.get_memory_stats(device=self._device))
             self._metrics.log(metrics, step=self.global_step)

@@ -15,16 +15,17 @@ from torchtune.modules import (
     MultiHeadAttention,
     RMSNorm,
     RotaryPositionalEmbeddings,
-    TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
 from torchtune.modules.low_precision import FrozenNF4Linear
-from torchtune.modules.model_fusion import FusionEmbedding, register_fusion_module
+from torchtune.modules.model_fusion import register_fusion_module
 from torchtune.modules.peft import LORA_ATTN_MODULES, DoRALinear, LoRALinear, get_lora_module_names
 
 from docev.models.docev._arch import DocEVArch
+from docev.models.docev._attention import AttentionKind, attention_call
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel
+from docev.models.docev._layers import DocEVDecoder, SyncFreeFusionEmbedding
 from docev.models.docev._vision import SiglipVisionEncoder
 
 _ATTN_MODULES = get_args(LORA_ATTN_MODULES)
@@ -106,9 +107,10 @@ def docev_decoder(
     max_seq_len: int,
     rope_base: float,
     norm_eps: float = 1e-5,
-) -> TransformerDecoder:
+) -> DocEVDecoder:
     """Llama decoder (GQA, SwiGLU, RMSNorm, RoPE) with ``fusion_vocab_size`` trainable extra embedding
-    rows and an untied output of ``vocab_size + fusion_vocab_size`` rows."""
+    rows and an untied output of ``vocab_size + fusion_vocab_size`` rows (one call for every loss chunk,
+    see ``_layers.py``)."""
     return _llama_decoder(
         _plain_linear, vocab_size=vocab_size, fusion_vocab_size=fusion_vocab_size, num_layers=num_layers,
         num_heads=num_heads, num_kv_heads=num_kv_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
@@ -127,7 +129,7 @@ def lora_docev_decoder(
     use_dora: bool = False,
     quantize_base: bool = False,
     **decoder_args: Any,
-) -> TransformerDecoder:
+) -> DocEVDecoder:
     """``docev_decoder`` with torchtune ``LoRALinear`` (``DoRALinear`` with ``use_dora``) on the named
     projections. ``lora_attn_modules`` uses torchtune's names (``q_proj``, ``k_proj``, ``v_proj``,
     ``output_proj``); the MLP adapters go on ``w1``/``w2``/``w3``. With ``quantize_base`` every frozen
@@ -174,7 +176,7 @@ def _llama_decoder(
     max_seq_len: int,
     rope_base: float,
     norm_eps: float = 1e-5,
-) -> TransformerDecoder:
+) -> DocEVDecoder:
     """The decoder with every bias-free projection made by ``linear(torchtune name, in, out)``."""
     head_dim = embed_dim // num_heads
     rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
@@ -192,6 +194,7 @@ def _llama_decoder(
             pos_embeddings=rope,
             max_seq_len=max_seq_len,
         )
+        attn._attention_call = attention_call  # BlockMasks reach flex attention on CPU too (torchtune: CUDA only)
         mlp = FeedForward(
             gate_proj=linear("w1", embed_dim, intermediate_dim),
             down_proj=linear("w2", intermediate_dim, embed_dim),
@@ -205,8 +208,8 @@ def _llama_decoder(
                 mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
             )
         )
-    return TransformerDecoder(
-        tok_embeddings=FusionEmbedding(vocab_size, fusion_vocab_size, embed_dim),
+    return DocEVDecoder(
+        tok_embeddings=SyncFreeFusionEmbedding(vocab_size, fusion_vocab_size, embed_dim),
         layers=layers,
         max_seq_len=max_seq_len,
         num_heads=num_heads,
@@ -224,9 +227,11 @@ def docev(
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
     lora: Mapping[str, Any] | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """The fused model at ``arch``'s widths; ``image_token_id`` defaults to the first fusion row.
-    ``lora`` (the keyword arguments of ``lora_docev_decoder``) puts adapters on the decoder."""
+    ``lora`` (the keyword arguments of ``lora_docev_decoder``) puts adapters on the decoder;
+    ``attention``: how packed rows are masked (``_attention.py``)."""
     encoder = siglip_vision_encoder(
         tile_size=arch.tile_size,
         patch_size=arch.patch_size,
@@ -259,4 +264,5 @@ def docev(
         decoder_trainable=decoder_trainable,
         encoder_trainable=encoder_trainable,
         fusion_trainable=fusion_trainable,
+        attention=attention,
     )

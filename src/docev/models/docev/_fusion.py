@@ -18,6 +18,7 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import get_fusion_params
 from torchtune.modules.peft import get_adapter_params
 
+from docev.models.docev._attention import AttentionKind, document_mask
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._vision import SiglipVisionEncoder
 from docev.vision.geometry import packed_grid, pooled_side, unpad_shape
@@ -79,6 +80,8 @@ class DocEVModel(nn.Module):
         decoder_trainable (bool): train the decoder group.
         encoder_trainable (bool): train the vision tower.
         fusion_trainable (bool): train the fusion group.
+        attention (AttentionKind): mask of packed rows, ``auto`` (flex on CUDA ≥ sm75, else dense), ``sdpa``
+            (dense mask) or ``flex`` (``BlockMask``); see ``_attention.py``.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class DocEVModel(nn.Module):
         decoder_trainable: bool = True,
         encoder_trainable: bool = False,
         fusion_trainable: bool = True,
+        attention: AttentionKind = "auto",
     ):
         super().__init__()
         self.tok_embeddings = decoder.tok_embeddings
@@ -108,6 +112,7 @@ class DocEVModel(nn.Module):
         self.image_token_id = image_token_id
         self.tile_size = tile_size
         self.patch_size = patch_size
+        self.attention = attention
         self.set_trainable(decoder=decoder_trainable, encoder=encoder_trainable, fusion=fusion_trainable)
 
     def fusion_params(self) -> list[str]:
@@ -174,10 +179,12 @@ class DocEVModel(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         sampling_ratio: int | None = None,
+        inputs_checked: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits [B, S, vocab + fusion] (a list of chunks after ``set_num_output_chunks``).
 
@@ -186,49 +193,71 @@ class DocEVModel(nn.Module):
             mask (torch.Tensor | None): [B, S, S] bool document mask for packed rows (True = may attend);
                 with KV caches [B, S, cache length], the rows of a causal mask for the positions fed.
             input_pos (torch.Tensor | None): [B, S] position ids for packed rows (with caches: required).
+            document_ids (torch.Tensor | None): [B, S] document index of each token of packed rows (what the
+                collate ships instead of ``mask``); the block-causal mask is built from them on their device.
             pixel_values (torch.Tensor | None): [N_img, max_tiles, 3, T, T] normalised tiles in the model
                 dtype, images in order over the batch (row-major: row, then position); tile 0 = base,
                 then the grid row-major; tiles past 1 + rows·cols are padding and ignored.
             image_sizes (torch.Tensor | None): [N_img, 2] original (height, width).
             image_grids (torch.Tensor | None): [N_img, 2] (rows, cols) of the grid, base tile not counted.
             sampling_ratio (int | None): pooling ratio for every image of the batch.
+            inputs_checked (bool): the caller ran ``check_inputs`` on the host copy of the batch (the recipe
+                does, before the copy to the device), so forward does no host-syncing check of its own.
 
         Raises:
             ValueError: when ``<image>`` tokens and image features disagree, naming the batch row.
         """
+        if not inputs_checked:
+            self.check_inputs(tokens, pixel_values, image_sizes, image_grids, sampling_ratio)
         embeds = self.tok_embeddings(tokens)
+        if pixel_values is not None:
+            is_image = tokens == self.image_token_id
+            features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        if document_ids is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or document_ids, not both")
+            mask = document_mask(document_ids, self.attention)
+        return self.decoder(embeds, mask=mask, input_pos=input_pos)
+
+    def check_inputs(
+        self,
+        tokens: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        image_grids: torch.Tensor | None,
+        sampling_ratio: int | None,
+    ) -> None:
+        """``<image>`` slots against the images, before any compute; errors name the batch row. Reads token
+        values on the host, so the recipe runs it on the CPU batch, not on the device copy (a sync per call)."""
         is_image = tokens == self.image_token_id
         if pixel_values is None:
             rows = is_image.any(dim=1).nonzero().flatten().tolist()
             if rows:
                 raise ValueError(f"batch row(s) {rows} hold <image> tokens but the batch has no pixel_values")
-        else:
-            features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio, is_image)
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
-        return self.decoder(embeds, mask=mask, input_pos=input_pos)
-
-    def image_features(
-        self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | None,
-        image_grids: torch.Tensor | None,
-        sampling_ratio: int | None,
-        is_image: torch.Tensor,
-    ) -> torch.Tensor:
-        """Packed features of every image, checked against the ``<image>`` slots before any compute."""
+            return
         if image_sizes is None or image_grids is None or sampling_ratio is None:
             raise ValueError("pixel_values needs image_sizes, image_grids and sampling_ratio")
         n_img, max_tiles = pixel_values.shape[:2]
         sizes, grids = image_sizes.tolist(), image_grids.tolist()
         if len(sizes) != n_img or len(grids) != n_img:
             raise ValueError(f"{n_img} images in pixel_values, {len(sizes)} image_sizes, {len(grids)} image_grids")
-        tiles_per_image = [1 + r * c for r, c in grids]
-        for i, n in enumerate(tiles_per_image):
-            if n > max_tiles:
-                raise ValueError(f"image {i}: grid {grids[i]} needs {n} tiles, pixel_values holds {max_tiles}")
+        for i, (r, c) in enumerate(grids):
+            if 1 + r * c > max_tiles:
+                raise ValueError(f"image {i}: grid {grids[i]} needs {1 + r * c} tiles, pixel_values holds {max_tiles}")
         side = pooled_side(self.tile_size, self.patch_size, sampling_ratio)
         check_image_slots(is_image, image_feature_counts(sizes, grids, side))
 
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_grids: torch.Tensor,
+        sampling_ratio: int,
+    ) -> torch.Tensor:
+        """Packed features of every image (``image_sizes``/``image_grids`` on the host: no device sync)."""
+        sizes, grids = image_sizes.tolist(), image_grids.tolist()
+        tiles_per_image = [1 + r * c for r, c in grids]
         tiles = torch.cat([pixel_values[i, :n] for i, n in enumerate(tiles_per_image)])
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from docev.models.docev._arch import DocEVArch, preview, tiny
+from docev.models.docev._attention import AttentionKind
 from docev.models.docev._component_builders import docev
 from docev.models.docev._fusion import DocEVModel
 
@@ -28,6 +29,7 @@ def docev_from_arch(
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
     lora: dict[str, Any] | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """A model at ``arch``'s widths from the config's ``model`` section (what the fixed-size builders call);
     ``lora`` holds the LoRA arguments of the ``lora_*`` builders."""
@@ -43,6 +45,7 @@ def docev_from_arch(
         encoder_trainable=encoder_trainable,
         fusion_trainable=fusion_trainable,
         lora=lora,
+        attention=attention,
     )
 
 
@@ -55,6 +58,7 @@ def docev_preview(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """DocEV Preview (11.6B): SigLIP so400m/14 at 560 px, LDPv2, 48-layer Solar-mini decoder."""
     return docev_from_arch(preview(), **locals())
@@ -69,6 +73,7 @@ def docev_tiny(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """The same structure at toy widths (tests, local demo); matches ``docev init-checkpoint``."""
     return docev_from_arch(tiny(), **locals())
@@ -142,6 +147,7 @@ def lora_docev_preview(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """DocEV Preview with LoRA/DoRA adapters on the decoder (torchtune's LoRA arguments); the trainable flags
     keep their meaning for the groups without adapters (e.g. connector trained, tower frozen).
@@ -166,6 +172,7 @@ def lora_docev_tiny(
     patch_size: int | None = None,
     max_num_tiles: int | None = None,
     min_num_tiles: int | None = None,
+    attention: AttentionKind = "auto",
 ) -> DocEVModel:
     """``lora_docev_preview`` at the tiny widths (tests, local demo)."""
     return _lora_model(tiny(), dict(locals()))

@@ -50,5 +50,8 @@ class SiglipVisionEncoder(nn.Module):
             )
         h = h + self.pos_embed
         for layer in self.layers[:-1]:
+            # the tile count changes every batch: compiled layers (compile_model compiles each) keep one graph
+            # for every count instead of compiling a static one first and recompiling when it changes
+            torch._dynamo.maybe_mark_dynamic(h, 0)
             h = layer(h)
         return h

@@ -1,0 +1,116 @@
+"""Packed rows: the document-id masks (dense and flex) against torchtune's block-causal mask and against running
+each document alone; unpacked batches reach attention with no mask."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+from torchtune.modules.attention_utils import create_block_causal_mask
+from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+from docev.models.docev._attention import (
+    computed_attention_pairs,
+    dense_document_mask,
+    document_block_mask,
+    document_mask,
+    use_flex,
+)
+
+from .conftest import ARCH
+
+LENS = [[20, 33, 11, 8], [40, 32]]  # per row; the last 8 of row 0 stand for padding (its own document)
+
+
+def _packed(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = sum(LENS[0])
+    tokens = torch.randint(0, ARCH.vocab_size, (len(LENS), s), generator=gen)
+    docs = torch.stack([torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(row)]) for row in LENS])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENS])
+    return tokens, docs, pos
+
+
+def test_dense_mask_is_torchtunes_block_causal_mask():
+    _, docs, _ = _packed()
+    expected = create_block_causal_mask([torch.tensor(row) for row in LENS])
+    assert torch.equal(dense_document_mask(docs), expected)
+
+
+def test_block_mask_marks_the_same_pairs_as_the_dense_mask():
+    _, docs, _ = _packed()
+    block = document_block_mask(docs)
+    assert isinstance(block, BlockMask) and block.shape == (2, 1, docs.shape[1], docs.shape[1])
+    b, q, k = torch.meshgrid(*(torch.arange(n) for n in (2, docs.shape[1], docs.shape[1])), indexing="ij")
+    assert torch.equal(block.mask_mod(b, 0, q, k), dense_document_mask(docs))
+
+
+def test_auto_is_dense_on_cpu():
+    _, docs, _ = _packed()
+    assert not use_flex("auto", torch.device("cpu")) and use_flex("flex", torch.device("cpu"))
+    assert isinstance(document_mask(docs, "auto"), torch.Tensor)
+    assert isinstance(document_mask(docs, "flex"), BlockMask)
+
+
+def test_packed_rows_match_each_document_alone(tiny_model):
+    tokens, docs, pos = _packed()
+    with torch.no_grad():
+        packed = tiny_model(tokens, document_ids=docs, input_pos=pos)
+        for r, row in enumerate(LENS):
+            start = 0
+            for n in row:
+                alone = tiny_model(tokens[r : r + 1, start : start + n])  # no mask: is_causal
+                torch.testing.assert_close(packed[r, start : start + n], alone[0], atol=2e-5, rtol=1e-5)
+                start += n
+
+
+def test_flex_matches_dense_on_packed_rows_including_the_loss(tiny_model):
+    """Flex attention compiled on CPU (forward only: flex has no CPU backward) against the dense mask."""
+    tokens, docs, pos = _packed(seed=1)
+    labels = torch.randint(0, ARCH.vocab_size, tokens.shape)
+    labels[0, -8:] = -100  # padding
+    loss_fn = CEWithChunkedOutputLoss()
+    tiny_model.set_num_output_chunks(loss_fn.num_output_chunks)
+    out = {}
+    with torch.no_grad():
+        for kind in ("sdpa", "flex"):
+            tiny_model.attention = kind
+            chunks = tiny_model(tokens, document_ids=docs, input_pos=pos)
+            out[kind] = (torch.cat(chunks, dim=1), loss_fn(chunks, labels))
+    torch.testing.assert_close(out["flex"][0], out["sdpa"][0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out["flex"][1], out["sdpa"][1], atol=1e-6, rtol=1e-6)
+    assert out["sdpa"][1].isfinite()
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "flex"])
+def test_unpacked_batches_reach_attention_without_a_mask(tiny_model, make_batch, attention, monkeypatch):
+    """Right-padded rows: every decoder layer's attention gets mask=None and is_causal=True (SDPA's flash path)."""
+    seen = []
+    for layer in tiny_model.decoder.layers:
+        call = layer.attn._attention_call
+
+        def spy(q, k, v, mask, dropout_p, is_causal, _call=call):
+            seen.append((mask, is_causal))
+            return _call(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+        monkeypatch.setattr(layer.attn, "_attention_call", spy)
+    tiny_model.attention = attention
+    with torch.no_grad():
+        tiny_model(**make_batch([[(100, 150)], []], ratio=2))
+    assert seen == [(None, True)] * len(tiny_model.decoder.layers)
+
+
+def test_mask_and_document_ids_together_are_refused(tiny_model):
+    tokens, docs, pos = _packed()
+    with pytest.raises(ValueError, match="either mask or document_ids"):
+        tiny_model(tokens, mask=dense_document_mask(docs), document_ids=docs, input_pos=pos)
+
+
+@pytest.mark.parametrize("lens", [[300, 200, 12], [128, 128, 256], [640]])
+def test_computed_pairs_count_the_block_masks_blocks(lens):
+    """The MFU count of ``computed_attention_pairs`` against the blocks flex's BlockMask actually visits."""
+    s = 640
+    docs = torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(lens)])
+    docs = torch.cat([docs, torch.full((s - docs.numel(),), -1, dtype=torch.int32)])[None]
+    block = document_block_mask(docs)
+    visited = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
+    assert computed_attention_pairs(lens, s) == visited * 128 * 128
+    assert computed_attention_pairs(lens, s, block=None) == s * (s + 1) // 2
