@@ -102,10 +102,19 @@ def test_ordered_map_keeps_order_bounds_work_and_passes_errors_through():
         list(ordered_map(lambda i: (_ for _ in ()).throw(TransientStorageError("down")), range(3), threads=2))
 
 
-def test_output_dir_on_an_object_store_is_refused_with_the_reason(tmp_path):
+def test_an_object_store_output_dir_needs_a_work_dir_and_a_node_local_cache(tmp_path):
     from conftest import CONFIGS
 
     from docev.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="output_dir: 's3://bucket/run': outputs go to a folder or volume"):
+    with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run"])
+    text = str(err.value)
+    assert "work_dir: required with an object-store output_dir (s3://bucket/run)" in text
+    assert "dataloader.cache_dir: required with an object-store output_dir" in text
+    assert "checkpointer.output_dir: 's3://bucket/run/checkpoints': must be a folder or volume" in text
+    local = [f"work_dir={tmp_path}", f"dataloader.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", *local, "checkpointer.output_dir=null"])
+    assert cfg.work_root == tmp_path
+    with pytest.raises(ConfigError, match="work_dir: 's3://bucket/work': must be a folder or volume"):
+        load_config(CONFIGS / "tiny.yaml", [*local, "work_dir=s3://bucket/work"])

@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from docev.evaluation.report import LABELS, metric_table
 
-    root = Path(cfg.output_dir) / "eval"
+    root = cfg.work_root / "eval"
     results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
                if (root / k / "metrics.json").is_file()}  # fmt: skip
     if any(m.get("n") for m in results.values()):

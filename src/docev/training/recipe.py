@@ -129,7 +129,7 @@ class DocEVFinetuneRecipe:
         self.seed = training.set_seed(seed=cfg.seed)
 
         self._output_dir = Path(checkpoint_dir(cfg))
-        self._log_dir = Path(cfg.output_dir) / "logs"
+        self._log_dir = cfg.work_root / "logs"
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._log_every_n_steps = cfg.log_every_n_steps
