@@ -107,14 +107,16 @@ def test_an_object_store_output_dir_needs_a_work_dir_and_a_node_local_cache(tmp_
 
     from docev.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # tiny.yaml says work_dir: ${output_dir}
         load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run"])
     text = str(err.value)
-    assert "work_dir: required with an object-store output_dir (s3://bucket/run)" in text
-    assert "dataloader.cache_dir: required with an object-store output_dir" in text
+    assert "work_dir: 's3://bucket/run': must be a folder or volume" in text and "set work_dir to one" in text
+    assert "dataloader.cache_dir: required with an object-store output_dir (s3://bucket/run)" in text
     assert "checkpointer.output_dir: 's3://bucket/run/checkpoints': must be a folder or volume" in text
-    local = [f"work_dir={tmp_path}", f"dataloader.cache_dir={tmp_path / 'cache'}"]
-    cfg = load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", *local, "checkpointer.output_dir=null"])
-    assert cfg.work_root == tmp_path
-    with pytest.raises(ConfigError, match="work_dir: 's3://bucket/work': must be a folder or volume"):
-        load_config(CONFIGS / "tiny.yaml", [*local, "work_dir=s3://bucket/work"])
+    with pytest.raises(ConfigError, match="work_dir: required with an object-store output_dir"):
+        load_config(
+            CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", "work_dir=null", f"dataloader.cache_dir={tmp_path}"]
+        )
+    cfg = load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", f"work_dir={tmp_path}",
+                                              f"dataloader.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert cfg.work_root == tmp_path and cfg.checkpointer.output_dir == f"{tmp_path}/checkpoints"

@@ -685,8 +685,9 @@ class DocEVConfig(_Strict):
                            ("dataloader.cache_dir", self.dataloader.cache_dir)):  # fmt: skip
             if value is not None and is_store_url(value):
                 errors.append((key, f"{value!r}: must be a folder or volume (checkpoints, logs and the shard cache "
-                               "are written with renames and memory-mapped); only output_dir, dataset sources and "
-                               "export.destination may be object-store URLs"))  # fmt: skip
+                               "are written with renames and memory-mapped; set work_dir to one when output_dir is "
+                               "an object store); only output_dir, dataset sources and export.destination may be "
+                               "object-store URLs"))  # fmt: skip
         return errors
 
     def _split_checks(self) -> list[tuple[str, str]]:
