@@ -244,9 +244,11 @@ def test_images_escaping_the_source_prefix_are_rejected_with_the_reason(tmp_path
     lines = [json.dumps({"id": f"r{i}", **record, "image_files": [n]}) for i, n in enumerate(names)]
     fs.pipe_file(f"{BUCKET}/esc/src/data.jsonl", ("\n".join(lines) + "\n").encode())
     datasets = [{"source": f"s3://{BUCKET}/esc/src", "name": "esc", "storage_options": {"endpoint_url": s3.endpoint}}]
-    cfg = tiny_config(tmp_path, tiny_checkpoint, datasets, "validate.max_reject_fraction=1.0")
+    cfg = tiny_config(f"s3://{BUCKET}/runs/esc", tiny_checkpoint, datasets, "validate.max_reject_fraction=1.0",
+                      *_in_s3(tmp_path, s3.endpoint))  # fmt: skip
     run_validate(cfg, workers=1)
-    rejects = [json.loads(line) for line in (validate_dir(cfg) / "rejects.jsonl").open()]
+    published = _published(cfg, "validate", _bucket(s3))["validate/rejects.jsonl"]  # in the bucket, with reasons
+    rejects = [json.loads(line) for line in published.splitlines()]
     assert [r["reason"] for r in rejects] == ["path_escape"] * 3 + ["image_missing"]
     assert "s3://corpus/ufx-private/secret.png, outside the source root s3://corpus/esc/src" in rejects[0]["detail"]
     assert "outside the allowed roots" in rejects[1]["detail"] and rejects[1]["field"] == "image_files.0"
