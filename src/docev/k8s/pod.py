@@ -149,9 +149,10 @@ def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:
     root = PurePosixPath(k8s.mount_path)
     out = PurePosixPath(cfg.work_root)  # an object-store output_dir holds the data; the rest is in work_dir
     if out != root and root not in out.parents:
+        key = "output_dir" if cfg.work_dir in (None, cfg.output_dir) else "work_dir"
         errors.append(
-            f"{'work_dir' if cfg.work_dir else 'output_dir'}: {out} is not below kubernetes.mount_path {root}; the "
-            "pods would write their outputs to their own filesystems and lose them"
+            f"{key}: {out} is not below kubernetes.mount_path {root}; the pods would write their outputs "
+            "to their own filesystems and lose them"
         )
     gpus = train.resources.gpu
     if cfg.device == "cuda" and gpus == 0:
