@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
-from docev.data.shards import ShardError, image_row, write_shard
+from docev.data.shards import ShardError, image_row, sha256_file, write_shard
 from docev.data.split import Split, all_sources
 from docev.data.transform import DocEVTransform, transform_from_config
 from docev.outputs import Outputs, outputs
@@ -74,7 +74,7 @@ def config_hash(cfg: DocEVConfig) -> str:
         "tokenizer": data["tokenizer"],
         "preprocess": {k: data["preprocess"][k] for k in ("image_format", "jpeg_quality", "records_per_shard")},
         "datasets": [{k: v for k, v in d.items() if k != "weight"} for d in data["datasets"]],
-        "validated": outputs(cfg).sha256(MANIFEST),
+        "validated": sha256_file(outputs(cfg).fetch(MANIFEST)),  # fetched once per process; _chunks reads it too
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
