@@ -36,8 +36,13 @@ def _read(path: Path) -> Any | None:
 
 def task_summary(cfg: DocEVConfig, task: str) -> str:
     """The key numbers of a finished task, from what it wrote under ``output_dir``."""
+    from docev.config import is_store_url
     from docev.outputs import outputs
 
+    if is_store_url(cfg.output_dir) and task in ("validate-merge", "preprocess-merge"):
+        # This runs under the console's lock; a read from an object store logs from the client's I/O thread,
+        # which writes to this console and would wait on that lock forever. The counts are in the tasks' metrics.
+        return f"outputs in {cfg.output_dir}"
     out, data = cfg.work_root, outputs(cfg)
     if task == "validate-merge" and (report := data.read_json("validate/report.json")):
         s = report["sources"].values()
