@@ -43,7 +43,7 @@ def preprocess_merge(
     run = dict(locals())  # first: the run parameters and this step's arguments
     import json
 
-    from docev.data.preprocess import shards_dir
+    from docev.data.preprocess import shards_location
     from docev.pipeline.steps import load, preprocess_merge_step
 
     result = preprocess_merge_step(run)
@@ -55,7 +55,7 @@ def preprocess_merge(
     metrics.log_metric("eval_samples", result["eval_samples"])
     for name, n in result["sources"].items():
         metrics.log_metric(f"{name}/samples", n)
-    return str(shards_dir(load(run)))
+    return shards_location(load(run))  # a folder or, for an object-store output_dir, its URL
 
 
 def build(image: str):

@@ -30,7 +30,7 @@ def train(
     result = train_step(run, run_id, task)
     for key, value in result.items():
         metrics.log_metric(key, value)
-    png = Path(load(run).output_dir) / "logs" / "loss.png"
+    png = load(run).work_root / "logs" / "loss.png"
     body = f"<img src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" if png.is_file() else ""
     Path(loss_plot.path).write_text(f"<!doctype html><title>loss</title><h1>Training loss</h1>{body}")
     return int(result["steps"])

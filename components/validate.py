@@ -48,10 +48,12 @@ def validate_merge(
     import json
     import shutil
 
+    from docev.outputs import outputs
     from docev.pipeline.steps import load, validate_merge_step
     from docev.validate.runner import ValidationFailed, validate_dir
 
-    out = validate_dir(load(run))
+    cfg = load(run)
+    out = validate_dir(cfg)  # this task's copy of the reports (output_dir may be an object store)
     failure = None
     try:
         report = validate_merge_step(run, num_shards)
@@ -64,7 +66,7 @@ def validate_merge(
             metrics.log_metric(f"{name}/{key}", s[key])
     if failure is not None:
         raise failure
-    return str(out / "manifest.jsonl")
+    return outputs(cfg).where("validate/manifest.jsonl")
 
 
 def build(image: str):

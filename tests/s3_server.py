@@ -81,7 +81,9 @@ class FaultProxy:
                 for key, value in reply.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD reply has no body: its Content-Length is the object's size
+                self.send_header("Content-Length", reply.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))  # fmt: skip
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -102,10 +102,21 @@ def test_ordered_map_keeps_order_bounds_work_and_passes_errors_through():
         list(ordered_map(lambda i: (_ for _ in ()).throw(TransientStorageError("down")), range(3), threads=2))
 
 
-def test_output_dir_on_an_object_store_is_refused_with_the_reason(tmp_path):
+def test_an_object_store_output_dir_needs_a_work_dir_and_a_node_local_cache(tmp_path):
     from conftest import CONFIGS
 
     from docev.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="output_dir: 's3://bucket/run': outputs go to a folder or volume"):
+    with pytest.raises(ConfigError) as err:  # tiny.yaml says work_dir: ${output_dir}
         load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run"])
+    text = str(err.value)
+    assert "work_dir: 's3://bucket/run': must be a folder or volume" in text and "set work_dir to one" in text
+    assert "dataloader.cache_dir: required with an object-store output_dir (s3://bucket/run)" in text
+    assert "checkpointer.output_dir: 's3://bucket/run/checkpoints': must be a folder or volume" in text
+    with pytest.raises(ConfigError, match="work_dir: required with an object-store output_dir"):
+        load_config(
+            CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", "work_dir=null", f"dataloader.cache_dir={tmp_path}"]
+        )
+    cfg = load_config(CONFIGS / "tiny.yaml", ["output_dir=s3://bucket/run", f"work_dir={tmp_path}",
+                                              f"dataloader.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert cfg.work_root == tmp_path and cfg.checkpointer.output_dir == f"{tmp_path}/checkpoints"

@@ -45,7 +45,8 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from docev.validate.runner import ValidationFailed, merge, run_shard, validate_dir
+    from docev.outputs import outputs
+    from docev.validate.runner import ValidationFailed, merge, run_shard
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -63,7 +64,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     for name, s in report["sources"].items():
         print(f"{name}: read {s['read']}, accepted {s['accepted']}, rejected {s['rejected']}")
-    print(f"report: {validate_dir(cfg) / 'report.md'}")
+    print(f"report: {outputs(cfg).where('validate/report.md')}")
     return 0
 
 
@@ -75,22 +76,22 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from docev.data.preprocess import merge_all, run_shards, shards_dir, splits_to_build
+    from docev.data.preprocess import merge_all, run_shards, shards_location, splits_to_build
 
     cfg = load_config(args.config, args.overrides)
     if not args.merge:
         shard, num = _parse_shard(args.shard)
         for split in splits_to_build(cfg):
             built = run_shards(cfg, shard, num, args.workers, split)
-            print(f"built {len(built)} shard(s) in {shards_dir(cfg, split)}")
+            print(f"built {len(built)} shard(s) in {shards_location(cfg, split)}")
         if num > 1:
             print(f"shard {shard}/{num} done; run `docev preprocess --merge` when all are done")
             return 0
     manifest = merge_all(cfg)
-    print(
-        f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards: {shards_dir(cfg) / 'manifest.json'}"
-        + (f"; {manifest['eval_samples']} held out in {shards_dir(cfg, 'eval')}" if manifest["eval_samples"] else "")
-    )
+    n, where = manifest["eval_samples"], shards_location(cfg, "eval")
+    held = f"; {n} held out in {where}" if n else ""
+    shards = f"{len(manifest['shards'])} shards: {shards_location(cfg)}/manifest.json"
+    print(f"{manifest['total_samples']} samples in {shards}{held}")
     return 0
 
 
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from docev.evaluation.report import LABELS, metric_table
 
-    root = Path(cfg.output_dir) / "eval"
+    root = cfg.work_root / "eval"
     results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
                if (root / k / "metrics.json").is_file()}  # fmt: skip
     if any(m.get("n") for m in results.values()):

@@ -210,6 +210,11 @@ def _check_store_url(url: str) -> str:
     return url
 
 
+def is_store_url(path: str) -> bool:
+    """An object-store URL (``s3://…``); local paths and ``file://`` are folders."""
+    return "://" in path and path.split("://", 1)[0] not in ("file", "local")
+
+
 class DatasetSource(_Strict):
     """One UFX source (DESIGN §5)."""
 
@@ -617,7 +622,19 @@ class SyntheticSection(_Strict):
 class DocEVConfig(_Strict):
     """The whole run. Top-level keys mirror torchtune's recipe configs plus the pipeline sections."""
 
-    output_dir: str
+    output_dir: str = Field(
+        description="Folder or fsspec URL (s3://bucket/prefix, gs://…, az://…) of the data outputs: validate/ and "
+        "shards/. Everything else of the run goes to work_dir."
+    )
+    output_storage_options: StorageOptions = Field(
+        StorageOptions(), description="Non-secret options of an object-store output_dir (endpoint, region, retries)."
+    )
+    work_dir: str | None = Field(
+        None,
+        description="Folder or volume of what is not a data output: checkpoints (unless checkpointer.output_dir "
+        "says), training logs, evaluation, exports, the pipeline's config and task logs. Default: output_dir; "
+        "required when output_dir is an object-store URL.",
+    )
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cuda"
     dtype: Literal["bf16", "fp32"] = "bf16"
@@ -688,9 +705,7 @@ class DocEVConfig(_Strict):
     def cross_checks(self) -> list[tuple[str, str]]:
         """Rules spanning sections, as (dotted path, message)."""
         errors = []
-        if "://" in self.output_dir and not self.output_dir.startswith("file://"):
-            errors.append(("output_dir", f"{self.output_dir!r}: outputs go to a folder or volume (only dataset "
-                           "sources may be object-store URLs; export.destination may be one too)"))  # fmt: skip
+        errors += self._output_checks()
         tok = self.tokenizer
         for key in ("tile_size", "patch_size", "max_num_tiles", "min_num_tiles", "image_token_id"):
             m, t = getattr(self.model, key), getattr(tok, key)
@@ -740,6 +755,35 @@ class DocEVConfig(_Strict):
                 )
             )
         errors += self._split_checks()
+        return errors
+
+    @property
+    def work_root(self) -> Path:
+        """The folder of checkpoints, logs, evaluation, exports and the pipeline's files (see ``work_dir``)."""
+        return Path(self.work_dir or self.output_dir)
+
+    def _output_checks(self) -> list[tuple[str, str]]:
+        """An object-store output_dir holds the data outputs only: the rest needs a filesystem (renames, mmap)."""
+        errors = []
+        remote = is_store_url(self.output_dir)
+        if remote:
+            try:
+                _check_store_url(self.output_dir)
+            except ValueError as exc:
+                errors.append(("output_dir", str(exc)))
+            if self.work_dir is None:
+                errors.append(("work_dir", f"required with an object-store output_dir ({self.output_dir}): a "
+                               "folder or volume for checkpoints, logs, evaluation and exports"))  # fmt: skip
+            if self.dataloader.cache_dir is None:
+                errors.append(("dataloader.cache_dir", f"required with an object-store output_dir ({self.output_dir})"
+                               ": the node-local folder training stages the shards to, then memory-maps"))  # fmt: skip
+        for key, value in (("work_dir", self.work_dir), ("checkpointer.output_dir", self.checkpointer.output_dir),
+                           ("dataloader.cache_dir", self.dataloader.cache_dir)):  # fmt: skip
+            if value is not None and is_store_url(value):
+                errors.append((key, f"{value!r}: must be a folder or volume (checkpoints, logs and the shard cache "
+                               "are written with renames and memory-mapped; set work_dir to one when output_dir is "
+                               "an object store); only output_dir, dataset sources and export.destination may be "
+                               "object-store URLs"))  # fmt: skip
         return errors
 
     def _split_checks(self) -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec import AbstractFileSystem
 
-from docev.config import StorageOptions
+from docev.config import StorageOptions, is_store_url
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,8 +55,7 @@ class PathEscape(ValueError):
 
 def is_url(path: str | Path) -> bool:
     """True for a URL of a non-local filesystem (``s3://…``); local paths and ``file://`` are not."""
-    text = str(path)
-    return "://" in text and text.split("://", 1)[0] not in ("file", "local")
+    return is_store_url(str(path))
 
 
 def is_transient(exc: BaseException) -> bool:

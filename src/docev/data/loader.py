@@ -11,10 +11,10 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from docev.config import DocEVConfig
 from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
-from docev.data.preprocess import config_hash, shards_dir, tokenizer_fingerprint
+from docev.data.preprocess import config_hash, shards_location, tokenizer_fingerprint
 from docev.data.sampler import DocEVBatchSampler
 from docev.data.shards import ShardError
-from docev.data.staging import stage_shards
+from docev.data.staging import local_shards
 from docev.data.transform import transform_from_config
 
 
@@ -42,9 +42,9 @@ def build_dataset(cfg: DocEVConfig, verify_share: tuple[int, int] | None = None)
     """The run's shards, refused when built with another config or tokenizer, or when corrupt (with
     ``verify_share``, this rank's part of the checksums is listed in ``dataset.corrupt``, see ShardDataset)."""
     expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
-    folder = shards_dir(cfg)
-    if cfg.dataloader.cache_dir is not None:
-        folder = stage_shards(folder, cfg.dataloader.cache_dir)
+    folder = local_shards(cfg)
+    if folder is None:
+        raise ShardError(f"{shards_location(cfg)}/manifest.json not found: run `docev preprocess` first")
     return ShardDataset(folder, tile_size=cfg.tokenizer.tile_size, expect=expect,
                         verify_checksums=cfg.dataloader.verify_checksums, verify_share=verify_share)  # fmt: skip
 

@@ -28,11 +28,12 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
 from docev.data.shards import ShardError, image_row, sha256_file, write_shard
-from docev.data.split import Split, all_sources, eval_shards_dir
+from docev.data.split import Split, all_sources
 from docev.data.transform import DocEVTransform, transform_from_config
+from docev.outputs import Outputs, outputs
 from docev.storage import RETRIES, ordered_map
+from docev.validate.outputs import MANIFEST
 from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
-from docev.validate.runner import validate_dir
 from docev.validate.stats import TOKEN_BUCKETS, bucket
 from docev.vision.image_io import load_image
 from docev.vision.tiling import PixelConfig
@@ -41,10 +42,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json")  # fmt: skip
 
 
+def shards_rel(split: Split = "train") -> str:
+    """``shards`` for training, ``shards/eval`` for the held-out split, relative to output_dir."""
+    return "shards/eval" if split == "eval" else "shards"
+
+
 def shards_dir(cfg: DocEVConfig, split: Split = "train") -> Path:
-    """``shards/`` for training, ``shards/eval/`` for the held-out split (see docev.data.split)."""
-    out = Path(cfg.output_dir) / "shards"
-    return eval_shards_dir(out) if split == "eval" else out
+    """The local folder of the split's shards (this process's copy when ``output_dir`` is an object store)."""
+    return outputs(cfg).local(shards_rel(split))
+
+
+def shards_location(cfg: DocEVConfig, split: Split = "train") -> str:
+    """Where the split's shards are published: a folder or a URL (what training stages or reads)."""
+    return outputs(cfg).where(shards_rel(split))
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
@@ -64,7 +74,7 @@ def config_hash(cfg: DocEVConfig) -> str:
         "tokenizer": data["tokenizer"],
         "preprocess": {k: data["preprocess"][k] for k in ("image_format", "jpeg_quality", "records_per_shard")},
         "datasets": [{k: v for k, v in d.items() if k != "weight"} for d in data["datasets"]],
-        "validated": sha256_file(validate_dir(cfg) / "manifest.jsonl"),
+        "validated": sha256_file(outputs(cfg).fetch(MANIFEST)),  # fetched once per process; _chunks reads it too
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -76,7 +86,7 @@ def _shard_name(k: int) -> str:
 def _chunks(cfg: DocEVConfig, split: Split = "train") -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(shard index, accepted manifest entries of the split) streamed from validate/manifest.jsonl."""
     size, chunk, k = cfg.preprocess.records_per_shard, [], 0
-    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+    with outputs(cfg).fetch(MANIFEST).open() as fh:
         for line in fh:
             entry = json.loads(line)
             if entry.get("split", "train") != split:
@@ -90,7 +100,7 @@ def _chunks(cfg: DocEVConfig, split: Split = "train") -> Iterator[tuple[int, lis
 
 
 def count_shards(cfg: DocEVConfig, split: Split = "train") -> int:
-    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+    with outputs(cfg).fetch(MANIFEST).open() as fh:
         n = sum(1 for line in fh if json.loads(line).get("split", "train") == split)
     return -(-n // cfg.preprocess.records_per_shard)
 
@@ -123,7 +133,9 @@ class ShardBuilder:
         return [(store.display(p), store.read_bytes(p)) for p in paths]
 
     def build(self, k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        out = shards_dir(self.cfg, self.split)
+        outs, rel = outputs(self.cfg), shards_rel(self.split)
+        out = outs.local(rel)
+        out.mkdir(parents=True, exist_ok=True)
         fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
         t, rows, dropped, stored, original = self.transform, [], [], 0, 0
         retries_before = RETRIES.value
@@ -155,6 +167,7 @@ class ShardBuilder:
             rows.append(row)
         name = _shard_name(k)
         digest, count = write_shard(out / f"{name}.arrow", rows, self.ratios)
+        outs.publish(f"{rel}/{name}.arrow", keep=False)
         lengths = Counter(f"{r}:{bucket(row[f'len_r{r}'], TOKEN_BUCKETS)}" for row in rows for r in self.ratios)
         sources = Counter(row["source"] for row in rows)
         side = {"file": f"{name}.arrow", "sha256": digest, "rows": count, "config_hash": self.chash,
@@ -164,22 +177,25 @@ class ShardBuilder:
         tmp = out / f".{name}.json.tmp"
         tmp.write_text(json.dumps(side, indent=1))
         os.replace(tmp, out / f"{name}.json")
+        outs.publish(f"{rel}/{name}.json")  # the sidecar last: it marks the shard done
         return side
 
 
-def shard_done(out: Path, k: int, chash: str, fingerprint: str) -> bool:
-    """True when shard k is complete and intact; refuses shards of another config or tokenizer."""
-    side_path, data_path = out / f"{_shard_name(k)}.json", out / f"{_shard_name(k)}.arrow"
-    if not side_path.exists():
+def shard_done(outs: Outputs, rel: str, k: int, chash: str, fingerprint: str) -> bool:
+    """True when shard k of the folder ``rel`` is published and intact; refuses shards of another config or
+    tokenizer."""
+    side_rel, data_rel = f"{rel}/{_shard_name(k)}.json", f"{rel}/{_shard_name(k)}.arrow"
+    side = outs.read_json(side_rel)
+    if side is None:
         return False
-    side = json.loads(side_path.read_text())
     if side["config_hash"] != chash or side["tokenizer"] != fingerprint:
         what = "config" if side["config_hash"] != chash else "tokenizer"
         raise ShardError(
-            f"{side_path} was built with another {what} ({side['config_hash'][:12]}/{side['tokenizer'][:12]}, now "
-            f"{chash[:12]}/{fingerprint[:12]}); shards are never mixed: use a new output_dir or delete {out}"
+            f"{outs.where(side_rel)} was built with another {what} ({side['config_hash'][:12]}/"
+            f"{side['tokenizer'][:12]}, now {chash[:12]}/{fingerprint[:12]}); shards are never mixed: use a new "
+            f"output_dir or delete {outs.where(rel)}"
         )
-    return data_path.exists() and sha256_file(data_path) == side["sha256"]
+    return outs.exists(data_rel) and outs.sha256(data_rel) == side["sha256"]
 
 
 _BUILDER: ShardBuilder | None = None
@@ -199,11 +215,11 @@ def run_shards(
     cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None, split: Split = "train"
 ) -> list[int]:
     """Build the split's missing shards k with k % num_shards == shard. Returns the shard indices built."""
-    out = shards_dir(cfg, split)
-    out.mkdir(parents=True, exist_ok=True)
+    outs, rel = outputs(cfg), shards_rel(split)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
     chunks = _chunks(cfg, split)
-    todo = ((k, e) for k, e in chunks if k % num_shards == shard and not shard_done(out, k, chash, fingerprint))
+    todo = ((k, e) for k, e in chunks
+            if k % num_shards == shard and not shard_done(outs, rel, k, chash, fingerprint))  # fmt: skip
     workers = workers or cfg.preprocess.workers
     built: list[int] = []
     bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=None, mininterval=1.0)
@@ -237,15 +253,18 @@ def _collect(future: Any, running: dict[Any, tuple[int, int]], bar: tqdm) -> int
 
 
 def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
-    """All shards of the split present and intact → its ``manifest.json`` and ``dropped.jsonl``."""
-    out = shards_dir(cfg, split)
+    """All shards of the split present and intact → its ``dropped.jsonl`` and, published last, ``manifest.json``."""
+    outs, rel = outputs(cfg), shards_rel(split)
+    out = outs.local(rel)
     out.mkdir(parents=True, exist_ok=True)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
     n = count_shards(cfg, split)
-    missing = [k for k in range(n) if not shard_done(out, k, chash, fingerprint)]
+    missing = [k for k in range(n) if not shard_done(outs, rel, k, chash, fingerprint)]
     if missing:
-        raise ShardError(f"preprocess merge: {len(missing)} of {n} shards missing or corrupt in {out}: {missing[:10]}")
-    sides = [json.loads((out / f"{_shard_name(k)}.json").read_text()) for k in range(n)]
+        raise ShardError(
+            f"preprocess merge: {len(missing)} of {n} shards missing or corrupt in {outs.where(rel)}: {missing[:10]}"
+        )
+    sides = [outs.read_json(f"{rel}/{_shard_name(k)}.json") for k in range(n)]
     lengths: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
@@ -257,6 +276,7 @@ def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
                 dropped[d["reason"]] += 1
                 fh.write(json.dumps(d) + "\n")
     os.replace(out / ".dropped.jsonl.tmp", out / "dropped.jsonl")
+    outs.publish(f"{rel}/dropped.jsonl")
     tok = cfg.tokenizer
     resample = PixelConfig.from_checkpoint(tok.model_name_or_path).resample  # what the transform tiles with
     manifest = {
@@ -273,6 +293,7 @@ def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
     }  # fmt: skip
     (out / ".manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
     os.replace(out / ".manifest.json.tmp", out / "manifest.json")
+    outs.publish(f"{rel}/manifest.json")  # last: every shard it names is published and verified
     return manifest
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from pathlib import Path
 from typing import Literal
 
 from docev.config import DatasetSource, DocEVConfig
@@ -67,8 +66,3 @@ class SplitAssigner:
     def summary(self) -> dict[str, dict[str, int]]:
         """Per source: records in each split."""
         return {name: {k: c[k] for k in SPLITS} for name, c in self.counts.items()}
-
-
-def eval_shards_dir(shards: Path) -> Path:
-    """Where preprocess writes the held-out split's shards and manifest (below the training shards)."""
-    return shards / "eval"

@@ -31,7 +31,7 @@ class NoQuestionsError(ValueError):
 
 
 def eval_dir(cfg: DocEVConfig, label: str) -> Path:
-    return Path(cfg.output_dir) / "eval" / label
+    return cfg.work_root / "eval" / label
 
 
 def default_label(checkpoint: str | None) -> str:
@@ -115,7 +115,7 @@ def evaluate(
                                    sampling_ratio=ratio, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start
     loss = eval_loss(cfg, generator)
-    root = Path(cfg.output_dir)
+    root = cfg.work_root
     rows = prediction_rows(questions, answers, ev.anls_threshold, root)
     metrics = {**summarize(rows), "label": label, "model": _relative(str(folder), root), "sampling_ratio": ratio,
                "seconds": seconds, "answers_per_second": len(rows) / seconds,
@@ -134,7 +134,7 @@ def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
     from docev.training.evaluation import EvalLoss
 
     collate = build_collate(cfg, generator.dtype)
-    evaluator = EvalLoss.from_config(cfg, collate, rank=0, world_size=1, checkpoint_dir=Path(cfg.output_dir),
+    evaluator = EvalLoss.from_config(cfg, collate, rank=0, world_size=1, checkpoint_dir=cfg.work_root,
                                      resumed=False)  # fmt: skip
     if evaluator is None:
         return None

@@ -79,7 +79,7 @@ def _changes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n: int) ->
 
 def write_report(cfg: DocEVConfig, label: str = "tuned", examples: int | None = None) -> Path:
     """``output_dir/eval/<label>/report.html`` (+ ``report.md``): this label against ``base`` when both exist."""
-    root = Path(cfg.output_dir) / "eval"
+    root = cfg.work_root / "eval"
     results, rows = {}, {}
     for name in {label, "base"}:
         m, r = _load(root / name)
@@ -99,7 +99,7 @@ def write_report(cfg: DocEVConfig, label: str = "tuned", examples: int | None = 
         for line in table[2:]
     )
     cards = []
-    out_root = Path(cfg.output_dir)
+    out_root = cfg.work_root
     for t, b in pairs:
         imgs = "".join(_thumb(p if Path(p).is_absolute() else out_root / p) for p in t["images"][:2])
         base_cell = "" if b is None else f"<p><b>base</b> ({b['anls']:.2f}): {html.escape(b['prediction'])}</p>"

@@ -53,7 +53,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
     ``{output_dir}/logs/metrics.jsonl`` (malformed lines, e.g. cut by a kill, are skipped and counted)."""
     if untrained:
         return TrainingFacts(0, None, None, "untrained base checkpoint")
-    path = Path(cfg.output_dir) / "logs" / "metrics.jsonl"
+    path = cfg.work_root / "logs" / "metrics.jsonl"
     if step is None:
         return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
     if not path.is_file():
@@ -86,17 +86,19 @@ def relative(cfg: DocEVConfig, path: str | Path) -> str:
     """A path as the card prints it: relative to the run's output folder when below it (the card travels
     with the export; absolute local paths would name another machine), else as given."""
     try:
-        return str(Path(path).resolve().relative_to(Path(cfg.output_dir).resolve()))
+        return str(Path(path).resolve().relative_to(cfg.work_root.resolve()))
     except ValueError:
         return str(path)
 
 
 def data_section(cfg: DocEVConfig) -> list[str]:
     """Per source: records read/accepted/rejected by validate, samples in the shards."""
-    out = Path(cfg.output_dir)
-    report_file, manifest_file = out / "validate" / "report.json", out / "shards" / "manifest.json"
-    report, manifest = _read_json(report_file), _read_json(manifest_file)
-    report_path, manifest_path = relative(cfg, report_file), relative(cfg, manifest_file)
+    from docev.outputs import outputs
+
+    outs = outputs(cfg)
+    report, manifest = outs.read_json("validate/report.json"), outs.read_json("shards/manifest.json")
+    report_path, manifest_path = (outs.where(r) if outs.remote else relative(cfg, outs.local(r))
+                                  for r in ("validate/report.json", "shards/manifest.json"))  # fmt: skip
     names = [d.name or Path(d.source).name for d in cfg.datasets]
     validated = (report or {}).get("sources", {})
     shards = (manifest or {}).get("sources", {})
@@ -163,7 +165,7 @@ def evaluation_section(cfg: DocEVConfig) -> list[str]:
     """The base vs tuned table of ``eval/<label>/metrics.json`` (the pipeline's evaluate tasks)."""
     from docev.evaluation.report import LABELS, metric_table
 
-    root = Path(cfg.output_dir) / "eval"
+    root = cfg.work_root / "eval"
     results = {k: m for k in LABELS if (m := _read_json(root / k / "metrics.json")) is not None and m.get("n")}
     if not results:
         return [f"{NOT_AVAILABLE}: no `eval/base` or `eval/tuned` results (hold data out with "
@@ -220,7 +222,7 @@ def model_card(
         "tags: [docev, document-understanding, torchtune]",
         "---",
         "",
-        f"# DocEV fine-tune: {Path(cfg.output_dir).name}",
+        f"# DocEV fine-tune: {cfg.work_root.name}",
         "",
         "A DocEV checkpoint in the released Hugging Face layout (SigLIP tower, LDPv2 connector, Llama decoder), "
         "written by `docev export`.",

@@ -77,9 +77,13 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     """The first image of the last accepted record with images in ``validate/manifest.jsonl``, from an
     instruction source when there is one (the smoke prompt is a question); None without any. One image:
     the prompt then fits any model that can hold a full tile grid."""
-    path = Path(cfg.output_dir) / "validate" / "manifest.jsonl"
-    if not path.is_file():
+    from docev.outputs import outputs
+    from docev.validate.outputs import MANIFEST
+
+    outs = outputs(cfg)
+    if not outs.exists(MANIFEST):
         return None
+    path = outs.fetch(MANIFEST)
     sources = {source_name(d): d for d in cfg.datasets}
     last: dict[str, dict] = {}
     with path.open() as fh:
@@ -231,7 +235,7 @@ def export_checkpoint(
         source = resolve_checkpoint(cfg, which)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    dest = destination or exp.destination or str(Path(cfg.output_dir) / "export")
+    dest = destination or exp.destination or str(cfg.work_root / "export")
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
@@ -239,7 +243,7 @@ def export_checkpoint(
         raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
     # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
     # checkpoints, unlike /tmp).
-    parent = Path(dest_path).parent if local else Path(cfg.output_dir)
+    parent = Path(dest_path).parent if local else cfg.work_root
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
     try:

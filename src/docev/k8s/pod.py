@@ -30,7 +30,7 @@ class VolumeMount(NamedTuple):
 
 def checkpoint_dir(cfg: DocEVConfig) -> str:
     """Where training writes checkpoints (DESIGN §7: ``<output_dir>/checkpoints`` unless the checkpointer says)."""
-    return cfg.checkpointer.output_dir or f"{cfg.output_dir.rstrip('/')}/checkpoints"
+    return cfg.checkpointer.output_dir or f"{str(cfg.work_root).rstrip('/')}/checkpoints"
 
 
 def volume_mounts(cfg: DocEVConfig) -> list[VolumeMount]:
@@ -153,10 +153,11 @@ def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:
     if not config_path.startswith("/"):
         errors.append(f"config path {config_path!r}: must be an absolute path inside the pod (e.g. on the volume)")
     root = PurePosixPath(k8s.mount_path)
-    out = PurePosixPath(cfg.output_dir)
+    out = PurePosixPath(cfg.work_root)  # an object-store output_dir holds the data; the rest is in work_dir
     if out != root and root not in out.parents:
+        key = "output_dir" if cfg.work_dir in (None, cfg.output_dir) else "work_dir"
         errors.append(
-            f"output_dir: {out} is not below kubernetes.mount_path {root}; the pods would write their outputs "
+            f"{key}: {out} is not below kubernetes.mount_path {root}; the pods would write their outputs "
             "to their own filesystems and lose them"
         )
     gpus = train.resources.gpu

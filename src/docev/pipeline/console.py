@@ -36,14 +36,21 @@ def _read(path: Path) -> Any | None:
 
 def task_summary(cfg: DocEVConfig, task: str) -> str:
     """The key numbers of a finished task, from what it wrote under ``output_dir``."""
-    out = Path(cfg.output_dir)
-    if task == "validate-merge" and (report := _read(out / "validate" / "report.json")):
+    from docev.config import is_store_url
+    from docev.outputs import outputs
+
+    if is_store_url(cfg.output_dir) and task in ("validate-merge", "preprocess-merge"):
+        # This runs under the console's lock; a read from an object store logs from the client's I/O thread,
+        # which writes to this console and would wait on that lock forever. The counts are in the tasks' metrics.
+        return f"outputs in {cfg.output_dir}"
+    out, data = cfg.work_root, outputs(cfg)
+    if task == "validate-merge" and (report := data.read_json("validate/report.json")):
         s = report["sources"].values()
         held = sum(v.get("eval", 0) for v in report.get("split", {}).values())
         return (f"{sum(x['accepted'] for x in s)} accepted, {sum(x['rejected'] for x in s)} rejected"
                 + (f", {held} held out" if held else ""))  # fmt: skip
-    if task == "preprocess-merge" and (m := _read(out / "shards" / "manifest.json")):
-        held = _read(out / "shards" / "eval" / "manifest.json")
+    if task == "preprocess-merge" and (m := data.read_json("shards/manifest.json")):
+        held = data.read_json("shards/eval/manifest.json")
         extra = f", {held['total_samples']} held out" if held else ""
         return f"{m['total_samples']} samples in {len(m['shards'])} shards{extra}"
     if task == "train":
@@ -81,7 +88,7 @@ class TaskConsole(io.TextIOBase):
 
     def __init__(self, cfg: DocEVConfig, console: TextIO, summarize: Callable[[DocEVConfig, str], str] = task_summary):
         self.cfg, self.console, self.summarize = cfg, console, summarize
-        self.log_dir = Path(cfg.output_dir) / "pipeline" / "logs"
+        self.log_dir = cfg.work_root / "pipeline" / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.run_log = (self.log_dir / "pipeline.log").open("w")
         self.running: dict[int, _Running] = {}

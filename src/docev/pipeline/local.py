@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from docev.config import DocEVConfig, load_config
+from docev.config import DocEVConfig, is_store_url, load_config
 from docev.pipeline.console import TaskConsole
 
 
@@ -27,8 +27,9 @@ def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
     extra = [] if cfg.train.backend == "local" else ["train.backend=local"]
     if cfg.kubernetes.checkpoint_pvc is not None:
         extra.append("kubernetes.checkpoint_pvc=null")
-    if not Path(cfg.output_dir).is_absolute():
-        extra.append(f"output_dir={Path(cfg.output_dir).resolve()}")
+    for key, value in (("output_dir", cfg.output_dir), ("work_dir", cfg.work_dir)):
+        if value is not None and not is_store_url(value) and not Path(value).is_absolute():
+            extra.append(f"{key}={Path(value).resolve()}")
     return load_config(path, [*overrides, *extra]) if extra else cfg
 
 
@@ -50,7 +51,7 @@ def ensure_assets(cfg: DocEVConfig) -> None:
         synth_data(data, syn.records, seed=syn.seed, fmt=syn.format)
 
 
-def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None) -> dict[str, Path]:
+def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None) -> dict[str, Path | str]:
     """Run the whole pipeline; ``params`` are run parameters (the knobs, as in "Clone run")."""
     from kfp import local
 
@@ -58,7 +59,7 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     from pipelines.pipeline import build_pipeline
 
     ensure_assets(cfg)
-    out = Path(cfg.output_dir)
+    out = cfg.work_root
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"))
     run = {**knob_defaults(cfg), **(params or {})}
@@ -72,17 +73,21 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     finally:
         builtins.print = real_print
         console.close()
-    from docev.data.preprocess import shards_dir
-    from docev.validate.runner import validate_dir
+    from docev.outputs import outputs
+
+    data = outputs(cfg)
+
+    def published(rel: str) -> Path | str:  # an object-store output_dir's files are named by their URL
+        return data.where(rel) if data.remote else data.local(rel)
 
     export = Path(cfg.export.destination or out / "export")
     return {
         "exported model": export,
         "model card": export / "README.md",
-        "validation report": validate_dir(cfg) / "report.md",
-        "validation report (html)": validate_dir(cfg) / "report.html",
-        "rejects": validate_dir(cfg) / "rejects.jsonl",
-        "shards": shards_dir(cfg) / "manifest.json",
+        "validation report": published("validate/report.md"),
+        "validation report (html)": published("validate/report.html"),
+        "rejects": published("validate/rejects.jsonl"),
+        "shards": published("shards/manifest.json"),
         "training metrics": out / "logs" / "metrics.jsonl",
         "loss plot": out / "logs" / "loss.png",
         "evaluation report": out / "eval" / "tuned" / "report.html",

@@ -29,7 +29,7 @@ def load(run: dict[str, Any]) -> DocEVConfig:
 
 def config_path(cfg: DocEVConfig) -> Path:
     """Where the run's resolved config lives on the volume (the PyTorchJob reads it from there)."""
-    return Path(cfg.output_dir) / "pipeline" / "config.json"
+    return cfg.work_root / "pipeline" / "config.json"
 
 
 def resolve_step(run: dict[str, Any]) -> str:
@@ -97,10 +97,10 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
                 "a retry of this step resumes from it"
             )
         if done.returncode != 0:
-            raise RuntimeError(f"training failed (exit {done.returncode}); see {Path(cfg.output_dir) / 'logs'}")
-    logged = read_metrics(Path(cfg.output_dir) / "logs" / "metrics.jsonl")
+            raise RuntimeError(f"training failed (exit {done.returncode}); see {cfg.work_root / 'logs'}")
+    logged = read_metrics(cfg.work_root / "logs" / "metrics.jsonl")
     if not logged:
-        raise RuntimeError(f"training wrote no metrics to {Path(cfg.output_dir) / 'logs' / 'metrics.jsonl'}")
+        raise RuntimeError(f"training wrote no metrics to {cfg.work_root / 'logs' / 'metrics.jsonl'}")
     train = [r for r in logged if "loss" in r]  # validation lines hold eval_loss only
     last = {**train[-1], **next((r for r in reversed(logged) if "eval_loss" in r), {})} if train else logged[-1]
     return {"steps": last["step"], **{k: v for k, v in last.items() if isinstance(v, int | float)}}

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from docev.config import DocEVConfig
 from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
-from docev.data.preprocess import config_hash, shards_dir, tokenizer_fingerprint
+from docev.data.preprocess import config_hash, tokenizer_fingerprint
+from docev.data.staging import local_shards
 from docev.training.checkpointing import Best, read_best, write_best
 
 
@@ -56,8 +57,8 @@ class EvalLoss:
                     checkpoint_dir: Path, resumed: bool = True) -> EvalLoss | None:  # fmt: skip
         """None when the run holds nothing out (no ``shards/eval/manifest.json``). A run that does not
         resume starts without a best (an old pointer is replaced at its first evaluation)."""
-        folder = shards_dir(cfg, "eval")
-        if not (folder / "manifest.json").is_file():
+        folder = local_shards(cfg, "eval")  # staged to dataloader.cache_dir like the training shards
+        if folder is None:
             return None
         expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
         dataset = ShardDataset(folder, tile_size=cfg.tokenizer.tile_size, expect=expect,

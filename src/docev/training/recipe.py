@@ -132,7 +132,7 @@ class DocEVFinetuneRecipe:
         self.seed = training.set_seed(seed=cfg.seed)
 
         self._output_dir = Path(checkpoint_dir(cfg))
-        self._log_dir = Path(cfg.output_dir) / "logs"
+        self._log_dir = cfg.work_root / "logs"
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._log_every_n_steps = cfg.log_every_n_steps
@@ -203,7 +203,8 @@ class DocEVFinetuneRecipe:
         self._wandb_run_id = wandb_run_id(cfg.metric_logger, saved_run_id)
         resume = {"id": self._wandb_run_id, "resume": "allow"} if self._wandb_run_id else {}
         logger = config.instantiate(component(cfg, "metric_logger"), **resume)
-        logger.log_config(OmegaConf.create(cfg.to_dict()))
+        # torchtune writes {output_dir}/torchtune_config.yaml: give it the work folder (output_dir may be s3://…)
+        logger.log_config(OmegaConf.create({**cfg.to_dict(), "output_dir": str(cfg.work_root)}))
         return MetricsLog(self._log_dir, logger)
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:

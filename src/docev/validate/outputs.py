@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig
+from docev.outputs import outputs
+
+VALIDATE = "validate"
+MANIFEST = f"{VALIDATE}/manifest.jsonl"
 
 
 def validate_dir(cfg: DocEVConfig) -> Path:
-    return Path(cfg.output_dir) / "validate"
+    """The local folder of the validate outputs (this process's copy when ``output_dir`` is an object store)."""
+    return outputs(cfg).local(VALIDATE)
 
 
-def iter_manifest(cfg: DocEVConfig) -> Iterator[dict[str, Any]]:
-    """Accepted entries in source order (what preprocess consumes)."""
-    with (validate_dir(cfg) / "manifest.jsonl").open() as fh:
+def iter_manifest(cfg: DocEVConfig, path: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Accepted entries in source order (what preprocess consumes), from the published manifest or ``path``."""
+    with (path or outputs(cfg).fetch(MANIFEST)).open() as fh:
         for line in fh:
             yield json.loads(line)

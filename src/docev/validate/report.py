@@ -14,7 +14,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
-from docev.validate.outputs import iter_manifest, validate_dir
+from docev.outputs import outputs
+from docev.validate.outputs import VALIDATE, iter_manifest, validate_dir
 from docev.validate.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
 from docev.vision.tiling import tile_image
@@ -42,12 +43,12 @@ def grid_thumbnail(image: Image.Image, tile_size: int, min_tiles: int, max_tiles
     return canvas
 
 
-def _thumbnails(cfg: DocEVConfig, out: Path) -> list[tuple[str, str, str, bytes]]:
+def _thumbnails(cfg: DocEVConfig, out: Path, manifest: Path) -> list[tuple[str, str, str, bytes]]:
     """(record id, file name under thumbnails/, caption, png bytes) for the first accepted pages."""
     tok, sources = cfg.tokenizer, {source_name(s): s for s in cfg.datasets}
     allowed = cfg.validate_.allowed_roots
     thumbs = []
-    for entry in islice((e for e in iter_manifest(cfg) if e["images"]), cfg.validate_.thumbnails):
+    for entry in islice((e for e in iter_manifest(cfg, manifest) if e["images"]), cfg.validate_.thumbnails):
         im = entry["images"][0]
         image = load_source_image(sources[entry["source"]], im["path"], allowed)
         thumb = grid_thumbnail(image, tok.tile_size, tok.min_num_tiles, tok.max_num_tiles)
@@ -66,10 +67,13 @@ def _short(record: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]]) -> None:
+def write_reports(
+    cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]], manifest: Path
+) -> None:
+    """report.json, report.md, report.html and thumbnails/ (of the accepted entries in ``manifest``), published."""
     out = validate_dir(cfg)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    thumbs = _thumbnails(cfg, out)
+    thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}
     md = ["# Validation report", "", "| source | read | accepted | rejected | reject share | train | held out |"]
     md.append("|---|---|---|---|---|---|---|")
@@ -131,3 +135,8 @@ def write_reports(cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, 
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )
     (out / "report.html").write_text(page)
+    outs = outputs(cfg)
+    if (out / "thumbnails").is_dir():
+        outs.publish_tree(f"{VALIDATE}/thumbnails")
+    for name in ("report.json", "report.md", "report.html"):
+        outs.publish(f"{VALIDATE}/{name}")

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
+from docev.outputs import outputs
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
-from docev.validate.outputs import validate_dir
+from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
 from docev.validate.readers import (
     RawRecord,
     Unit,
@@ -174,17 +175,21 @@ def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
-def _part_dir(cfg: DocEVConfig, shard: int, num_shards: int) -> Path:
-    return validate_dir(cfg) / "parts" / f"{shard:05d}-of-{num_shards:05d}"
+def _part(shard: int, num_shards: int) -> str:
+    """The part folder of ``--shard i/n``, relative to output_dir."""
+    return f"{VALIDATE}/parts/{shard:05d}-of-{num_shards:05d}"
 
 
 def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> Path:
-    """Validate units ``k`` with ``k % num_shards == shard``; write one part folder atomically."""
+    """Validate units ``k`` with ``k % num_shards == shard``; write one part folder atomically (its
+    ``stats.json``, published last, marks it complete)."""
     if not 0 <= shard < num_shards:
         raise ValueError(f"--shard {shard}/{num_shards}: expected 0 <= i < n")
     workers = workers or cfg.validate_.workers
     mine = [u for u in all_units(cfg) if u[0] % num_shards == shard]
-    final = _part_dir(cfg, shard, num_shards)
+    outs, part = outputs(cfg), _part(shard, num_shards)
+    outs.remove(f"{part}/stats.json")  # a rerun: the old part stops counting as complete until this one is
+    final = outs.local(part)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
@@ -206,6 +211,8 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
+        outs.publish(f"{part}/{name}")
     return final
 
 
@@ -226,14 +233,16 @@ def _read_sorted(paths: list[Path]) -> Iterator[dict[str, Any]]:
 
 def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     """Combine the parts into manifest.jsonl, rejects.jsonl and the reports; enforce the reject policy."""
+    outs = outputs(cfg)
     out = validate_dir(cfg)
-    parts = [_part_dir(cfg, i, num_shards) for i in range(num_shards)]
-    missing = [str(p) for p in parts if not (p / "stats.json").exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [_part(i, num_shards) for i in range(num_shards)]
+    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/stats.json")]
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
     for p in parts:
-        for name, data in json.loads((p / "stats.json").read_text()).items():
+        for name, data in json.loads(outs.read_text(f"{p}/stats.json")).items():
             stats[name].merge(SourceStats.from_dict(data))
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
@@ -244,7 +253,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
         with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
-            for entry in _read_sorted([p / "accepted.jsonl" for p in parts]):
+            for entry in _read_sorted([outs.fetch(f"{p}/accepted.jsonl") for p in parts]):
                 try:
                     db.execute(
                         "INSERT INTO ids VALUES (?, ?, ?, ?)",
@@ -276,7 +285,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 written[entry["source"]][0] += 1
         db.close()
         with (tmp / "rejects.jsonl").open("w") as rej:
-            for entry in _read_sorted([p / "rejects.jsonl" for p in parts] + [tmp / "dups.jsonl"]):
+            for entry in _read_sorted([outs.fetch(f"{p}/rejects.jsonl") for p in parts] + [tmp / "dups.jsonl"]):
                 rej.write(json.dumps(entry) + "\n")
                 written[entry["source"]][1] += 1
                 examples.setdefault(entry["reason"], entry)
@@ -286,8 +295,9 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"validate: record accounting broken for source {name}: read {s.read}, accepted "
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
-        for name in ("manifest.jsonl", "rejects.jsonl"):
-            os.replace(tmp / name, out / name)
+        os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
+        os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
+    outs.publish(f"{VALIDATE}/rejects.jsonl")
     report = {
         "sources": {name: s.to_dict() for name, s in stats.items()},
         "split": splits.summary(),
@@ -300,12 +310,14 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
         if s["reject_fraction"] > cfg.validate_.max_reject_fraction
     }
     report["failed_sources"] = failing
-    write_reports(cfg, report, examples)
+    write_reports(cfg, report, examples, out / ".manifest.jsonl.pending")
+    os.replace(out / ".manifest.jsonl.pending", out / "manifest.jsonl")
+    outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
             f"reject fraction above validate.max_reject_fraction={cfg.validate_.max_reject_fraction:.1%} "
-            f"({detail}); see {out / 'rejects.jsonl'} and {out / 'report.md'}"
+            f"({detail}); see {outs.where(f'{VALIDATE}/rejects.jsonl')} and {outs.where(f'{VALIDATE}/report.md')}"
         )
     return report
 
