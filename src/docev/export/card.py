@@ -84,7 +84,9 @@ def _read_json(path: Path) -> Any | None:
 
 def relative(cfg: DocEVConfig, path: str | Path) -> str:
     """A path as the card prints it: relative to the run's output folder when below it (the card travels
-    with the export; absolute local paths would name another machine), else as given."""
+    with the export; absolute local paths would name another machine), else as given (URLs too)."""
+    if "://" in str(path):
+        return str(path)
     try:
         return str(Path(path).resolve().relative_to(Path(cfg.output_dir).resolve()))
     except ValueError:
@@ -130,11 +132,20 @@ def data_section(cfg: DocEVConfig) -> list[str]:
 
 
 def smoke_section(
-    sample: SmokeSample | None, result: Generation | None, prompt: str, max_new_tokens: int, device: str, why_not: str
+    sample: SmokeSample | None,
+    result: Generation | None,
+    prompt: str,
+    max_new_tokens: int,
+    device: str,
+    why_not: str,
+    *,
+    model: str = ".",
 ) -> list[str]:
+    """The smoke generation's facts and the command that repeats it; ``sample.image`` and ``model`` (this
+    folder) as the card prints them: relative to the run's output folder, where the command runs."""
     if sample is None or result is None:
         return [f"Smoke generation: {NOT_AVAILABLE} ({why_not})."]
-    command = ["docev", "generate", "--model", ".", "--image", str(sample.image), "--prompt", prompt,
+    command = ["docev", "generate", "--model", model, "--image", str(sample.image), "--prompt", prompt,
                "--max-new-tokens", str(max_new_tokens), "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
     end = "the stop token" if result.stopped else f"the limit of {max_new_tokens} new tokens"
     return [
@@ -151,7 +162,7 @@ def smoke_section(
         result.text if result.text else "(no text: the first token was the stop token)",
         "```",
         "",
-        "Reproduce (from this folder):",
+        "Reproduce (from the run's output folder):",
         "",
         "```bash",
         shlex.join(command),
