@@ -30,6 +30,7 @@ from docev.data.messages import ufx_to_messages
 from docev.data.shards import ShardError, image_row, sha256_file, write_shard
 from docev.data.split import Split, all_sources, eval_shards_dir
 from docev.data.transform import DocEVTransform, transform_from_config
+from docev.progress import bar_disabled
 from docev.storage import RETRIES, ordered_map
 from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
 from docev.validate.runner import validate_dir
@@ -206,7 +207,7 @@ def run_shards(
     todo = ((k, e) for k, e in chunks if k % num_shards == shard and not shard_done(out, k, chash, fingerprint))
     workers = workers or cfg.preprocess.workers
     built: list[int] = []
-    bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=None, mininterval=1.0)
+    bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=bar_disabled(), mininterval=1.0)
     if workers <= 1:
         builder = ShardBuilder(cfg, chash, fingerprint, split)
         for k, entries in todo:
