@@ -93,8 +93,9 @@ def test_progress_bars_on_a_terminal_only(tmp_path, tiny_checkpoint):
         console.close()
         screens[kind] = screen.getvalue()
     term = screens["terminal"]
-    assert "\r\x1b[K  train 1/3" in term and "\r\x1b[K  train 3/3" in term and "\r\x1b[K  evaluate 7q" in term
-    assert term.index("train 3/3") < term.index("✓ train") < term.index("evaluate 7q") < term.index("✓ evaluate")
+    assert "\r\x1b[K  train loss 6.1000 1/3" in term and "\r\x1b[K  train loss 5.2000 3/3" in term
+    assert "\r\x1b[K  evaluate evaluate base 7q" in term
+    assert term.index("3/3") < term.index("✓ train") < term.index("base 7q") < term.index("✓ evaluate")
     assert term.count("\n") == 4  # the bars add no line
     assert "\r" not in screens["pipe"] and [line.split(" ", 1)[1] for line in screens["pipe"].splitlines()] == [
         "▶ train", "✓ train 0 s", "▶ evaluate", "✓ evaluate 0 s"

@@ -28,7 +28,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 # a tqdm bar, "desc: 40%|####      | 4/10 [00:01<00:02, 2.9it/s]" or without a total "desc: 12rec [00:01, 9.5rec/s]"
-_BAR = re.compile(r"(?:\d+%\|[^|]*\| )?(?P<count>\d+(?:/\d+)?\s*[a-z]*) \[[\d:]+(?:<[\d:?]+)?,")
+_BAR = re.compile(
+    r"(?:(?P<desc>[^\r\n:]*):\s+)?(?:\d+%\|[^|]*\| )?(?P<count>\d+(?:/\d+)?\s*[a-z]*) \[[\d:]+(?:<[\d:?]+)?,"
+)
 BAR_WIDTH = 110
 TAIL_LINES = 40
 
@@ -125,7 +127,8 @@ class TaskConsole(io.TextIOBase):
         target.write(plain if plain.endswith(("\n", "\r")) else plain + "\n")
         target.flush()
         if self._tty and task is not None and (bar := _BAR.search(plain)):
-            task.bar = f"{task.path.stem} {bar.group('count').strip()}"
+            desc = (bar.group("desc") or "").rsplit("|", 1)[-1].strip()  # the recipe's "epoch|step|loss L"
+            task.bar = " ".join(x for x in (task.path.stem, desc, bar.group("count").strip()) if x)
             self._draw_bars()
         if (m := _END.search(plain)) and task is not None:
             self._end(self.running.pop(thread), m.group(2))
