@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -40,7 +40,6 @@ from docev.export.card import (
     adaptation_rows,
     model_card,
     parameter_counts,
-    relative,
     smoke_section,
     training_facts,
 )
@@ -175,11 +174,8 @@ def check_weights(folder: Path, expected: Mapping[str, torch.Tensor]) -> None:
         raise ExportError(f"{folder}: weights read back wrong: " + "; ".join(problems[:10]))
 
 
-def build_export(
-    cfg: DocEVConfig, checkpoint: Path, staging: Path, destination: str
-) -> tuple[dict[str, str], Generation | None]:
-    """Write and verify the export in ``staging`` (published to ``destination``, which the card names);
-    returns the checksums and the smoke generation."""
+def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dict[str, str], Generation | None]:
+    """Write and verify the export in ``staging``; returns the checksums and the smoke generation."""
     exp = cfg.export
     dtype = PRECISION_STR_TO_DTYPE[exp.dtype]
     base = Path(cfg.checkpointer.checkpoint_dir)
@@ -208,10 +204,7 @@ def build_export(
     untrained = checkpoint.resolve() == base.resolve()
     step_match = _STEP.fullmatch(checkpoint.name)
     facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
-    if sample is not None:  # the card names paths relative to the output folder (it travels with the export)
-        sample = replace(sample, image=relative(cfg, sample.image))
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not,
-                          model=relative(cfg, destination))  # fmt: skip
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
@@ -250,7 +243,7 @@ def export_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
     try:
-        sums, smoke = build_export(cfg, source, staging, dest)
+        sums, smoke = build_export(cfg, source, staging)
         if local:
             _publish_local(staging, Path(dest_path), overwrite)
         else:
