@@ -31,5 +31,8 @@ def test_smoke_section():
     lines = "\n".join(smoke_section(sample, stopped, "What's this?", 16, "cpu", ""))
     assert "(no text: the first token was the stop token)" in lines and "ended by the stop token; ids [4]" in lines
     assert "docev generate --model . --image '/data/images/p 1.png' --prompt 'What'\"'\"'s this?'" in lines
+    inside = "\n".join(smoke_section(sample, stopped, "x", 16, "cpu", "", Path("/data")))  # below the run folder
+    assert "after the image `images/p 1.png`" in inside and "; `RUN` is the run's output folder):" in inside
+    assert "docev generate --model . --image \"$RUN\"/'images/p 1.png' --prompt x" in inside
     missing = smoke_section(None, None, "x", 16, "cpu", "no manifest")
     assert missing == ["Smoke generation: not available (no manifest)."]

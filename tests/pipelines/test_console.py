@@ -72,3 +72,31 @@ def test_concurrent_tasks_keep_their_lines(tmp_path, tiny_checkpoint):
         shards = {line.split()[1] for line in text.splitlines() if line.strip().startswith("shard ")}
         assert len(shards) == 1 and text.count(" line ") == 50
     assert sum("✓ preprocess-shard" in line for line in screen.getvalue().splitlines()) == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path, tiny_checkpoint):
+    """tqdm lines of any task (training, preprocess, evaluation) become one redrawn line on a terminal; a file
+    or pipe gets the start and end lines only."""
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
+    bars = ["1|3|loss 6.1000:  33%|###       | 1/3 [00:01<00:02,  1.00it/s]\r",
+            "1|3|loss 5.2000: 100%|##########| 3/3 [00:03<00:00,  1.00it/s]\r"]  # fmt: skip
+    screens = {}
+    for kind, screen in (("terminal", _Terminal()), ("pipe", io.StringIO())):
+        console = TaskConsole(cfg, screen, summarize=lambda cfg, task: "")
+        console.write(_kfp_task("train", "SUCCESS", bars))
+        console.write(_kfp_task("evaluate", "SUCCESS", ["evaluate base: 7q [00:03,  2.10q/s]\r"]))
+        console.close()
+        screens[kind] = screen.getvalue()
+    term = screens["terminal"]
+    assert "\r\x1b[K  train loss 6.1000 1/3" in term and "\r\x1b[K  train loss 5.2000 3/3" in term
+    assert "\r\x1b[K  evaluate evaluate base 7q" in term
+    assert term.index("3/3") < term.index("✓ train") < term.index("base 7q") < term.index("✓ evaluate")
+    assert term.count("\n") == 4  # the bars add no line
+    assert "\r" not in screens["pipe"] and [line.split(" ", 1)[1] for line in screens["pipe"].splitlines()] == [
+        "▶ train", "✓ train 0 s", "▶ evaluate", "✓ evaluate 0 s"
+    ]  # fmt: skip

@@ -57,6 +57,9 @@ def test_outputs_exist_and_counts_add_up(first_run):
     assert "## Evaluation (held-out split)" in outputs["model card"].read_text()
     assert (outputs["task logs"] / "train.log").is_file()
     card = outputs["model card"].read_text()
+    # paths relative to the output folder (the card travels with the export), the smoke image's included
+    assert str(Path(cfg.output_dir).resolve()) not in card and str(cfg.output_dir) not in card
+    assert re.search(r'--model \. --image "\$RUN"/data/instruct/images/\S+ ', card)
     assert "| training steps | 3 |" in card and "at step 3" in card  # the time-boxed run exported step_3
     assert (outputs["exported model"] / "SHA256SUMS").is_file()
     assert outputs["validation report (html)"].is_file() and outputs["loss plot"].is_file()

@@ -31,6 +31,7 @@ from docev.data.shards import ShardError, image_row, sha256_file, write_shard
 from docev.data.split import Split, all_sources
 from docev.data.transform import DocEVTransform, transform_from_config
 from docev.outputs import Outputs, outputs
+from docev.progress import bar_disabled
 from docev.storage import RETRIES, ordered_map
 from docev.validate.outputs import MANIFEST
 from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
@@ -222,7 +223,7 @@ def run_shards(
             if k % num_shards == shard and not shard_done(outs, rel, k, chash, fingerprint))  # fmt: skip
     workers = workers or cfg.preprocess.workers
     built: list[int] = []
-    bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=None, mininterval=1.0)
+    bar = tqdm(unit="rec", desc=f"preprocess {split} {shard}/{num_shards}", disable=bar_disabled(), mininterval=1.0)
     if workers <= 1:
         builder = ShardBuilder(cfg, chash, fingerprint, split)
         for k, entries in todo:

@@ -21,18 +21,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torchtune.models.convert_weights import tune_to_peft_adapter_weights
-from torchtune.modules.peft import get_merged_lora_ckpt
 
 from docev.config import ModelSection
 from docev.export.weights import ExportError, frozen_state_keys, ordered_hf
+from docev.inference.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, merge_adapters
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._convert_weights import fusion_key_map
 from docev.training.peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
 
 ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 _LM = "language_model."
 # torchtune module name → the HF module under language_model.
 _HF_MODULE = {"q_proj": r"self_attn\.q_proj", "k_proj": r"self_attn\.k_proj", "v_proj": r"self_attn\.v_proj",
@@ -73,29 +70,15 @@ def merged_and_adapter(
         raise ExportError(f"{checkpoint_dir}: trains {overlap[:3]}, which this config freezes")
     adapters = {k: v for k, v in trained.items() if k not in state}
     state.update({k: v for k, v in trained.items() if k in state})
-    merged = merge_adapters(state, adapters, spec.rank, spec.alpha)
+    try:
+        merged = merge_adapters(state, adapters, spec.rank, spec.alpha)
+    except ValueError as exc:
+        raise ExportError(f"{checkpoint_dir}: {exc}") from None
     hf = ordered_hf(docev_tune_to_hf(merged, arch), unused, arch, dtype)
     peft_tensors = peft_adapter_tensors(adapters, arch)
     peft_tensors.update(saved_modules(hf, trained, arch))
     peft_tensors = {k: v.to(dtype).contiguous() for k, v in peft_tensors.items()}
     return hf, arch, peft_tensors, adapter_config(spec, base_dir, model)
-
-
-def merge_adapters(
-    state: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], rank: int, alpha: float
-) -> dict[str, torch.Tensor]:
-    """``state`` with every adapted module's weight merged in float32 by torchtune's ``get_merged_lora_ckpt``
-    (any naming: ``<module>.lora_a.weight``, ``<module>.lora_b.weight``, ``<module>.magnitude``)."""
-    modules = {k.rsplit(".", 2)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in adapters}
-    missing = sorted(m for m in modules if f"{m}.weight" not in state)
-    if missing:
-        raise ExportError(f"adapters on {missing[:3]}, which the base has no weight for")
-    part = {k: v.float() for k, v in adapters.items()}
-    part.update({f"{m}.weight": state[f"{m}.weight"].float() for m in modules})
-    merged = get_merged_lora_ckpt(part, rank=rank, alpha=alpha)
-    out = dict(state)
-    out.update(merged)
-    return out
 
 
 def peft_adapter_tensors(adapters: Mapping[str, torch.Tensor], arch: DocEVArch) -> dict[str, torch.Tensor]:
@@ -184,37 +167,3 @@ def write_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], config: Map
         raise ExportError(f"{out / ADAPTER_WEIGHTS}: read back wrong ({bad[:3]})")
     for path in (out, *out.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``adapter_config.json`` and the tensors of a PEFT LoRA adapter folder (this export's layout)."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{adapter_dir}: no {path.name} (not a PEFT adapter folder)")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_rslora"):
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r}: only LoRA/DoRA adapters apply")
-    return config, load_file(str(weights_path))
-
-
-def apply_adapter(hf: Mapping[str, torch.Tensor], adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """A base's HF tensors with a PEFT adapter merged in (float32 merge, cast back to each base tensor's
-    dtype) and its ``modules_to_save`` tensors in place: the base + adapter model ``docev generate`` runs."""
-    config, tensors = read_adapter(adapter_dir)
-    renamed, whole = {}, {}
-    for key, value in tensors.items():
-        inner = key.removeprefix(PEFT_PREFIX)
-        if ".lora_" in inner:
-            inner = inner.replace(".lora_A.", ".lora_a.").replace(".lora_B.", ".lora_b.")
-            renamed[inner.replace(".lora_magnitude_vector", ".magnitude")] = value
-        else:
-            whole[inner] = value
-    unknown = sorted(k for k in whole if k not in hf)
-    if unknown:
-        raise ValueError(f"{adapter_dir}: {unknown[:3]} are not tensors of the base model")
-    merged = merge_adapters(hf, renamed, int(config["r"]), float(config["lora_alpha"]))
-    out = {k: merged[k].to(hf[k].dtype) for k in hf}
-    out.update({k: v.to(hf[k].dtype) for k, v in whole.items()})
-    return out

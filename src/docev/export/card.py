@@ -84,11 +84,17 @@ def _read_json(path: Path) -> Any | None:
 
 def relative(cfg: DocEVConfig, path: str | Path) -> str:
     """A path as the card prints it: relative to the run's output folder when below it (the card travels
-    with the export; absolute local paths would name another machine), else as given."""
+    with the export; absolute local paths would name another machine), else as given (URLs too)."""
+    if "://" in str(path):
+        return str(path)
     try:
         return str(Path(path).resolve().relative_to(cfg.work_root.resolve()))
     except ValueError:
         return str(path)
+
+
+def _below(path: str, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root.resolve())
 
 
 def data_section(cfg: DocEVConfig) -> list[str]:
@@ -132,12 +138,28 @@ def data_section(cfg: DocEVConfig) -> list[str]:
 
 
 def smoke_section(
-    sample: SmokeSample | None, result: Generation | None, prompt: str, max_new_tokens: int, device: str, why_not: str
+    sample: SmokeSample | None,
+    result: Generation | None,
+    prompt: str,
+    max_new_tokens: int,
+    device: str,
+    why_not: str,
+    run_dir: str | Path | None = None,
 ) -> list[str]:
+    """The smoke generation's facts and the command that repeats it from this folder. An image below
+    ``run_dir`` (the run's output folder) is named relative to it, ``"$RUN"/…`` in the command: the card
+    travels with the export and is the same wherever the export is published."""
     if sample is None or result is None:
         return [f"Smoke generation: {NOT_AVAILABLE} ({why_not})."]
-    command = ["docev", "generate", "--model", ".", "--image", str(sample.image), "--prompt", prompt,
-               "--max-new-tokens", str(max_new_tokens), "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
+    image = str(sample.image)
+    inside = run_dir is not None and "://" not in image and _below(image, Path(run_dir))
+    if inside:
+        image = str(Path(image).resolve().relative_to(Path(run_dir).resolve()))
+    before = ["docev", "generate", "--model", ".", "--image"]
+    after = ["--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
+             "--sampling-ratio", str(result.sampling_ratio)]  # fmt: skip
+    image_arg = f'"$RUN"/{shlex.quote(image)}' if inside else shlex.quote(image)
+    command = f"{shlex.join(before)} {image_arg} {shlex.join(after)}"
     end = "the stop token" if result.stopped else f"the limit of {max_new_tokens} new tokens"
     return [
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
@@ -145,7 +167,7 @@ def smoke_section(
         "accepted record with images in the validated manifest, instruction sources first; training may have "
         "seen it (the held-out scores are above).",
         "",
-        f"- prompt: {json.dumps(prompt)} after the image `{sample.image}`, sampling ratio {result.sampling_ratio}, "
+        f"- prompt: {json.dumps(prompt)} after the image `{image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
         f"- generated {len(result.token_ids)} token(s), ended by {end}; ids {result.token_ids}",
         "",
@@ -153,10 +175,10 @@ def smoke_section(
         result.text if result.text else "(no text: the first token was the stop token)",
         "```",
         "",
-        "Reproduce (from this folder):",
+        "Reproduce (from this folder" + ("; `RUN` is the run's output folder" if inside else "") + "):",
         "",
         "```bash",
-        shlex.join(command),
+        command,
         "```",
     ]
 

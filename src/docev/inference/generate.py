@@ -22,6 +22,7 @@ from torchtune.modules import local_kv_cache
 
 from docev.data.collate import DocEVCollate
 from docev.data.transform import DocEVTransform, docev_preview_transform
+from docev.inference.adapter import apply_adapter
 from docev.models.docev import DocEVCheckpointer, DocEVModel, docev, docev_hf_to_tune
 
 
@@ -167,9 +168,7 @@ class DocEVGenerator:
         ckpt = DocEVCheckpointer(self.model_dir)
         self.arch = ckpt.arch
         hf = ckpt.load_hf_state_dict()
-        if adapter is not None:  # only `docev generate --adapter`: evaluation never reaches the export package
-            from docev.export.adapter import apply_adapter
-
+        if adapter is not None:  # `docev generate --adapter`: the base + a PEFT adapter
             hf = apply_adapter(hf, Path(adapter))
         state, _ = docev_hf_to_tune(hf, self.arch)
         self.dtype = dtype or state["image_newline"].dtype

@@ -4,8 +4,9 @@
 output to ``sys.stdout``. :class:`TaskConsole` stands in for it during the run: it recognises kfp's
 "Executing task" / "finished with status" lines, writes each task's lines to
 ``{output_dir}/pipeline/logs/<task>.log`` (and the rest to ``pipeline.log``), prints a start line and an
-end line with the time and the task's key numbers (read from the files the task wrote), shows the
-training progress bar on a terminal, and prints the tail of a failing task's log.
+end line with the time and the task's key numbers (read from the files the task wrote), draws the
+running tasks' progress (their tqdm bars: preprocess, training, evaluation) on one line of a terminal,
+and prints the tail of a failing task's log.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from docev.training.metrics import read_metrics
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_BAR = re.compile(r"\d+\|\d+\|loss [0-9.]+")  # the recipe's tqdm description: epoch|step|loss
+# a tqdm bar, "desc: 40%|####      | 4/10 [00:01<00:02, 2.9it/s]" or without a total "desc: 12rec [00:01, 9.5rec/s]"
+_BAR = re.compile(
+    r"(?:(?P<desc>[^\r\n:]*):\s+)?(?:\d+%\|[^|]*\| )?(?P<count>\d+(?:/\d+)?\s*[a-z]*) \[[\d:]+(?:<[\d:?]+)?,"
+)
+BAR_WIDTH = 110
 TAIL_LINES = 40
 
 
@@ -78,6 +83,7 @@ class _Running:
     path: Path
     log: TextIO
     started: float
+    bar: str = ""  # the task's latest progress (tqdm count), drawn on a terminal
 
 
 class TaskConsole(io.TextIOBase):
@@ -127,20 +133,29 @@ class TaskConsole(io.TextIOBase):
         target = task.log if task is not None else self.run_log
         target.write(plain if plain.endswith(("\n", "\r")) else plain + "\n")
         target.flush()
-        if self._tty and task is not None and task.name == "train" and _BAR.search(plain):
-            self.console.write("\r  " + plain.strip()[-100:])
-            self.console.flush()
+        if self._tty and task is not None and (bar := _BAR.search(plain)):
+            desc = (bar.group("desc") or "").rsplit("|", 1)[-1].strip()  # the recipe's "epoch|step|loss L"
+            task.bar = " ".join(x for x in (task.path.stem, desc, bar.group("count").strip()) if x)
+            self._draw_bars()
         if (m := _END.search(plain)) and task is not None:
             self._end(self.running.pop(thread), m.group(2))
 
+    def _draw_bars(self) -> None:
+        """The running tasks' latest bars on one terminal line (concurrent loop tasks side by side)."""
+        text = "  " + " · ".join(t.bar for t in self.running.values() if t.bar)
+        self.console.write("\r\033[K" + text[:BAR_WIDTH])
+        self.console.flush()
+
     def _end(self, task: _Running, status: str) -> None:
         seconds = time.perf_counter() - task.started
-        if self._tty and task.name == "train":
-            self.console.write("\r\033[K")
+        if self._tty and any(t.bar for t in (task, *self.running.values())):
+            self.console.write("\r\033[K")  # the bar line gives way to the end line, then comes back
         task.log.close()
         if status == "SUCCESS":
             summary = self.summarize(self.cfg, task.name)
             self._say(f"✓ {task.path.stem} {seconds:.0f} s" + (f"  {summary}" if summary else ""))
+            if self._tty and any(t.bar for t in self.running.values()):
+                self._draw_bars()
             return
         self.failed = task.name
         self._say(f"✗ {task.path.stem} failed after {seconds:.0f} s; last lines of {task.path}:")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig, is_store_url, load_config
 from docev.pipeline.console import TaskConsole
+from docev.progress import ENV as PROGRESS_ENV
 
 
 def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
@@ -67,12 +69,18 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     # kfp.local indents print() per task by swapping builtins.print; concurrent loop tasks restore each
     # other's swapped version, leaving print indented after the run. Put the real one back.
     real_print = builtins.print
+    progress = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "1"  # the tasks' output is a pipe: their tqdm bars stay on for the console
     try:
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             build_pipeline(cfg)(**run)
     finally:
         builtins.print = real_print
         console.close()
+        if progress is None:
+            os.environ.pop(PROGRESS_ENV)
+        else:
+            os.environ[PROGRESS_ENV] = progress
     from docev.outputs import outputs
 
     data = outputs(cfg)

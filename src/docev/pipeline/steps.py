@@ -123,13 +123,17 @@ def export_step(run: dict[str, Any]) -> dict[str, Any]:
 def evaluate_step(run: dict[str, Any], label: str, checkpoint: str) -> dict[str, Any]:
     """Score a checkpoint on the held-out split (``export``: the one the export step publishes) and write
     the HTML report; a run without held-out questions reports ``n`` = 0 instead of failing."""
+    from tqdm import tqdm
+
     from docev.evaluation.evaluate import NoQuestionsError, evaluate
     from docev.evaluation.report import write_report
+    from docev.progress import bar_disabled
 
     cfg = load(run)
     which = cfg.export.checkpoint if checkpoint == "export" else checkpoint
     try:
-        metrics = evaluate(cfg, checkpoint=which, label=label)
+        with tqdm(unit="q", desc=f"evaluate {label}", disable=bar_disabled(), mininterval=1.0) as bar:
+            metrics = evaluate(cfg, checkpoint=which, label=label, progress=bar.update)
     except NoQuestionsError as exc:
         metrics = {"n": 0, "label": label, "note": str(exc)}
     return {**metrics, "report": str(write_report(cfg, label))}
