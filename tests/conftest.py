@@ -28,7 +28,7 @@ def tiny_config(output_dir: Path, checkpoint: Path, datasets: list[dict] | None 
 
     from docev.config import load_config
 
-    args = [f"output_dir={output_dir}", f"tokenizer.model_name_or_path={checkpoint}", "synthetic=null"]
+    args = [f"output_dir={output_dir}", f"tokenizer.model_name_or_path={checkpoint}", "synthetic=null", "epochs=1"]
     if datasets is not None:
         args.append(f"datasets={json.dumps(datasets)}")
     return load_config(CONFIGS / "tiny.yaml", [*args, *overrides])

@@ -51,10 +51,17 @@ class Page:
     lines: list[str] = field(default_factory=list)
 
 
+# Each kind is printed on its own paper colour, so the closed-set "kind" question is answerable from the page
+# alone; the tiny demo model learns it within the demo's steps (text answers need more than a demo's budget).
+PAPER = {"invoice": (170, 200, 255), "receipt": (255, 240, 150), "table": (170, 255, 170),
+         "form": (255, 170, 200), "columns": (235, 235, 235), "crop": (255, 190, 120)}  # fmt: skip
+
+
 class _Canvas:
-    def __init__(self, w: int, h: int, rng: random.Random):
-        shade = rng.randint(235, 255)
-        self.image = Image.new("RGB", (w, h), (shade, shade, rng.randint(230, 255)))
+    def __init__(self, w: int, h: int, rng: random.Random, kind: str):
+        shift = rng.randint(235, 255) - 245, rng.randint(230, 255) - 242  # a little per-page variation
+        paper = tuple(min(255, max(0, c + shift[k == 2])) for k, c in enumerate(PAPER[kind]))
+        self.image = Image.new("RGB", (w, h), paper)
         self.draw = ImageDraw.Draw(self.image)
         self.lines: list[str] = []
         self.w, self.h = w, h
@@ -76,7 +83,7 @@ def _fmt(v: float) -> str:
 
 
 def render_invoice(rng: random.Random, shape: str = "a4") -> Page:
-    c = _Canvas(*SHAPES[shape], rng)
+    c = _Canvas(*SHAPES[shape], rng, "invoice")
     company, city = rng.choice(COMPANIES), rng.choice(CITIES)
     number = f"INV-{rng.randint(1000, 99999)}"
     date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
@@ -100,7 +107,7 @@ def render_invoice(rng: random.Random, shape: str = "a4") -> Page:
 
 
 def render_receipt(rng: random.Random, shape: str = "receipt") -> Page:
-    c = _Canvas(*SHAPES[shape], rng)
+    c = _Canvas(*SHAPES[shape], rng, "receipt")
     shop = rng.choice(COMPANIES)
     c.text((20, 15), shop, 18)
     y, total, items = 50, 0.0, []
@@ -119,7 +126,7 @@ def render_receipt(rng: random.Random, shape: str = "receipt") -> Page:
 
 
 def render_table(rng: random.Random, shape: str = "landscape") -> Page:
-    c = _Canvas(*SHAPES[shape], rng)
+    c = _Canvas(*SHAPES[shape], rng, "table")
     cols = ["Region", "Q1", "Q2", "Q3", "Q4"]
     regions = rng.sample(CITIES, k=rng.randint(3, 7))
     c.text((30, 20), f"Sales by region {rng.randint(2019, 2026)}", 20)
@@ -140,7 +147,7 @@ def render_table(rng: random.Random, shape: str = "landscape") -> Page:
 
 
 def render_form(rng: random.Random, shape: str = "a4") -> Page:
-    c = _Canvas(*SHAPES[shape], rng)
+    c = _Canvas(*SHAPES[shape], rng, "form")
     name, city = rng.choice(NAMES), rng.choice(CITIES)
     fields = {"Name": name, "City": city, "Member ID": str(rng.randint(100000, 999999)),
               "Phone": f"+1 555 {rng.randint(1000, 9999)}"}  # fmt: skip
@@ -155,7 +162,7 @@ def render_form(rng: random.Random, shape: str = "a4") -> Page:
 
 
 def render_columns(rng: random.Random, shape: str = "a4") -> Page:
-    c = _Canvas(*SHAPES[shape], rng)
+    c = _Canvas(*SHAPES[shape], rng, "columns")
     title = f"{rng.choice(COMPANIES)} newsletter"
     c.text((30, 20), title, 22)
     colw = (c.w - 80) // 2
@@ -171,7 +178,7 @@ def render_columns(rng: random.Random, shape: str = "a4") -> Page:
 
 
 def render_crop(rng: random.Random) -> Page:
-    c = _Canvas(*SHAPES["crop"], rng)
+    c = _Canvas(*SHAPES["crop"], rng, "crop")
     amount = _fmt(_money(rng))
     c.text((10, 30), f"Amount due: {amount}", 16)
     return Page("crop", c.image, {"amount": amount}, c.lines)

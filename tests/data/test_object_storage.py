@@ -119,7 +119,7 @@ def test_training_stages_the_shards_from_s3_once_per_node(both, tiny_checkpoint,
     args = ["--config", str(CONFIGS / "tiny.yaml"), f"output_dir={cfg.output_dir}",
             f"tokenizer.model_name_or_path={tiny_checkpoint}", "synthetic=null",
             f"datasets={json.dumps(_datasets(f's3://{BUCKET}/ufx', s3.endpoint))}", "epochs=1",
-            "max_steps_per_epoch=2", "save_every_n_steps=100", "preprocess.records_per_shard=6",
+            "epochs=1", "max_steps_per_epoch=2", "save_every_n_steps=100", "preprocess.records_per_shard=6",
             *_in_s3(work, s3.endpoint)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "WANDB_"))}
     env.pop("RANK", None)

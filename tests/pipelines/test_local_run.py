@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("local-run")
-    base = [f"output_dir={out}", "synthetic.records=24", "max_steps_per_epoch=5", "save_every_n_steps=2"]
+    base = [f"output_dir={out}", "synthetic.records=24", "epochs=1", "max_steps_per_epoch=5", "save_every_n_steps=2"]
     # the first run is time-boxed at step 3 (as a preempted job would be); reruns go on from there
     cfg = local_config(CONFIGS / "tiny.yaml", [*base, "stop_after_steps=3"])
     return local_config(CONFIGS / "tiny.yaml", base), run_pipeline_locally(cfg)
@@ -89,7 +89,7 @@ def _start_lines(outputs) -> list[str]:
 
 def test_lora_config_end_to_end_and_a_rerun_with_another_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("local-lora")
-    base = [f"output_dir={out}", "synthetic.records=24", "max_steps_per_epoch=3", "save_every_n_steps=2"]
+    base = [f"output_dir={out}", "synthetic.records=24", "epochs=1", "max_steps_per_epoch=3", "save_every_n_steps=2"]
     cfg = local_config(CONFIGS / "tiny_lora.yaml", base)
     outputs = run_pipeline_locally(cfg)
     adapter = outputs["exported model"] / "adapter" / "adapter_config.json"
