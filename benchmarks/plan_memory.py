@@ -94,7 +94,7 @@ def main() -> None:
     print(f"tiny, fp32, batch {args.batch} × {args.seq} tokens, 1 process; MiB planned / measured (ratio)")
     for setup, extra in [s for s in (("full", []), ("lora", LORA)) if s[0] == args.setup]:
         cfg = load_config(CONFIG, [*base, *extra])
-        (planned,) = plan(cfg, 1, setups=(setup,))
+        (planned,) = plan(cfg, setups=(setup,))
         got = measure(cfg, setup)
         cells = []
         for part in ("params", "grads", "optimizer", "activations"):

@@ -237,7 +237,7 @@ def setup_model(
         verbose=verbose,
     )
     load_model_state(model, state_dict, device, compute_dtype, fill)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * dist.get_world_size()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a DTensor counts its global shape
     utils.log_rank_zero(
         log,
         f"Model ready in {time.perf_counter() - start:.1f} s (~{trainable / 1e6:.1f}M trainable parameters, "

@@ -66,6 +66,7 @@ from docev.training.checkpointing import (
     restore_rng,
 )
 from docev.training.evaluation import EvalLoss
+from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
@@ -154,6 +155,8 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
+        if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
+            refuse_oversized(cfg, torch.cuda.get_device_properties(self._device).total_memory / GIB)
         self._checkpoints = CheckpointManager(
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
