@@ -51,6 +51,7 @@ from tqdm import tqdm
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
 from docev.k8s.pod import checkpoint_dir
+from docev.models.docev import image_positions
 from docev.training.checkpoint_manager import CheckpointManager
 from docev.training.checkpointing import (
     LR_SCHEDULER_KEY,
@@ -71,6 +72,7 @@ from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
+from docev.training.preflight import require_torch_apis
 
 log = utils.get_logger("INFO")
 
@@ -111,6 +113,7 @@ class DocEVFinetuneRecipe:
     """
 
     def __init__(self, cfg: DocEVConfig) -> None:
+        require_torch_apis()  # a torch without an API used below fails here, naming it
         if cfg.optimizer_in_bwd:
             raise ValueError(
                 "optimizer_in_bwd: not supported by DocEVFinetuneRecipe (it excludes gradient accumulation and "
@@ -361,12 +364,16 @@ class DocEVFinetuneRecipe:
         optional = {k: None if batch[k] is None else batch[k].to(device, non_blocking=True) for k in keys}
         if optional["pixel_values"] is not None:
             optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
+        images = {"image_sizes": None, "image_grids": None, "image_slots": None}
+        if batch["pixel_values"] is not None:  # as Python data and host-computed slots: no device sync in forward
+            slots = image_positions(batch["tokens"], self._model.image_token_id)
+            images = {"image_sizes": batch["image_sizes"].tolist(), "image_grids": batch["image_grids"].tolist(),
+                      "image_slots": slots.to(device, non_blocking=True)}  # fmt: skip
         with self._activations_ctx:
             logits = self._model(
                 batch["tokens"].to(device, non_blocking=True),
                 **optional,
-                image_sizes=batch["image_sizes"],
-                image_grids=batch["image_grids"],
+                **images,
                 sampling_ratio=batch["sampling_ratio"],
                 inputs_checked=True,
             )
