@@ -193,3 +193,15 @@ def test_sharding_and_attention_keys():
     assert any("fsdp_strategy" in e for e in _errors(["train.fsdp_strategy=zero3"]))
     assert any("model.attention" in e for e in _errors(["model.attention=flash"]))
     assert any("pad_to_multiple_of" in e for e in _errors(["dataloader.pad_to_multiple_of=0"]))
+
+
+@pytest.mark.parametrize("text", ["8", "500m", "64Gi", "1.5Ti", "2e3", "0.5", "100k", "3E", "7n", "1e-3", ".5Mi"])
+def test_quantities_parse_as_the_kubernetes_client_does(text):
+    from kubernetes.utils import parse_quantity as client_parse
+
+    from docev.config.jobs import parse_quantity
+
+    assert parse_quantity(text) == client_parse(text)
+    for bad in ("8 Gi", "Gi", "1Gb", "--1", ""):
+        with pytest.raises(ValueError):
+            parse_quantity(bad)

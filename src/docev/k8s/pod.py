@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from docev.config import ConfigError, DocEVConfig
+from docev.config.jobs import parse_quantity
 
 SHM_VOLUME = "dshm"
 SHM_MOUNT = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
@@ -146,8 +147,6 @@ def pod_spec(cfg: DocEVConfig, containers: list[dict[str, Any]], volumes: list[d
 
 def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:
     """Config mistakes that only bite on the cluster, reported before a job is created."""
-    from kubernetes.utils import parse_quantity
-
     train, k8s = cfg.train, cfg.kubernetes
     errors = []
     if not config_path.startswith("/"):
