@@ -205,3 +205,11 @@ def test_quantities_parse_as_the_kubernetes_client_does(text):
     for bad in ("8 Gi", "Gi", "1Gb", "--1", ""):
         with pytest.raises(ValueError):
             parse_quantity(bad)
+
+
+def test_packed_rows_with_buckets_under_compiled_flex_are_refused():
+    base = ["dataloader.packed=true", "dataloader.bucket_by_length=false", "compile=true", "model.attention=flex"]
+    with pytest.raises(ConfigError, match="dataloader.pad_to_multiple_of: 512 with packed rows"):
+        load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=512"])
+    load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=null"])
+    load_config(CONFIGS / "docev_preview.yaml", [*base[:2], "compile=false", "dataloader.pad_to_multiple_of=512"])

@@ -233,6 +233,16 @@ class DocEVConfig(_Strict):
                     "excludes dataloader.packed: packing already fills rows to max_seq_len; choose one",
                 )
             )
+        flex = self.model.attention == "flex" or (self.model.attention == "auto" and self.device == "cuda")
+        if self.compile and flex and self.dataloader.packed and self.dataloader.pad_to_multiple_of is not None:
+            errors.append(
+                (
+                    "dataloader.pad_to_multiple_of",
+                    f"{self.dataloader.pad_to_multiple_of} with packed rows gives each batch its own S, and compiled "
+                    "flex attention is static (one graph per S, past the recompile limit); set it to null: packed "
+                    "rows are then all max_seq_len long",
+                )
+            )
         errors += self._split_checks()
         return errors
 

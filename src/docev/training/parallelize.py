@@ -169,6 +169,29 @@ def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hy
         model.set_requires_all_reduce(last)
 
 
+# torchtune compiles every TransformerSelfAttentionLayer: the vision tower's and the decoder's layers share one code
+# object, and dynamo's recompile limit counts the graphs of a code object. What varies is marked dynamic (the
+# tower's tile count; S after its first change, by automatic dynamic shapes; packed rows have one S), so a run
+# needs a handful (tests/training/test_compile_graphs.py: at most 4). Past the limit dynamo would silently run
+# the layers eager (eager flex at 8192 tokens materialises the whole score matrix): it is set here, and hitting it
+# raises instead.
+RECOMPILE_LIMIT = 8
+
+
+def configure_compile() -> None:
+    """The recompile limit set deliberately, and hitting it an error, not a silent fall-back to eager."""
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def graphs_per_code_object() -> dict[str, int]:
+    """Compiled graphs held per code object of the compiled layers (the quantity the recompile limit bounds)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = TransformerSelfAttentionLayer.forward.__code__
+    return {code.co_qualname: len(_debug_get_cache_entry_list(code))}
+
+
 def parallelize_model(
     model: torch.nn.Module,
     *,
@@ -181,6 +204,7 @@ def parallelize_model(
 ) -> torch.nn.Module:
     """Compile per layer, checkpoint activations per self-attention layer, shard (on the meta device)."""
     if compile:
+        configure_compile()
         training.compile_model(model, verbose=verbose)
     if activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})

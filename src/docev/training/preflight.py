@@ -34,6 +34,8 @@ REQUIRED_APIS: tuple[tuple[str, str], ...] = (
     ("torch._dynamo", "maybe_mark_dynamic"),
     ("torch._dynamo", "mark_dynamic"),
     ("torch._dynamo.config", "recompile_limit"),
+    ("torch._dynamo.config", "fail_on_recompile_limit_hit"),
+    ("torch._dynamo.eval_frame", "_debug_get_cache_entry_list"),
     ("torch.utils._python_dispatch", "TorchDispatchMode"),
     ("torch.cuda", "set_sync_debug_mode"),
 )

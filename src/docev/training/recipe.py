@@ -69,7 +69,14 @@ from docev.training.checkpointing import (
 from docev.training.evaluation import EvalLoss
 from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
-from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
+from docev.training.parallelize import (
+    graphs_per_code_object,
+    is_hybrid,
+    precision_warning,
+    run_mesh,
+    setup_model,
+    sync_gradients,
+)
 from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
 from docev.training.preflight import require_torch_apis
@@ -459,6 +466,7 @@ class DocEVFinetuneRecipe:
             }
             if self.cfg.compile:  # bounded by the padding buckets (dataloader.pad_to_multiple_of, packed rows)
                 metrics["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                metrics["graphs_per_code_object"] = max(graphs_per_code_object().values())
             if self._log_peak_memory_stats:
                 metrics.update(training.get_memory_stats(device=self._device))
             self._metrics.log(metrics, step=self.global_step)
