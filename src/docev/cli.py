@@ -175,6 +175,7 @@ def _params(items: list[str]) -> dict[str, str]:
 
 
 def cmd_render_manifests(args: argparse.Namespace) -> int:
+    from docev.k8s.admission import manifest_errors
     from docev.k8s.meta import to_yaml
     from docev.k8s.pytorchjob import render_pytorchjob
     from docev.k8s.trainjob import render_runtime, render_trainjob
@@ -191,6 +192,14 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError([f"--name: {exc}"]) from None
+    runtime = render_runtime(cfg) if backend == "trainjob" else None
+    rejected = [f"{job['kind']} {args.name}: {e}" for e in manifest_errors(job, runtime)]
+    if runtime is not None:
+        rejected += [f"ClusterTrainingRuntime {runtime['metadata']['name']}: {e}" for e in manifest_errors(runtime)]
+    if rejected:  # checked before anything is written: a half-written pair would be applied by someone
+        raise ConfigError(
+            [f"{args.config}: the cluster would reject what this config renders (nothing written):"] + rejected
+        )
     if not args.out and not args.runtime_out:
         sys.stdout.write(to_yaml(job))
         return 0
@@ -212,7 +221,6 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
         out.write_text(header + regenerate + to_yaml(job))
         print(f"{kind} {job['metadata']['namespace']}/{args.name} written to {out}")
     if args.runtime_out:
-        runtime = render_runtime(cfg)
         header = (
             f"{generated}# The ClusterTrainingRuntime that TrainJobs of this config reference (cluster-scoped;\n"
             "# Kubeflow Trainer v2.2 or later).\n"
