@@ -8,9 +8,10 @@ import torch
 from conftest import tiny_config
 
 import docev.models.docev._checkpointer as checkpointer_module
-from docev.models.docev import DocEVCheckpointer, latest_checkpoint
-from docev.training.checkpointing import prune_checkpoints, start_folder
-from docev.training.peft import PeftCheckpointError, PeftRun
+from docev.models.docev import DocEVCheckpointer
+from docev.models.docev._peft import PeftCheckpointError
+from docev.run.checkpoints import latest_checkpoint, prune_checkpoints, start_folder
+from docev.training.peft import PeftRun
 
 LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false"]
 

@@ -34,9 +34,9 @@ from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
 from docev.data.preprocess import run_preprocess
 from docev.export import export_checkpoint
-from docev.models.docev import DocEVCheckpointer, docev_tiny, latest_checkpoint
-from docev.training.checkpointing import prune_checkpoints
-from docev.training.metrics import read_metrics
+from docev.models.docev import DocEVCheckpointer, docev_tiny
+from docev.run.checkpoints import latest_checkpoint, prune_checkpoints
+from docev.training.metrics_log import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
 from docev.validate.runner import run_validate
