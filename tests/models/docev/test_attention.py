@@ -8,7 +8,7 @@ from torchtune.modules.attention_utils import create_block_causal_mask
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.models.docev._attention import (
-    computed_attention_pairs,
+    attended_pairs,
     dense_document_mask,
     document_block_mask,
     document_mask,
@@ -118,12 +118,12 @@ def test_mask_and_document_ids_together_are_refused(tiny_model):
 
 
 @pytest.mark.parametrize("lens", [[300, 200, 12], [128, 128, 256], [640]])
-def test_computed_pairs_count_the_block_masks_blocks(lens):
-    """The MFU count of ``computed_attention_pairs`` against the blocks flex's BlockMask actually visits."""
+def test_attended_pairs_are_the_masks_allowed_pairs(lens):
+    """MFU's attention count: the pairs the document mask allows among real tokens (padding attends nothing
+    useful), the same count for a packed row and for the documents as unpacked rows padded to 640."""
     s = 640
     docs = torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(lens)])
-    docs = torch.cat([docs, torch.full((s - docs.numel(),), -1, dtype=torch.int32)])[None]
-    block = document_block_mask(docs)
-    visited = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
-    assert computed_attention_pairs(lens, s) == visited * 128 * 128
-    assert computed_attention_pairs(lens, s, block=None) == s * (s + 1) // 2
+    real = docs.numel()
+    docs = torch.cat([docs, torch.full((s - real,), -1, dtype=torch.int32)])[None]
+    assert attended_pairs(lens) == int(dense_document_mask(docs)[0, :real, :real].sum())
+    assert attended_pairs(lens) == sum(attended_pairs([n]) for n in lens)
