@@ -1,5 +1,6 @@
 """Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the shards of
-test_recipe's ``data`` fixture. Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT steps and resumed; DoRA."""
+test_recipe's ``data`` fixture. Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT steps and resumed; DoRA; one
+step of full fine-tuning on the same first batch (the loss that fresh adapters must start from)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def peft_runs(data) -> dict:  # noqa: F811
     _ok(resumed)
     dora = _out(data, "dora")
     _ok(_train(_args(data, dora, *LORA, "model.use_dora=true", "epochs=1")))
-    return {"lora": lora, "split": split, "dora": dora, "log": resumed.stdout + resumed.stderr, "base": base_sums}
+    full = _out(data, "full-first-step")
+    _ok(_train(_args(data, full, "epochs=1", "max_steps_per_epoch=1", "save_every_n_steps=1000")))
+    log = resumed.stdout + resumed.stderr
+    return {"lora": lora, "split": split, "dora": dora, "full": full, "log": log, "base": base_sums}
 
 
 def _expected_trained(**kwargs) -> set[str]:
@@ -75,6 +79,16 @@ def test_adapter_run_trains_adapters_and_chosen_groups_only(peft_runs, data, run
     assert _sha(data["checkpoint"]) == peft_runs["base"]  # the base checkpoint is read, never written
     with pytest.raises(ValueError, match="is a checkpoint of an adapter run"):
         DocEVCheckpointer(folder)
+
+
+@pytest.mark.parametrize("run", ["lora", "dora"])
+def test_fresh_adapters_start_from_the_full_models_loss(peft_runs, run):
+    """``lora_b`` = 0 (DoRA: magnitudes = the base's row norms), so before any update the adapted model computes
+    the base's function: its first loss equals full fine-tuning's on the same batch. A base loaded wrong
+    (shifted, transposed, another checkpoint) changes it; "loss falls" and "exact resume" would not see that."""
+    first, full = (read_metrics(peft_runs[r] / "logs" / "metrics.jsonl")[0] for r in (run, "full"))
+    assert first["step"] == full["step"] == 1 and first["num_tokens"] == full["num_tokens"]  # the same batch
+    assert first["loss"] == pytest.approx(full["loss"], rel=1e-6, abs=0)
 
 
 def test_exact_resume_from_an_adapter_checkpoint(peft_runs):

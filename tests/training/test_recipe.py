@@ -166,20 +166,40 @@ def test_hybrid_sharding_with_cross_node_reduction_and_a_dcp_resume_on_the_2d_me
     """The recipe on 2 processes standing for 2 nodes × 1 rank (a 2-D mesh), 2 micro-batches a step: hybrid
     sharding with the cross-node all-reduce on the last micro-batch only, stopped after step 2 with async DCP
     saves and resumed from that sharded folder, repeats the losses and gradient norms of an uninterrupted
-    full-sharding run (fp32; tolerance 1e-5 relative for sums in another order)."""
+    full-sharding run (fp32; tolerance 1e-5 relative for sums in another order). The mesh is read from the log
+    and from the run itself, and the cross-replica all-reduces are counted (count_reductions_recipe.py): one per
+    FSDP unit per step, none before the last micro-batch — the losses alone would also match with the hybrid
+    mesh switched off."""
     common = ["gradient_accumulation_steps=2", "epochs=1", "max_steps_per_epoch=3", "save_every_n_steps=2"]
     hybrid = ["train.nnodes=2", "train.nproc_per_node=1", "train.gradient_reduction=last_micro_batch_across_nodes",
               "checkpoint_format=dcp"]  # fmt: skip
     runs = {"ga_full": [["train.fsdp_strategy=full"]],
             "ga_hybrid": [[*hybrid, "enable_async_checkpointing=true", "stop_after_steps=2"], hybrid]}  # fmt: skip
-    rows = {}
+    worker = str(Path(__file__).with_name("count_reductions_recipe.py"))
+    rows, logs, counted = {}, {}, {}
     for name, attempts in runs.items():
         out = _out(data, name)
-        for extra in attempts:
+        for i, extra in enumerate(attempts):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "docev.training.recipe", *_args(data, out, *common, *extra)]  # fmt: skip
-            _ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240))
+                   worker, *_args(data, out, *common, *extra)]  # fmt: skip
+            env = {**_env(), "REDUCTIONS_OUT": str(out / f"reductions-{i}")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+            _ok(proc)
+            logs[name, i] = proc.stdout + proc.stderr
+            counted[name, i] = [json.loads((out / f"reductions-{i}.{r}").read_text()) for r in (0, 1)]
         rows[name] = read_metrics(out / "logs" / "metrics.jsonl")
+    assert "FSDP mesh (shard=2): full sharding" in logs["ga_full", 0]
+    for i in (0, 1):
+        line = "FSDP mesh (replicate=2, shard=1): hybrid sharding, gradient reduction last_micro_batch_across_nodes"
+        assert line in logs["ga_hybrid", i]
+    for (name, i), ranks in counted.items():
+        steps = {("ga_full", 0): 3, ("ga_hybrid", 0): 2, ("ga_hybrid", 1): 1}[name, i]
+        for got in ranks:
+            assert got["units"] == 5  # tok_embeddings, 2 decoder layers, output, the root
+            if name == "ga_full":
+                assert got["mesh"] == {"shard": 2} and got["reductions"] == [0] * steps
+            else:
+                assert got["mesh"] == {"replicate": 2, "shard": 1} and got["reductions"] == [5] * steps
     stopped = data["root"] / "ga_hybrid" / "checkpoints" / "step_2"
     assert len(list(stopped.glob("*.distcp"))) == 2  # a sharded folder, each rank's shards
     assert [r["step"] for r in rows["ga_hybrid"]] == [1, 2, 3] and len(rows["ga_full"]) == 3

@@ -94,7 +94,7 @@ class _Step:
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
     tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
-    attention_pairs: int = 0  # query-key pairs the attention kernel computes (flex: whole blocks), for MFU
+    attention_pairs: int = 0  # query-key pairs the documents attend (causal, per document), for MFU
 
 
 class DocEVFinetuneRecipe:
@@ -215,6 +215,9 @@ class DocEVFinetuneRecipe:
         mesh = run_mesh(cfg.train.fsdp_strategy, nnodes=cfg.train.nnodes, nproc_per_node=cfg.train.nproc_per_node,
                         device_type=self._device.type)  # fmt: skip
         self._hybrid = is_hybrid(mesh)
+        shape = ", ".join(f"{n}={k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+        utils.log_rank_zero(log, f"FSDP mesh ({shape}): {'hybrid' if self._hybrid else 'full'} sharding, "
+                            f"gradient reduction {cfg.train.gradient_reduction}")  # fmt: skip
         model = setup_model(
             component(cfg, "model"),
             model_state_dict,
