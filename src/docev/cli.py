@@ -46,6 +46,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from docev.outputs import outputs
+    from docev.run.paths import VALIDATE_REPORTS
     from docev.validate.runner import ValidationFailed, merge, run_shard
 
     cfg = load_config(args.config, args.overrides)
@@ -64,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     for name, s in report["sources"].items():
         print(f"{name}: read {s['read']}, accepted {s['accepted']}, rejected {s['rejected']}")
-    print(f"report: {outputs(cfg).where('validate/report.md')}")
+    print(f"report: {outputs(cfg).where(VALIDATE_REPORTS['md'])}")
     return 0
 
 
@@ -77,6 +78,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from docev.data.preprocess import merge_all, run_shards, shards_location, splits_to_build
+    from docev.outputs import outputs
+    from docev.run.paths import shards_manifest_key
 
     cfg = load_config(args.config, args.overrides)
     if not args.merge:
@@ -90,7 +93,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     manifest = merge_all(cfg)
     n, where = manifest["eval_samples"], shards_location(cfg, "eval")
     held = f"; {n} held out in {where}" if n else ""
-    shards = f"{len(manifest['shards'])} shards: {shards_location(cfg)}/manifest.json"
+    shards = f"{len(manifest['shards'])} shards: {outputs(cfg).where(shards_manifest_key())}"
     print(f"{manifest['total_samples']} samples in {shards}{held}")
     return 0
 
@@ -136,10 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
     from docev.evaluation.report import LABELS, metric_table
+    from docev.run.paths import run_paths
 
-    root = cfg.work_root / "eval"
-    results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
-               if (root / k / "metrics.json").is_file()}  # fmt: skip
+    paths = run_paths(cfg)
+    results = {k: json.loads(paths.eval_file(k, "metrics.json").read_text()) for k in LABELS
+               if paths.eval_file(k, "metrics.json").is_file()}  # fmt: skip
     if any(m.get("n") for m in results.values()):
         print("\nheld-out evaluation:")
         print("\n".join(f"  {line}" for line in metric_table(results)))
@@ -316,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--workers", type=int, default=2)
     sd.set_defaults(func=cmd_synth_data)
 
-    val = sub.add_parser("validate", help="validate UFX sources: manifest, rejects.jsonl, report")
+    val = sub.add_parser("validate", help="validate UFX sources: manifest of accepted records, rejects, report")
     _config_args(val)
     val.add_argument("--workers", type=int, default=None, help="processes (default: validate.workers)")
     val.add_argument("--shard", default="0/1", help="validate only shard i of n (KFP fan-out)")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from docev.run.publish import publish, temp_name
 from docev.vision.geometry import TilePlan
 from docev.vision.image_io import load_image
 from docev.vision.tiling import TiledImage, tile_image
@@ -137,18 +138,16 @@ def sha256_file(path: Path) -> str:
 
 def write_shard(path: Path, rows: list[dict[str, Any]], ratios: list[int]) -> tuple[str, int]:
     """Write rows to ``path`` atomically (temp name, fsync, reopen and count, rename). Returns (sha256, rows)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     table = pa.Table.from_pylist(rows, schema=schema(ratios))
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
             writer.write_batch(batch)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
     with pa.memory_map(str(tmp)) as mm:
         if pa.ipc.open_file(mm).read_all().num_rows != len(rows):
             raise ShardError(f"{tmp}: wrote {len(rows)} rows but read back a different count")
     digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
     return digest, len(rows)
 
 

@@ -131,9 +131,8 @@ class DocEVFinetuneRecipe:
         self._is_rank_zero = self.rank == 0
         self.seed = training.set_seed(seed=cfg.seed)
 
-        paths = run_paths(cfg)
-        self._output_dir = paths.checkpoints
-        self._log_dir = paths.logs
+        self._paths = run_paths(cfg)
+        self._output_dir = self._paths.checkpoints
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._log_every_n_steps = cfg.log_every_n_steps
@@ -206,7 +205,7 @@ class DocEVFinetuneRecipe:
         logger = config.instantiate(component(cfg, "metric_logger"), **resume)
         # torchtune writes {output_dir}/torchtune_config.yaml: give it the work folder (output_dir may be s3://…)
         logger.log_config(OmegaConf.create({**cfg.to_dict(), "output_dir": str(cfg.work_root)}))
-        return MetricsLog(self._log_dir, logger)
+        return MetricsLog(self._paths.metrics, self._paths.loss_plot, logger)
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         """``parallelize.setup_model`` with this run's dtypes and switches (None: a sharded checkpoint fills the
