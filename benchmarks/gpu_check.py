@@ -56,9 +56,10 @@ docev_reduced = partial(docev_from_arch, ARCH)
 
 def prepare(work: Path, steps: int, run: str) -> Path:
     """Checkpoint (tiny tokenizer + reduced-depth full-width bf16 weights), 96 synthetic pages, the run's config."""
-    from docev.assets import init_checkpoint, init_weights, save_sharded
+    from docev.assets import init_checkpoint, init_weights
     from docev.config import load_config
     from docev.models.docev import hf_config
+    from docev.models.docev._folder import save_sharded
     from docev.synth import synth_data
 
     ckpt = work / "ckpt"
@@ -113,7 +114,7 @@ def step_flops(row: dict, model: DocEVModel) -> float:
 
 
 def report(work: Path, run: str, recompiles: int) -> None:
-    from docev.training.metrics import read_metrics
+    from docev.training.metrics_log import read_metrics
 
     rows = read_metrics(work / f"run-{run}" / "logs" / "metrics.jsonl")
     tail = rows[len(rows) // 2 :]  # compile warm-up excluded

@@ -275,7 +275,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from docev.evaluation.evaluate import eval_dir, evaluate
-    from docev.training.checkpointing import CheckpointError
+    from docev.run.checkpoints import CheckpointError
 
     cfg = load_config(args.config, args.overrides)
     with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:

@@ -21,7 +21,7 @@ from docev.export.card import TRAINING_SECTIONS
 from docev.export.checksums import SUMS, verify_checksums
 from docev.inference import DocEVGenerator
 from docev.models.docev import DocEVCheckpointer, docev_tiny
-from docev.training.checkpointing import CheckpointError, resolve_checkpoint
+from docev.run.checkpoints import CheckpointError, resolve_checkpoint
 
 from .conftest import folder_tensors, make_config, sha256sum_check, sources_list
 

@@ -19,8 +19,9 @@ from docev.config import load_config
 from docev.data.preprocess import run_preprocess
 from docev.k8s.admission import effective_pod, trainjob_errors
 from docev.k8s.trainjob import render_runtime, render_trainjob
-from docev.models.docev import DocEVCheckpointer, latest_checkpoint
-from docev.training.metrics import read_metrics
+from docev.models.docev import DocEVCheckpointer
+from docev.run.checkpoints import latest_checkpoint
+from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
 pytestmark = pytest.mark.slow  # ~1 min of torchrun on 2 cores, more on a shared machine

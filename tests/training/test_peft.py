@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from test_recipe import _args, _ok, _out, _train, data  # noqa: F401 - data is the shared shards fixture
 from torchtune.modules.peft import get_adapter_params
 
-from docev.models.docev import DocEVCheckpointer, latest_checkpoint, lora_docev_tiny
-from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE
-from docev.training.metrics import read_metrics
+from docev.models.docev import DocEVCheckpointer, lora_docev_tiny
+from docev.models.docev._folder import PEFT_META, TRAINED_FILE
+from docev.run.checkpoints import latest_checkpoint
+from docev.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow  # five torchrun trainings (`make test-fast` leaves it out)
 

@@ -14,10 +14,11 @@ import torch
 from adapter_save_worker import KEY, save
 from conftest import tiny_config
 
-from docev.models.docev import DocEVCheckpointer, latest_checkpoint
-from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE
-from docev.training.checkpointing import prune_checkpoints, start_folder
-from docev.training.peft import PeftCheckpointError, PeftRun
+from docev.models.docev import DocEVCheckpointer
+from docev.models.docev._folder import PEFT_META, TRAINED_FILE
+from docev.models.docev._peft import PeftCheckpointError
+from docev.run.checkpoints import latest_checkpoint, prune_checkpoints, start_folder
+from docev.training.peft import PeftRun
 
 WORKER = Path(__file__).with_name("adapter_save_worker.py")
 LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false"]

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
 from docev.export import export_checkpoint
-from docev.models.docev import DocEVCheckpointer, docev_tiny, latest_checkpoint
-from docev.training.checkpointing import prune_checkpoints
-from docev.training.metrics import read_metrics
+from docev.models.docev import DocEVCheckpointer, docev_tiny
+from docev.run.checkpoints import latest_checkpoint, prune_checkpoints
+from docev.training.metrics_log import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
 

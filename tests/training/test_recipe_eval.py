@@ -1,4 +1,4 @@
-"""The recipe's validation loss under torchrun (2 ranks): eval lines in metrics.jsonl, the ``best``
+"""The recipe's eval loss under torchrun (2 ranks): eval lines in metrics.jsonl, the ``best``
 pointer, and a stop + resume that keeps ``best`` on the lowest eval loss of both runs."""
 
 import json
@@ -10,8 +10,8 @@ import pytest
 from conftest import CONFIGS, tiny_config
 
 from docev.data.preprocess import run_preprocess
-from docev.training.checkpointing import read_best
-from docev.training.metrics import read_metrics
+from docev.run.checkpoints import read_best
+from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
 pytestmark = pytest.mark.slow  # two torchrun trainings (`make test-fast` leaves it out)

@@ -151,7 +151,7 @@ class DocEVConfig(_Strict):
     log_peak_memory_stats: bool = True
     save_every_n_steps: int = Field(100, ge=1)
     eval_every_n_steps: int | None = Field(
-        None, ge=1, description="Validation loss every N steps (and at the end); null: only at the end."
+        None, ge=1, description="Eval loss every N steps (and at the end); null: only at the end."
     )
     eval_max_batches: int | None = Field(None, ge=1, description="Eval micro-batches per rank and ratio; null: all.")
     keep_last_n_checkpoints: int = Field(2, ge=1)

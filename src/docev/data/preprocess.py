@@ -27,15 +27,14 @@ from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
-from docev.data.shards import ShardError, image_row, sha256_file, write_shard
+from docev.data.shards import TOKEN_BUCKETS, ShardError, bucket, image_row, sha256_file, write_shard
 from docev.data.split import Split, all_sources
 from docev.data.transform import DocEVTransform, transform_from_config
 from docev.outputs import Outputs, outputs
 from docev.progress import bar_disabled
+from docev.run.paths import MANIFEST
+from docev.sources.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
 from docev.storage import RETRIES, ordered_map
-from docev.validate.outputs import MANIFEST
-from docev.validate.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
-from docev.validate.stats import TOKEN_BUCKETS, bucket
 from docev.vision.image_io import load_image
 from docev.vision.tiling import PixelConfig
 

@@ -34,6 +34,8 @@ from docev.vision.image_io import load_image
 from docev.vision.tiling import TiledImage, tile_image
 
 ROWS_PER_BATCH = 32
+# Length histograms (validate's per-source stats and the shard manifest) count tokens in these buckets.
+TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 IMAGE_TYPE = pa.struct([
     ("original", pa.binary()), ("base", pa.binary()), ("resized", pa.binary()),
     ("height", pa.int32()), ("width", pa.int32()),
@@ -41,6 +43,14 @@ IMAGE_TYPE = pa.struct([
     ("resized_h", pa.int32()), ("resized_w", pa.int32()),
     ("rows", pa.int8()), ("cols", pa.int8()),
 ])  # fmt: skip
+
+
+def bucket(value: int, edges: tuple[int, ...]) -> str:
+    """Label of the first edge ``value`` is below (``<512``), or ``>=last``."""
+    for edge in edges:
+        if value < edge:
+            return f"<{edge}"
+    return f">={edges[-1]}"
 
 
 class ShardError(RuntimeError):

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from docev.config import DocEVConfig
-from docev.evaluation.metrics import score, summarize
 from docev.evaluation.questions import Question, eval_questions
+from docev.evaluation.scores import score, summarize
 from docev.inference import DocEVGenerator
-from docev.training.checkpointing import resolve_checkpoint
+from docev.run.checkpoints import resolve_checkpoint
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -128,10 +128,10 @@ def evaluate(
 
 
 def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
-    """The validation loss of this model on the held-out shards, as training computes it (one process);
+    """The eval loss of this model on the held-out shards, as training computes it (one process);
     None without eval shards."""
     from docev.data.loader import build_collate
-    from docev.training.evaluation import EvalLoss
+    from docev.eval_loss import EvalLoss
 
     collate = build_collate(cfg, generator.dtype)
     evaluator = EvalLoss.from_config(cfg, collate, rank=0, world_size=1, checkpoint_dir=cfg.work_root,

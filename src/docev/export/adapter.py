@@ -27,7 +27,7 @@ from docev.export.weights import ExportError, frozen_state_keys, ordered_hf
 from docev.inference.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, merge_adapters
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._convert_weights import fusion_key_map
-from docev.training.peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
+from docev.models.docev._peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
 
 ADAPTER_DIR = "adapter"
 _LM = "language_model."

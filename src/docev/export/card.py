@@ -19,7 +19,7 @@ import torch
 from docev.config import DocEVConfig, ModelSection
 from docev.inference.generate import Generation
 from docev.models.docev._convert_weights import is_unused
-from docev.training.peft import PeftSpec
+from docev.models.docev._peft import PeftSpec
 
 # The config sections that decide the trained weights (the card's config hash).
 TRAINING_SECTIONS = (
@@ -64,7 +64,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
         for line in fh:
             try:
                 entry = json.loads(line)
-                if "eval_loss" in entry and "loss" not in entry:  # a validation line (docev.training.evaluation)
+                if "eval_loss" in entry and "loss" not in entry:  # an eval-loss line (docev.eval_loss)
                     continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):

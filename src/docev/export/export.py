@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -31,7 +30,6 @@ from PIL import Image
 from safetensors import safe_open
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
-from docev import assets
 from docev.config import DocEVConfig
 from docev.export.adapter import merged_and_adapter, write_adapter
 from docev.export.card import (
@@ -46,21 +44,16 @@ from docev.export.card import (
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
-from docev.models.docev._dcp import DCP_METADATA
+from docev.models.docev._folder import INDEX, save_sharded, side_files
+from docev.models.docev._peft import is_trained_only
+from docev.run.checkpoints import CheckpointError, resolve_checkpoint, step_or_none
+from docev.sources.readers import allowed_stores, source_name, source_store
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
-from docev.training.checkpointing import CheckpointError, resolve_checkpoint
-from docev.training.peft import is_trained_only
-from docev.validate.readers import allowed_stores, source_name, source_store
 from docev.vision.image_io import load_image
 
-INDEX = "model.safetensors.index.json"
-# Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
-_NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
-               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA,
-               "peft.json"}  # fmt: skip
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
-_STEP = re.compile(r"step_(\d+)")
+# Side files of a checkpoint folder that the export writes itself.
+_WRITTEN = {"generation_config.json", "chat_template.jinja", "README.md", SUMS}
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     instruction source when there is one (the smoke prompt is a question); None without any. One image:
     the prompt then fits any model that can hold a full tile grid."""
     from docev.outputs import outputs
-    from docev.validate.outputs import MANIFEST
+    from docev.run.paths import MANIFEST
 
     outs = outputs(cfg)
     if not outs.exists(MANIFEST):
@@ -114,13 +107,12 @@ def smoke_device(cfg: DocEVConfig) -> str:
 
 def _write_folder(cfg: DocEVConfig, checkpoint: Path, staging: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Weights, config, tokenizer/processor files, chat template and generation config."""
-    assets.save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
+    save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
     config = json.loads((checkpoint / "config.json").read_text())
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    for src in sorted(checkpoint.iterdir()):
-        if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
-            shutil.copyfile(src, staging / src.name)
+    for src in side_files(checkpoint, skip=_WRITTEN):
+        shutil.copyfile(src, staging / src.name)
     (staging / "chat_template.jinja").write_text(resolve_chat_template(cfg.tokenizer.chat_template).source)
     tokenizer = _load_tokenizer(staging)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in cfg.tokenizer.stop_tokens]
@@ -206,8 +198,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()
-    step_match = _STEP.fullmatch(checkpoint.name)
-    facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
+    facts: TrainingFacts = training_facts(cfg, step_or_none(checkpoint), untrained=untrained)
     smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
@@ -254,8 +245,7 @@ def export_checkpoint(
             _publish_remote(staging, fs, dest_path, sums, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    match = _STEP.fullmatch(source.name)
-    return ExportResult(dest, source, int(match.group(1)) if match else None, exp.dtype, sums, smoke)
+    return ExportResult(dest, source, step_or_none(source), exp.dtype, sums, smoke)
 
 
 def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:

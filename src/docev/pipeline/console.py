@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from docev.config import DocEVConfig
-from docev.training.metrics import read_metrics
+from docev.training.metrics_log import read_metrics
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")

@@ -79,7 +79,7 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     completion; its failure fails this step. Resuming from ``latest`` is the recipe's, so a retried step
     continues, not restarts.
     """
-    from docev.training.metrics import read_metrics
+    from docev.training.metrics_log import read_metrics
     from docev.training.preemption import PREEMPTED_EXIT_CODE
 
     cfg = load(run)
@@ -101,7 +101,7 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     logged = read_metrics(cfg.work_root / "logs" / "metrics.jsonl")
     if not logged:
         raise RuntimeError(f"training wrote no metrics to {cfg.work_root / 'logs' / 'metrics.jsonl'}")
-    train = [r for r in logged if "loss" in r]  # validation lines hold eval_loss only
+    train = [r for r in logged if "loss" in r]  # eval-loss lines hold eval_loss only
     last = {**train[-1], **next((r for r in reversed(logged) if "eval_loss" in r), {})} if train else logged[-1]
     return {"steps": last["step"], **{k: v for k, v in last.items() if isinstance(v, int | float)}}
 

@@ -42,10 +42,10 @@ from torchtune import config, training, utils
 
 from docev.config import DocEVConfig
 from docev.models.docev import DocEVCheckpointer
-from docev.models.docev._checkpointer import RECIPE_STATE
 from docev.models.docev._dcp import MODEL_KEY, OPTIMIZER_KEY, UNUSED_KEY
-from docev.training.checkpointing import RNG_KEY, capture_rng, prune_checkpoints, start_folder
+from docev.run.checkpoints import RECIPE_STATE, prune_checkpoints, start_folder
 from docev.training.peft import PeftRun, trained_state_dict
+from docev.training.state import RNG_KEY, capture_rng
 
 log = utils.get_logger("INFO")
 

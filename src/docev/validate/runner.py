@@ -31,9 +31,8 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
-from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
-from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
-from docev.validate.readers import (
+from docev.run.paths import MANIFEST, VALIDATE
+from docev.sources.readers import (
     RawRecord,
     Unit,
     allowed_stores,
@@ -43,10 +42,16 @@ from docev.validate.readers import (
     source_name,
     source_store,
 )  # fmt: skip
+from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.report import write_reports
 from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
 from docev.vision.geometry import plan_tiles
+
+
+def validate_dir(cfg: DocEVConfig) -> Path:
+    """The local folder of the validate outputs (this process's copy when ``output_dir`` is an object store)."""
+    return outputs(cfg).local(VALIDATE)
 
 
 class ValidationFailed(RuntimeError):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from docev.models.docev import latest_checkpoint
-from docev.training.checkpointing import ResumeError, capture_rng, prune_checkpoints, restore_rng, start_folder
+from docev.run.checkpoints import ResumeError, latest_checkpoint, prune_checkpoints, start_folder
+from docev.training.state import capture_rng, restore_rng
 
 
 def _folders(out, steps, latest, recipe=True):
@@ -57,7 +57,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
 
 def test_best_pointer_survives_pruning(tmp_path):
-    from docev.training.checkpointing import read_best, write_best
+    from docev.run.checkpoints import read_best, write_best
 
     out = tmp_path
     _folders(out, [2, 4, 6, 8], 8)
@@ -79,7 +79,7 @@ def test_best_pointer_survives_pruning(tmp_path):
 def test_resolve_best(tmp_path, tiny_checkpoint):
     from conftest import tiny_config
 
-    from docev.training.checkpointing import CheckpointError, resolve_checkpoint, write_best
+    from docev.run.checkpoints import CheckpointError, resolve_checkpoint, write_best
 
     cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
     root = tmp_path / "checkpoints"

@@ -2,7 +2,7 @@ import json
 
 from torchtune.training.metric_logging import DiskLogger
 
-from docev.training.metrics import MetricsLog, read_metrics, wandb_mode
+from docev.training.metrics_log import MetricsLog, read_metrics, wandb_mode
 
 WANDB = "torchtune.training.metric_logging.WandBLogger"
 

@@ -1,7 +1,7 @@
 """Training metrics: the configured torchtune metric logger, ``logs/metrics.jsonl`` and ``logs/loss.png``.
 
 ``metrics.jsonl`` is written whatever logger the config names (one JSON object per logged step, and
-one per validation with ``eval_loss`` / ``eval_loss_r{R}``), so
+one per eval-loss pass with ``eval_loss`` / ``eval_loss_r{R}``), so
 later steps (export, the pipeline's metrics artifact) read the run without knowing the logger. A
 resumed run first drops the lines past its checkpoint, which the interrupted run wrote but the
 resumed run repeats, so each step appears once.
@@ -83,7 +83,7 @@ class MetricsLog:
         self._file.flush()
 
     def plot(self) -> Path | None:
-        """``loss.png``: loss, the eval losses (validation lines) and lr (second axis) over the steps."""
+        """``loss.png``: loss, the eval losses (eval-loss lines) and lr (second axis) over the steps."""
         every = read_metrics(self.path)
         rows = [r for r in every if "loss" in r]
         evals = [r for r in every if "eval_loss" in r]
