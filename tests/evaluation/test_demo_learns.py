@@ -14,9 +14,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from docev.config import load_config
 from docev.pipeline.local import ensure_assets
 from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.slow  # the demo's ~190-step training and two evaluations (`make test-fast` leaves it out)
 
 
 def _docev(*args: str) -> None:

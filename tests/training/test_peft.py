@@ -18,6 +18,8 @@ from docev.models.docev._folder import PEFT_META, TRAINED_FILE
 from docev.run.checkpoints import latest_checkpoint
 from docev.training.metrics_log import read_metrics
 
+pytestmark = pytest.mark.slow  # five torchrun trainings (`make test-fast` leaves it out)
+
 STEPS = 14  # 2 epochs × 7 steps, as test_recipe
 STOP_AT = 6
 LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false",
@@ -28,21 +30,39 @@ def _sha(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+RUNS = {  # name: overrides; "full": one step of full fine-tuning on the same first batch
+    "lora": LORA,
+    "dora": [*LORA, "model.use_dora=true", "epochs=1"],
+    "full": ["epochs=1", "max_steps_per_epoch=1", "save_every_n_steps=1000"],
+}
+
+
+class _Runs(dict):
+    """The module's runs, each trained when a test first asks for it (so ``-k`` trains only what it needs);
+    ``base`` holds the base checkpoint's file hashes from before any run."""
+
+    def __init__(self, shards: dict):
+        super().__init__(base=_sha(shards["checkpoint"]))
+        self.shards = shards
+
+    def __missing__(self, name: str):
+        shards = self.shards
+        if name in ("split", "log"):  # stopped after STOP_AT steps, then resumed to the end
+            split = _out(shards, "peft-lora-split")
+            _ok(_train(_args(shards, split, *LORA, f"stop_after_steps={STOP_AT}")))
+            resumed = _train(_args(shards, split, *LORA))
+            _ok(resumed)
+            self.update(split=split, log=resumed.stdout + resumed.stderr)
+            return self[name]
+        out = _out(shards, f"peft-{name}")  # the shards' root is the session's, shared with test_recipe's runs
+        _ok(_train(_args(shards, out, *RUNS[name])))
+        self[name] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def peft_runs(data) -> dict:  # noqa: F811
-    base_sums = _sha(data["checkpoint"])
-    lora = _out(data, "lora")
-    _ok(_train(_args(data, lora, *LORA)))
-    split = _out(data, "lora-split")
-    _ok(_train(_args(data, split, *LORA, f"stop_after_steps={STOP_AT}")))
-    resumed = _train(_args(data, split, *LORA))
-    _ok(resumed)
-    dora = _out(data, "dora")
-    _ok(_train(_args(data, dora, *LORA, "model.use_dora=true", "epochs=1")))
-    full = _out(data, "full-first-step")
-    _ok(_train(_args(data, full, "epochs=1", "max_steps_per_epoch=1", "save_every_n_steps=1000")))
-    log = resumed.stdout + resumed.stderr
-    return {"lora": lora, "split": split, "dora": dora, "full": full, "log": log, "base": base_sums}
+    return _Runs(data)
 
 
 def _expected_trained(**kwargs) -> set[str]:

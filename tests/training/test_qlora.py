@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a torchrun QLoRA run (NF4 on CPU) (`make test-fast` leaves it out)
+
 
 def test_qlora_trains_sharded_on_two_cpu_ranks():
     worker = Path(__file__).with_name("qlora_fsdp_worker.py")

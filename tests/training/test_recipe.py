@@ -26,20 +26,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_config
+from conftest import CONFIGS
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
-from docev.data.preprocess import run_preprocess
 from docev.export import export_checkpoint
 from docev.models.docev import DocEVCheckpointer, docev_tiny
 from docev.run.checkpoints import latest_checkpoint, prune_checkpoints
 from docev.training.metrics_log import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
-from docev.validate.runner import run_validate
+
+pytestmark = pytest.mark.slow  # torchrun trainings, ~10 s each on 2 idle cores (`make test-fast` leaves them out)
 
 CONFIG = CONFIGS / "tiny.yaml"
 STEPS = 14  # 2 epochs × 7 steps (29 samples per epoch, 2 ranks × batch 2)
@@ -47,39 +47,13 @@ SAVE_EVERY = 4
 STOP_AT = 6
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tokens_per_second_per_gpu", "padding_share",
             "sampling_ratio"}  # fmt: skip
-CHATS = [
-    ("What is the capital of France?", "Paris."),
-    ("Name a prime number.", "Seven."),
-    ("Spell 'cat' backwards.", "tac"),
-    ("What colour is a clear sky?", "Blue."),
-    ("How many legs has a spider?", "Eight."),
-    ("What is two plus two?", "Four."),
-    ("Which is larger, 7 or 9?", "Nine."),
-    ("Say hello.", "Hello!"),
-]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_checkpoint, synth_sources) -> dict:
-    """Validated + preprocessed shards, shared by every run through symlinks."""
-    root = tmp_path_factory.mktemp("train")
-    text = root / "text"
-    text.mkdir()
-    with (text / "chat.jsonl").open("w") as f:
-        for i, (q, a) in enumerate(CHATS):
-            context = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"id": f"txt-{i}", "context": context, "image_files": []}) + "\n")
-    datasets = [
-        {"source": str(synth_sources["instruct"]), "name": "instruct"},
-        {"source": str(synth_sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain",
-         "context_col": "text", "weight": 0.25},
-        {"source": str(text), "name": "text"},
-    ]  # fmt: skip
-    base = root / "base"
-    cfg = tiny_config(base, tiny_checkpoint, datasets)
-    run_validate(cfg, workers=1)
-    run_preprocess(cfg, workers=1)
-    return {"root": root, "base": base, "datasets": datasets, "checkpoint": tiny_checkpoint, "cfg": cfg}
+def data(train_data) -> dict:
+    """The session's validated + preprocessed training shards (tests/conftest.py), shared by every run through
+    symlinks (test_peft's runs too)."""
+    return train_data
 
 
 def _out(data: dict, name: str) -> Path:
@@ -467,6 +441,7 @@ from docev.models.docev import DocEVCheckpointer, _checkpointer
 src, out = sys.argv[1:]
 # the folder is renamed into place, `latest` not yet moved
 original = _checkpointer.os.replace
+
 def replace(a, b):
     if str(a).endswith(".latest.tmp"):
         os.kill(os.getpid(), signal.SIGKILL)

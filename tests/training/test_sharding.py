@@ -22,6 +22,8 @@ from docev.models.docev import docev_tiny
 from docev.training.comm_volume import Collective
 from docev.training.parallelize import build_mesh, resolve_strategy
 
+pytestmark = pytest.mark.slow  # seven FSDP scenarios on 4 gloo ranks (`make test-fast` leaves it out)
+
 WORKER = Path(__file__).with_name("sharding_worker.py")
 NODE0, REPLICAS0 = (0, 1), (0, 2)  # rank 0's shard group (its node) and replicate group (across nodes)
 

@@ -73,6 +73,7 @@ def test_packed_rows_match_each_document_alone(tiny_model):
                 start += n
 
 
+@pytest.mark.slow  # compiles flex attention on CPU (a minute or two on 2 cores; `make test-fast` leaves it out)
 def test_flex_matches_dense_on_packed_rows_including_the_loss(tiny_model):
     """Flex attention compiled on CPU (forward only: flex has no CPU backward) against the dense mask, over
     five 128-token blocks with documents inside one block, on whole blocks and across block boundaries
