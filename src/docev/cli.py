@@ -251,6 +251,7 @@ def cmd_plan_memory(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from docev.inference import DocEVGenerator
+    from docev.inference.generate import NO_TEXT
 
     try:
         generator = DocEVGenerator(args.model, device=args.device, adapter=args.adapter)
@@ -259,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"generate failed: {exc}", file=sys.stderr)
         return 1
-    print(result.text)
+    print(result.text if result.text or not result.stopped else NO_TEXT)
     return 0
 
 

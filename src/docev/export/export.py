@@ -38,6 +38,7 @@ from docev.export.card import (
     SmokeSample,
     TrainingFacts,
     adaptation_rows,
+    eval_results,
     model_card,
     parameter_counts,
     smoke_section,
@@ -208,7 +209,8 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     untrained = checkpoint.resolve() == base.resolve()
     step_match = _STEP.fullmatch(checkpoint.name)
     facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
+                          scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
