@@ -75,6 +75,13 @@ def test_cli_evaluate(run, tiny_checkpoint, capsys, tmp_path):
     cfg_file.write_text(json.dumps(run.to_dict()))
     assert main(["evaluate", "--config", str(cfg_file), "--model", str(tiny_checkpoint), "--label", "cli"]) == 0
     assert "cli: " in capsys.readouterr().out
+    out = Path(run.output_dir) / "eval" / "cli"
+    metrics = json.loads((out / "metrics.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## By source" in md and "## By question type" in md and "<h2>By question type</h2>" in page
+    assert metrics["question_types"] and metrics["sources"]
+    for qtype, m in metrics["question_types"].items():  # every type with its count, as metrics.json has it
+        assert f"| {qtype} | {m['n']} |" in md and f"<td>{qtype}</td><td>{m['n']}</td>" in page
     assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best"]) == 1
     assert "no checkpoint under" in capsys.readouterr().err
 

@@ -199,7 +199,7 @@ def eval_results(cfg: DocEVConfig) -> dict[str, dict[str, Any]]:
 
 def evaluation_section(cfg: DocEVConfig) -> list[str]:
     """The base vs tuned table of ``eval/<label>/metrics.json`` (the pipeline's evaluate tasks)."""
-    from docev.evaluation.report import metric_table
+    from docev.evaluation.report import breakdown_sections, metric_table
 
     results = eval_results(cfg)
     if not results:
@@ -208,7 +208,7 @@ def evaluation_section(cfg: DocEVConfig) -> list[str]:
     note = (f"ANLS (DocVQA), exact match and, for JSON answers, field F1 on the held-out questions; greedy, "
             f"sampling ratio {next(iter(results.values()))['sampling_ratio']}. Per question: "
             "`eval/<label>/predictions.jsonl` under the run folder.")  # fmt: skip
-    return [note, "", *metric_table(results)]
+    return [note, "", *metric_table(results), *breakdown_sections(results, level="###")]
 
 
 def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
