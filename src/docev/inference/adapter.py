@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune
-from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE, base_fingerprint
+from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +36,8 @@ class BaseMismatchError(ValueError):
 
 def check_base(recorded: Mapping[str, str], base_dir: str | Path, what: str) -> None:
     """Raise :class:`BaseMismatchError` naming both fingerprints when ``base_dir`` is not the recorded base."""
+    from docev.training.peft import base_fingerprint  # the one resume and the export check
+
     actual = base_fingerprint(base_dir)
     if dict(recorded) != actual:
         raise BaseMismatchError(

@@ -20,6 +20,7 @@ The recipe class is the same; with a ``lora_*`` model builder it calls this modu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, g
 
 from docev.config import DocEVConfig, ModelSection
 from docev.models.docev import DocEVCheckpointer
-from docev.models.docev._checkpointer import PEFT_META, RECIPE_STATE, TRAINED_FILE, base_fingerprint
+from docev.models.docev._checkpointer import PEFT_META, RECIPE_STATE, TRAINED_FILE
 
 log = utils.get_logger("INFO")
 
@@ -84,6 +85,24 @@ class PeftSpec:
 def is_trained_only(folder: Path) -> bool:
     """A step folder of an adapter run (trained tensors only, read over the base)."""
     return (Path(folder) / TRAINED_FILE).is_file()
+
+
+def base_fingerprint(base_dir: Path) -> dict[str, str]:
+    """What identifies the base the adapters were trained on: sha256 of ``config.json`` (and of the weight
+    index when there is one) and every weight file's size. Hashing 23 GB of weights at every save would
+    cost a minute; a changed architecture, shard layout or file shows here."""
+    base_dir = Path(base_dir)
+    ckpt = DocEVCheckpointer(base_dir)
+    out = {"config.json": _sha256(base_dir / "config.json")}
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        out[index.name] = _sha256(index)
+    out.update({f.name: f"{f.stat().st_size} bytes" for f in ckpt.checkpoint_files})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_trained(folder: Path, spec: PeftSpec | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -12,7 +12,6 @@ renamed (``partial_folder`` / ``publish``), so a crash never leaves a half-writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -205,25 +204,6 @@ class DocEVCheckpointer:
         pointer.write_text(name + "\n")
         os.replace(pointer, self.output_dir / LATEST)
         return final
-
-
-def base_fingerprint(base_dir: str | Path) -> dict[str, str]:
-    """What identifies the base an adapter run was trained on: sha256 of ``config.json`` (and of the weight
-    index when there is one) and every weight file's size. Hashing 23 GB of weights at every save would
-    cost a minute; a changed architecture, shard layout or file shows here. Recorded in a step folder's
-    ``peft.json`` and an exported adapter's ``base.json``; resume, evaluation, export and generation check it."""
-    base_dir = Path(base_dir)
-    ckpt = DocEVCheckpointer(base_dir)
-    out = {"config.json": _sha256(base_dir / "config.json")}
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        out[index.name] = _sha256(index)
-    out.update({f.name: f"{f.stat().st_size} bytes" for f in ckpt.checkpoint_files})
-    return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
