@@ -66,7 +66,8 @@ def prediction_rows(questions: list[Question], answers: list[str], threshold: fl
     for q, pred in zip(questions, answers, strict=True):
         s = score(pred, q.answers, threshold)
         row: dict[str, Any] = {"id": q.id, "source": q.source, "turn": q.turn, "question": q.question,
-                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact}  # fmt: skip
+                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact,
+                               "relaxed": s.relaxed}  # fmt: skip
         if s.f1 is not None:
             row.update(f1=s.f1, json_parsed=s.parsed)
         row["question_type"] = q.question_type

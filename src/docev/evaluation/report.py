@@ -16,7 +16,8 @@ from docev.config import DocEVConfig
 from docev.vision.image_io import load_image
 
 LABELS = ("base", "tuned")
-COLUMNS = (("n", "questions"), ("anls", "ANLS"), ("exact_match", "exact match"), ("f1", "field F1"),
+COLUMNS = (("n", "questions"), ("anls", "ANLS"), ("exact_match", "exact match"),
+           ("relaxed_accuracy", "relaxed accuracy (5%)"), ("f1", "field F1"),
            ("json_parse_rate", "JSON parsed"), ("eval_loss", "eval loss"))  # fmt: skip
 THUMB = 160
 

@@ -205,7 +205,8 @@ def evaluation_section(cfg: DocEVConfig) -> list[str]:
     if not results:
         return [f"{NOT_AVAILABLE}: no `eval/base` or `eval/tuned` results (hold data out with "
                 "`datasets[].eval_fraction` or `eval_datasets`, then `docev evaluate`)."]  # fmt: skip
-    note = (f"ANLS (DocVQA), exact match and, for JSON answers, field F1 on the held-out questions; greedy, "
+    note = (f"ANLS (DocVQA), exact match, relaxed accuracy (ChartQA: numbers within 5 %) and, for JSON answers, "
+            f"field F1 on the held-out questions; greedy, "
             f"sampling ratio {next(iter(results.values()))['sampling_ratio']}. Per question: "
             "`eval/<label>/predictions.jsonl` under the run folder.")  # fmt: skip
     return [note, "", *metric_table(results), *breakdown_sections(results, level="###")]
