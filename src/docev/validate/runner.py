@@ -31,6 +31,7 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
+from docev.sources.formats import original_field
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
 from docev.validate.readers import (
@@ -104,9 +105,9 @@ class UnitValidator:
                         **pos,
                         "id": record_id,
                         "reason": rej.reason,
-                        "field": rej.field,
+                        "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
-                        "record": raw.data if raw.data is not None else raw.raw,
+                        "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
                 continue
