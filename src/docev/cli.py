@@ -263,6 +263,7 @@ def cmd_plan_memory(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from docev.inference import DocEVGenerator
+    from docev.inference.generate import NO_TEXT
 
     try:
         generator = DocEVGenerator(args.model, device=args.device, adapter=args.adapter)
@@ -271,14 +272,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"generate failed: {exc}", file=sys.stderr)
         return 1
-    print(result.text)
+    print(result.text if result.text or not result.stopped else NO_TEXT)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from docev.evaluation.evaluate import eval_dir, evaluate
+    from docev.evaluation.evaluate import evaluate
+    from docev.evaluation.report import write_report
     from docev.run.checkpoints import CheckpointError
 
     cfg = load_config(args.config, args.overrides)
@@ -288,9 +290,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except (CheckpointError, FileNotFoundError, ValueError) as exc:
             print(f"evaluate failed: {exc}", file=sys.stderr)
             return 1
+    report = write_report(cfg, m["label"])  # against eval/base when it exists, as the pipeline's
     f1 = f", field F1 {m['f1']:.3f}" if "f1" in m else ""
     print(f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}{f1} "
-          f"({m['answers_per_second']:.1f} answers/s): {eval_dir(cfg, m['label'])}")  # fmt: skip
+          f"({m['answers_per_second']:.1f} answers/s): {report.parent} (report.html, report.md)")  # fmt: skip
     return 0
 
 

@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, write_adapter_step
 
 from docev.cli import main
+from docev.config import load_config
 from docev.evaluation import evaluate as evaluate_module
 from docev.evaluation.evaluate import evaluate
 from docev.evaluation.questions import eval_questions, record_questions
+from docev.run.checkpoints import write_best
 from docev.validate.runner import run_validate
 
 
@@ -139,5 +141,36 @@ def test_cli_evaluate(run, tiny_checkpoint, capsys, tmp_path):
     cfg_file.write_text(json.dumps(run.to_dict()))
     assert main(["evaluate", "--config", str(cfg_file), "--model", str(tiny_checkpoint), "--label", "cli"]) == 0
     assert "cli: " in capsys.readouterr().out
+    out = Path(run.output_dir) / "eval" / "cli"
+    metrics = json.loads((out / "metrics.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## By source" in md and "## By question type" in md and "<h2>By question type</h2>" in page
+    assert metrics["question_types"] and metrics["sources"]
+    for qtype, m in metrics["question_types"].items():  # every type with its count, as metrics.json has it
+        assert f"| {qtype} | {m['n']} |" in md and f"<td>{qtype}</td><td>{m['n']}</td>" in page
     assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best"]) == 1
     assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_cli_evaluate_latest_and_best_of_an_adapter_run(run, capsys, tmp_path):
+    """An adapter run's step folders (trained tensors only) evaluate through the CLI, as the base with their
+    adapters merged in memory: two steps with other adapters answer differently."""
+    lora = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false",
+            "model.lora_rank=4", "model.lora_alpha=8", f"checkpointer.output_dir={tmp_path / 'ckpts'}"]  # fmt: skip
+    cfg_file = tmp_path / "lora.json"
+    cfg_file.write_text(json.dumps(run.to_dict()))
+    cfg = load_config(cfg_file, lora)
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    write_adapter_step(cfg, step=4, seed=1)
+    write_adapter_step(cfg, step=8, seed=2)
+    write_best(cfg.checkpointer.output_dir, tmp_path / "ckpts" / "step_4", eval_loss=1.0)
+    out = Path(run.output_dir) / "eval"
+    assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "latest", "--label", "lora-latest"]) == 0
+    assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best", "--label", "lora-best"]) == 0
+    assert "lora-best: " in capsys.readouterr().out
+    latest = json.loads((out / "lora-latest" / "metrics.json").read_text())
+    best = json.loads((out / "lora-best" / "metrics.json").read_text())
+    assert latest["model"].endswith("step_8") and best["model"].endswith("step_4")
+    assert latest["n"] == best["n"] > 0
+    answers = [[r["prediction"] for r in _lines(out / k / "predictions.jsonl")] for k in ("lora-latest", "lora-best")]
+    assert answers[0] != answers[1]

@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    model_validator,
 )
 
 from docev.config.jobs import (
@@ -235,6 +236,14 @@ class DocEVConfig(_Strict):
             )
         errors += self._split_checks()
         return errors
+
+    @model_validator(mode="after")
+    def _embedded_images_dirs(self) -> DocEVConfig:
+        """Every task reads a source's embedded images from the same folder: on the volume, by default."""
+        for d in (*self.datasets, *self.eval_datasets):
+            if d.formatting != "ufx" and d.embedded_images_dir is None:
+                d.embedded_images_dir = str(self.work_root / "embedded_images" / (d.name or Path(d.source).name))
+        return self
 
     @property
     def work_root(self) -> Path:

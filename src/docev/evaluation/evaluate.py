@@ -67,7 +67,8 @@ def prediction_rows(questions: list[Question], answers: list[str], threshold: fl
     for q, pred in zip(questions, answers, strict=True):
         s = score(pred, q.answers, threshold)
         row: dict[str, Any] = {"id": q.id, "source": q.source, "turn": q.turn, "question": q.question,
-                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact}  # fmt: skip
+                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact,
+                               "relaxed": s.relaxed}  # fmt: skip
         if s.f1 is not None:
             row.update(f1=s.f1, json_parsed=s.parsed)
         row["question_type"] = q.question_type
@@ -95,7 +96,8 @@ def evaluate(
     """Score one model on the held-out split; returns the metrics written to ``metrics.json``.
 
     ``model_dir`` (an export or any model folder) wins over ``checkpoint`` (latest, best, step_N,
-    base; default latest). Raises ValueError when the split holds no question."""
+    base; default latest); an adapter run's step folder is evaluated as the base with the adapters merged.
+    Raises ValueError when the split holds no question."""
     ev = cfg.evaluate
     which = checkpoint or "latest"
     folder = Path(model_dir) if model_dir else resolve_checkpoint(cfg, which)
@@ -109,7 +111,10 @@ def evaluate(
             "(instruction sources) and rerun validate and preprocess"
         )
     ratio = ev.sampling_ratio or max(cfg.tokenizer.sampling_ratio)
-    generator = DocEVGenerator(folder, device=cfg.device, dtype=_DTYPES[cfg.dtype])
+    # an adapter run's step folder is read over the config's base, with its adapters merged in memory
+    generator = DocEVGenerator(
+        folder, device=cfg.device, dtype=_DTYPES[cfg.dtype], base=cfg.checkpointer.checkpoint_dir
+    )
     start = time.perf_counter()
     with torch.inference_mode():
         answers = answer_questions(generator, questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,

@@ -73,6 +73,11 @@ from docev.training.state import (
 
 log = utils.get_logger("INFO")
 
+# The schedule a checkpoint was trained on; a resume with another one says what changes (the lr curve spans
+# the new total steps, so the lr at the resumed step moves).
+SCHEDULE_KEY = "schedule"
+SCHEDULE_FIELDS = ("epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "world_size")
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank, naming the step and samples."""
@@ -191,6 +196,8 @@ class DocEVFinetuneRecipe:
             )
         self._total_steps = sum(self._steps_per_epoch)
         self._lr_scheduler = self._setup_lr_scheduler(state.get(LR_SCHEDULER_KEY) if resumed else None)
+        if resumed and self._is_rank_zero:
+            self._log_schedule_change(state.get(SCHEDULE_KEY), state.get(LR_SCHEDULER_KEY))
         if resumed:
             rng = state[RNG_KEY]
             if len(rng) == self.world_size:
@@ -270,6 +277,31 @@ class DocEVFinetuneRecipe:
         if scheduler_state is not None:
             scheduler.load_state_dict(scheduler_state)
         return scheduler
+
+    def _schedule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        values = (self.total_epochs, self.max_steps_per_epoch, cfg.batch_size, self._gradient_accumulation_steps,
+                  self.world_size)  # fmt: skip
+        return {**dict(zip(SCHEDULE_FIELDS, values, strict=True)), "total_steps": self._total_steps}
+
+    def _log_schedule_change(self, saved: dict[str, Any] | None, scheduler_state: dict[str, Any] | None) -> None:
+        """One line when the resumed run's schedule differs from its checkpoint's: what changed, the new total
+        steps (the progress bar's), and the lr at the resumed step before and after (the curve now spans the
+        new total). Checkpoints from before the schedule was recorded are resumed silently."""
+        if saved is None:
+            return
+        now = self._schedule()
+        changed = [f"{k} {saved.get(k)} → {now[k]}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
+        if not changed and saved.get("total_steps") == now["total_steps"]:
+            return
+        was = (scheduler_state or {}).get("_last_lr")
+        lr = self._optimizer.param_groups[0]["lr"]
+        lr_note = f"the lr at step {self.global_step} goes {was[0]:.3g} → {lr:.3g}" if was else f"the lr is {lr:.3g}"
+        log.info(
+            f"Resuming with another schedule ({', '.join(changed) or 'the data'}): total steps "
+            f"{saved.get('total_steps')} → {now['total_steps']}; the lr schedule now spans {now['total_steps']} "
+            f"steps, so {lr_note} and follows the new curve from here"
+        )
 
     def _update_recipe_state(self, state: dict[str, Any]) -> None:
         self.global_step = int(state[STEP_KEY])
@@ -485,6 +517,7 @@ class DocEVFinetuneRecipe:
             SEED_KEY: self.seed,
             WORLD_SIZE_KEY: self.world_size,
             WANDB_RUN_KEY: self._wandb_run_id,
+            SCHEDULE_KEY: self._schedule(),
         }
 
     def cleanup(self) -> None:

@@ -41,6 +41,7 @@ from docev.run.paths import (
     validate_part,
 )
 from docev.run.publish import publish, temp_folder, temp_name
+from docev.sources.formats import original_field
 from docev.sources.readers import (
     RawRecord,
     Unit,
@@ -118,9 +119,9 @@ class UnitValidator:
                         **pos,
                         "id": record_id,
                         "reason": rej.reason,
-                        "field": rej.field,
+                        "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
-                        "record": raw.data if raw.data is not None else raw.raw,
+                        "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
                 continue
