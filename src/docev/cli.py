@@ -252,12 +252,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_memory(args: argparse.Namespace) -> int:
-    from docev.training.memory import format_plans, plan
+    from docev.training.memory import check_fits, config_setup, format_plans, gpu_memory_gib, plan
 
     cfg = load_config(args.config, args.overrides)
     nnodes = args.nnodes or cfg.train.nnodes
     gpus = args.gpus_per_node or cfg.train.nproc_per_node
-    print(format_plans(plan(cfg, nnodes * gpus), cfg))
+    plans = plan(cfg, nnodes, gpus)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+    else:
+        print(format_plans(plans, cfg))
+    gib = args.gpu_memory_gib or gpu_memory_gib(cfg)
+    if gib is None:
+        return 0
+    own = next(p for p in plans if p.setup == config_setup(cfg))
+    try:
+        check_fits(cfg, own, gib, nnodes=nnodes, gpus_per_node=gpus)
+    except ValueError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -398,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--config", required=True)
     pm.add_argument("--nnodes", type=int, help="default: train.nnodes")
     pm.add_argument("--gpus-per-node", type=int, help="default: train.nproc_per_node")
+    pm.add_argument("--json", action="store_true", help="one JSON object per setup (GiB per GPU) instead of the table")
+    pm.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="refuse (exit 1) when the config's setup exceeds this; default: from train.resources.gpu_type",
+    )
     pm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     pm.set_defaults(func=cmd_plan_memory)
 

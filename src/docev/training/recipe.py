@@ -55,6 +55,7 @@ from docev.models.docev._dcp import OPTIMIZER_KEY
 from docev.run.checkpoints import prune_checkpoints
 from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
+from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
@@ -159,6 +160,8 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
+        if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
+            refuse_oversized(cfg, torch.cuda.get_device_properties(self._device).total_memory / GIB)
         self._checkpoints = CheckpointManager(
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
