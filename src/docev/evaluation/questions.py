@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchtune.data import Message
-
 from docev.config import DocEVConfig
-from docev.data.messages import ufx_to_messages
+from docev.data.messages import Message, ufx_to_messages
 from docev.data.split import all_sources
 from docev.sources.manifest import iter_manifest
 from docev.sources.readers import read_at, source_name
