@@ -8,8 +8,9 @@ The tokenizer is the tiny one (a 64k BPE cannot be trained offline): ids use its
 changes no shape or FLOP. ``--dry-run`` (``GPU_CHECK_TOY=1``): the tiny model on CPU, every stage at toy size.
 
 **MFU**, one definition for packed and unpacked rows (``model_flops``): decoder ``6·N·tokens`` plus attention
-``12·L·d`` per query-key pair the kernel computes (``attention_pairs`` of the metrics: whole 128 × 128 blocks
-of the document mask for flex, S(S+1)/2 per unpacked causal row); the frozen vision tower forward only
+``12·L·d`` per query-key pair the model attends (``attention_pairs`` of the metrics: n(n+1)/2 per document of n
+real tokens; not what a kernel computes besides, flex's partly masked 128 × 128 blocks or SDPA's padded tail,
+which would flatter one run against the other); the frozen vision tower forward only
 (``2·N·p`` + ``4·L·p²·d`` per tile, p patches); the trainable connector MLP ``6·N·p`` per tile.
 Activation-checkpointing recompute is not counted (the usual MFU convention). Divided by the device's spec
 bf16 peak and by its measured bf16 matmul peak (stage 5). The seconds are the recipe's ``step_seconds``.
@@ -108,9 +109,10 @@ def preflight(work: Path) -> None:
 
 def prepare(work: Path, steps: int) -> Path:
     """Checkpoint (tiny tokenizer + the check's weights), synthetic pages, the packed run's config."""
-    from docev.assets import init_checkpoint, init_weights, save_sharded
+    from docev.assets import init_checkpoint, init_weights
     from docev.config import load_config
     from docev.models.docev import hf_config
+    from docev.models.docev._folder import save_sharded
     from docev.synth import synth_data
 
     a = arch()
@@ -177,7 +179,7 @@ def step_flops(row: dict, model: DocEVModel) -> float:
 def report(work: Path, train_log: Path) -> None:
     """Stage 2's numbers from the run's metrics and log; the checkpoint is deleted after its save was timed. A
     recompile-limit warning fails the stage (past it dynamo silently runs eager)."""
-    from docev.training.metrics import read_metrics
+    from docev.training.metrics_log import read_metrics
 
     rows = read_metrics(work / "run" / "logs" / "metrics.jsonl")
     log = train_log.read_text(errors="replace")

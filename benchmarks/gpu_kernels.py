@@ -1,9 +1,10 @@
 """Stages 3 to 5 of ``benchmarks/gpu_check.sh``, after the training run (stage 2, ``gpu_check.py``):
 
 3. one decoder layer at the widths of DocEV Preview on a packed row of 8192 tokens (4 documents), flex
-   attention (``BlockMask``) vs SDPA (causal), activation checkpointing off/on: forward + backward TFLOP/s
-   (``gpu_check.model_flops``' definition per layer) and GiB per layer (what the forward leaves for the
-   backward, and the peak), extrapolated to the 48 layers; the vision tower (27 layers) forward on 10 tiles;
+   attention (``BlockMask``) vs SDPA (one causal row), activation checkpointing off/on: forward + backward
+   TFLOP/s (``gpu_check.model_flops``' definition per layer: attended pairs) and GiB per layer (what the
+   forward leaves for the backward, and the peak), extrapolated to the 48 layers; the vision tower (27
+   layers) forward on 10 tiles;
 4. one training micro-batch and optimizer step of the check's model counted for host syncs, with
    ``torch.cuda.set_sync_debug_mode("warn")`` and ``HostSyncCounter``, under the profiler: a Chrome trace
    ``$OUT/trace.json.gz``;
@@ -38,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.models.docev import docev_from_arch, image_positions, preview
-from docev.models.docev._attention import computed_attention_pairs, document_mask
+from docev.models.docev._attention import attended_pairs, document_mask
 from docev.training.host_sync import HostSyncCounter
 from docev.vision.geometry import num_image_tokens, plan_tiles
 
@@ -114,7 +115,7 @@ def layers_stage() -> dict[str, Any]:
     out: dict[str, Any] = {"seq": seq, "layers_extrapolated": depth, "dtype": str(dtype)}
     for kind in kinds:
         mask = document_mask(ids, "flex") if kind == "flex" else None  # sdpa: one causal row
-        pairs = computed_attention_pairs(docs, seq) if kind == "flex" else seq * (seq + 1) // 2
+        pairs = attended_pairs(docs) if kind == "flex" else attended_pairs([seq])  # model_flops' definition
         flops = 6 * n_layer * seq + 12 * full.dim * pairs
         kwargs = {"mask": mask, "input_pos": pos if kind == "flex" else None}
         for ckpt in (False, True):
