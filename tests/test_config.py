@@ -213,3 +213,13 @@ def test_packed_rows_with_buckets_under_compiled_flex_are_refused():
         load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=512"])
     load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=null"])
     load_config(CONFIGS / "docev_preview.yaml", [*base[:2], "compile=false", "dataloader.pad_to_multiple_of=512"])
+
+
+def test_qlora_across_nodes_needs_the_one_dimensional_mesh():
+    qlora = ["model._component_=docev.models.docev.lora_docev_preview", "model.quantize_base=true",
+             "model.decoder_trainable=false", "enable_async_checkpointing=false",
+             "train.gradient_reduction=every_micro_batch"]  # fmt: skip
+    with pytest.raises(ConfigError, match="train.fsdp_strategy: auto on 2 nodes with QLoRA .* 1-D mesh only"):
+        load_config(CONFIGS / "docev_preview.yaml", qlora)
+    load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.fsdp_strategy=full"])
+    load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.nnodes=1"])

@@ -243,6 +243,15 @@ class DocEVConfig(_Strict):
                     "rows are then all max_seq_len long",
                 )
             )
+        if self.model.quantize_base and self.train.nnodes > 1 and self.train.fsdp_strategy != "full":
+            errors.append(
+                (
+                    "train.fsdp_strategy",
+                    f"{self.train.fsdp_strategy} on {self.train.nnodes} nodes with QLoRA (model.quantize_base): "
+                    "hybrid sharding's 2-D mesh meets torchtune's NF4 sharding, which supports a 1-D mesh only; set "
+                    "train.fsdp_strategy: full (and a gradient_reduction other than last_micro_batch_across_nodes)",
+                )
+            )
         errors += self._split_checks()
         return errors
 
