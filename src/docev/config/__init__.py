@@ -92,6 +92,7 @@ __all__ = [
     "parse_byte_size",
     "parse_overrides",
     "resolve",
+    "resolve_component",
     "resolve_strategy",
     "safe_load",
     "validate_dict",
@@ -383,6 +384,7 @@ def validate_dict(data: dict[str, Any], origin: str = "<config>") -> DocEVConfig
     errors = [f"{origin}: {path}: {msg}" for path, msg in cfg.cross_checks()]
     for name in COMPONENT_SECTIONS:
         errors += [f"{origin}: {name}.{msg}" for msg in _component_errors(getattr(cfg, name))]
+    errors += [f"{origin}: tokenizer.{msg}" for msg in _tokenizer_errors(cfg.tokenizer)]
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -393,17 +395,43 @@ COMPONENT_SECTIONS = ("optimizer", "lr_scheduler", "loss", "metric_logger")
 _RECIPE_SUPPLIED = {"params", "optimizer", "num_training_steps"}
 
 
+def resolve_component(path: str) -> Any:
+    """The callable a ``_component_`` dotted path names (``ImportError`` naming the path when there is none)."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ImportError(f"cannot import {path!r}") from None
+    if not callable(target):
+        raise ImportError(f"{path!r} is not callable")
+    return target
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+    try:
+        target = resolve_component(section.component)
+    except ImportError as exc:
+        return [f"_component_: {exc}"]
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params]
+
+
 def _component_errors(section: Component | None) -> list[str]:
     """Check a ``_component_`` section against the callable's signature: importable, known keyword
     arguments (with a suggestion), and simple scalar types. Messages start with the sub-path."""
     if section is None:
         return []
     path = section.component
-    module_name, _, attr = path.rpartition(".")
     try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {path!r}"]
+        target = resolve_component(path)
+    except ImportError as exc:
+        return [f"_component_: {exc}"]
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
