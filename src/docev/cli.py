@@ -1,5 +1,6 @@
 """``docev`` command line: every pipeline step, each taking ``--config FILE`` plus ``key.sub=value``
-overrides (torchtune style). Config problems exit 2 with one line per problem."""
+overrides (torchtune style). Config problems exit 2 with one line per problem; a storage fault that
+outlasted its retries exits 75 (EX_TEMPFAIL: rerunning may succeed) with one line naming the path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 from docev.config import ConfigError, json_schema, load_config
+
+TRANSIENT_EXIT = 75  # sysexits' EX_TEMPFAIL: a transient fault outlasted the retries; a rerun may succeed
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -399,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from docev.storage import TransientStorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -407,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
+    except TransientStorageError as exc:
+        print(f"docev {args.command} failed: {exc}; a transient storage fault, rerun the step", file=sys.stderr)
+        return TRANSIENT_EXIT
 
 
 if __name__ == "__main__":

@@ -35,8 +35,15 @@ from docev.config import StorageOptions, is_store_url
 T = TypeVar("T")
 R = TypeVar("R")
 
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                     errno.EPIPE, errno.EAGAIN, errno.ECONNREFUSED}  # fmt: skip
+# The one classification of faults, used by every reader (local disk, NFS/FUSE volumes, object stores): these
+# errnos mean "the storage path hiccuped, the bytes are fine" (EIO/ESTALE/ENOTCONN are what NFS and FUSE
+# mounts return under load or across a server failover) and are retried; missing, denied and corrupt are not.
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+    errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EREMOTEIO, errno.ENETDOWN,
+    errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENOLINK, errno.ECOMM,
+    errno.ETIME, errno.ENOBUFS,
+})  # fmt: skip
 # Exception classes of the HTTP stacks under fsspec backends that mean "try again" (by name, so no
 # backend has to be installed): connection drops, timeouts, truncated bodies, unparsable throttling replies.
 _TRANSIENT_NAMES = {"ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
@@ -233,9 +240,8 @@ class Store:
         return with_retries(lambda: self.fs.isdir(self.root), f"list {self.url}", self.options)
 
     def open_read(self, path: str) -> IO[bytes]:
-        """A seekable binary reader that retries transient faults (reopening at its offset)."""
-        if self.local:
-            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        """A seekable binary reader that retries transient faults (reopening at its offset), local or not:
+        a network volume's EIO/ESTALE mid-read is the same kind of fault as an object store's reset."""
         return io.BufferedReader(_RetryingReader(self, path), buffer_size=1 << 20)
 
 
@@ -247,10 +253,15 @@ class _RetryingReader(io.RawIOBase):
         self.store, self.path, self.pos = store, path, 0
         self._fh: Any = None
         self._size: int | None = None
+        if store.local:  # open now, so a missing file fails here (and a transient open fault is retried here)
+            with_retries(self._file, f"open {store.display(path)}", store.options)
 
     def _file(self) -> Any:
         if self._fh is None:
-            self._fh = self.store.fs.open(self.path, "rb", block_size=1 << 22)
+            if self.store.local:
+                self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by _drop
+            else:
+                self._fh = self.store.fs.open(self.path, "rb", block_size=1 << 22)
             self._fh.seek(self.pos)
         return self._fh
 

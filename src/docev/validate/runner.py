@@ -192,15 +192,23 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     final = outs.local(part)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_part(cfg, mine, workers, tmp, f"validate {shard}/{num_shards}")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:  # a failed shard (e.g. a storage fault that outlasted its retries) leaves nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
+        outs.publish(f"{part}/{name}")
+    return final
+
+
+def _write_part(cfg: DocEVConfig, mine: list[tuple[int, int, Unit]], workers: int, tmp: Path, desc: str) -> None:
+    """accepted.jsonl, rejects.jsonl and stats.json of these units in the folder ``tmp``."""
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
     with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
-        bar = tqdm(
-            total=sum(u.count for _, _, u in mine),
-            unit="rec",
-            desc=f"validate {shard}/{num_shards}",
-            disable=None,
-            mininterval=1.0,
-        )
+        bar = tqdm(total=sum(u.count for _, _, u in mine), unit="rec", desc=desc, disable=None, mininterval=1.0)
         for result in _results(cfg, mine, workers):
             acc.writelines(json.dumps(a) + "\n" for a in result.accepted)
             rej.writelines(json.dumps(r) + "\n" for r in result.rejects)
@@ -208,12 +216,6 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
             bar.update(result.stats.read)
         bar.close()
     (tmp / "stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
-        outs.publish(f"{part}/{name}")
-    return final
 
 
 def _results(cfg: DocEVConfig, units: list[tuple[int, int, Unit]], workers: int) -> Iterator[UnitResult]:
