@@ -193,14 +193,18 @@ class Store:
 
     def resolve(self, name: str, allowed: Iterable[Store] = ()) -> str:
         """The path of ``name`` (relative to the root, or absolute/another URL inside an allowed root).
-        Raises :class:`PathEscape` naming where it went. Local symlinks are resolved before the check."""
+        Raises :class:`PathEscape` naming where it went. Local symlinks are resolved before the check (a loop
+        raises ``OSError(ELOOP)``)."""
         allowed = [a for a in allowed if a.protocol == self.protocol]
         if self.local:
             p = Path(name)
             if is_url(name):
                 raise PathEscape(f"{name!r} is on another store than the source root {self.root}")
             candidate, roots = (p, allowed) if p.is_absolute() else (Path(self.root) / p, [self, *allowed])
-            real = str(candidate.resolve())
+            try:
+                real = str(candidate.resolve())
+            except RuntimeError:  # Python < 3.13 reports a symlink loop as RuntimeError; 3.13 as OSError(ELOOP)
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(candidate)) from None
             if not any(r.within(real) for r in roots):
                 where = "the allowed roots" if p.is_absolute() else f"the source root {self.root}"
                 raise PathEscape(f"{name!r} resolves to {real}, outside {where}")

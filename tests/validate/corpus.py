@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 USER_Q = "<image>\nWhat is the total?"
+LINE_LIMIT = 65536  # the corpus' validate.max_line_bytes: one line is longer
 
 
 def _conv(content: str = USER_Q, answer: str = "$1.00") -> list[dict]:
@@ -70,6 +71,8 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     (img / "tiny.png").write_bytes(_png_bytes((10, 10)))
     (img / "bomb.png").write_bytes(_bomb_png(60000, 60000))
     os.symlink(outside / "secret.png", img / "link.png")
+    os.symlink(img / "loop-b.png", img / "loop-a.png")  # a symlink loop: a -> b -> a
+    os.symlink(img / "loop-a.png", img / "loop-b.png")
 
     expected: dict[str, str] = {}
     lines: list[bytes] = []
@@ -87,6 +90,11 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     add("line:invalid_json", None, "invalid_json", b'{"id": "broken", "context": [')
     add("line:invalid_utf8", None, "invalid_utf8", b'{"id": "latin1", "context": "caf\xe9"}')
     add("line:not_object", None, "wrong_type", b"[1, 2, 3]")
+    add("line:deep_arrays", None, "too_deep", b"[" * 20_000 + b"]" * 20_000)
+    deep_meta = b'{"id": "deep-meta", "context": [], "meta": ' + b'{"m": ' * 2000 + b"1" + b"}" * 2000 + b"}"
+    add("line:deep_meta", None, "too_deep", deep_meta)
+    huge = json.dumps({"id": "huge", "context": _conv(answer="x" * (LINE_LIMIT + 10)), "image_files": []})
+    add("line:huge", None, "line_too_long", huge.encode())
     add("wrong-type", {"id": "wrong-type", "context": [{"role": "user", "content": 7}]}, "wrong_type")
     add("missing", {"id": "missing", "image_files": []}, "missing_field")
     add("role", {"id": "role", "context": [{"role": "robot", "content": "hi"}]}, "unknown_role")
@@ -101,6 +109,7 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     add("escape-abs", {"id": "escape-abs", "context": _conv(), "image_files": [str(outside / "secret.png")]},
         "path_escape")  # fmt: skip
     add("escape-link", {"id": "escape-link", "context": _conv(), "image_files": ["images/link.png"]}, "path_escape")
+    add("loop", {"id": "loop", "context": _conv(), "image_files": ["images/loop-a.png"]}, "image_unreadable")
     for name in ("empty", "truncated", "notimage"):
         add(f"bad-{name}", {"id": f"bad-{name}", "context": _conv(), "image_files": [f"images/{name}.png"]},
             "image_undecodable")  # fmt: skip

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 from conftest import tiny_config
-from corpus import build
+from corpus import LINE_LIMIT, build
 
 from docev.validate.rules import REASONS
 from docev.validate.runner import ValidationFailed, merge, run_shard, run_validate, validate_dir
@@ -27,6 +27,7 @@ def _cfg(tmp_path, ckpt, src, *overrides):
         [{"source": str(src), "name": "corrupt"}],
         "validate.max_reject_fraction=1.0",
         "validate.max_image_pixels=4000000",
+        f"validate.max_line_bytes={LINE_LIMIT}",
         *overrides,
     )
 

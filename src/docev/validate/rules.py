@@ -26,8 +26,11 @@ FILE_REASONS = {
     "invalid_json": "the line is not valid JSON",
     "invalid_utf8": "the line is not valid UTF-8",
     "invalid_text": "a string contains NUL or an unpaired surrogate",
+    "line_too_long": "the line is longer than validate.max_line_bytes (skipped, not read whole)",
+    "too_deep": "the JSON nests deeper than a record can (32 levels)",
     "duplicate_id": "the id was already accepted earlier in this source",
     "image_missing": "an image file does not exist",
+    "image_unreadable": "an image path cannot be read: a symlink loop, permission denied, a name too long",
     "path_escape": "an image path leaves the source root / allowed roots",
     "image_undecodable": "an image file is empty, truncated, corrupt or not an image",
     "image_too_small": "an image side is below validate.min_image_size",
@@ -92,8 +95,9 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
     """Check one image's bytes (``data`` is the read error when there are none): header first, then a decode."""
     if isinstance(data, FileNotFoundError | IsADirectoryError | NotADirectoryError):
         raise Reject("image_missing", f"{where} does not exist", field_name)
-    if isinstance(data, BaseException):
-        raise Reject("image_undecodable", f"{where}: cannot read ({data})", field_name)
+    if isinstance(data, BaseException):  # a permanent read error (transient ones were retried or failed the task)
+        raise Reject("image_unreadable", f"{where}: {data.strerror or data}" if isinstance(data, OSError)
+                     else f"{where}: {data}", field_name)  # fmt: skip
     if len(data) == 0:
         raise Reject("image_undecodable", f"{where} is 0 bytes", field_name)
     try:

@@ -87,7 +87,8 @@ class UnitValidator:
         def fetch_all(raw: RawRecord) -> dict[str, tuple[str, bytes | BaseException] | PathEscape]:
             return {name: _fetch(store, allowed, name) for name in _image_names(raw)}
 
-        for raw, fetched in ordered_map(fetch_all, read_unit(src, unit), src.storage_options.threads):
+        records = read_unit(src, unit, self.cfg.validate_.max_line_bytes)
+        for raw, fetched in ordered_map(fetch_all, records, src.storage_options.threads):
             if isinstance(fetched, BaseException):
                 raise fetched
             stats.read += 1
@@ -137,6 +138,8 @@ def _fetch(store: Store, allowed: list[Store], name: str) -> tuple[str, bytes | 
         path = store.resolve(name, allowed)
     except PathEscape as exc:
         return exc
+    except OSError as exc:  # a symlink loop: the record's reject, naming the image
+        return name, exc
     where = store.display(path)
     try:
         return where, store.read_bytes(path)
@@ -171,7 +174,8 @@ def _run_unit(args: tuple[int, int, Unit]) -> UnitResult:
 
 def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     """(global index, source index, unit) for every unit of every source, in a stable order."""
-    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src)]
+    limit = cfg.validate_.max_line_bytes
+    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src, max_line_bytes=limit)]
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
@@ -248,6 +252,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
             stats[name].merge(SourceStats.from_dict(data))
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
+    limit = cfg.validate_.max_line_bytes
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
     with tempfile.TemporaryDirectory(dir=out) as tmpdir:
@@ -265,7 +270,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     first = db.execute(
                         "SELECT file, row FROM ids WHERE source=? AND id=?", (entry["source"], entry["id"])
                     ).fetchone()
-                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"])
+                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"], limit)
                     dups.write(
                         json.dumps(
                             {k: entry[k] for k in ("source", "file", "row", "offset", "unit", "id")}
