@@ -17,9 +17,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
+from docev.tempdirs import owned_tempdir, swap_in
 from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
 from docev.validate.readers import (
     RawRecord,
@@ -50,7 +49,7 @@ from docev.vision.geometry import plan_tiles
 
 
 class ValidationFailed(RuntimeError):
-    """A source's reject fraction exceeded ``validate.max_reject_fraction``."""
+    """A source was empty or its reject fraction exceeded ``validate.max_reject_fraction`` (reports written)."""
 
 
 @dataclass
@@ -103,10 +102,12 @@ class UnitValidator:
                 rejects.append(
                     {
                         **pos,
+                        "line": raw.row + 1,  # for people: lines (and table rows) count from 1
                         "id": record_id,
                         "reason": rej.reason,
                         "field": rej.field,
                         "detail": rej.detail,
+                        "images": _image_names(raw),  # every image of the record, not only the one at fault
                         "record": raw.data if raw.data is not None else raw.raw,
                     }
                 )
@@ -194,15 +195,11 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     outs, part = outputs(cfg), _part(shard, num_shards)
     outs.remove(f"{part}/stats.json")  # a rerun: the old part stops counting as complete until this one is
     final = outs.local(part)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    # a fresh folder per run (racing runs cannot collide); one left by a killed run is swept once proved stale;
+    # a failed shard (e.g. a storage fault that outlasted its retries) leaves nothing half-written
+    with owned_tempdir(final.parent, f".{final.name}.") as tmp:
         _write_part(cfg, mine, workers, tmp, f"validate {shard}/{num_shards}")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:  # a failed shard (e.g. a storage fault that outlasted its retries) leaves nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_in(tmp, final)
     for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
         outs.publish(f"{part}/{name}")
     return final
@@ -255,8 +252,7 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     limit = cfg.validate_.max_line_bytes
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
-    with tempfile.TemporaryDirectory(dir=out) as tmpdir:
-        tmp = Path(tmpdir)
+    with owned_tempdir(out, ".merge-") as tmp:  # unique per run: two merges racing on one output_dir both finish
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
         with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
@@ -273,12 +269,15 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"], limit)
                     dups.write(
                         json.dumps(
-                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit", "id")}
+                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit")}
                             | {
+                                "line": entry["row"] + 1,
+                                "id": entry["id"],
                                 "reason": "duplicate_id",
                                 "field": "id",
+                                "detail": f"id {entry['id']!r} first accepted at {first[0]} line {first[1] + 1}",
+                                "images": [im["path"] for im in entry["images"]],
                                 "record": raw.data,
-                                "detail": f"id {entry['id']!r} first accepted at {first[0]} row {first[1]}",
                             }
                         )
                         + "\n"
@@ -303,23 +302,27 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
         os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
-        os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
-    outs.publish(f"{VALIDATE}/rejects.jsonl")
-    report = {
-        "sources": {name: s.to_dict() for name, s in stats.items()},
-        "split": splits.summary(),
-        "max_reject_fraction": cfg.validate_.max_reject_fraction,
-        "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
-    }
-    failing = {
-        n: s["reject_fraction"]
-        for n, s in report["sources"].items()
-        if s["reject_fraction"] > cfg.validate_.max_reject_fraction
-    }
-    report["failed_sources"] = failing
-    write_reports(cfg, report, examples, out / ".manifest.jsonl.pending")
-    os.replace(out / ".manifest.jsonl.pending", out / "manifest.jsonl")
+        outs.publish(f"{VALIDATE}/rejects.jsonl")
+        report = {
+            "sources": {name: s.to_dict() for name, s in stats.items()},
+            "split": splits.summary(),
+            "max_reject_fraction": cfg.validate_.max_reject_fraction,
+            "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
+            "line_numbers": "line numbers (the line field, messages) count from 1; the row field from 0",
+        }
+        failing = {
+            n: s["reject_fraction"]
+            for n, s in report["sources"].items()
+            if s["reject_fraction"] > cfg.validate_.max_reject_fraction
+        }
+        report["failed_sources"] = failing
+        empty = [n for n, s in report["sources"].items() if s["read"] == 0]
+        write_reports(cfg, report, examples, tmp / "manifest.jsonl")
+        os.replace(tmp / "manifest.jsonl", out / "manifest.jsonl")
     outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
+    if empty:  # nothing read is never a success: training would start from no data
+        where = ", ".join(f"{n} ({sources[n].source})" for n in empty)
+        raise ValidationFailed(f"no records read from source {where}; point the source at UFX data and rerun")
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
