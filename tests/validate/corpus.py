@@ -70,6 +70,7 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     (img / "notimage.png").write_bytes(b"this is not an image at all")
     (img / "tiny.png").write_bytes(_png_bytes((10, 10)))
     (img / "bomb.png").write_bytes(_bomb_png(60000, 60000))
+    (img / "wide.png").write_bytes(_bomb_png(3000, 2000))  # over the corpus' max_image_pixels, under PIL's limit
     os.symlink(outside / "secret.png", img / "link.png")
     os.symlink(img / "loop-b.png", img / "loop-a.png")  # a symlink loop: a -> b -> a
     os.symlink(img / "loop-a.png", img / "loop-b.png")
@@ -114,7 +115,10 @@ def build(root: Path, outside: Path) -> dict[str, str]:
         add(f"bad-{name}", {"id": f"bad-{name}", "context": _conv(), "image_files": [f"images/{name}.png"]},
             "image_undecodable")  # fmt: skip
     add("small", {"id": "small", "context": _conv(), "image_files": ["images/tiny.png"]}, "image_too_small")
+    add("two-pages", {"id": "two-pages", "context": _conv("<image><image>\nTotal?"),
+                      "image_files": [good["RGB"], "images/tiny.png"]}, "image_too_small")  # fmt: skip
     add("bomb", {"id": "bomb", "context": _conv(), "image_files": ["images/bomb.png"]}, "image_too_large")
+    add("wide", {"id": "wide", "context": _conv(), "image_files": ["images/wide.png"]}, "image_too_large")
     long_answer = " ".join(f"word{i}" for i in range(3000))
     add("long", {"id": "long", "context": _conv(answer=long_answer), "image_files": [good["RGB"]]}, "too_long")
     # the second record with an id already accepted is the duplicate

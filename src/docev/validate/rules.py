@@ -41,6 +41,8 @@ REASONS = {**{code: "record shape (docev.ufx)" for code in ufx.REASONS}, **FILE_
 
 
 class Reject(Exception):
+    """Why a record is rejected; ``field`` is the dotted path it is about (None: the whole line, unparsed)."""
+
     def __init__(self, reason: str, detail: str, field: str | None = None):
         assert reason in REASONS, reason
         self.reason, self.detail, self.field = reason, detail, field
@@ -106,17 +108,18 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
             with Image.open(io.BytesIO(data)) as im:  # parses the header only
                 w, h = im.size
                 mode = im.mode
+                if w * h > limits.max_image_pixels:  # before anything past the header is read (EXIF may be)
+                    raise Reject("image_too_large", f"{where}: {w}×{h} px = {w * h} pixels > "
+                                 f"{limits.max_image_pixels}", field_name)  # fmt: skip
                 rotated = is_transposed(im)  # the same reading of EXIF as the decoder's
     except Image.DecompressionBombError as exc:
         raise Reject("image_too_large", f"{where}: {_detail(exc)}", field_name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
-    if w * h > limits.max_image_pixels:
-        raise Reject("image_too_large", f"{where}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
     if rotated:
         w, h = h, w
     if min(w, h) < limits.min_image_size:
-        raise Reject("image_too_small", f"{where}: {w}x{h} is below {limits.min_image_size} px", field_name)
+        raise Reject("image_too_small", f"{where}: {w}×{h} px, a side below {limits.min_image_size} px", field_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -126,13 +129,20 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
     if (decoded.height, decoded.width) != (h, w):
-        raise Reject("image_undecodable", f"{where}: decoded size {decoded.size} differs from header", field_name)
+        raise Reject("image_undecodable", f"{where}: decoded {decoded.width}×{decoded.height} px, the header says "
+                     f"{w}×{h} px", field_name)  # fmt: skip
     return ImageInfo(where, (h, w), mode, rotated, len(data))
 
 
 def _detail(exc: BaseException) -> str:
-    """The decoder's message without the in-memory buffer's repr (stable across runs and workers)."""
-    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(exc))
+    """The decoder's message in words, without the in-memory buffer's repr (stable across runs and workers)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read (unknown header)"
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+
+
+def _column(ufx_type: str) -> str:
+    return "text" if ufx_type == "pretrain" else "context"
 
 
 TokenCounter = Callable[[ufx.UFXRecord, list[tuple[int, int]]], dict[int, int]]
@@ -145,8 +155,9 @@ def check_record(
     check_text(data)
     try:
         record = ufx.parse_record(data, ufx_type)  # type: ignore[arg-type]
-    except ufx.UFXError as exc:
-        raise Reject(exc.reason, exc.detail, exc.field) from None
+    except ufx.UFXError as exc:  # a record-level shape error names the field it is about
+        field_name = exc.field or ("image_files" if exc.reason == "placeholder_mismatch" else _column(ufx_type))
+        raise Reject(exc.reason, exc.detail, field_name) from None
     images = []
     for i, name in enumerate(record.image_files):
         try:
@@ -158,5 +169,6 @@ def check_record(
     shortest = min(tokens.values())
     if shortest > limits.max_seq_len:
         ratio = min(tokens, key=tokens.__getitem__)
-        raise Reject("too_long", f"{shortest} tokens at sampling ratio {ratio} > max_seq_len {limits.max_seq_len}")
+        raise Reject("too_long", f"{shortest} tokens at sampling ratio {ratio} > max_seq_len {limits.max_seq_len}",
+                     _column(ufx_type))  # fmt: skip
     return Accepted(record, images, tokens)
