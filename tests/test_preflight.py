@@ -56,6 +56,9 @@ def test_preprocess_before_validate_and_after_a_failed_validate(tmp_path, tiny_c
     manifest = tmp_path / "out" / "validate" / "manifest.jsonl"
     assert _err(capsys) == [f"docev preprocess: no validated records at {manifest}; run `docev validate --config …` "
                             "first"]  # fmt: skip
+    assert main(["evaluate", *args]) == PREFLIGHT_EXIT  # its held-out questions come from validate too
+    assert _err(capsys) == [f"docev evaluate: no validated records at {manifest}; run `docev validate --config …` "
+                            "first"]  # fmt: skip
     assert main(["validate", *args]) == 1  # 2 of 22 rejected: above tiny.yaml's 5%
     capsys.readouterr()
     assert main(["preprocess", *args]) == PREFLIGHT_EXIT
@@ -109,6 +112,7 @@ def test_s3_without_credentials_names_the_url(tmp_path, tiny_checkpoint, monkeyp
     cfg = tiny_config(tmp_path / "out", tiny_checkpoint, [{"source": "s3://ufx-bucket/docs", "name": "docs"}])
     problems = check(cfg, "validate")
     assert len(problems) == 1 and problems[0].startswith("source docs: s3://ufx-bucket/docs: no S3 credentials found")
+    assert check(cfg, "preprocess")[0].startswith("s3://ufx-bucket/docs: no S3 credentials found")
 
 
 def test_an_unwritable_output_dir_is_named(tmp_path, tiny_checkpoint, synth_sources):

@@ -286,9 +286,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from docev.evaluation.evaluate import eval_dir, evaluate
+    from docev.preflight import require
     from docev.training.checkpointing import CheckpointError
 
     cfg = load_config(args.config, args.overrides)
+    require(cfg, "evaluate")
     with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:
         try:
             m = evaluate(cfg, model_dir=args.model, checkpoint=args.checkpoint, label=args.label, progress=bar.update)

@@ -137,6 +137,15 @@ def _inputs(cfg: DocEVConfig) -> list[str]:
     return problems + ([out] if out else [])
 
 
+def _store_credentials(cfg: DocEVConfig) -> list[str]:
+    """Credentials for every S3 source and an S3 output_dir (preprocess reads the sources' images again)."""
+    from docev.data.split import all_sources
+
+    found = [_credentials(s.source, s.storage_options.anon) for s in all_sources(cfg)]
+    found.append(_credentials(cfg.output_dir, cfg.output_storage_options.anon))
+    return [p for p in found if p]
+
+
 def _checkpoints_writable(cfg: DocEVConfig) -> list[str]:
     problem = _writable("checkpointer.output_dir", cfg.checkpointer.output_dir)
     return [problem] if problem else []
@@ -144,7 +153,8 @@ def _checkpoints_writable(cfg: DocEVConfig) -> list[str]:
 
 CHECKS: dict[str, list[Callable[[DocEVConfig], list[str]]]] = {
     "validate": [lambda c: _base_and_tokenizer(c, weights=False), _inputs],
-    "preprocess": [lambda c: _base_and_tokenizer(c, weights=False), _validated],
+    "preprocess": [lambda c: _base_and_tokenizer(c, weights=False), _store_credentials, _validated],
+    "evaluate": [lambda c: _base_and_tokenizer(c, weights=False), _validated],  # the held-out questions
     "train": [lambda c: _base_and_tokenizer(c, weights=True), _preprocessed, _checkpoints_writable],
     # the pipeline's first task: everything its later tasks need that exists before the run starts
     "pipeline": [lambda c: _base_and_tokenizer(c, weights=True), _inputs, _checkpoints_writable],
