@@ -65,7 +65,7 @@ def _credentials(url: str, anon: bool) -> str | None:
 
 def _source(src: DatasetSource) -> str | None:
     """A line when a source is unreachable, has no data files, or only empty ones."""
-    from docev.validate.readers import data_files, source_name, source_store
+    from docev.sources.readers import data_files, source_name, source_store
 
     name = source_name(src)
     if problem := _credentials(src.source, src.storage_options.anon):
@@ -103,10 +103,10 @@ def _writable(what: str, location: str, anon: bool = False) -> str | None:
 def _validated(cfg: DocEVConfig) -> list[str]:
     """validate's outputs exist and it passed its reject policy (what preprocess builds from)."""
     from docev.outputs import outputs
-    from docev.validate.outputs import MANIFEST
+    from docev.run.paths import MANIFEST, VALIDATE_REPORTS
 
     outs = outputs(cfg)
-    report = outs.read_json("validate/report.json")
+    report = outs.read_json(VALIDATE_REPORTS["json"])
     if report is None or not outs.exists(MANIFEST):
         return [f"no validated records at {outs.where(MANIFEST)}; run `docev validate --config …` first"]
     failed = report.get("failed_sources") or {}
@@ -116,15 +116,16 @@ def _validated(cfg: DocEVConfig) -> list[str]:
     limit = report["max_reject_fraction"]
     parts = [f"{n} rejected {f:.1%}" for n, f in failed.items()] + [f"{n} is empty" for n in empty]
     return [f"validate failed ({', '.join(parts)}; max_reject_fraction {limit:.1%}): see "
-            f"{outs.where('validate/report.md')}; fix the data or the config and rerun `docev validate`"]  # fmt: skip
+            f"{outs.where(VALIDATE_REPORTS['md'])}; fix the data or the config and rerun `docev validate`"]  # fmt: skip
 
 
 def _preprocessed(cfg: DocEVConfig) -> list[str]:
     from docev.outputs import outputs
+    from docev.run.paths import shards_manifest_key
 
-    outs = outputs(cfg)
-    if not outs.exists("shards/manifest.json"):
-        return [f"no training shards at {outs.where('shards/manifest.json')}; run `docev preprocess --config …` first"]
+    outs, key = outputs(cfg), shards_manifest_key()
+    if not outs.exists(key):
+        return [f"no training shards at {outs.where(key)}; run `docev preprocess --config …` first"]
     return []
 
 

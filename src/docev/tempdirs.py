@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from docev.run.publish import publish
+
 LOCK_SUFFIX = ".lock"
 
 
@@ -72,15 +74,12 @@ def _unowned(lock: Path) -> bool:
 
 
 def swap_in(tmp: Path, final: Path) -> None:
-    """Rename the folder ``tmp`` to ``final``, replacing a folder there (another run's, racing: the last wins)."""
+    """Publish the folder ``tmp`` as ``final`` (``docev.run.publish``), replacing a folder there, and again when
+    another run racing on the same name put its own there in between (the last wins, both complete)."""
     while True:
         try:
-            os.replace(tmp, final)
+            publish(tmp, final)
             return
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not tmp.is_dir():
                 raise
-        old = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:12]}")
-        with contextlib.suppress(FileNotFoundError):  # a racing run moved it first
-            os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)

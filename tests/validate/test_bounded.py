@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from docev.config import DatasetSource
-from docev.validate.readers import MAX_JSON_DEPTH, RawRecord, bounded_lines, plan_units, read_unit
+from docev.sources.readers import MAX_JSON_DEPTH, RawRecord, bounded_lines, plan_units, read_unit
 from docev.validate.rules import Limits, Reject, check_record
 
 
@@ -25,15 +25,16 @@ def test_bounded_lines_never_hold_a_line_past_the_limit():
 
 
 def test_nesting_is_measured_without_recursion_and_bounded():
-    from docev.validate.readers import json_depth_over, parse_line
+    from docev.sources.readers import Unit, json_depth_over, parse_line
 
     assert not json_depth_over({"a": [1, {"b": []}]}, 4) and json_depth_over({"a": [1, {"b": []}]}, 3)
     deep = json.loads("[" * 900 + "]" * 900)  # decodes, but checking it recursively would overflow the stack
     assert json_depth_over(deep, MAX_JSON_DEPTH)
     line = b'{"id": "x", "context": [], "meta": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
-    raw = parse_line(SOURCE, "fuzz", "data.jsonl", 6, 0, line)
+    unit = Unit("fuzz", "data.jsonl", 0, 10)
+    raw = parse_line(SOURCE, unit, 6, 0, line)
     assert raw.error == ("too_deep", f"line 7: JSON nested deeper than {MAX_JSON_DEPTH} levels") and raw.data is None
-    ok = parse_line(SOURCE, "fuzz", "data.jsonl", 0, 0, b'{"id": "x", "meta": [[]]}')
+    ok = parse_line(SOURCE, unit, 0, 0, b'{"id": "x", "meta": [[]]}')
     assert ok.error is None and ok.data["meta"] == [[]]
 
 
