@@ -287,6 +287,12 @@ class ValidateSection(_Strict):
     workers: int = Field(1, ge=1)
     thumbnails: int = Field(6, ge=0)
     fanout: int = Field(1, ge=1, description="KFP tasks validating shards of the sources in parallel.")
+    max_line_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="A jsonl line longer than this is rejected as line_too_long while it is read (never held "
+        "whole), so one huge line cannot exhaust a validate pod's memory.",
+    )
 
 
 class PreprocessSection(_Strict):
