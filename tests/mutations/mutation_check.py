@@ -109,7 +109,7 @@ MUTATIONS = [
         '        model = {k: v.contiguous() for k, v in state_dict["model"].items()}\n'
         '        save_file(model, str(tmp / TRAINED_FILE), metadata={"format": "pt"})\n',
         '        model = {k: v.contiguous() for k, v in state_dict["model"].items()}\n'
-        "        latest = self.output_dir / LATEST\n"
+        '        latest = self.output_dir / "latest"\n'
         "        before = latest.read_text() if latest.exists() else None\n"
         '        latest.write_text(f"step_{step}\\n")  # optimistic, put back if the write fails\n'
         "        try:\n"
