@@ -22,6 +22,48 @@ def synth_sources(tmp_path_factory) -> dict[str, Path]:
     return synth_data(tmp_path_factory.mktemp("synth"), 20, seed=3, fmt="jsonl", workers=1)
 
 
+CHATS = [
+    ("What is the capital of France?", "Paris."),
+    ("Name a prime number.", "Seven."),
+    ("Spell 'cat' backwards.", "tac"),
+    ("What colour is a clear sky?", "Blue."),
+    ("How many legs has a spider?", "Eight."),
+    ("What is two plus two?", "Four."),
+    ("Which is larger, 7 or 9?", "Nine."),
+    ("Say hello.", "Hello!"),
+]
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, tiny_checkpoint, synth_sources) -> dict:
+    """Validated + preprocessed shards of the synthetic pages plus a text-only chat source, made once per session
+    for the recipe's runs (tests/training/test_recipe.py, test_peft.py): each run links them into its own folder.
+    ``root``: where runs make their folders; ``base``: the output folder holding validate/ and shards/."""
+    import json
+
+    from docev.data.preprocess import run_preprocess
+    from docev.validate.runner import run_validate
+
+    root = tmp_path_factory.mktemp("train")
+    text = root / "text"
+    text.mkdir()
+    with (text / "chat.jsonl").open("w") as f:
+        for i, (q, a) in enumerate(CHATS):
+            context = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"id": f"txt-{i}", "context": context, "image_files": []}) + "\n")
+    datasets = [
+        {"source": str(synth_sources["instruct"]), "name": "instruct"},
+        {"source": str(synth_sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain",
+         "context_col": "text", "weight": 0.25},
+        {"source": str(text), "name": "text"},
+    ]  # fmt: skip
+    base = root / "base"
+    cfg = tiny_config(base, tiny_checkpoint, datasets)
+    run_validate(cfg, workers=1)
+    run_preprocess(cfg, workers=1)
+    return {"root": root, "base": base, "datasets": datasets, "checkpoint": tiny_checkpoint, "cfg": cfg}
+
+
 def tiny_config(output_dir: Path, checkpoint: Path, datasets: list[dict] | None = None, *overrides: str):
     """configs/tiny.yaml pointed at a test's folders (no synthetic section: the test brings its data)."""
     import json

@@ -10,7 +10,7 @@ import pytest
 from conftest import CONFIGS
 
 from docev.pipeline.local import local_config, run_pipeline_locally
-from docev.training.metrics import read_metrics
+from docev.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
 

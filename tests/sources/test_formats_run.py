@@ -17,8 +17,7 @@ from conftest import tiny_config
 from docev.cli import main
 from docev.data.preprocess import run_preprocess
 from docev.evaluation.questions import eval_questions
-from docev.validate.outputs import validate_dir
-from docev.validate.runner import run_validate
+from docev.validate.runner import run_validate, validate_dir
 
 
 def said(who, value):

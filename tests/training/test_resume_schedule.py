@@ -16,7 +16,7 @@ from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from docev.config import load_config
 from docev.data.preprocess import run_preprocess
 from docev.training import recipe
-from docev.training.metrics import read_metrics
+from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
 LR, WARMUP, STEPS = 2.0e-3, 2, 3

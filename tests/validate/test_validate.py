@@ -86,7 +86,7 @@ def test_rejects_keep_the_original_record_and_detail(tmp_path, tiny_checkpoint, 
 
 
 def test_manifest_finds_records_again_and_counts_tokens(tmp_path, tiny_checkpoint, corpus):
-    from docev.validate.readers import read_at
+    from docev.sources.readers import read_at
 
     src, _ = corpus
     cfg = _cfg(tmp_path, tiny_checkpoint, src)
@@ -127,7 +127,7 @@ def test_reject_policy_fails_the_step_after_writing_reports(tmp_path, tiny_check
 
 
 def test_workers_and_shards_give_the_same_result(tmp_path, tiny_checkpoint, corpus, monkeypatch):
-    import docev.validate.readers as readers
+    import docev.sources.readers as readers
 
     monkeypatch.setattr(readers, "CHUNK_ROWS", 5)  # several units, so workers and shards really split
     src, _ = corpus

@@ -5,7 +5,7 @@ record states them (the gold history), so turn k is scored on its own. The gold 
 assistant text; a record's ``meta`` (a JSON object, or a string encoding one) may add, per assistant
 turn, ``answers`` (lists of further accepted answers, DocVQA-style) and ``question_types`` (the
 breakdown the metrics report), or one ``question_type`` for every turn. Pretraining records have no
-question: they count in the validation loss only.
+question: they count in the eval loss only.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchtune.data import Message
-
 from docev.config import DocEVConfig
-from docev.data.messages import ufx_to_messages
+from docev.data.messages import Message, ufx_to_messages
 from docev.data.split import all_sources
-from docev.validate.outputs import iter_manifest
-from docev.validate.readers import read_at, source_name
+from docev.sources.manifest import iter_manifest
+from docev.sources.readers import read_at, source_name
 
 
 @dataclass

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig
+from docev.run.paths import RunPaths, run_paths
+from docev.run.publish import write_text
 from docev.vision.image_io import load_image
 
 LABELS = ("base", "tuned")
@@ -22,9 +24,9 @@ COLUMNS = (("n", "questions"), ("anls", "ANLS"), ("exact_match", "exact match"),
 THUMB = 160
 
 
-def _load(folder: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    metrics = folder / "metrics.json"
-    preds = folder / "predictions.jsonl"
+def _load(paths: RunPaths, label: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    metrics = paths.eval_file(label, "metrics.json")
+    preds = paths.eval_file(label, "predictions.jsonl")
     m = json.loads(metrics.read_text()) if metrics.is_file() else None
     rows = [json.loads(x) for x in preds.read_text().splitlines()] if preds.is_file() else []
     return m, rows
@@ -138,20 +140,20 @@ def _changes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n: int) ->
 
 def write_report(cfg: DocEVConfig, label: str = "tuned", examples: int | None = None) -> Path:
     """``output_dir/eval/<label>/report.html`` (+ ``report.md``): this label against ``base`` when both exist."""
-    root = cfg.work_root / "eval"
+    paths = run_paths(cfg)
     results, rows = {}, {}
     for name in {label, "base"}:
-        m, r = _load(root / name)
+        m, r = _load(paths, name)
         if m is not None:
             results[name], rows[name] = m, r
     n = cfg.evaluate.report_examples if examples is None else examples
     base_rows = rows.get("base", []) if label != "base" else []
     pairs = _changes(base_rows, rows.get(label, []), n)
     table = metric_table(results)
-    out = root / label
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(
-        "\n".join([f"# Evaluation: {label}", "", *table, *breakdown_sections(results)]) + "\n"
+    paths.eval_dir(label).mkdir(parents=True, exist_ok=True)
+    write_text(
+        paths.eval_file(label, "report.md"),
+        "\n".join([f"# Evaluation: {label}", "", *table, *breakdown_sections(results)]) + "\n",
     )
     groups = "".join(
         f"<h2>{title}</h2>{_html_table(rows)}"
@@ -159,7 +161,7 @@ def write_report(cfg: DocEVConfig, label: str = "tuned", examples: int | None = 
         if (rows := breakdown_table(results, group))
     )
     cards = []
-    out_root = cfg.work_root
+    out_root = paths.work
     for t, b in pairs:
         imgs = "".join(_thumb(p if Path(p).is_absolute() else out_root / p) for p in t["images"][:2])
         base_cell = "" if b is None else f"<p><b>base</b> ({b['anls']:.2f}): {html.escape(b['prediction'])}</p>"
@@ -177,5 +179,4 @@ def write_report(cfg: DocEVConfig, label: str = "tuned", examples: int | None = 
         f"<h1>Evaluation: {html.escape(label)}</h1>{_html_table(table)}{groups}"
         f"<h2>Questions ({order})</h2>{''.join(cards)}"
     )
-    (out / "report.html").write_text(page)
-    return out / "report.html"
+    return write_text(paths.eval_file(label, "report.html"), page)

@@ -35,7 +35,7 @@ from docev.inference.adapter import (
 )
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._convert_weights import fusion_key_map
-from docev.training.peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
+from docev.models.docev._peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
 
 ADAPTER_DIR = "adapter"
 _LM = "language_model."

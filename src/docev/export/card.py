@@ -19,7 +19,8 @@ import torch
 from docev.config import DocEVConfig, ModelSection
 from docev.inference.generate import NO_TEXT, Generation
 from docev.models.docev._convert_weights import is_unused
-from docev.training.peft import PeftSpec
+from docev.models.docev._peft import PeftSpec
+from docev.run.paths import VALIDATE_REPORTS, run_paths, shards_manifest_key
 
 # The config sections that decide the trained weights (the card's config hash).
 TRAINING_SECTIONS = (
@@ -53,7 +54,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
     ``{output_dir}/logs/metrics.jsonl`` (malformed lines, e.g. cut by a kill, are skipped and counted)."""
     if untrained:
         return TrainingFacts(0, None, None, "untrained base checkpoint")
-    path = cfg.work_root / "logs" / "metrics.jsonl"
+    path = run_paths(cfg).metrics
     if step is None:
         return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
     if not path.is_file():
@@ -64,7 +65,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
         for line in fh:
             try:
                 entry = json.loads(line)
-                if "eval_loss" in entry and "loss" not in entry:  # a validation line (docev.training.evaluation)
+                if "eval_loss" in entry and "loss" not in entry:  # an eval-loss line (docev.eval_loss)
                     continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):
@@ -102,9 +103,9 @@ def data_section(cfg: DocEVConfig) -> list[str]:
     from docev.outputs import outputs
 
     outs = outputs(cfg)
-    report, manifest = outs.read_json("validate/report.json"), outs.read_json("shards/manifest.json")
-    report_path, manifest_path = (outs.where(r) if outs.remote else relative(cfg, outs.local(r))
-                                  for r in ("validate/report.json", "shards/manifest.json"))  # fmt: skip
+    keys = (VALIDATE_REPORTS["json"], shards_manifest_key())
+    report, manifest = (outs.read_json(k) for k in keys)
+    report_path, manifest_path = (outs.where(k) if outs.remote else relative(cfg, outs.local(k)) for k in keys)
     names = [d.name or Path(d.source).name for d in cfg.datasets]
     validated = (report or {}).get("sources", {})
     shards = (manifest or {}).get("sources", {})
@@ -193,8 +194,8 @@ def eval_results(cfg: DocEVConfig) -> dict[str, dict[str, Any]]:
     """``metrics.json`` of the ``base`` / ``tuned`` evaluations that scored at least one question."""
     from docev.evaluation.report import LABELS
 
-    root = cfg.work_root / "eval"
-    return {k: m for k in LABELS if (m := _read_json(root / k / "metrics.json")) is not None and m.get("n")}
+    paths = run_paths(cfg)
+    return {k: m for k in LABELS if (m := _read_json(paths.eval_file(k, "metrics.json"))) is not None and m.get("n")}
 
 
 def evaluation_section(cfg: DocEVConfig) -> list[str]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchtune.data import Message
 from torchtune.modules import local_kv_cache
 
 from docev.data.collate import DocEVCollate
+from docev.data.messages import Message
 from docev.data.transform import DocEVTransform, docev_preview_transform
 from docev.inference.adapter import adapter_run_state, apply_adapter, is_adapter_run
 from docev.models.docev import DocEVCheckpointer, DocEVModel, docev, docev_hf_to_tune

@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-from docev.validate.outputs import VALIDATE, iter_manifest, validate_dir
-from docev.validate.readers import load_source_image, source_name
+from docev.run.paths import VALIDATE
+from docev.sources.manifest import iter_manifest
+from docev.sources.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
 from docev.vision.tiling import tile_image
 
@@ -87,7 +88,7 @@ def write_reports(
     cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]], manifest: Path
 ) -> None:
     """report.json, report.md, report.html and thumbnails/ (of the accepted entries in ``manifest``), published."""
-    out = validate_dir(cfg)
+    out = outputs(cfg).local(VALIDATE)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}

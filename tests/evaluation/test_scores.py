@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from docev.evaluation.metrics import anls, exact_match, field_f1, normalize, relaxed_match, score, summarize
+from docev.evaluation.scores import anls, exact_match, field_f1, normalize, relaxed_match, score, summarize
 
 
 @pytest.mark.parametrize(
