@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    model_validator,
 )
 
 from docev.config.components import component_params
@@ -150,7 +151,7 @@ class DocEVConfig(_Strict):
     log_peak_memory_stats: bool = True
     save_every_n_steps: int = Field(100, ge=1)
     eval_every_n_steps: int | None = Field(
-        None, ge=1, description="Validation loss every N steps (and at the end); null: only at the end."
+        None, ge=1, description="Eval loss every N steps (and at the end); null: only at the end."
     )
     eval_max_batches: int | None = Field(None, ge=1, description="Eval micro-batches per rank and ratio; null: all.")
     keep_last_n_checkpoints: int = Field(2, ge=1)
@@ -234,6 +235,14 @@ class DocEVConfig(_Strict):
             )
         errors += self._split_checks()
         return errors
+
+    @model_validator(mode="after")
+    def _embedded_images_dirs(self) -> DocEVConfig:
+        """Every task reads a source's embedded images from the same folder: on the volume, by default."""
+        for d in (*self.datasets, *self.eval_datasets):
+            if d.formatting != "ufx" and d.embedded_images_dir is None:
+                d.embedded_images_dir = str(self.work_root / "embedded_images" / (d.name or Path(d.source).name))
+        return self
 
     @property
     def work_root(self) -> Path:

@@ -29,11 +29,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from docev.run.publish import publish, temp_name
 from docev.vision.geometry import TilePlan
 from docev.vision.image_io import load_image
 from docev.vision.tiling import TiledImage, tile_image
 
 ROWS_PER_BATCH = 32
+# Length histograms (validate's per-source stats and the shard manifest) count tokens in these buckets.
+TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 IMAGE_TYPE = pa.struct([
     ("original", pa.binary()), ("base", pa.binary()), ("resized", pa.binary()),
     ("height", pa.int32()), ("width", pa.int32()),
@@ -41,6 +44,14 @@ IMAGE_TYPE = pa.struct([
     ("resized_h", pa.int32()), ("resized_w", pa.int32()),
     ("rows", pa.int8()), ("cols", pa.int8()),
 ])  # fmt: skip
+
+
+def bucket(value: int, edges: tuple[int, ...]) -> str:
+    """Label of the first edge ``value`` is below (``<512``), or ``>=last``."""
+    for edge in edges:
+        if value < edge:
+            return f"<{edge}"
+    return f">={edges[-1]}"
 
 
 class ShardError(RuntimeError):
@@ -144,18 +155,16 @@ def sha256_file(path: Path) -> str:
 
 def write_shard(path: Path, rows: list[dict[str, Any]], ratios: list[int]) -> tuple[str, int]:
     """Write rows to ``path`` atomically (temp name, fsync, reopen and count, rename). Returns (sha256, rows)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     table = pa.Table.from_pylist(rows, schema=schema(ratios))
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
             writer.write_batch(batch)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
     with pa.memory_map(str(tmp)) as mm:
         if pa.ipc.open_file(mm).read_all().num_rows != len(rows):
             raise ShardError(f"{tmp}: wrote {len(rows)} rows but read back a different count")
     digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
     return digest, len(rows)
 
 

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +27,13 @@ from PIL import Image
 from safetensors import safe_open
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
-from docev import assets
 from docev.config import DocEVConfig
 from docev.export.adapter import merged_and_adapter, write_adapter
 from docev.export.card import (
     SmokeSample,
     TrainingFacts,
     adaptation_rows,
+    eval_results,
     model_card,
     parameter_counts,
     smoke_section,
@@ -46,21 +42,18 @@ from docev.export.card import (
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
-from docev.models.docev._dcp import DCP_METADATA
+from docev.models.docev._folder import INDEX, save_sharded, side_files
+from docev.models.docev._peft import is_trained_only
+from docev.run.checkpoints import CheckpointError, resolve_checkpoint, step_or_none
+from docev.run.paths import MANIFEST, run_paths
+from docev.run.publish import publish, remote_names, temp_folder
+from docev.sources.readers import allowed_stores, source_name, source_store
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
-from docev.training.checkpointing import CheckpointError, resolve_checkpoint
-from docev.training.peft import is_trained_only
-from docev.validate.readers import allowed_stores, source_name, source_store
 from docev.vision.image_io import load_image
 
-INDEX = "model.safetensors.index.json"
-# Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
-_NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
-               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA,
-               "peft.json"}  # fmt: skip
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
-_STEP = re.compile(r"step_(\d+)")
+# Side files of a checkpoint folder that the export writes itself.
+_WRITTEN = {"generation_config.json", "chat_template.jinja", "README.md", SUMS}
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     instruction source when there is one (the smoke prompt is a question); None without any. One image:
     the prompt then fits any model that can hold a full tile grid."""
     from docev.outputs import outputs
-    from docev.validate.outputs import MANIFEST
+    from docev.run.paths import MANIFEST
 
     outs = outputs(cfg)
     if not outs.exists(MANIFEST):
@@ -114,13 +107,12 @@ def smoke_device(cfg: DocEVConfig) -> str:
 
 def _write_folder(cfg: DocEVConfig, checkpoint: Path, staging: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Weights, config, tokenizer/processor files, chat template and generation config."""
-    assets.save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
+    save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
     config = json.loads((checkpoint / "config.json").read_text())
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    for src in sorted(checkpoint.iterdir()):
-        if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
-            shutil.copyfile(src, staging / src.name)
+    for src in side_files(checkpoint, skip=_WRITTEN):
+        shutil.copyfile(src, staging / src.name)
     (staging / "chat_template.jinja").write_text(resolve_chat_template(cfg.tokenizer.chat_template).source)
     tokenizer = _load_tokenizer(staging)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in cfg.tokenizer.stop_tokens]
@@ -198,7 +190,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
-    why_not = "no accepted record with images in validate/manifest.jsonl"
+    why_not = f"no accepted record with images in {MANIFEST}"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
         result = generator.generate([_smoke_image(cfg, sample)], exp.smoke_prompt,
@@ -206,9 +198,9 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()
-    step_match = _STEP.fullmatch(checkpoint.name)
-    facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
+    facts: TrainingFacts = training_facts(cfg, step_or_none(checkpoint), untrained=untrained)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
+                          scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
@@ -235,7 +227,7 @@ def export_checkpoint(
         source = resolve_checkpoint(cfg, which)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    dest = destination or exp.destination or str(cfg.work_root / "export")
+    dest = destination or run_paths(cfg).export
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
@@ -243,9 +235,7 @@ def export_checkpoint(
         raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
     # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
     # checkpoints, unlike /tmp).
-    parent = Path(dest_path).parent if local else cfg.work_root
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
+    staging = temp_folder(Path(dest_path), None if local else cfg.work_root)
     try:
         sums, smoke = build_export(cfg, source, staging)
         if local:
@@ -254,34 +244,21 @@ def export_checkpoint(
             _publish_remote(staging, fs, dest_path, sums, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    match = _STEP.fullmatch(source.name)
-    return ExportResult(dest, source, int(match.group(1)) if match else None, exp.dtype, sums, smoke)
+    return ExportResult(dest, source, step_or_none(source), exp.dtype, sums, smoke)
 
 
 def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:
     """Rename ``staging`` onto ``dest``; an existing ``dest`` is renamed aside first and removed after."""
-    aside = None
-    if dest.exists():
-        if not overwrite:
-            raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, aside)
-    try:
-        os.rename(staging, dest)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dest)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside)
+    if dest.exists() and not overwrite:
+        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
+    publish(staging, dest)
 
 
 def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict[str, str], overwrite: bool) -> None:
     """Upload to ``dest.partial-*`` and check it; move an existing ``dest`` aside (copy, then delete);
     copy the upload onto ``dest`` with ``SHA256SUMS`` last and check it. A failure after the old export
     started to move puts it back whole."""
-    tag = uuid.uuid4().hex[:8]
-    stage, aside, phase = f"{dest}.partial-{tag}", f"{dest}.old-{tag}", "upload"
+    (stage, aside), phase = remote_names(dest), "upload"
     try:
         for name in [*list_files(fsspec.filesystem("file"), str(staging)), SUMS]:
             fs.put_file(str(staging / name), f"{stage}/{name}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
-import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -31,9 +29,20 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
-from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
-from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
-from docev.validate.readers import (
+from docev.run.paths import (
+    ACCEPTED_FILE,
+    MANIFEST,
+    MANIFEST_FILE,
+    REJECTS,
+    REJECTS_FILE,
+    STATS_FILE,
+    VALIDATE,
+    VALIDATE_REPORTS,
+    validate_part,
+)
+from docev.run.publish import publish, temp_folder, temp_name
+from docev.sources.formats import original_field
+from docev.sources.readers import (
     RawRecord,
     Unit,
     allowed_stores,
@@ -43,10 +52,16 @@ from docev.validate.readers import (
     source_name,
     source_store,
 )  # fmt: skip
+from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.report import write_reports
 from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
 from docev.vision.geometry import plan_tiles
+
+
+def validate_dir(cfg: DocEVConfig) -> Path:
+    """The local folder of the validate outputs (this process's copy when ``output_dir`` is an object store)."""
+    return outputs(cfg).local(VALIDATE)
 
 
 class ValidationFailed(RuntimeError):
@@ -104,9 +119,9 @@ class UnitValidator:
                         **pos,
                         "id": record_id,
                         "reason": rej.reason,
-                        "field": rej.field,
+                        "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
-                        "record": raw.data if raw.data is not None else raw.raw,
+                        "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
                 continue
@@ -175,11 +190,6 @@ def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
-def _part(shard: int, num_shards: int) -> str:
-    """The part folder of ``--shard i/n``, relative to output_dir."""
-    return f"{VALIDATE}/parts/{shard:05d}-of-{num_shards:05d}"
-
-
 def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> Path:
     """Validate units ``k`` with ``k % num_shards == shard``; write one part folder atomically (its
     ``stats.json``, published last, marks it complete)."""
@@ -187,13 +197,13 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
         raise ValueError(f"--shard {shard}/{num_shards}: expected 0 <= i < n")
     workers = workers or cfg.validate_.workers
     mine = [u for u in all_units(cfg) if u[0] % num_shards == shard]
-    outs, part = outputs(cfg), _part(shard, num_shards)
-    outs.remove(f"{part}/stats.json")  # a rerun: the old part stops counting as complete until this one is
+    outs, part = outputs(cfg), validate_part(shard, num_shards)
+    outs.remove(f"{part}/{STATS_FILE}")  # a rerun: the old part stops counting as complete until this one is
     final = outs.local(part)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temp_folder(final)
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
-    with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
+    with (tmp / ACCEPTED_FILE).open("w") as acc, (tmp / REJECTS_FILE).open("w") as rej:
         bar = tqdm(
             total=sum(u.count for _, _, u in mine),
             unit="rec",
@@ -207,11 +217,9 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
             stats[result.source].merge(result.stats)
             bar.update(result.stats.read)
         bar.close()
-    (tmp / "stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
+    (tmp / STATS_FILE).write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
+    publish(tmp, final)
+    for name in (ACCEPTED_FILE, REJECTS_FILE, STATS_FILE):
         outs.publish(f"{part}/{name}")
     return final
 
@@ -236,24 +244,25 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     outs = outputs(cfg)
     out = validate_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [_part(i, num_shards) for i in range(num_shards)]
-    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/stats.json")]
+    parts = [validate_part(i, num_shards) for i in range(num_shards)]
+    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/{STATS_FILE}")]
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
     for p in parts:
-        for name, data in json.loads(outs.read_text(f"{p}/stats.json")).items():
+        for name, data in json.loads(outs.read_text(f"{p}/{STATS_FILE}")).items():
             stats[name].merge(SourceStats.from_dict(data))
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
+    pending = temp_name(outs.local(MANIFEST))  # published once the reports beside it are written
     with tempfile.TemporaryDirectory(dir=out) as tmpdir:
         tmp = Path(tmpdir)
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
-        with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
-            for entry in _read_sorted([outs.fetch(f"{p}/accepted.jsonl") for p in parts]):
+        with (tmp / MANIFEST_FILE).open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
+            for entry in _read_sorted([outs.fetch(f"{p}/{ACCEPTED_FILE}") for p in parts]):
                 try:
                     db.execute(
                         "INSERT INTO ids VALUES (?, ?, ?, ?)",
@@ -284,8 +293,8 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 man.write(json.dumps(entry) + "\n")
                 written[entry["source"]][0] += 1
         db.close()
-        with (tmp / "rejects.jsonl").open("w") as rej:
-            for entry in _read_sorted([outs.fetch(f"{p}/rejects.jsonl") for p in parts] + [tmp / "dups.jsonl"]):
+        with (tmp / REJECTS_FILE).open("w") as rej:
+            for entry in _read_sorted([outs.fetch(f"{p}/{REJECTS_FILE}") for p in parts] + [tmp / "dups.jsonl"]):
                 rej.write(json.dumps(entry) + "\n")
                 written[entry["source"]][1] += 1
                 examples.setdefault(entry["reason"], entry)
@@ -295,9 +304,9 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"validate: record accounting broken for source {name}: read {s.read}, accepted "
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
-        os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
-        os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
-    outs.publish(f"{VALIDATE}/rejects.jsonl")
+        publish(tmp / REJECTS_FILE, outs.local(REJECTS))
+        publish(tmp / MANIFEST_FILE, pending)
+    outs.publish(REJECTS)
     report = {
         "sources": {name: s.to_dict() for name, s in stats.items()},
         "split": splits.summary(),
@@ -310,14 +319,14 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
         if s["reject_fraction"] > cfg.validate_.max_reject_fraction
     }
     report["failed_sources"] = failing
-    write_reports(cfg, report, examples, out / ".manifest.jsonl.pending")
-    os.replace(out / ".manifest.jsonl.pending", out / "manifest.jsonl")
+    write_reports(cfg, report, examples, pending)
+    publish(pending, outs.local(MANIFEST))
     outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
             f"reject fraction above validate.max_reject_fraction={cfg.validate_.max_reject_fraction:.1%} "
-            f"({detail}); see {outs.where(f'{VALIDATE}/rejects.jsonl')} and {outs.where(f'{VALIDATE}/report.md')}"
+            f"({detail}); see {outs.where(REJECTS)} and {outs.where(VALIDATE_REPORTS['md'])}"
         )
     return report
 
