@@ -223,3 +223,28 @@ def test_qlora_across_nodes_needs_the_one_dimensional_mesh():
         load_config(CONFIGS / "docev_preview.yaml", qlora)
     load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.fsdp_strategy=full"])
     load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.nnodes=1"])
+
+
+RECORDED: list[dict] = []
+
+
+def recording_transform(**kwargs):
+    """A tokenizer component of this test: the stock transform, with its arguments recorded."""
+    from docev.data.transform import docev_preview_transform
+
+    RECORDED.append(kwargs)
+    return docev_preview_transform(**kwargs)
+
+
+def test_tokenizer_component_is_instantiated(tiny_checkpoint):
+    from docev.data.transform import transform_from_config
+
+    (err,) = _errors(["tokenizer._component_=no.such.transform"])
+    assert err == f"{TINY}: tokenizer._component_: cannot import 'no.such.transform'"
+    other = "docev.data.transform.expand_placeholders"  # a callable that takes other arguments
+    assert f"{TINY}: tokenizer.max_seq_len: not an argument of {other}" in _errors([f"tokenizer._component_={other}"])
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"tokenizer._component_={__name__}.recording_transform",
+                                              f"tokenizer.model_name_or_path={tiny_checkpoint}"])  # fmt: skip
+    RECORDED.clear()
+    transform = transform_from_config(cfg)
+    assert [cfg.tokenizer.arguments()] == RECORDED and transform.max_seq_len == cfg.tokenizer.max_seq_len
