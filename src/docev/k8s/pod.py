@@ -85,6 +85,22 @@ def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
             for key, name in k8s.storage_secret_keys.items()
         ]
     out += [{"name": k, "value": v} for k, v in sorted(cfg.train.nccl_env.items())]  # fast interconnect, optional
+    return out + [{"name": k, "value": v} for k, v in cuda_env(cfg).items()]
+
+
+def cuda_env(cfg: DocEVConfig) -> dict[str, str]:
+    """On CUDA: expandable allocator segments (less fragmentation as packed and bucketed shapes vary); NCCL's
+    init and network lines in the log, so it states the transport it chose (``NET/IB`` with RDMA, ``NET/Socket``
+    when it fell back to TCP) unless ``train.nccl_env`` sets NCCL_DEBUG; with ``compile``, Inductor's and
+    Triton's caches on the volume, so a restarted pod reuses the kernels instead of recompiling them."""
+    if cfg.device != "cuda":
+        return {}
+    out = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    if "NCCL_DEBUG" not in cfg.train.nccl_env:
+        out |= {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+    if cfg.compile:
+        cache = PurePosixPath(cfg.kubernetes.mount_path) / "cache"
+        out |= {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     return out
 
 
