@@ -101,9 +101,15 @@ class ModelSection(_Strict):
 
 
 class TokenizerSection(_Strict):
-    """Arguments of ``docev.data.transform.docev_preview_transform``."""
+    """The model transform: ``_component_`` (a callable returning a ``DocEVTransform``) and its arguments
+    (those of ``docev.data.transform.docev_preview_transform``)."""
 
     component: str = Field("docev.data.transform.docev_preview_transform", alias="_component_")
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments ``_component_`` is called with."""
+        return self.model_dump(exclude={"component"})
+
     model_name_or_path: str
     image_token: str = "<image>"
     image_token_id: int | None = None
