@@ -129,7 +129,7 @@ def test_every_format_validates_with_its_rejects_named_in_its_own_fields(formats
     ids = {e["id"] for e in map(json.loads, (validate_dir(cfg) / "manifest.jsonl").open()) if e["source"] == "sharegpt"}
     assert ids == {"chat.jsonl:0", "sg-2"}  # a row without an id is named by its position
     md = (validate_dir(cfg) / "report.md").read_text()
-    assert "field conversations.1.from" in md and "field images.0" in md
+    assert "field `conversations.1.from`" in md and "field `images.0`" in md
 
 
 def test_every_format_trains_and_the_qa_set_evaluates(formats_run, capsys):
