@@ -28,7 +28,8 @@ is the only place that decides it:
   connector, ``image_newline``; a trainable tower): a rank whose micro-batch has no image skips the vision path,
   so it cannot be a unit of its own. An image-less micro-batch gives the vision path zero gradients
   (``DocEVModel._zero_vision_path``), so every rank reduces the same tensors in the same dtype, also under
-  ``last_micro_batch`` with mixed precision; ``set_reduce_scatter_unused_params`` stays as a safety net.
+  ``last_micro_batch`` with mixed precision. (``set_reduce_scatter_unused_params``, which used to zero-fill them
+  instead, is gone: it is not in torch 2.11, the lent GPU machine's, and the zero path made it redundant.)
 - **Frozen vision tower replicated, not sharded.** With ``encoder_trainable: false`` its parameters are
   ``ignored_params`` of FSDP, cast to the compute dtype and kept whole on every rank: no all-gather per
   micro-batch, no reduce-scatter (it has no gradient), nothing for an image-less rank to mismatch. Cost: the
@@ -167,7 +168,6 @@ def apply_fsdp(
         message=rf"FSDP2-wrapped module \({type(model).__name__}\) returned a view tensor",
         category=UserWarning,
     )
-    model.set_reduce_scatter_unused_params(True)
 
 
 def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hybrid: bool) -> None:

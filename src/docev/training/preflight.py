@@ -19,7 +19,6 @@ REQUIRED_APIS: tuple[tuple[str, str], ...] = (
     ("torch.distributed.fsdp", "MixedPrecisionPolicy"),
     ("torch.distributed.fsdp", "FSDPModule.set_requires_gradient_sync"),
     ("torch.distributed.fsdp", "FSDPModule.set_requires_all_reduce"),
-    ("torch.distributed.fsdp", "FSDPModule.set_reduce_scatter_unused_params"),
     ("torch.distributed.device_mesh", "init_device_mesh"),
     ("torch.distributed.tensor", "DTensor"),
     ("torch.distributed.checkpoint", "async_save"),
