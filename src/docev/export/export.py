@@ -3,9 +3,9 @@
 Everything is written to a staging folder, then checked (every tensor read back bit for bit, the
 layout and the tokenizer loaded, a smoke generation run from the folder itself, ``SHA256SUMS``
 recomputed), and only then published. Locally the staging folder sits beside the destination and
-is renamed onto it; an existing export is first renamed aside and removed only after the swap, so
-the destination holds either the old export or the new one, whole. On an object store (any fsspec
-URI whose backend is installed) the verified folder is uploaded to a staging prefix, checked
+is exchanged with it (:mod:`docev.export.publish`), so the destination holds either the old export
+or the new one, whole; only a folder holding this project's export manifest is ever replaced. On an
+object store (any fsspec URI whose backend is installed) the verified folder is uploaded to a staging prefix, checked
 there, then copied to the destination with ``SHA256SUMS`` last; a failure removes what was copied
 and puts the previous export back.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +44,16 @@ from docev.export.card import (
     training_facts,
 )
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
+from docev.export.publish import (
+    DestinationRefused,
+    check_replaceable,
+    destination_lock,
+    new_staging,
+    publish,
+    recover,
+    remove_owned,
+    seal,
+)
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
 from docev.models.docev._dcp import DCP_METADATA
@@ -61,6 +71,7 @@ _NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.ji
                "peft.json"}  # fmt: skip
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
 _STEP = re.compile(r"step_(\d+)")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,12 +218,14 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
         del generator
     untrained = checkpoint.resolve() == base.resolve()
     step_match = _STEP.fullmatch(checkpoint.name)
-    facts: TrainingFacts = training_facts(cfg, int(step_match.group(1)) if step_match else None, untrained=untrained)
+    step = int(step_match.group(1)) if step_match else None
+    facts: TrainingFacts = training_facts(cfg, step, untrained=untrained)
     smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
     (staging / "README.md").write_text(card)
+    seal(staging, {"checkpoint": str(checkpoint), "step": step, "dtype": dtype_name, "untrained": untrained})
     for path in staging.iterdir():  # safetensors writes 0600; the export is read by other pods and users
         path.chmod(0o644)
     staging.chmod(0o755)
@@ -223,10 +236,11 @@ def export_checkpoint(
     cfg: DocEVConfig, checkpoint: str | None = None, destination: str | None = None, *, overwrite: bool | None = None
 ) -> ExportResult:
     """The export step (``docev export``). ``checkpoint`` / ``destination`` / ``overwrite`` default to the
-    config's ``export`` section; the destination defaults to ``{output_dir}/export``.
+    config's ``export`` section; the destination defaults to ``{output_dir}/export``. Only an export this
+    project wrote is ever replaced (see :mod:`docev.export.publish`).
 
     Raises:
-        ExportError: bad checkpoint, an existing destination without ``overwrite``, a failed check.
+        ExportError: bad checkpoint, a destination that is not a replaceable export, a failed check.
         ChecksumError: a copy on an object store that does not match the verified folder.
     """
     exp = cfg.export
@@ -239,41 +253,36 @@ def export_checkpoint(
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
-    if fs.exists(dest_path) and not overwrite:
-        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-    # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
-    # checkpoints, unlike /tmp).
-    parent = Path(dest_path).parent if local else cfg.work_root
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
+    # Local: staged beside the destination (one exchange publishes). Remote: under output_dir (a volume
+    # sized for checkpoints, unlike /tmp).
+    anchor = Path(dest_path) if local else cfg.work_root / "export-upload"
+    anchor.parent.mkdir(parents=True, exist_ok=True)
     try:
-        sums, smoke = build_export(cfg, source, staging)
-        if local:
-            _publish_local(staging, Path(dest_path), overwrite)
-        else:
-            _publish_remote(staging, fs, dest_path, sums, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with destination_lock(anchor):
+            for line in recover(anchor, restore=local):
+                log.warning("export: %s", line)
+            _check_destination(fs, dest_path, dest, overwrite)
+            staging = new_staging(anchor)
+            try:
+                sums, smoke = build_export(cfg, source, staging)
+                if local:
+                    publish(staging, anchor)
+                else:
+                    _publish_remote(staging, fs, dest_path, sums, overwrite)
+            finally:
+                if staging.exists():
+                    remove_owned(staging)
+    except DestinationRefused as exc:
+        raise ExportError(str(exc)) from None
     match = _STEP.fullmatch(source.name)
     return ExportResult(dest, source, int(match.group(1)) if match else None, exp.dtype, sums, smoke)
 
 
-def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:
-    """Rename ``staging`` onto ``dest``; an existing ``dest`` is renamed aside first and removed after."""
-    aside = None
-    if dest.exists():
+def _check_destination(fs: AbstractFileSystem, path: str, shown: str, overwrite: bool) -> None:
+    if fs.exists(path) or os.path.islink(path) and isinstance(fs, LocalFileSystem):
+        check_replaceable(fs, path, shown)
         if not overwrite:
-            raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, aside)
-    try:
-        os.rename(staging, dest)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dest)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside)
+            raise ExportError(f"{shown} exists; pass --overwrite (export.overwrite=true) to replace it")
 
 
 def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict[str, str], overwrite: bool) -> None:
