@@ -14,7 +14,11 @@ its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per
   run beside a training step, whose activations would blur it). The rank's share of the state (its
   model + optimizer shards) is resident before; the growth is what the save adds to it;
 - **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
-  count of its parameters with the preview config's trainable groups.
+  count of its parameters with the preview config's trainable groups;
+- **digest**: the time this rank spent hashing the files it wrote (XXH3-128 of every file, recorded in
+  the step folder's ``checkpoint_manifest.json``; for async, in the background writer), summed over
+  the timed save, and its share of the save's ``total`` (sync) or of the background write (async:
+  the loop is not blocked by it).
 
 The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k;
 a small frozen vision tower), built in bf16 with AdamW state in bf16 (``master_dtype: bf16``; fp32
@@ -76,12 +80,23 @@ def worker(args: argparse.Namespace) -> None:
     from torchtune import training
 
     from docev.config import load_config
-    from docev.models.docev import DocEVCheckpointer, docev
+    from docev.models.docev import DocEVCheckpointer, _digests, docev
     from docev.training.checkpoint_manager import CheckpointManager
     from docev.training.parallelize import shard_condition
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    hashing = [0.0]  # seconds this rank spent digesting files (writer thread included)
+    file_digest = _digests.file_digest
+
+    def timed_digest(path):
+        t0 = time.perf_counter()
+        try:
+            return file_digest(path)
+        finally:
+            hashing[0] += time.perf_counter() - t0
+
+    _digests.file_digest = timed_digest
     baseline, _ = _rss()  # the process before any state: interpreter, libraries, process group
     torch.manual_seed(rank)
     out = Path(args.work) / args.mode
@@ -133,12 +148,14 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")
         before, _ = _rss()
-        manager.save(model, optimizer, {"global_step": 2 * i - 1}, 2 * i - 1, wait=True)
+        state = {"global_step": 2 * i - 1, "world_size": world, "sampler": {"epoch": 0, "step": 2 * i - 1}}
+        manager.save(model, optimizer, state, 2 * i - 1, wait=True)
         growth = max(growth, _rss()[1] - before)
         # time: the save and the training step after it
         dist.barrier()
+        hashing[0] = 0.0
         t0 = time.perf_counter()
-        manager.save(model, optimizer, {"global_step": 2 * i}, 2 * i)
+        manager.save(model, optimizer, {**state, "global_step": 2 * i}, 2 * i)
         call = time.perf_counter() - t0
         train_step()  # an async save's copy and write overlap it
         blocked = time.perf_counter() - t0 - plain
@@ -152,7 +169,7 @@ def worker(args: argparse.Namespace) -> None:
             written = (folder / f"__{rank}_0.distcp").stat().st_size
         result = {"rank": rank, "call_s": call, "blocked_s": blocked, "total_s": total, "step_s": plain,
                   "rss_baseline": baseline, "rss_growth": growth, "share_bytes": local, "full_bytes": full,
-                  "written_bytes": written}  # fmt: skip
+                  "written_bytes": written, "digest_s": hashing[0]}  # fmt: skip
     manager.close()
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -259,6 +276,13 @@ def main() -> None:
             g = r0["rss_growth"]
             print(f"{mode}: rank 0 RSS grows by {g / GIB:.2f} GiB during a save = {g / r0['share_bytes']:.2f}× its "
                   f"share, {g / r0['full_bytes']:.2f}× the full state (resident before: its share)")  # fmt: skip
+    for mode, ranks in results.items():
+        r = max(ranks, key=lambda r: r["digest_s"])  # the rank that hashed the most: the save waits for it
+        where = "of the background write (the loop does not wait for it)" if mode == "dcp_async" else "of the save"
+        print(
+            f"{mode}: digests took {r['digest_s']:.2f} s on rank {r['rank']} = {r['digest_s'] / r['total_s']:.1%} "
+            f"{where} ({r['total_s']:.2f} s); {r['written_bytes'] / max(r['digest_s'], 1e-9) / GIB:.1f} GiB/s"
+        )
     if "hf" in results and "dcp" in results:
         print(f"sync save time, hf / dcp: {results['hf'][0]['total_s'] / results['dcp'][0]['total_s']:.2f}")
 

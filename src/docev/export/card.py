@@ -64,7 +64,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
         for line in fh:
             try:
                 entry = json.loads(line)
-                if "eval_loss" in entry and "loss" not in entry:  # a validation line (docev.training.evaluation)
+                if "loss" not in entry and ("eval_loss" in entry or "event" in entry):  # validation or event line
                     continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):

@@ -57,6 +57,7 @@ from docev.export.publish import (
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
 from docev.models.docev._dcp import DCP_METADATA
+from docev.models.docev._digests import MANIFEST as CHECKPOINT_MANIFEST
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
 from docev.training.checkpointing import CheckpointError, resolve_checkpoint
@@ -68,7 +69,7 @@ INDEX = "model.safetensors.index.json"
 # Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
 _NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
                "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA,
-               "peft.json"}  # fmt: skip
+               "peft.json", CHECKPOINT_MANIFEST}  # fmt: skip
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
 _STEP = re.compile(r"step_(\d+)")
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ import torch
 from docev.config import DocEVConfig
 from docev.models.docev import latest_checkpoint
 from docev.models.docev._checkpointer import LATEST, RECIPE_STATE
+from docev.models.docev._digests import MANIFEST, CheckpointCorrupt, verify_checkpoint
 
 BEST = "best"
 
@@ -109,7 +110,43 @@ def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
         folder = Path(which)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
+    try:  # a step folder must carry its digests; any other folder is checked when it has them
+        verify_checkpoint(folder, required=which != "base" and _STEP_DIR.fullmatch(folder.name) is not None)
+    except CheckpointCorrupt as exc:
+        raise CheckpointError(f"--checkpoint {which}: {exc}") from None
     return folder
+
+
+def older_checkpoints(output_dir: str | Path, folder: Path) -> list[Path]:
+    """The step folders older than ``folder`` that hold a recipe state, newest first (``auto`` falls back
+    through them when ``folder`` does not verify)."""
+    newest = step_of(folder)
+    steps = [(step_of(p), p) for p in Path(output_dir).iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return [p for s, p in sorted(steps, reverse=True) if s < newest and (p / RECIPE_STATE).is_file()]
+
+
+def manifest_record(state: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of the recipe state, to check it against before it is used."""
+    return {k: dict(state[k]) if k == SAMPLER_KEY else state[k] for k in (STEP_KEY, WORLD_SIZE_KEY, SAMPLER_KEY)
+            if k in state}  # fmt: skip
+
+
+def recipe_problems(folder: Path, state: dict[str, Any], manifest: dict[str, Any] | None) -> list[str]:
+    """Disagreements between a step folder's recipe state, its name and its manifest's record (step, sampler
+    position, world size, one RNG state per rank)."""
+    problems = []
+    step = step_of(folder)
+    if state.get(STEP_KEY) != step:
+        problems.append(f"{RECIPE_STATE}: {STEP_KEY} is {state.get(STEP_KEY)!r}, the folder is step_{step}")
+    record = (manifest or {}).get("recipe", {})
+    for key, want in record.items():
+        got = state.get(key)
+        if (dict(got) if isinstance(got, dict) else got) != want:
+            problems.append(f"{RECIPE_STATE}: {key} is {got!r}, the manifest recorded {want!r}")
+    rng = state.get(RNG_KEY)
+    if rng is not None and len(rng) != state.get(WORLD_SIZE_KEY):
+        problems.append(f"{RECIPE_STATE}: {len(rng)} RNG states for {WORLD_SIZE_KEY} {state.get(WORLD_SIZE_KEY)!r}")
+    return problems
 
 
 def start_folder(base: str | Path, output_dir: str | Path, resume: bool | str) -> tuple[Path, bool]:
@@ -144,7 +181,8 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
     save.
     ``protect`` survives regardless: a resumed run's checkpointer copies the tokenizer files from the
     folder it started from, so that folder stays until the next run prunes it. So does the folder
-    ``best`` names."""
+    ``best`` names, and the newest older folder sealed with its digests whatever ``keep`` says: a
+    corrupt ``latest`` always has a verified checkpoint to fall back to."""
     out = Path(output_dir)
     latest = latest_checkpoint(out)
     if latest is None:
@@ -156,7 +194,9 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
         (step_of(p), p) for p in out.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and p not in kept
     )
     older = [p for s, p in steps if s < newest]
-    doomed = older[: max(0, len(older) - (keep - 1))] + [p for s, p in steps if s > newest]
+    fallback = next((p for p in reversed(older) if (p / MANIFEST).is_file()), None)
+    doomed = [p for p in older[: max(0, len(older) - (keep - 1))] if p != fallback]
+    doomed += [p for s, p in steps if s > newest]
     doomed += [p for p in out.iterdir() if p.is_dir() and _PARTIAL.fullmatch(p.name)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)

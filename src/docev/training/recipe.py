@@ -65,6 +65,7 @@ from docev.training.checkpointing import (
     prune_checkpoints,
     restore_rng,
 )
+from docev.training.diskspace import check_room, checkpoint_bytes
 from docev.training.evaluation import EvalLoss
 from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
@@ -179,8 +180,18 @@ class DocEVFinetuneRecipe:
                                                 resumed=resumed)  # fmt: skip
         if resumed:
             self._update_recipe_state(state)
+        # room for two saves, checked after a resume pruned what an interrupted save left and before anything
+        # of the run is rewritten: a restart on a disk still full fails here
+        need = checkpoint_bytes(self._model, self._master_dtype, trained_only=self._peft is not None)
+        self._checkpoints.checkpoint_bytes = need
+        room = check_room(self._output_dir, need)
+        if room is not None and self._is_rank_zero:
+            log.warning(room)
         if self._metrics is not None:  # lines past the checkpoint are repeated by this run
             self._metrics.truncate_after(self.global_step)
+            for skipped in self._checkpoints.skipped:  # auto fell back past a corrupt checkpoint: on the record
+                self._metrics.event("resume_fallback", self.global_step, corrupt=str(skipped.folder),
+                                    problems=skipped.problems)  # fmt: skip
 
         self._steps_per_epoch = [self._steps_in_epoch(e) for e in range(self.total_epochs)]
         if self._steps_per_epoch[0] == 0:

@@ -2,8 +2,10 @@
 
 Layout under ``{output_dir}/validate/``::
 
-    parts/00000-of-00001/{accepted,rejects}.jsonl, stats.json   one per ``--shard i/n`` (atomic)
-    manifest.jsonl    accepted records: source, file, row, offset, id, images, tokens per ratio
+    parts/00000-of-00001/{accepted,rejects}.jsonl, fingerprints.json, stats.json   one per ``--shard i/n``
+    sources.json      per source, per data file: size, mtime / ETag, XXH3-128 (docev.fingerprints)
+    manifest.jsonl    accepted records: source, file, row, offset, id, images (with their fingerprint),
+                      tokens per ratio
     rejects.jsonl     the original record + reason code + field + detail, for every reject
     report.json / report.md / report.html, thumbnails/
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from docev import fingerprints
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
@@ -115,9 +118,10 @@ class UnitValidator:
             ]
             stats.add_accept(ok.images, ok.tokens, tiles)
             images = [
-                {"path": name, "size": list(im.size), "mode": im.mode, "tiles": n}
+                {"path": name, "size": list(im.size), "mode": im.mode, "tiles": n,
+                 "fingerprint": fingerprints.of_bytes(fetched[name][1])}
                 for name, im, n in zip(ok.record.image_files, ok.images, tiles, strict=True)
-            ]
+            ]  # fmt: skip
             accepted.append(
                 {**pos, "id": ok.record.id, "images": images, "tokens": {str(r): n for r, n in ok.tokens.items()}}
             )
@@ -192,7 +196,14 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     final = outs.local(part)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
+    # what each data file is before a record of it is read: any later change shows up at preprocess
+    sources = all_sources(cfg)
+    files: dict[str, dict[str, Any]] = {}
+    for si, unit in sorted({(si, u.file): (si, u) for _, si, u in mine}.values(), key=lambda x: (x[0], x[1].file)):
+        store = source_store(sources[si])
+        files.setdefault(unit.source, {})[unit.file] = fingerprints.of_file(store, store.join(unit.file))
+    (tmp / "fingerprints.json").write_text(fingerprints.dumps(files))
+    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in sources}
     with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
         bar = tqdm(
             total=sum(u.count for _, _, u in mine),
@@ -211,7 +222,7 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
+    for name in ("accepted.jsonl", "rejects.jsonl", "fingerprints.json", "stats.json"):
         outs.publish(f"{part}/{name}")
     return final
 
@@ -241,9 +252,15 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
+    recorded: dict[str, dict[str, Any]] = {}
     for p in parts:
         for name, data in json.loads(outs.read_text(f"{p}/stats.json")).items():
             stats[name].merge(SourceStats.from_dict(data))
+        for name, files in json.loads(outs.read_text(f"{p}/fingerprints.json")).items():
+            for rel, fp in files.items():
+                seen = recorded.setdefault(name, {}).setdefault(rel, fp)
+                if what := fingerprints.difference(seen, fp):  # two shards read one file: it changed meanwhile
+                    raise fingerprints.SourceChanged(f"{name}: {rel}", f"changed while validate ran: {what}")
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
     examples: dict[str, dict[str, Any]] = {}
@@ -297,7 +314,10 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 )
         os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
         os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
+        (tmp / fingerprints.SOURCES).write_text(fingerprints.dumps(recorded))
+        os.replace(tmp / fingerprints.SOURCES, out / fingerprints.SOURCES)
     outs.publish(f"{VALIDATE}/rejects.jsonl")
+    outs.publish(f"{VALIDATE}/{fingerprints.SOURCES}")
     report = {
         "sources": {name: s.to_dict() for name, s in stats.items()},
         "split": splits.summary(),

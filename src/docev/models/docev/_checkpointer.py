@@ -31,6 +31,7 @@ from docev.models.docev._convert_weights import (
     docev_tune_to_hf,
 )
 from docev.models.docev._dcp import DCP_METADATA, is_dcp_folder, read_dcp_model
+from docev.models.docev._digests import MANIFEST, seal, verify_checkpoint
 
 RECIPE_STATE = "recipe_state.pt"
 # A step folder of an adapter run: the trained tensors (torchtune names) and the adapter settings.
@@ -39,7 +40,7 @@ PEFT_META = "peft.json"
 LATEST = "latest"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, DCP_METADATA,
-               PEFT_META}  # fmt: skip
+               PEFT_META, MANIFEST}  # fmt: skip
 DCP_WHERE = "DCP shards"
 
 
@@ -54,6 +55,8 @@ class DocEVCheckpointer:
         model_type (str): must be ``DOCEV``.
         output_dir (str | Path | None): where ``save_checkpoint`` writes ``step_N/`` and ``latest``.
         max_shard_bytes (int): shard size limit of saved safetensors files.
+        verify (bool): check the folder against its ``checkpoint_manifest.json`` first, when it has one (the
+            recipe passes False: its ranks have verified the folder between them).
     """
 
     def __init__(
@@ -63,10 +66,13 @@ class DocEVCheckpointer:
         model_type: str = "DOCEV",
         output_dir: str | Path | None = None,
         max_shard_bytes: int = 5_000_000_000,
+        verify: bool = True,
     ):
         if model_type.upper() != "DOCEV":
             raise ValueError(f"checkpointer.model_type {model_type!r}: this checkpointer reads DOCEV checkpoints only")
         self.checkpoint_dir = Path(checkpoint_dir)
+        if verify:
+            verify_checkpoint(self.checkpoint_dir, required=False)
         config_path = self.checkpoint_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_path} does not exist")
@@ -138,9 +144,12 @@ class DocEVCheckpointer:
             out.update(torch.load(recipe, map_location="cpu", weights_only=True))
         return out
 
-    def save_checkpoint(self, state_dict: Mapping[str, Any], step: int) -> Path:
+    def save_checkpoint(
+        self, state_dict: Mapping[str, Any], step: int, record: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write ``output_dir/step_{step}`` (HF layout, unused checkpoint tensors carried through) and
-        point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``. Returns the folder."""
+        point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``; ``record`` goes into
+        the folder's manifest. Returns the folder."""
         if self.output_dir is None:
             raise ValueError("checkpointer.output_dir is not set; cannot save")
         if self.unused is None:
@@ -157,9 +166,11 @@ class DocEVCheckpointer:
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
-        return self.publish(tmp, step)
+        return self.publish(tmp, step, record)
 
-    def save_trained_checkpoint(self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any]) -> Path:
+    def save_trained_checkpoint(
+        self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any], record: Mapping[str, Any] | None = None
+    ) -> Path:
         """``step_{step}`` of a run that trains adapters: ``state_dict["model"]`` holds the trained tensors
         only (torchtune names, written to ``trained_model.safetensors``), ``peft`` goes to ``peft.json``; the
         frozen weights stay in the base checkpoint. Same atomic folder and ``latest`` as ``save_checkpoint``."""
@@ -171,7 +182,7 @@ class DocEVCheckpointer:
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
-        return self.publish(tmp, step)
+        return self.publish(tmp, step, record)
 
     def partial_folder(self, step: int) -> Path:
         """An empty ``output_dir/.step_{step}.partial`` (what an earlier attempt left there is removed)."""
@@ -193,16 +204,24 @@ class DocEVCheckpointer:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    def publish(self, tmp: Path, step: int) -> Path:
-        """Rename the complete ``tmp`` to ``step_{step}``, then point ``latest`` at it (atomic replace)."""
+    def publish(self, tmp: Path, step: int, record: Mapping[str, Any] | None = None) -> Path:
+        """Seal the complete ``tmp`` (digests of every file in its manifest, everything fsynced), rename it to
+        ``step_{step}``, then point ``latest`` at it (atomic replace, fsynced): after a power loss ``latest``
+        never names files that are not on disk."""
+        seal(tmp, step, record)
         name = f"step_{step}"
         final = self.output_dir / name
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync_dir(self.output_dir)
         pointer = self.output_dir / f".{LATEST}.tmp"
-        pointer.write_text(name + "\n")
+        with pointer.open("w") as fh:
+            fh.write(name + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(pointer, self.output_dir / LATEST)
+        _fsync_dir(self.output_dir)
         return final
 
 
@@ -215,6 +234,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{pointer} names {folder.name}, which does not exist")
     return folder
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
