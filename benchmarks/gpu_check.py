@@ -11,14 +11,15 @@ changes no shape or FLOP.
 Runs: ``packed`` (rows of 8192 tokens, flex attention from document ids) and ``unpacked`` (batch 1, length
 buckets, S padded to multiples of 512, SDPA with ``is_causal``).
 
-MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens``; attention ``12·L·d`` per
-query-key pair the kernel computes (``attention_pairs`` of the metrics: whole 128 × 128 blocks of the document
-mask for flex, S(S+1)/2 per unpacked row); the frozen vision tower forward only (``2·N·p`` + ``4·L·p²·d`` per
-tile, p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing recompute is
-not counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s. The seconds are the recipe's
-``step_seconds``: the whole step, from fetching its first micro-batch through the all-reduce, clipping,
-``optimizer.step``, ``zero_grad`` and the lr-scheduler step (CUDA synchronised), the window torchtune's
-stock loop times too. The MFU it prints is what ``benchmarks/loader_throughput.py --mfu`` takes.
+MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens``; attention ``12·L·d`` per query-key
+pair the model attends (``attention_pairs`` of the metrics: n(n+1)/2 per document of n real tokens, one definition
+for packed and unpacked rows — not what a kernel computes besides, flex's partly masked 128 × 128 blocks or SDPA's
+padded tail, which would flatter one run against the other); the frozen vision tower forward only (``2·N·p`` +
+``4·L·p²·d`` per tile, p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing
+recompute is not counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s. The seconds are the
+recipe's ``step_seconds``: the whole step, from fetching its first micro-batch through the all-reduce, clipping,
+``optimizer.step``, ``zero_grad`` and the lr-scheduler step (CUDA synchronised), the window torchtune's stock loop
+times too. The MFU it prints is what ``benchmarks/loader_throughput.py --mfu`` takes.
 
     python benchmarks/gpu_check.py prepare WORKDIR STEPS packed|unpacked
     python benchmarks/gpu_check.py report WORKDIR packed|unpacked RECOMPILES
@@ -55,9 +56,10 @@ docev_reduced = partial(docev_from_arch, ARCH)
 
 def prepare(work: Path, steps: int, run: str) -> Path:
     """Checkpoint (tiny tokenizer + reduced-depth full-width bf16 weights), 96 synthetic pages, the run's config."""
-    from docev.assets import init_checkpoint, init_weights, save_sharded
+    from docev.assets import init_checkpoint, init_weights
     from docev.config import load_config
     from docev.models.docev import hf_config
+    from docev.models.docev._folder import save_sharded
     from docev.synth import synth_data
 
     ckpt = work / "ckpt"
@@ -112,7 +114,7 @@ def step_flops(row: dict, model: DocEVModel) -> float:
 
 
 def report(work: Path, run: str, recompiles: int) -> None:
-    from docev.training.metrics import read_metrics
+    from docev.training.metrics_log import read_metrics
 
     rows = read_metrics(work / f"run-{run}" / "logs" / "metrics.jsonl")
     tail = rows[len(rows) // 2 :]  # compile warm-up excluded

@@ -37,8 +37,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _run(base: Path, name: str, data_args: list[str], steps: int, lr: float, dtype: str, master: str) -> dict:
-    from docev.models.docev import latest_checkpoint
-    from docev.training.metrics import read_metrics
+    from docev.run.checkpoints import latest_checkpoint
+    from docev.training.metrics_log import read_metrics
 
     out = _out(base, name)
     args = [f"output_dir={out}", *data_args, "epochs=50", f"stop_after_steps={steps}", "save_every_n_steps=100000",

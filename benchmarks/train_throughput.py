@@ -93,7 +93,7 @@ def _env() -> dict[str, str]:
 
 
 def _train(base: Path, name: str, data_args: list[str], steps: int, *extra: str) -> dict[str, float]:
-    from docev.training.metrics import read_metrics
+    from docev.training.metrics_log import read_metrics
 
     out = _out(base, name)
     args = [f"output_dir={out}", *data_args, "epochs=50", f"stop_after_steps={steps}", "save_every_n_steps=100000",

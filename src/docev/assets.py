@@ -13,17 +13,13 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from docev.models.docev._arch import ARCHS, PROJECTOR, VISION, DocEVArch, hf_config, hf_param_shapes
+from docev.models.docev._folder import save_sharded
+from docev.text.chat_template import bundled_template
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKEN = "<image>"
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-
-
-def bundled_template(name: str = "docev_chatml") -> str:
-    return (TEMPLATE_DIR / f"{name}.jinja").read_text()
 
 
 def init_weights(arch: DocEVArch, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,31 +45,6 @@ def init_weights(arch: DocEVArch, seed: int = 0) -> dict[str, torch.Tensor]:
             t = torch.randn(shape, generator=gen) * 0.02
         out[name] = t.contiguous()
     return out
-
-
-def save_sharded(
-    tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict | None = None
-) -> list[str]:
-    """``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json`` (HF convention)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    return files
 
 
 def train_tokenizer(arch: DocEVArch, seed: int = 0):

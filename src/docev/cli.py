@@ -46,6 +46,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from docev.outputs import outputs
+    from docev.run.paths import VALIDATE_REPORTS
     from docev.validate.runner import ValidationFailed, merge, run_shard
 
     cfg = load_config(args.config, args.overrides)
@@ -64,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     for name, s in report["sources"].items():
         print(f"{name}: read {s['read']}, accepted {s['accepted']}, rejected {s['rejected']}")
-    print(f"report: {outputs(cfg).where('validate/report.md')}")
+    print(f"report: {outputs(cfg).where(VALIDATE_REPORTS['md'])}")
     return 0
 
 
@@ -77,7 +78,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from docev.data.preprocess import merge_all, run_shards, shards_location, splits_to_build
-    from docev.fingerprints import SourceChanged
+    from docev.outputs import outputs
+    from docev.run.paths import shards_manifest_key
+    from docev.sources.fingerprints import SourceChanged
 
     cfg = load_config(args.config, args.overrides)
     if not args.merge:
@@ -95,7 +98,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     manifest = merge_all(cfg)
     n, where = manifest["eval_samples"], shards_location(cfg, "eval")
     held = f"; {n} held out in {where}" if n else ""
-    shards = f"{len(manifest['shards'])} shards: {shards_location(cfg)}/manifest.json"
+    shards = f"{len(manifest['shards'])} shards: {outputs(cfg).where(shards_manifest_key())}"
     print(f"{manifest['total_samples']} samples in {shards}{held}")
     return 0
 
@@ -141,10 +144,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
     from docev.evaluation.report import LABELS, metric_table
+    from docev.run.paths import run_paths
 
-    root = cfg.work_root / "eval"
-    results = {k: json.loads((root / k / "metrics.json").read_text()) for k in LABELS
-               if (root / k / "metrics.json").is_file()}  # fmt: skip
+    paths = run_paths(cfg)
+    results = {k: json.loads(paths.eval_file(k, "metrics.json").read_text()) for k in LABELS
+               if paths.eval_file(k, "metrics.json").is_file()}  # fmt: skip
     if any(m.get("n") for m in results.values()):
         print("\nheld-out evaluation:")
         print("\n".join(f"  {line}" for line in metric_table(results)))
@@ -180,6 +184,7 @@ def _params(items: list[str]) -> dict[str, str]:
 
 
 def cmd_render_manifests(args: argparse.Namespace) -> int:
+    from docev.k8s.admission import manifest_errors
     from docev.k8s.meta import to_yaml
     from docev.k8s.pytorchjob import render_pytorchjob
     from docev.k8s.trainjob import render_runtime, render_trainjob
@@ -196,6 +201,14 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError([f"--name: {exc}"]) from None
+    runtime = render_runtime(cfg) if backend == "trainjob" else None
+    rejected = [f"{job['kind']} {args.name}: {e}" for e in manifest_errors(job, runtime)]
+    if runtime is not None:
+        rejected += [f"ClusterTrainingRuntime {runtime['metadata']['name']}: {e}" for e in manifest_errors(runtime)]
+    if rejected:  # checked before anything is written: a half-written pair would be applied by someone
+        raise ConfigError(
+            [f"{args.config}: the cluster would reject what this config renders (nothing written):"] + rejected
+        )
     if not args.out and not args.runtime_out:
         sys.stdout.write(to_yaml(job))
         return 0
@@ -217,7 +230,6 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
         out.write_text(header + regenerate + to_yaml(job))
         print(f"{kind} {job['metadata']['namespace']}/{args.name} written to {out}")
     if args.runtime_out:
-        runtime = render_runtime(cfg)
         header = (
             f"{generated}# The ClusterTrainingRuntime that TrainJobs of this config reference (cluster-scoped;\n"
             "# Kubeflow Trainer v2.2 or later).\n"
@@ -248,9 +260,9 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     """Recompute a step folder's digests and check its recipe state; exit 1 naming each file that differs."""
     import torch
 
-    from docev.models.docev._checkpointer import RECIPE_STATE
-    from docev.models.docev._digests import CheckpointCorrupt, verify_checkpoint
-    from docev.training.checkpointing import CheckpointError, recipe_problems, resolve_checkpoint
+    from docev.run.checkpoints import RECIPE_STATE, CheckpointError, resolve_checkpoint
+    from docev.run.digests import CheckpointCorrupt, verify_checkpoint
+    from docev.training.state import recipe_problems
 
     which, overrides = args.which, list(args.overrides)
     if which and "=" in which:  # no folder given, only overrides
@@ -279,17 +291,31 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_memory(args: argparse.Namespace) -> int:
-    from docev.training.memory import format_plans, plan
+    from docev.training.memory import check_fits, config_setup, format_plans, gpu_memory_gib, plan
 
     cfg = load_config(args.config, args.overrides)
     nnodes = args.nnodes or cfg.train.nnodes
     gpus = args.gpus_per_node or cfg.train.nproc_per_node
-    print(format_plans(plan(cfg, nnodes * gpus), cfg))
+    plans = plan(cfg, nnodes, gpus)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans], indent=2))
+    else:
+        print(format_plans(plans, cfg))
+    gib = args.gpu_memory_gib or gpu_memory_gib(cfg)
+    if gib is None:
+        return 0
+    own = next(p for p in plans if p.setup == config_setup(cfg))
+    try:
+        check_fits(cfg, own, gib, nnodes=nnodes, gpus_per_node=gpus)
+    except ValueError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from docev.inference import DocEVGenerator
+    from docev.inference.generate import NO_TEXT
 
     try:
         generator = DocEVGenerator(args.model, device=args.device, adapter=args.adapter)
@@ -298,15 +324,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"generate failed: {exc}", file=sys.stderr)
         return 1
-    print(result.text)
+    print(result.text if result.text or not result.stopped else NO_TEXT)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from docev.evaluation.evaluate import eval_dir, evaluate
-    from docev.training.checkpointing import CheckpointError
+    from docev.evaluation.evaluate import evaluate
+    from docev.evaluation.report import write_report
+    from docev.run.checkpoints import CheckpointError
 
     cfg = load_config(args.config, args.overrides)
     with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:
@@ -315,9 +342,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except (CheckpointError, FileNotFoundError, ValueError) as exc:
             print(f"evaluate failed: {exc}", file=sys.stderr)
             return 1
+    report = write_report(cfg, m["label"])  # against eval/base when it exists, as the pipeline's
     f1 = f", field F1 {m['f1']:.3f}" if "f1" in m else ""
     print(f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}{f1} "
-          f"({m['answers_per_second']:.1f} answers/s): {eval_dir(cfg, m['label'])}")  # fmt: skip
+          f"({m['answers_per_second']:.1f} answers/s): {report.parent} (report.html, report.md)")  # fmt: skip
     return 0
 
 
@@ -347,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--workers", type=int, default=2)
     sd.set_defaults(func=cmd_synth_data)
 
-    val = sub.add_parser("validate", help="validate UFX sources: manifest, rejects.jsonl, report")
+    val = sub.add_parser("validate", help="validate UFX sources: manifest of accepted records, rejects, report")
     _config_args(val)
     val.add_argument("--workers", type=int, default=None, help="processes (default: validate.workers)")
     val.add_argument("--shard", default="0/1", help="validate only shard i of n (KFP fan-out)")
@@ -430,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--config", required=True)
     pm.add_argument("--nnodes", type=int, help="default: train.nnodes")
     pm.add_argument("--gpus-per-node", type=int, help="default: train.nproc_per_node")
+    pm.add_argument("--json", action="store_true", help="one JSON object per setup (GiB per GPU) instead of the table")
+    pm.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="refuse (exit 1) when the config's setup exceeds this; default: from train.resources.gpu_type",
+    )
     pm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     pm.set_defaults(func=cmd_plan_memory)
 

@@ -17,8 +17,8 @@ from s3_server import ACCESS_KEY, CREDENTIAL_ENV, SECRET_KEY, FaultProxy, MotoS3
 
 from docev.data.preprocess import merge_all, run_preprocess, run_shards
 from docev.data.shards import ShardError
-from docev.fingerprints import SourceChanged
 from docev.outputs import outputs
+from docev.sources.fingerprints import SourceChanged
 from docev.storage import TransientStorageError
 from docev.validate.runner import merge, run_shard, run_validate, validate_dir
 

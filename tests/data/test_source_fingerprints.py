@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 
 from docev.data.preprocess import check_sources, run_shards
-from docev.fingerprints import SourceChanged
+from docev.sources.fingerprints import SourceChanged
 from docev.validate.runner import run_validate
 
 

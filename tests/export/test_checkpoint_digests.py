@@ -12,8 +12,9 @@ from docev.cli import main
 from docev.evaluation.evaluate import evaluate
 from docev.export import ExportError, export_checkpoint
 from docev.inference import DocEVGenerator
-from docev.models.docev._digests import MANIFEST, CheckpointCorrupt, read_manifest, verify_checkpoint
-from docev.training.checkpointing import CheckpointError, prune_checkpoints, recipe_problems
+from docev.run.checkpoints import CheckpointError, prune_checkpoints
+from docev.run.digests import MANIFEST, CheckpointCorrupt, read_manifest, verify_checkpoint
+from docev.training.state import recipe_problems
 
 from .conftest import make_config
 

@@ -21,7 +21,7 @@ from docev.export.card import TRAINING_SECTIONS
 from docev.export.checksums import SUMS, verify_checksums
 from docev.inference import DocEVGenerator
 from docev.models.docev import DocEVCheckpointer, docev_tiny
-from docev.training.checkpointing import CheckpointError, resolve_checkpoint
+from docev.run.checkpoints import CheckpointError, resolve_checkpoint
 
 from .conftest import folder_tensors, make_config, sha256sum_check, sources_list
 
@@ -127,7 +127,8 @@ def test_failed_export_leaves_no_partial_destination(cfg, tmp_path, monkeypatch)
 
 
 def test_existing_destination_is_refused_or_swapped_whole(cfg, tmp_path, monkeypatch):
-    import docev.export.publish as publish_module
+    import docev.run.publish as publish_module
+    from docev.export.publish import new_staging
 
     dest = tmp_path / "export"
     first = export_checkpoint(cfg, "base", str(dest))
@@ -142,8 +143,21 @@ def test_existing_destination_is_refused_or_swapped_whole(cfg, tmp_path, monkeyp
         export_checkpoint(cfg, "latest", str(dest), overwrite=True)
     assert verify_checksums(dest) == first.checksums and _leftovers(tmp_path) == []
     monkeypatch.undo()
+    real_replace = os.replace
 
-    killed = publish_module.new_staging(dest)  # a build killed by SIGKILL: the next export removes it
+    def replace(src, dst):  # no exchange here, and the new folder cannot take the name: the old one comes back
+        if ".partial-" in str(src):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(publish_module, "_renameat2", None)
+    monkeypatch.setattr(publish_module.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        export_checkpoint(cfg, "latest", str(dest), overwrite=True)
+    assert verify_checksums(dest) == first.checksums and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    killed = new_staging(dest)  # a build killed by SIGKILL: the next export removes it
     (killed / "model-00001-of-00002.safetensors").write_bytes(b"half")
     second = export_checkpoint(cfg, "latest", str(dest), overwrite=True)
     assert second.step == 8 and verify_checksums(dest) == second.checksums != first.checksums

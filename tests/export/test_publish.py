@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import CONFIGS, tiny_config
 
 import docev.export.publish as publish_module
+import docev.run.publish as run_publish
 from docev.cli import main
 from docev.export import ExportError, export_checkpoint, verify_checksums, write_checksums
 from docev.export.publish import (
@@ -19,8 +21,8 @@ from docev.export.publish import (
     STAGING_MARK,
     destination_lock,
     new_staging,
-    publish,
     recover,
+    replace_export,
 )
 
 from .conftest import sources_list
@@ -39,7 +41,7 @@ def _export_run(dest: Path, label: str) -> None:
         (staging / "adapter" / "adapter_config.json").write_text(label)
         publish_module.seal(staging, {"label": label})
         write_checksums(staging)
-        publish(staging, dest)
+        replace_export(staging, dest)
 
 
 def _run_killed_at(dest: Path, kill_at: int, can_exchange: bool) -> int:
@@ -50,7 +52,7 @@ def _run_killed_at(dest: Path, kill_at: int, can_exchange: bool) -> int:
         code = 255
         try:
             if not can_exchange:
-                publish_module._renameat2 = None
+                run_publish._renameat2 = None
             seen = [0]
 
             def hook(event, _args):
@@ -75,7 +77,7 @@ def _label(dest: Path) -> str:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("can_exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
 def test_sigkill_at_every_step_leaves_a_whole_export(tmp_path, can_exchange):
-    if can_exchange and publish_module._renameat2 is None:
+    if can_exchange and run_publish._renameat2 is None:
         pytest.skip("libc has no renameat2: the exchange path did not run")
     dest = tmp_path / "out" / "export"
     dest.parent.mkdir()
@@ -154,3 +156,22 @@ def test_an_export_with_a_users_file_is_not_replaced(tmp_path):
     (dest / "my_eval.txt").write_text("results")
     with pytest.raises(publish_module.DestinationRefused, match=r"holds files docev did not write: my_eval.txt"):
         publish_module.check_replaceable(publish_module.fsspec.filesystem("file"), str(dest), str(dest))
+
+
+def test_a_full_disk_is_named_and_leaves_nothing(export_run, tiny_checkpoint, synth_sources, tmp_path):
+    """The export's folder on a 1 MB tmpfs (the tiny weights are ~3 MB): the error names the staging folder, the
+    bytes needed and free, instead of a safetensors traceback; no staging folder or lock is left behind."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the disk-full test did not run")
+    try:
+        cfg = tiny_config(export_run, tiny_checkpoint, sources_list(synth_sources))
+        with pytest.raises(ExportError, match=rf"writing {mnt}/\.export\.partial-\w+: no space left: it needs "
+                                              r"~[\d,]+ bytes .*, [\d,]+ bytes .* free; free space or choose another "
+                                              r"--out"):  # fmt: skip
+            export_checkpoint(cfg, "latest", str(mnt / "export"))
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -15,7 +15,7 @@ from conftest import CONFIGS
 from docev.config import load_config
 from docev.data.preprocess import run_preprocess
 from docev.training import recipe
-from docev.training.metrics import read_metrics
+from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
 OPTIMIZER_SECONDS, SCHEDULER_SECONDS = 3.0, 0.5  # what each call costs on the test's clock

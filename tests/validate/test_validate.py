@@ -86,7 +86,7 @@ def test_rejects_keep_the_original_record_and_detail(tmp_path, tiny_checkpoint, 
 
 
 def test_manifest_finds_records_again_and_counts_tokens(tmp_path, tiny_checkpoint, corpus):
-    from docev.validate.readers import read_at
+    from docev.sources.readers import read_at
 
     src, _ = corpus
     cfg = _cfg(tmp_path, tiny_checkpoint, src)
@@ -109,12 +109,25 @@ def test_reject_policy_fails_the_step_after_writing_reports(tmp_path, tiny_check
     assert report["failed_sources"]["corrupt"] > 0.1
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "path_escape" in md and "data:image/png;base64," in page and "image_too_large" in page
+    # the verdict first: a failing banner naming the source over the limit, before any table
+    read = sum(s["read"] for s in report["sources"].values())
+    rejected = sum(s["rejected"] for s in report["sources"].values())
+    share = report["failed_sources"]["corrupt"]
+    banner = (f"FAIL: {read - rejected} of {read} records accepted, {rejected} rejected ({rejected / read:.1%}); "
+              f"above the limit of 10.0% (validate.max_reject_fraction): corrupt {share:.1%}.")  # fmt: skip
+    assert md.splitlines()[2].startswith(f"> **{banner}")
+    assert page.index(f"<div class='verdict fail'>{banner}") < page.index("<table>")
+    passing = _cfg(tmp_path / "pass", tiny_checkpoint, src, "validate.max_reject_fraction=0.99")
+    run_validate(passing, workers=1)
+    md = (validate_dir(passing) / "report.md").read_text()
+    assert md.splitlines()[2].startswith(f"> **PASS: {read - rejected} of {read} records accepted")
+    assert "<div class='verdict pass'>PASS: " in (validate_dir(passing) / "report.html").read_text()
     for line in (ln for ln in md.splitlines() if ln.startswith("![")):
         assert (out / line.split("](")[1].split(")")[0]).is_file()
 
 
 def test_workers_and_shards_give_the_same_result(tmp_path, tiny_checkpoint, corpus, monkeypatch):
-    import docev.validate.readers as readers
+    import docev.sources.readers as readers
 
     monkeypatch.setattr(readers, "CHUNK_ROWS", 5)  # several units, so workers and shards really split
     src, _ = corpus

@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Literal
 
 from docev.config import DatasetSource, DocEVConfig
+from docev.sources.readers import source_name
 
 Split = Literal["train", "eval", "unused"]
 SPLITS: tuple[Split, ...] = ("train", "eval", "unused")
@@ -42,8 +43,6 @@ class SplitAssigner:
     ``unused`` marks a record of an eval-only source past its ``eval_records`` cap: validated, not used."""
 
     def __init__(self, cfg: DocEVConfig):
-        from docev.validate.readers import source_name
-
         self.seed = cfg.seed
         self.rules: dict[str, tuple[float, int | None]] = {}
         for src in cfg.datasets:

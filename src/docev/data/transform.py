@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
-from docev.data.messages import UFXType, message_dicts, message_images, ufx_to_messages
+from docev.data.messages import Message, UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
 from docev.ufx import UFXRecord
 from docev.vision.geometry import TilePlan, num_image_tokens, plan_tiles
@@ -41,6 +40,7 @@ from docev.vision.tiling import PixelConfig, TiledImage, normalize, tile_image
 
 OVERFLOW_STEPS = ("larger_ratio", "truncate_text", "drop")
 DROP_REASONS = ("too_long", "no_loss_after_truncation")
+IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX (its loss skips these labels), without importing it
 # Vision towers whose first output token is a CLS token ('default' feature selection drops it).
 _CLS_ENCODERS = frozenset({"clip_vision_model"})
 
@@ -101,7 +101,7 @@ def expand_placeholders(
     is_image = t == image_token_id
     if int(is_image.sum()) != len(image_token_counts):
         raise ValueError(f"{int(is_image.sum())} image placeholders but {len(image_token_counts)} image token counts")
-    labels = np.where(np.asarray(loss_mask, dtype=bool) & ~is_image, t, CROSS_ENTROPY_IGNORE_IDX)
+    labels = np.where(np.asarray(loss_mask, dtype=bool) & ~is_image, t, IGNORE_INDEX)
     repeats = np.ones(len(t), dtype=np.int64)
     repeats[is_image] = image_token_counts
     return np.repeat(t, repeats).tolist(), np.repeat(labels, repeats).tolist()

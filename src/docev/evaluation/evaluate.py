@@ -9,7 +9,6 @@ output keeps the manifest's order. Runs in one process (CPU locally, one GPU on 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +17,12 @@ from typing import Any
 import torch
 
 from docev.config import DocEVConfig
-from docev.evaluation.metrics import score, summarize
 from docev.evaluation.questions import Question, eval_questions
+from docev.evaluation.scores import score, summarize
 from docev.inference import DocEVGenerator
-from docev.training.checkpointing import resolve_checkpoint
+from docev.run.checkpoints import resolve_checkpoint
+from docev.run.paths import run_paths
+from docev.run.publish import write_text
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,7 +32,7 @@ class NoQuestionsError(ValueError):
 
 
 def eval_dir(cfg: DocEVConfig, label: str) -> Path:
-    return cfg.work_root / "eval" / label
+    return run_paths(cfg).eval_dir(label)
 
 
 def default_label(checkpoint: str | None) -> str:
@@ -66,7 +67,8 @@ def prediction_rows(questions: list[Question], answers: list[str], threshold: fl
     for q, pred in zip(questions, answers, strict=True):
         s = score(pred, q.answers, threshold)
         row: dict[str, Any] = {"id": q.id, "source": q.source, "turn": q.turn, "question": q.question,
-                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact}  # fmt: skip
+                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact,
+                               "relaxed": s.relaxed}  # fmt: skip
         if s.f1 is not None:
             row.update(f1=s.f1, json_parsed=s.parsed)
         row["question_type"] = q.question_type
@@ -94,7 +96,8 @@ def evaluate(
     """Score one model on the held-out split; returns the metrics written to ``metrics.json``.
 
     ``model_dir`` (an export or any model folder) wins over ``checkpoint`` (latest, best, step_N,
-    base; default latest). Raises ValueError when the split holds no question."""
+    base; default latest); an adapter run's step folder is evaluated as the base with the adapters merged.
+    Raises ValueError when the split holds no question."""
     ev = cfg.evaluate
     which = checkpoint or "latest"
     folder = Path(model_dir) if model_dir else resolve_checkpoint(cfg, which)
@@ -108,7 +111,10 @@ def evaluate(
             "(instruction sources) and rerun validate and preprocess"
         )
     ratio = ev.sampling_ratio or max(cfg.tokenizer.sampling_ratio)
-    generator = DocEVGenerator(folder, device=cfg.device, dtype=_DTYPES[cfg.dtype])
+    # an adapter run's step folder is read over the config's base, with its adapters merged in memory
+    generator = DocEVGenerator(
+        folder, device=cfg.device, dtype=_DTYPES[cfg.dtype], base=cfg.checkpointer.checkpoint_dir
+    )
     start = time.perf_counter()
     with torch.inference_mode():
         answers = answer_questions(generator, questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
@@ -120,18 +126,18 @@ def evaluate(
     metrics = {**summarize(rows), "label": label, "model": _relative(str(folder), root), "sampling_ratio": ratio,
                "seconds": seconds, "answers_per_second": len(rows) / seconds,
                **({"eval_loss": loss} if loss is not None else {})}  # fmt: skip
-    out = eval_dir(cfg, label)
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write(out / "metrics.json", json.dumps(metrics, indent=2))
+    paths = run_paths(cfg)
+    paths.eval_dir(label).mkdir(parents=True, exist_ok=True)
+    write_text(paths.eval_file(label, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(paths.eval_file(label, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
 
 
 def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
-    """The validation loss of this model on the held-out shards, as training computes it (one process);
+    """The eval loss of this model on the held-out shards, as training computes it (one process);
     None without eval shards."""
     from docev.data.loader import build_collate
-    from docev.training.evaluation import EvalLoss
+    from docev.eval_loss import EvalLoss
 
     collate = build_collate(cfg, generator.dtype)
     evaluator = EvalLoss.from_config(cfg, collate, rank=0, world_size=1, checkpoint_dir=cfg.work_root,
@@ -139,9 +145,3 @@ def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
     if evaluator is None:
         return None
     return evaluator.run(generator.model, torch.nn.CrossEntropyLoss(), generator.device)["eval_loss"]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -16,9 +16,7 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +29,13 @@ from PIL import Image
 from safetensors import safe_open
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
-from docev import assets
 from docev.config import DocEVConfig
 from docev.export.adapter import merged_and_adapter, write_adapter
 from docev.export.card import (
     SmokeSample,
     TrainingFacts,
     adaptation_rows,
+    eval_results,
     model_card,
     parameter_counts,
     smoke_section,
@@ -49,29 +47,26 @@ from docev.export.publish import (
     check_replaceable,
     destination_lock,
     new_staging,
-    publish,
     recover,
     remove_owned,
+    replace_export,
     seal,
 )
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
-from docev.models.docev._dcp import DCP_METADATA
-from docev.models.docev._digests import MANIFEST as CHECKPOINT_MANIFEST
+from docev.models.docev._folder import INDEX, WEIGHT_SUFFIXES, save_sharded, side_files
+from docev.models.docev._peft import is_trained_only
+from docev.run.checkpoints import RECIPE_STATE, CheckpointError, resolve_checkpoint, step_or_none
+from docev.run.diskspace import explain_write_error
+from docev.run.paths import EXPORT_UPLOAD, MANIFEST, run_paths
+from docev.run.publish import remote_names
+from docev.sources.readers import allowed_stores, source_name, source_store
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
-from docev.training.checkpointing import CheckpointError, resolve_checkpoint
-from docev.training.peft import is_trained_only
-from docev.validate.readers import allowed_stores, source_name, source_store
 from docev.vision.image_io import load_image
 
-INDEX = "model.safetensors.index.json"
-# Files of a checkpoint folder that the export writes itself or leaves out (optimizer state, pointers).
-_NOT_COPIED = {"config.json", INDEX, "generation_config.json", "chat_template.jinja", "README.md", SUMS,
-               "recipe_state.pt", "latest", "pytorch_model.bin.index.json", DCP_METADATA,
-               "peft.json", CHECKPOINT_MANIFEST}  # fmt: skip
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
-_STEP = re.compile(r"step_(\d+)")
+# Side files of a checkpoint folder that the export writes itself.
+_WRITTEN = {"generation_config.json", "chat_template.jinja", "README.md", SUMS}
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +85,7 @@ def pick_smoke_sample(cfg: DocEVConfig) -> SmokeSample | None:
     instruction source when there is one (the smoke prompt is a question); None without any. One image:
     the prompt then fits any model that can hold a full tile grid."""
     from docev.outputs import outputs
-    from docev.validate.outputs import MANIFEST
+    from docev.run.paths import MANIFEST
 
     outs = outputs(cfg)
     if not outs.exists(MANIFEST):
@@ -126,13 +121,12 @@ def smoke_device(cfg: DocEVConfig) -> str:
 
 def _write_folder(cfg: DocEVConfig, checkpoint: Path, staging: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Weights, config, tokenizer/processor files, chat template and generation config."""
-    assets.save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
+    save_sharded(dict(tensors), staging, cfg.export.max_shard_bytes)
     config = json.loads((checkpoint / "config.json").read_text())
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    for src in sorted(checkpoint.iterdir()):
-        if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
-            shutil.copyfile(src, staging / src.name)
+    for src in side_files(checkpoint, skip=_WRITTEN):
+        shutil.copyfile(src, staging / src.name)
     (staging / "chat_template.jinja").write_text(resolve_chat_template(cfg.tokenizer.chat_template).source)
     tokenizer = _load_tokenizer(staging)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in cfg.tokenizer.stop_tokens]
@@ -210,7 +204,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
-    why_not = "no accepted record with images in validate/manifest.jsonl"
+    why_not = f"no accepted record with images in {MANIFEST}"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
         result = generator.generate([_smoke_image(cfg, sample)], exp.smoke_prompt,
@@ -218,10 +212,10 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()
-    step_match = _STEP.fullmatch(checkpoint.name)
-    step = int(step_match.group(1)) if step_match else None
+    step = step_or_none(checkpoint)
     facts: TrainingFacts = training_facts(cfg, step, untrained=untrained)
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
+                          scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
@@ -250,13 +244,13 @@ def export_checkpoint(
         source = resolve_checkpoint(cfg, which)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    dest = destination or exp.destination or str(cfg.work_root / "export")
+    dest = destination or run_paths(cfg).export
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
     # Local: staged beside the destination (one exchange publishes). Remote: under output_dir (a volume
     # sized for checkpoints, unlike /tmp).
-    anchor = Path(dest_path) if local else cfg.work_root / "export-upload"
+    anchor = Path(dest_path) if local else cfg.work_root / EXPORT_UPLOAD
     anchor.parent.mkdir(parents=True, exist_ok=True)
     try:
         with destination_lock(anchor):
@@ -267,16 +261,27 @@ def export_checkpoint(
             try:
                 sums, smoke = build_export(cfg, source, staging)
                 if local:
-                    publish(staging, anchor)
+                    replace_export(staging, anchor)
                 else:
                     _publish_remote(staging, fs, dest_path, sums, overwrite)
+            except Exception as exc:  # a full or read-only disk (safetensors, torch): named with bytes needed and free
+                explained = explain_write_error(exc, staging, _weight_bytes(source), "choose another --out")
+                if explained is exc:
+                    raise
+                raise ExportError(str(explained)) from exc
             finally:
                 if staging.exists():
                     remove_owned(staging)
     except DestinationRefused as exc:
         raise ExportError(str(exc)) from None
-    match = _STEP.fullmatch(source.name)
-    return ExportResult(dest, source, int(match.group(1)) if match else None, exp.dtype, sums, smoke)
+    return ExportResult(dest, source, step_or_none(source), exp.dtype, sums, smoke)
+
+
+def _weight_bytes(checkpoint: Path) -> int:
+    """About what an export of ``checkpoint`` writes: its weight files (an over-estimate for a DCP step, whose
+    shards hold the optimizer state too)."""
+    return sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+               and p.name != RECIPE_STATE)  # fmt: skip
 
 
 def _check_destination(fs: AbstractFileSystem, path: str, shown: str, overwrite: bool) -> None:
@@ -290,8 +295,7 @@ def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict
     """Upload to ``dest.partial-*`` and check it; move an existing ``dest`` aside (copy, then delete);
     copy the upload onto ``dest`` with ``SHA256SUMS`` last and check it. A failure after the old export
     started to move puts it back whole."""
-    tag = uuid.uuid4().hex[:8]
-    stage, aside, phase = f"{dest}.partial-{tag}", f"{dest}.old-{tag}", "upload"
+    (stage, aside), phase = remote_names(dest), "upload"
     try:
         for name in [*list_files(fsspec.filesystem("file"), str(staging)), SUMS]:
             fs.put_file(str(staging / name), f"{stage}/{name}")

@@ -5,7 +5,7 @@ replace a folder that holds one and nothing besides the files its ``SHA256SUMS``
 refused, naming the folder, and nothing is deleted. Exports to one destination are serialised by a lock
 file beside it (``flock``: the kernel drops it when the holder dies, so a held lock means a live export).
 
-Locally the verified staging folder is swapped with the destination by one
+Locally the verified staging folder is swapped with the destination (``docev.run.publish``) by one
 ``renameat2(RENAME_EXCHANGE)``: at every instant the destination is a whole export, the old or the new.
 Where the filesystem lacks it (NFS, some overlays) the old export is renamed aside first and a kill
 between the two renames leaves no destination; the next export to that destination (``recover``) puts
@@ -16,13 +16,9 @@ unlinked last, so a folder whose removal was interrupted is still provably ours.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,41 +28,15 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from docev.export.checksums import ChecksumError, list_files, read_checksums, verify_checksums
+from docev.run.publish import leftovers, publish, temp_folder
 
 MANIFEST = "docev_export.json"  # in every export: what recognises a folder this project wrote
 FORMAT = "docev-export"
 STAGING_MARK = ".docev-staging"  # in a staging folder until its manifest is written
-_RENAME_EXCHANGE = 2
 
 
 class DestinationRefused(ValueError):
     """A destination this project may not replace, or one another export is writing."""
-
-
-def _load_renameat2():
-    """libc's ``renameat2`` (glibc ≥ 2.28), or None."""
-    try:
-        func = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return func
-
-
-_renameat2 = _load_renameat2()
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two folders atomically; False where the kernel or filesystem cannot (nothing changed then)."""
-    if _renameat2 is None:
-        return False
-    at_fdcwd = -100
-    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
 
 
 def manifest_of(fs: AbstractFileSystem, root: str) -> dict | None:
@@ -130,10 +100,6 @@ def destination_lock(dest: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _hidden(dest: Path) -> list[Path]:
-    return sorted(p for kind in ("partial", "old") for p in dest.parent.glob(f".{dest.name}.{kind}-*") if p.is_dir())
-
-
 def _ours(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() or (folder / STAGING_MARK).is_file() or not any(folder.iterdir())
 
@@ -165,13 +131,12 @@ def recover(dest: Path, *, restore: bool = True) -> list[str]:
     """Under the destination's lock: put a whole hidden export back where the destination is missing (a
     rename-aside publish was killed between its renames; only with ``restore``), then remove every hidden
     folder provably ours. Returns a line per hidden folder kept because nothing proves it is ours."""
-    hidden = _hidden(dest)
+    hidden = leftovers(dest)
     if restore and not dest.exists():
         old_first = sorted(hidden, key=lambda p: (".old-" not in p.name, -p.stat().st_mtime))
         for folder in old_first:
             if _whole(folder):
-                os.rename(folder, dest)
-                _fsync_dir(dest.parent)
+                publish(folder, dest)
                 hidden.remove(folder)
                 break
     kept = []
@@ -185,7 +150,7 @@ def recover(dest: Path, *, restore: bool = True) -> list[str]:
 
 def new_staging(dest: Path) -> Path:
     """An empty staging folder beside ``dest`` holding only the staging mark."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging = temp_folder(dest)
     (staging / STAGING_MARK).touch()
     return staging
 
@@ -196,42 +161,7 @@ def seal(staging: Path, manifest: dict) -> None:
     (staging / STAGING_MARK).unlink()
 
 
-def fsync_tree(folder: Path) -> None:
-    """Every file and folder under ``folder``, then ``folder`` and its parent, on disk."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            fd = os.open(Path(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-    _fsync_dir(folder.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(staging: Path, dest: Path) -> None:
-    """Put the sealed, verified ``staging`` at ``dest`` (already checked replaceable) and remove the old
-    export. The old export is whole at ``dest`` until the new one is."""
-    fsync_tree(staging)
-    if not dest.exists():
-        os.rename(staging, dest)
-    elif exchange(staging, dest):
-        remove_owned(staging)  # now the old export
-    else:
-        aside = dest.with_name(staging.name.replace(".partial-", ".old-"))
-        os.rename(dest, aside)
-        try:
-            os.rename(staging, dest)
-        except BaseException:
-            os.rename(aside, dest)
-            raise
-        remove_owned(aside)
-    _fsync_dir(dest.parent)
+def replace_export(staging: Path, dest: Path) -> None:
+    """Put the sealed, verified ``staging`` at ``dest`` (already checked replaceable); the old export stays
+    whole at ``dest`` until the new one is (``docev.run.publish``) and is then removed marks-last."""
+    publish(staging, dest, remove_old=remove_owned)

@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from docev.config import ConfigError, DocEVConfig
+from docev.run.paths import run_paths
 
 SHM_VOLUME = "dshm"
 SHM_MOUNT = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
@@ -28,11 +29,6 @@ class VolumeMount(NamedTuple):
     sub_path: str
 
 
-def checkpoint_dir(cfg: DocEVConfig) -> str:
-    """Where training writes checkpoints (DESIGN §7: ``<output_dir>/checkpoints`` unless the checkpointer says)."""
-    return cfg.checkpointer.output_dir or f"{str(cfg.work_root).rstrip('/')}/checkpoints"
-
-
 def volume_mounts(cfg: DocEVConfig) -> list[VolumeMount]:
     """The PVC mounts of the training pods. The checkpoint volume is mounted over the checkpoint folder with
     a subPath equal to that folder's path on the data volume, so paths are the same with or without it
@@ -41,7 +37,7 @@ def volume_mounts(cfg: DocEVConfig) -> list[VolumeMount]:
     k8s = cfg.kubernetes
     mounts = [VolumeMount("data", k8s.pvc, k8s.mount_path, "")]
     if k8s.checkpoint_pvc:
-        ckpt = PurePosixPath(checkpoint_dir(cfg))
+        ckpt = PurePosixPath(run_paths(cfg).checkpoints)
         root = PurePosixPath(k8s.mount_path)
         if root not in ckpt.parents:
             raise ConfigError(

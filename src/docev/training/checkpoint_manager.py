@@ -20,7 +20,7 @@ Either way a folder is written as ``.step_N.partial`` and renamed when complete 
 when the background write finishes), then ``latest`` moves, then pruning keeps the last K: a kill at
 any moment leaves ``latest`` naming a complete, loadable folder. Every file is digested by the rank that
 wrote it and the digests sealed into the folder's ``checkpoint_manifest.json`` before the rename
-(``docev.models.docev._digests``); a resume first has the ranks verify the folder between them and
+(``docev.run.digests``); a resume first has the ranks verify the folder between them and
 checks the recipe state against the manifest, and with ``resume_from_checkpoint: auto`` falls back
 to the newest folder that verifies, saying so on every rank and in the metrics.
 """
@@ -46,23 +46,24 @@ from torchtune import config, training, utils
 
 from docev.config import DocEVConfig
 from docev.models.docev import DocEVCheckpointer
-from docev.models.docev._checkpointer import RECIPE_STATE
-from docev.models.docev._dcp import MODEL_KEY, OPTIMIZER_KEY, UNUSED_KEY
-from docev.models.docev._digests import MANIFEST, CheckpointCorrupt, DigestingWriter, check_files, read_manifest
-from docev.training.checkpointing import (
-    RNG_KEY,
+from docev.models.docev._dcp import MODEL_KEY, OPTIMIZER_KEY, UNUSED_KEY, DigestingWriter
+from docev.run.checkpoints import (
+    RECIPE_STATE,
     ResumeError,
-    capture_rng,
-    manifest_record,
     older_checkpoints,
+    partial_path,
     prune_checkpoints,
-    recipe_problems,
     start_folder,
+    step_name,
 )
-from docev.training.diskspace import explain_write_error
+from docev.run.digests import MANIFEST, CheckpointCorrupt, check_files, read_manifest
+from docev.run.diskspace import explain_write_error
 from docev.training.peft import PeftRun, trained_state_dict
+from docev.training.state import RNG_KEY, capture_rng, manifest_record, recipe_problems
 
 log = utils.get_logger("INFO")
+_AUTO_HINT = ("; resume_from_checkpoint: auto falls back to the newest checkpoint that verifies (docev checkpoint "
+              "verify step_N checks one)")  # fmt: skip
 
 
 class CheckpointManager:
@@ -163,14 +164,7 @@ class CheckpointManager:
                 break
             self.skipped.append(CheckpointCorrupt(folder, problems))
         else:
-            hint = (
-                ""
-                if len(candidates) > 1
-                else (
-                    "; resume_from_checkpoint: auto falls back to the newest checkpoint "
-                    "that verifies (docev checkpoint verify step_N checks one)"
-                )
-            )
+            hint = "" if len(candidates) > 1 else _AUTO_HINT
             raise ResumeError("; ".join(str(e) for e in self.skipped) + hint)
         if self.skipped:  # every rank says so: an operator reading any pod's log sees it
             log.warning(f"resume_from_checkpoint: auto: {'; '.join(str(e) for e in self.skipped)} — falling back to "
@@ -242,7 +236,7 @@ class CheckpointManager:
         dist.all_gather_object(rng, capture_rng())
         extra = {**recipe_state, RNG_KEY: rng}
         self._record = manifest_record(extra)
-        self._writing = self._output_dir / f".step_{step}.partial"
+        self._writing = partial_path(self._output_dir, step)
         try:
             if self.format == "adapter":
                 folder = self._save_adapter(model, optimizer, extra, step, start)
@@ -288,7 +282,7 @@ class CheckpointManager:
             OPTIMIZER_KEY: get_optimizer_state_dict(model, optimizer),
             UNUSED_KEY: self.checkpointer.unused,
         }
-        tmp = self._output_dir / f".step_{step}.partial"
+        tmp = partial_path(self._output_dir, step)
         if self._is_rank_zero:
             self.checkpointer.partial_folder(step)
             self.checkpointer.write_side_files(tmp, state[MODEL_KEY]["image_newline"].dtype)
@@ -309,8 +303,10 @@ class CheckpointManager:
         self._published = Future()
         publish = partial(self._publish_when_written, self._published, tmp, step, start, self._record)
         self._pending.add_done_callback(publish)
-        log.info(f"Saving step_{step} in the background; training was blocked {time.perf_counter() - start:.2f} s")
-        return self._output_dir / f"step_{step}"
+        log.info(
+            f"Saving {step_name(step)} in the background; training was blocked {time.perf_counter() - start:.2f} s"
+        )
+        return self._output_dir / step_name(step)
 
     def _publish_when_written(
         self, published: Future, tmp: Path, step: int, start: float, record: dict[str, Any], written: Future

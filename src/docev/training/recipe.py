@@ -50,11 +50,19 @@ from tqdm import tqdm
 
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
-from docev.k8s.pod import checkpoint_dir
+from docev.eval_loss import EvalLoss
+from docev.models.docev._dcp import OPTIMIZER_KEY
+from docev.run.checkpoints import prune_checkpoints
+from docev.run.diskspace import check_room
+from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
-from docev.training.checkpointing import (
+from docev.training.memory import GIB, checkpoint_bytes, refuse_oversized
+from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
+from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
+from docev.training.peft import PeftRun
+from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
+from docev.training.state import (
     LR_SCHEDULER_KEY,
-    OPTIMIZER_KEY,
     RNG_KEY,
     SAMPLER_KEY,
     SEED_KEY,
@@ -62,17 +70,15 @@ from docev.training.checkpointing import (
     TOKENS_KEY,
     WANDB_RUN_KEY,
     WORLD_SIZE_KEY,
-    prune_checkpoints,
     restore_rng,
 )
-from docev.training.diskspace import check_room, checkpoint_bytes
-from docev.training.evaluation import EvalLoss
-from docev.training.metrics import MetricsLog, wandb_mode, wandb_run_id
-from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
-from docev.training.peft import PeftRun
-from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
 
 log = utils.get_logger("INFO")
+
+# The schedule a checkpoint was trained on; a resume with another one says what changes (the lr curve spans
+# the new total steps, so the lr at the resumed step moves).
+SCHEDULE_KEY = "schedule"
+SCHEDULE_FIELDS = ("epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "world_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,7 +101,7 @@ class _Step:
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
     tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
-    attention_pairs: int = 0  # query-key pairs the attention kernel computes (flex: whole blocks), for MFU
+    attention_pairs: int = 0  # query-key pairs the documents attend (causal, per document), for MFU
 
 
 class DocEVFinetuneRecipe:
@@ -132,8 +138,8 @@ class DocEVFinetuneRecipe:
         self._is_rank_zero = self.rank == 0
         self.seed = training.set_seed(seed=cfg.seed)
 
-        self._output_dir = Path(checkpoint_dir(cfg))
-        self._log_dir = cfg.work_root / "logs"
+        self._paths = run_paths(cfg)
+        self._output_dir = self._paths.checkpoints
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._log_every_n_steps = cfg.log_every_n_steps
@@ -155,6 +161,8 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
+        if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
+            refuse_oversized(cfg, torch.cuda.get_device_properties(self._device).total_memory / GIB)
         self._checkpoints = CheckpointManager(
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
@@ -175,7 +183,7 @@ class DocEVFinetuneRecipe:
         self._dataloader, self._sampler = build_dataloader(
             cfg, rank=self.rank, world_size=self.world_size, dtype=self._dtype, normalize=False
         )
-        self._validation = EvalLoss.from_config(cfg, self._dataloader.collate_fn, rank=self.rank,
+        self._eval_loss = EvalLoss.from_config(cfg, self._dataloader.collate_fn, rank=self.rank,
                                                 world_size=self.world_size, checkpoint_dir=self._output_dir,
                                                 resumed=resumed)  # fmt: skip
         if resumed:
@@ -202,6 +210,8 @@ class DocEVFinetuneRecipe:
             )
         self._total_steps = sum(self._steps_per_epoch)
         self._lr_scheduler = self._setup_lr_scheduler(state.get(LR_SCHEDULER_KEY) if resumed else None)
+        if resumed and self._is_rank_zero:
+            self._log_schedule_change(state.get(SCHEDULE_KEY), state.get(LR_SCHEDULER_KEY))
         if resumed:
             rng = state[RNG_KEY]
             if len(rng) == self.world_size:
@@ -216,7 +226,7 @@ class DocEVFinetuneRecipe:
         logger = config.instantiate(component(cfg, "metric_logger"), **resume)
         # torchtune writes {output_dir}/torchtune_config.yaml: give it the work folder (output_dir may be s3://…)
         logger.log_config(OmegaConf.create({**cfg.to_dict(), "output_dir": str(cfg.work_root)}))
-        return MetricsLog(self._log_dir, logger)
+        return MetricsLog(self._paths.metrics, self._paths.loss_plot, logger)
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         """``parallelize.setup_model`` with this run's dtypes and switches (None: a sharded checkpoint fills the
@@ -225,6 +235,9 @@ class DocEVFinetuneRecipe:
         mesh = run_mesh(cfg.train.fsdp_strategy, nnodes=cfg.train.nnodes, nproc_per_node=cfg.train.nproc_per_node,
                         device_type=self._device.type)  # fmt: skip
         self._hybrid = is_hybrid(mesh)
+        shape = ", ".join(f"{n}={k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+        utils.log_rank_zero(log, f"FSDP mesh ({shape}): {'hybrid' if self._hybrid else 'full'} sharding, "
+                            f"gradient reduction {cfg.train.gradient_reduction}")  # fmt: skip
         model = setup_model(
             component(cfg, "model"),
             model_state_dict,
@@ -279,6 +292,31 @@ class DocEVFinetuneRecipe:
             scheduler.load_state_dict(scheduler_state)
         return scheduler
 
+    def _schedule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        values = (self.total_epochs, self.max_steps_per_epoch, cfg.batch_size, self._gradient_accumulation_steps,
+                  self.world_size)  # fmt: skip
+        return {**dict(zip(SCHEDULE_FIELDS, values, strict=True)), "total_steps": self._total_steps}
+
+    def _log_schedule_change(self, saved: dict[str, Any] | None, scheduler_state: dict[str, Any] | None) -> None:
+        """One line when the resumed run's schedule differs from its checkpoint's: what changed, the new total
+        steps (the progress bar's), and the lr at the resumed step before and after (the curve now spans the
+        new total). Checkpoints from before the schedule was recorded are resumed silently."""
+        if saved is None:
+            return
+        now = self._schedule()
+        changed = [f"{k} {saved.get(k)} → {now[k]}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
+        if not changed and saved.get("total_steps") == now["total_steps"]:
+            return
+        was = (scheduler_state or {}).get("_last_lr")
+        lr = self._optimizer.param_groups[0]["lr"]
+        lr_note = f"the lr at step {self.global_step} goes {was[0]:.3g} → {lr:.3g}" if was else f"the lr is {lr:.3g}"
+        log.info(
+            f"Resuming with another schedule ({', '.join(changed) or 'the data'}): total steps "
+            f"{saved.get('total_steps')} → {now['total_steps']}; the lr schedule now spans {now['total_steps']} "
+            f"steps, so {lr_note} and follows the new curve from here"
+        )
+
     def _update_recipe_state(self, state: dict[str, Any]) -> None:
         self.global_step = int(state[STEP_KEY])
         self.tokens_seen = int(state[TOKENS_KEY])
@@ -331,7 +369,7 @@ class DocEVFinetuneRecipe:
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
                 last = stopping or (end_of_epoch and epoch == self.total_epochs - 1)
-                best = None if self._validation is None else self._validation.maybe_run(
+                best = None if self._eval_loss is None else self._eval_loss.maybe_run(
                     self._model, self._loss_fn, self._device, self.global_step, last, self._metrics)  # fmt: skip
                 preempted = self._preemption.agreed()
                 save_now = self.global_step % self.cfg.save_every_n_steps == 0
@@ -339,7 +377,7 @@ class DocEVFinetuneRecipe:
                     # published before returning when the run exits next or `best` will name the folder
                     self.save_checkpoint(wait=preempted or best is not None)
                 if best is not None:
-                    self._validation.mark_best(self.global_step, best)
+                    self._eval_loss.mark_best(self.global_step, best)
                 if preempted and not last:  # a run that just finished ends as finished
                     pbar.close()
                     raise Preempted(self.global_step)
@@ -493,6 +531,7 @@ class DocEVFinetuneRecipe:
             SEED_KEY: self.seed,
             WORLD_SIZE_KEY: self.world_size,
             WANDB_RUN_KEY: self._wandb_run_id,
+            SCHEDULE_KEY: self._schedule(),
         }
 
     def cleanup(self) -> None:

@@ -15,8 +15,10 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-from docev.validate.outputs import VALIDATE, iter_manifest, validate_dir
-from docev.validate.readers import load_source_image, source_name
+from docev.run.paths import VALIDATE
+from docev.run.publish import write_bytes, write_text
+from docev.sources.manifest import iter_manifest
+from docev.sources.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
 from docev.vision.tiling import tile_image
 
@@ -56,7 +58,7 @@ def _thumbnails(cfg: DocEVConfig, out: Path, manifest: Path) -> list[tuple[str, 
         thumb.save(buf, "PNG")
         name = f"{entry['source']}-{entry['row']}.png"
         (out / "thumbnails").mkdir(exist_ok=True)
-        (out / "thumbnails" / name).write_bytes(buf.getvalue())
+        write_bytes(out / "thumbnails" / name, buf.getvalue())
         caption = f"{im['size'][0]}x{im['size'][1]} {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
         thumbs.append((entry["id"], name, caption, buf.getvalue()))
     return thumbs
@@ -67,15 +69,33 @@ def _short(record: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+def verdict(report: dict[str, Any]) -> tuple[bool, str]:
+    """(passed, the sentence the reports open with): whether the step passes, on how many records, and for a
+    failure which sources broke ``max_reject_fraction`` and by how much."""
+    sources = report["sources"].values()
+    read, rejected = sum(s["read"] for s in sources), sum(s["rejected"] for s in sources)
+    share = rejected / read if read else 0.0
+    limit = report["max_reject_fraction"]
+    counts = f"{read - rejected} of {read} records accepted, {rejected} rejected ({share:.1%})"
+    failing = report.get("failed_sources") or {}
+    if failing:
+        worst = ", ".join(f"{n} {f:.1%}" for n, f in sorted(failing.items(), key=lambda x: -x[1]))
+        return False, (f"FAIL: {counts}; above the limit of {limit:.1%} (validate.max_reject_fraction): {worst}. "
+                       "The step fails; the reasons and an example of each are below.")  # fmt: skip
+    return True, f"PASS: {counts}; every source within the limit of {limit:.1%} (validate.max_reject_fraction)."
+
+
 def write_reports(
     cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]], manifest: Path
 ) -> None:
     """report.json, report.md, report.html and thumbnails/ (of the accepted entries in ``manifest``), published."""
-    out = validate_dir(cfg)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    out = outputs(cfg).local(VALIDATE)
+    write_text(out / "report.json", json.dumps(report, indent=2))  # each report whole or not at all (disk full)
     thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}
-    md = ["# Validation report", "", "| source | read | accepted | rejected | reject share | train | held out |"]
+    passed, sentence = verdict(report)
+    md = ["# Validation report", "", f"> **{sentence}**", ""]
+    md += ["| source | read | accepted | rejected | reject share | train | held out |"]
     md.append("|---|---|---|---|---|---|---|")
     for name, s in report["sources"].items():
         md.append(
@@ -108,7 +128,7 @@ def write_reports(
         ]
     md += ["## Accepted pages with their tile grid", ""]
     md += [f"![{rid}](thumbnails/{name}) {rid}: {cap}" for rid, name, cap, _ in thumbs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(out / "report.md", "\n".join(md) + "\n")
 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['read']}</td><td>{s['accepted']}</td><td>{s['rejected']}</td>"
@@ -130,11 +150,14 @@ def write_reports(
     page = (
         "<!doctype html><meta charset='utf-8'><title>DocEV validation report</title>"
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}"
-        "</style><h1>Validation report</h1><table><tr><th>source</th><th>read</th><th>accepted</th>"
+        ".verdict{padding:10px;font-size:1.2em;font-weight:bold;border-radius:4px}.pass{background:#d9f2d9}"
+        ".fail{background:#f8d0d0}</style><h1>Validation report</h1>"
+        f"<div class='verdict {'pass' if passed else 'fail'}'>{html.escape(sentence)}</div>"
+        "<table><tr><th>source</th><th>read</th><th>accepted</th>"
         f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )
-    (out / "report.html").write_text(page)
+    write_text(out / "report.html", page)
     outs = outputs(cfg)
     if (out / "thumbnails").is_dir():
         outs.publish_tree(f"{VALIDATE}/thumbnails")

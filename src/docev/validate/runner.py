@@ -3,7 +3,7 @@
 Layout under ``{output_dir}/validate/``::
 
     parts/00000-of-00001/{accepted,rejects}.jsonl, fingerprints.json, stats.json   one per ``--shard i/n``
-    sources.json      per source, per data file: size, mtime / ETag, XXH3-128 (docev.fingerprints)
+    sources.json      per source, per data file: size, mtime / ETag, XXH3-128 (docev.sources.fingerprints)
     manifest.jsonl    accepted records: source, file, row, offset, id, images (with their fingerprint),
                       tokens per ratio
     rejects.jsonl     the original record + reason code + field + detail, for every reject
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
-import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -30,13 +28,26 @@ from typing import Any
 
 from tqdm import tqdm
 
-from docev import fingerprints
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
-from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
-from docev.validate.outputs import MANIFEST, VALIDATE, validate_dir
-from docev.validate.readers import (
+from docev.run.paths import (
+    ACCEPTED_FILE,
+    FINGERPRINTS_FILE,
+    MANIFEST,
+    MANIFEST_FILE,
+    REJECTS,
+    REJECTS_FILE,
+    SOURCE_FINGERPRINTS,
+    STATS_FILE,
+    VALIDATE,
+    VALIDATE_REPORTS,
+    validate_part,
+)
+from docev.run.publish import publish, temp_folder, temp_name
+from docev.sources import fingerprints
+from docev.sources.formats import original_field
+from docev.sources.readers import (
     RawRecord,
     Unit,
     allowed_stores,
@@ -46,10 +57,16 @@ from docev.validate.readers import (
     source_name,
     source_store,
 )  # fmt: skip
+from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
 from docev.validate.report import write_reports
 from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
 from docev.vision.geometry import plan_tiles
+
+
+def validate_dir(cfg: DocEVConfig) -> Path:
+    """The local folder of the validate outputs (this process's copy when ``output_dir`` is an object store)."""
+    return outputs(cfg).local(VALIDATE)
 
 
 class ValidationFailed(RuntimeError):
@@ -107,9 +124,9 @@ class UnitValidator:
                         **pos,
                         "id": record_id,
                         "reason": rej.reason,
-                        "field": rej.field,
+                        "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
-                        "record": raw.data if raw.data is not None else raw.raw,
+                        "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
                 continue
@@ -179,11 +196,6 @@ def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
-def _part(shard: int, num_shards: int) -> str:
-    """The part folder of ``--shard i/n``, relative to output_dir."""
-    return f"{VALIDATE}/parts/{shard:05d}-of-{num_shards:05d}"
-
-
 def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> Path:
     """Validate units ``k`` with ``k % num_shards == shard``; write one part folder atomically (its
     ``stats.json``, published last, marks it complete)."""
@@ -191,20 +203,20 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
         raise ValueError(f"--shard {shard}/{num_shards}: expected 0 <= i < n")
     workers = workers or cfg.validate_.workers
     mine = [u for u in all_units(cfg) if u[0] % num_shards == shard]
-    outs, part = outputs(cfg), _part(shard, num_shards)
-    outs.remove(f"{part}/stats.json")  # a rerun: the old part stops counting as complete until this one is
+    outs, part = outputs(cfg), validate_part(shard, num_shards)
+    outs.remove(f"{part}/{STATS_FILE}")  # a rerun: the old part stops counting as complete until this one is
     final = outs.local(part)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temp_folder(final)
     # what each data file is before a record of it is read: any later change shows up at preprocess
     sources = all_sources(cfg)
     files: dict[str, dict[str, Any]] = {}
     for si, unit in sorted({(si, u.file): (si, u) for _, si, u in mine}.values(), key=lambda x: (x[0], x[1].file)):
         store = source_store(sources[si])
         files.setdefault(unit.source, {})[unit.file] = fingerprints.of_file(store, store.join(unit.file))
-    (tmp / "fingerprints.json").write_text(fingerprints.dumps(files))
+    (tmp / FINGERPRINTS_FILE).write_text(fingerprints.dumps(files))
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in sources}
-    with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
+    with (tmp / ACCEPTED_FILE).open("w") as acc, (tmp / REJECTS_FILE).open("w") as rej:
         bar = tqdm(
             total=sum(u.count for _, _, u in mine),
             unit="rec",
@@ -218,11 +230,9 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
             stats[result.source].merge(result.stats)
             bar.update(result.stats.read)
         bar.close()
-    (tmp / "stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for name in ("accepted.jsonl", "rejects.jsonl", "fingerprints.json", "stats.json"):
+    (tmp / STATS_FILE).write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
+    publish(tmp, final)
+    for name in (ACCEPTED_FILE, REJECTS_FILE, FINGERPRINTS_FILE, STATS_FILE):
         outs.publish(f"{part}/{name}")
     return final
 
@@ -247,16 +257,16 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     outs = outputs(cfg)
     out = validate_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [_part(i, num_shards) for i in range(num_shards)]
-    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/stats.json")]
+    parts = [validate_part(i, num_shards) for i in range(num_shards)]
+    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/{STATS_FILE}")]
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
     recorded: dict[str, dict[str, Any]] = {}
     for p in parts:
-        for name, data in json.loads(outs.read_text(f"{p}/stats.json")).items():
+        for name, data in json.loads(outs.read_text(f"{p}/{STATS_FILE}")).items():
             stats[name].merge(SourceStats.from_dict(data))
-        for name, files in json.loads(outs.read_text(f"{p}/fingerprints.json")).items():
+        for name, files in json.loads(outs.read_text(f"{p}/{FINGERPRINTS_FILE}")).items():
             for rel, fp in files.items():
                 seen = recorded.setdefault(name, {}).setdefault(rel, fp)
                 if what := fingerprints.difference(seen, fp):  # two shards read one file: it changed meanwhile
@@ -265,12 +275,13 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     splits = SplitAssigner(cfg)
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
+    pending = temp_name(outs.local(MANIFEST))  # published once the reports beside it are written
     with tempfile.TemporaryDirectory(dir=out) as tmpdir:
         tmp = Path(tmpdir)
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
-        with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
-            for entry in _read_sorted([outs.fetch(f"{p}/accepted.jsonl") for p in parts]):
+        with (tmp / MANIFEST_FILE).open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
+            for entry in _read_sorted([outs.fetch(f"{p}/{ACCEPTED_FILE}") for p in parts]):
                 try:
                     db.execute(
                         "INSERT INTO ids VALUES (?, ?, ?, ?)",
@@ -301,8 +312,8 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 man.write(json.dumps(entry) + "\n")
                 written[entry["source"]][0] += 1
         db.close()
-        with (tmp / "rejects.jsonl").open("w") as rej:
-            for entry in _read_sorted([outs.fetch(f"{p}/rejects.jsonl") for p in parts] + [tmp / "dups.jsonl"]):
+        with (tmp / REJECTS_FILE).open("w") as rej:
+            for entry in _read_sorted([outs.fetch(f"{p}/{REJECTS_FILE}") for p in parts] + [tmp / "dups.jsonl"]):
                 rej.write(json.dumps(entry) + "\n")
                 written[entry["source"]][1] += 1
                 examples.setdefault(entry["reason"], entry)
@@ -312,12 +323,12 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"validate: record accounting broken for source {name}: read {s.read}, accepted "
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
-        os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
-        os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
-        (tmp / fingerprints.SOURCES).write_text(fingerprints.dumps(recorded))
-        os.replace(tmp / fingerprints.SOURCES, out / fingerprints.SOURCES)
-    outs.publish(f"{VALIDATE}/rejects.jsonl")
-    outs.publish(f"{VALIDATE}/{fingerprints.SOURCES}")
+        publish(tmp / REJECTS_FILE, outs.local(REJECTS))
+        publish(tmp / MANIFEST_FILE, pending)
+        (tmp / FINGERPRINTS_FILE).write_text(fingerprints.dumps(recorded))
+        publish(tmp / FINGERPRINTS_FILE, outs.local(SOURCE_FINGERPRINTS))
+    outs.publish(REJECTS)
+    outs.publish(SOURCE_FINGERPRINTS)
     report = {
         "sources": {name: s.to_dict() for name, s in stats.items()},
         "split": splits.summary(),
@@ -330,14 +341,14 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
         if s["reject_fraction"] > cfg.validate_.max_reject_fraction
     }
     report["failed_sources"] = failing
-    write_reports(cfg, report, examples, out / ".manifest.jsonl.pending")
-    os.replace(out / ".manifest.jsonl.pending", out / "manifest.jsonl")
+    write_reports(cfg, report, examples, pending)
+    publish(pending, outs.local(MANIFEST))
     outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
             f"reject fraction above validate.max_reject_fraction={cfg.validate_.max_reject_fraction:.1%} "
-            f"({detail}); see {outs.where(f'{VALIDATE}/rejects.jsonl')} and {outs.where(f'{VALIDATE}/report.md')}"
+            f"({detail}); see {outs.where(REJECTS)} and {outs.where(VALIDATE_REPORTS['md'])}"
         )
     return report
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from docev.data.shards import TOKEN_BUCKETS, bucket
+
 SIDE_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
-TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-
-
-def bucket(value: int, edges: tuple[int, ...]) -> str:
-    """Label of the first edge ``value`` is below (``<512``), or ``>=last``."""
-    for edge in edges:
-        if value < edge:
-            return f"<{edge}"
-    return f">={edges[-1]}"
 
 
 class SourceStats:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from docev.models.docev import DocEVCheckpointer, docev_tiny, latest_checkpoint
+from docev.models.docev import DocEVCheckpointer, docev_tiny
+from docev.run.checkpoints import latest_checkpoint
 
 
 def _folder_tensors(folder):

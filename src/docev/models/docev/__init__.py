@@ -1,7 +1,7 @@
 """DocEV Preview for torchtune: architecture sizes, builders and weight conversion."""
 
 from docev.models.docev._arch import DocEVArch, hf_config, hf_param_shapes, preview, tiny
-from docev.models.docev._checkpointer import DocEVCheckpointer, latest_checkpoint
+from docev.models.docev._checkpointer import DocEVCheckpointer
 from docev.models.docev._component_builders import (
     docev,
     docev_decoder,
@@ -39,7 +39,6 @@ __all__ = [
     "hf_config",
     "hf_param_shapes",
     "image_feature_counts",
-    "latest_checkpoint",
     "ldpv2_connector",
     "lora_docev_decoder",
     "lora_docev_preview",

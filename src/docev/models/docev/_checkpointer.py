@@ -13,7 +13,6 @@ renamed (``partial_folder`` / ``publish``), so a crash never leaves a half-writt
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from docev import assets
 from docev.models.docev._arch import hf_param_shapes
 from docev.models.docev._convert_weights import (
     arch_from_hf_config,
@@ -30,17 +28,11 @@ from docev.models.docev._convert_weights import (
     docev_hf_to_tune,
     docev_tune_to_hf,
 )
-from docev.models.docev._dcp import DCP_METADATA, is_dcp_folder, read_dcp_model
-from docev.models.docev._digests import MANIFEST, seal, verify_checkpoint
+from docev.models.docev._dcp import is_dcp_folder, read_dcp_model
+from docev.models.docev._folder import INDEX, PEFT_META, TRAINED_FILE, save_sharded, side_files
+from docev.run.checkpoints import RECIPE_STATE, partial_folder, publish_step
+from docev.run.digests import seal, verify_checkpoint
 
-RECIPE_STATE = "recipe_state.pt"
-# A step folder of an adapter run: the trained tensors (torchtune names) and the adapter settings.
-TRAINED_FILE = "trained_model.safetensors"
-PEFT_META = "peft.json"
-LATEST = "latest"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", LATEST, DCP_METADATA,
-               PEFT_META, MANIFEST}  # fmt: skip
 DCP_WHERE = "DCP shards"
 
 
@@ -93,7 +85,7 @@ class DocEVCheckpointer:
                 "over its base checkpoint (docev.training.peft), or exported (docev export)"
             )
         if files is None:
-            index = d / "model.safetensors.index.json"
+            index = d / INDEX
             if index.is_file():
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             else:
@@ -161,7 +153,7 @@ class DocEVCheckpointer:
         ordered.update({k: v.contiguous() for k, v in hf.items() if k not in ordered})
 
         tmp = self.partial_folder(step)
-        assets.save_sharded(ordered, tmp, self.max_shard_bytes)
+        save_sharded(ordered, tmp, self.max_shard_bytes)
         self.write_side_files(tmp, state_dict["model"]["image_newline"].dtype)
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
@@ -185,63 +177,26 @@ class DocEVCheckpointer:
         return self.publish(tmp, step, record)
 
     def partial_folder(self, step: int) -> Path:
-        """An empty ``output_dir/.step_{step}.partial`` (what an earlier attempt left there is removed)."""
+        """An empty ``.step_{step}.partial`` in ``output_dir`` (``docev.run.checkpoints``)."""
         if self.output_dir is None:
             raise ValueError("checkpointer.output_dir is not set; cannot save")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / f".step_{step}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        return tmp
+        return partial_folder(self.output_dir, step)
 
     def write_side_files(self, folder: Path, dtype: torch.dtype) -> None:
         """``config.json`` (``torch_dtype`` = the saved weights' dtype) and the tokenizer/processor/template
         files of the source folder."""
-        for src in self.checkpoint_dir.iterdir():
-            if src.is_file() and src.name not in _NOT_COPIED and src.suffix not in _WEIGHT_SUFFIXES:
-                shutil.copy2(src, folder / src.name)
+        for src in side_files(self.checkpoint_dir):
+            shutil.copy2(src, folder / src.name)
         config = dict(self.hf_config)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     def publish(self, tmp: Path, step: int, record: Mapping[str, Any] | None = None) -> Path:
-        """Seal the complete ``tmp`` (digests of every file in its manifest, everything fsynced), rename it to
-        ``step_{step}``, then point ``latest`` at it (atomic replace, fsynced): after a power loss ``latest``
-        never names files that are not on disk."""
+        """Seal the complete ``tmp`` (the digest of every file in its ``checkpoint_manifest.json``, with
+        ``record``), rename it to ``step_{step}``, then point ``latest`` at it; ``docev.run.publish`` fsyncs
+        files and folders first, so after a power loss ``latest`` never names bytes that are not on disk."""
         seal(tmp, step, record)
-        name = f"step_{step}"
-        final = self.output_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(self.output_dir)
-        pointer = self.output_dir / f".{LATEST}.tmp"
-        with pointer.open("w") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(pointer, self.output_dir / LATEST)
-        _fsync_dir(self.output_dir)
-        return final
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The folder ``output_dir/latest`` names, or None before the first save."""
-    pointer = Path(output_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which does not exist")
-    return folder
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return publish_step(self.output_dir, tmp, step)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

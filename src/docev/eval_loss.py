@@ -1,4 +1,5 @@
-"""Validation loss during training, on the held-out shards (``shards/eval/``), and the ``best`` pointer.
+"""Eval loss: the loss on the held-out shards (``shards/eval/``), during training and for a scored model,
+and the ``best`` pointer.
 
 Every ``eval_every_n_steps`` (and after the last step) each rank computes, without gradients, the
 summed loss and loss-token count of its share of the eval samples (sample ``i`` goes to rank
@@ -25,7 +26,7 @@ from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
 from docev.data.preprocess import config_hash, tokenizer_fingerprint
 from docev.data.staging import local_shards
-from docev.training.checkpointing import Best, read_best, write_best
+from docev.run.checkpoints import Best, read_best, step_name, write_best
 
 
 class EvalLoss:
@@ -134,7 +135,7 @@ class EvalLoss:
 
     def mark_best(self, step: int, eval_loss: float) -> None:
         """After ``step_{step}`` is saved (every rank calls this): rank 0 points ``best`` at it."""
-        folder = self.checkpoint_dir / f"step_{step}"
+        folder = self.checkpoint_dir / step_name(step)
         if self.rank == 0:
             write_best(self.checkpoint_dir, folder, eval_loss)
         self.best = Best(folder, step, eval_loss)

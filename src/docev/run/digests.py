@@ -1,10 +1,11 @@
 """Digests of a checkpoint folder: every file hashed when written, recorded in ``checkpoint_manifest.json``.
 
 A flipped bit or a truncated shard used to be trained on (DCP and safetensors read whatever bytes are
-there) or crashed with messages that named no file. Each rank hashes what it writes (DCP: in
-``DigestingWriter.write_data``, which runs in the background writer for async saves) into a sidecar
-``.digest.<file>``; rank 0 hashes the files it wrote itself when it seals the folder, merges the
-sidecars and writes the manifest before the folder is renamed into place. Readers (resume, export,
+there) or crashed with messages that named no file. Each rank hashes what it writes (DCP:
+``docev.models.docev._dcp.DigestingWriter``, which runs in the background writer for async saves) into
+a sidecar ``.digest.<file>`` (:func:`record_written`); rank 0 hashes the files it wrote itself when it
+seals the folder (:func:`seal`), merges the sidecars and writes the manifest before the folder is
+published (``docev.run.publish`` fsyncs every file and the parent, then ``latest`` moves). Readers (resume, export,
 evaluate, generate, ``docev checkpoint verify``) recompute and compare; a mismatch names the folder,
 the file and what differs. The hash is xxHash's XXH3-128 (the ``xxhash`` package): ~5 GB/s on one
 core, against 0.4 GB/s for sha256, so a save's cost stays a few percent (``benchmarks/checkpoint_io.py``);
@@ -14,13 +15,11 @@ it guards against corruption, not tampering (exports carry ``SHA256SUMS`` for th
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import xxhash
-from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 MANIFEST = "checkpoint_manifest.json"
 FORMAT = "docev-checkpoint"
@@ -57,9 +56,9 @@ def record_written(folder: Path, name: str) -> None:
 
 
 def seal(folder: Path, step: int, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``checkpoint_manifest.json``: the sidecars' digests plus a digest of every other file (the ones
-    the caller, rank 0, wrote), the step and ``record`` (the recipe state's summary). Files are fsynced
-    first, the manifest is written under a temporary name, fsynced and renamed."""
+    """Write ``checkpoint_manifest.json`` into the unpublished ``folder``: the sidecars' digests plus a digest
+    of every other file (the ones the caller, rank 0, wrote), the step and ``record`` (the recipe state's
+    summary). The folder's publish makes it durable with the rest."""
     files: dict[str, dict[str, Any]] = {}
     sidecars = sorted(folder.glob(f"{_SIDECAR}*"))
     for sidecar in sidecars:
@@ -70,29 +69,13 @@ def seal(folder: Path, step: int, record: Mapping[str, Any] | None = None) -> di
     for name, digest in files.items():  # a sidecar's file must still be the bytes it hashed
         if (folder / name).stat().st_size != digest["size"]:
             raise CheckpointCorrupt(folder, [f"{name}: changed size after it was written"])
-    for name in files:
-        _fsync(folder / name)
     manifest = {"format": FORMAT, "step": step, "hash": HASH, "files": files}
     if record:
         manifest["recipe"] = dict(record)
-    tmp = folder / f".{MANIFEST}.tmp"
-    with tmp.open("w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for sidecar in sidecars:
         sidecar.unlink()
-    _fsync(folder)
     return manifest
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -171,16 +154,3 @@ def _stat_key(folder: Path, manifest: Mapping[str, Any]) -> tuple:
             return (None,)  # not cacheable: check_files reports it
         stats.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
     return (str(folder.resolve()), *stats)
-
-
-class DigestingWriter(FileSystemWriter):
-    """DCP's file writer that hashes each file this rank wrote right after writing it (for async saves, in
-    the background writer) and records it beside the file for rank 0's ``seal``."""
-
-    def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        results = future.wait()  # FileSystemWriter writes before it returns: this future is already done
-        folder = Path(self.path)
-        for name in sorted({r.storage_data.relative_path for r in results}):
-            record_written(folder, name)
-        return future

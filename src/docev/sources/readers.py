@@ -1,4 +1,5 @@
-"""Streaming readers for UFX sources: ``*.jsonl``, ``*.parquet`` and ``datasets`` ``save_to_disk`` folders.
+"""Streaming readers for UFX sources: ``*.jsonl``, ``*.parquet`` and ``datasets`` ``save_to_disk`` folders
+(and ``*.json`` arrays for sources of another ``formatting``, mapped by :mod:`docev.sources.formats`).
 
 A source is split into *units* (file, first row, row count) that can be read independently, so
 validation can fan out over processes and KFP tasks while each reader holds one chunk in memory
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from docev.config import DatasetSource
+from docev.sources import formats
 from docev.storage import Store, is_url, store_for
 from docev.vision.image_io import load_image
 
@@ -48,7 +50,9 @@ class RawRecord:
     offset: int | None
     data: dict[str, Any] | None
     raw: str | None = None
-    error: tuple[str, str] | None = None  # (reason code, detail)
+    error: tuple[str, ...] | None = None  # (reason code, detail[, field])
+    original: dict[str, Any] | None = None  # the row as stored, for a source of another formatting (JSON-safe)
+    fields: dict[str, str] | None = None  # UFX field prefix → the original field (formats.original_field)
 
 
 def source_name(src: DatasetSource) -> str:
@@ -61,8 +65,10 @@ def source_store(src: DatasetSource) -> Store:
 
 
 def allowed_stores(src: DatasetSource, allowed_roots: list[str]) -> list[Store]:
-    """``validate.allowed_roots`` as stores; one on an object store is read with the source's options."""
-    return [store_for(r, src.storage_options if is_url(r) else None) for r in allowed_roots]
+    """``validate.allowed_roots`` as stores; one on an object store is read with the source's options. The
+    source's ``embedded_images_dir`` is one: its images were the rows' own bytes."""
+    roots = [*allowed_roots, *([src.embedded_images_dir] if src.embedded_images_dir else [])]
+    return [store_for(r, src.storage_options if is_url(r) else None) for r in roots]
 
 
 def load_source_image(src: DatasetSource, name: str, allowed_roots: list[str]) -> Image.Image:
@@ -82,6 +88,7 @@ def data_files(src: DatasetSource) -> list[tuple[str, str]]:
         names = json.loads(store.read_bytes(state))["_data_files"]
         return [("arrow", posixpath.join(posixpath.dirname(state), f["filename"])) for f in names]
     files = [("jsonl", p) for p in store.find(".jsonl")]
+    files += [("json", p) for p in store.find(".json")] if src.formatting != "ufx" else []
     files += [("parquet", p) for p in store.find(".parquet")]
     if not files:
         raise FileNotFoundError(f"UFX source {src.source}: no *.jsonl, *.parquet or save_to_disk dataset found")
@@ -104,6 +111,9 @@ def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
                     row += 1
                 if row > start_row:
                     units.append(Unit(name, rel, start_row, row - start_row, start_off))
+        elif kind == "json":  # parsed whole: a JSON array has no row boundaries to seek to
+            total = max(len(_json_rows(store, path)[0]), 1)  # an unreadable file is one reject
+            units += [Unit(name, rel, s, min(chunk_rows, total - s)) for s in range(0, total, chunk_rows)]
         else:
             total = _table_rows(store, kind, path)
             units += [Unit(name, rel, s, min(chunk_rows, total - s)) for s in range(0, total, chunk_rows)]
@@ -120,6 +130,36 @@ def _table_rows(store: Store, kind: str, path: str) -> int:
 def _open_table(store: Store, path: str) -> Any:
     """Local files memory-mapped; objects through the retrying reader (parquet reads footer + row groups)."""
     return pa.memory_map(path) if store.local else store.open_read(path)
+
+
+_JSON_CACHE: dict[tuple[str, int], tuple[list[Any], str | None]] = {}
+
+
+def _json_rows(store: Store, path: str) -> tuple[list[Any], str | None]:
+    """(rows, parse error) of a ``.json`` file, kept for the file last read (its units are read in turn)."""
+    key = (path, store.size(path))
+    if key not in _JSON_CACHE:
+        try:
+            got: tuple[list[Any], str | None] = (formats.json_rows(store.read_bytes(path)), None)
+        except (ValueError, UnicodeDecodeError) as exc:
+            got = ([], str(exc))
+        _JSON_CACHE.clear()
+        _JSON_CACHE[key] = got
+    return _JSON_CACHE[key]
+
+
+def _mapped(src: DatasetSource, unit: Unit, row: int, offset: int | None, data: dict[str, Any]) -> RawRecord:
+    """A row as read → its record: UFX as it is (column names remapped), another formatting mapped into UFX
+    with the original row and its field names kept, or that format's reject."""
+    if src.formatting == "ufx":
+        return RawRecord(unit.source, unit.file, row, offset, _remap(src, data))
+    original = formats.json_safe(data)
+    try:
+        got = formats.to_ufx(data, src.formatting, where=f"{unit.file}:{row}", image_dir=src.embedded_images_dir)
+    except formats.FormatError as exc:
+        return RawRecord(unit.source, unit.file, row, offset, None, json.dumps(original), (exc.reason, exc.detail,
+                         exc.field), original)  # fmt: skip
+    return RawRecord(unit.source, unit.file, row, offset, got.record, original=original, fields=got.fields)
 
 
 def _remap(src: DatasetSource, row: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +180,20 @@ def read_unit(src: DatasetSource, unit: Unit) -> Iterator[RawRecord]:
     if path.endswith(".jsonl"):
         yield from _read_jsonl(src, unit, store.open_read(path))
         return
+    if path.endswith(".json"):
+        rows, error = _json_rows(store, path)
+        if error is not None:
+            yield RawRecord(unit.source, unit.file, 0, None, None, None, ("invalid_json", error))
+            return
+        for i, row in enumerate(rows[unit.start : unit.start + unit.count], start=unit.start):
+            if isinstance(row, dict):
+                yield _mapped(src, unit, i, None, row)
+            else:
+                yield RawRecord(unit.source, unit.file, i, None, None, json.dumps(row),
+                                ("wrong_type", f"a record is a JSON object, got {type(row).__name__}"))  # fmt: skip
+        return
     for i, row in enumerate(_table_rows_slice(store, path, unit.start, unit.count)):
-        yield RawRecord(unit.source, unit.file, unit.start + i, None, _remap(src, _drop_nulls(row)))
+        yield _mapped(src, unit, unit.start + i, None, _drop_nulls(row))
 
 
 def _drop_nulls(row: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +234,7 @@ def _read_jsonl(src: DatasetSource, unit: Unit, fh: BinaryIO) -> Iterator[RawRec
                 yield RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
                                 ("wrong_type", f"a record is a JSON object, got {type(data).__name__}"))  # fmt: skip
                 continue
-            yield RawRecord(unit.source, unit.file, row, pos, _remap(src, data))
+            yield _mapped(src, unit, row, pos, data)
 
 
 def _table_rows_slice(store: Store, path: str, start: int, count: int) -> Iterator[dict[str, Any]]:

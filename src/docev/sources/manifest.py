@@ -1,5 +1,5 @@
-"""Where the validate step's outputs live and how its manifest is read: shared by the runner (which writes
-them) and the report (which reads them), so neither imports the other's module."""
+"""Reading the validate step's manifest: the accepted records, in source order, that preprocess encodes,
+evaluation asks about and the export's smoke test draws from."""
 
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ from typing import Any
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-
-VALIDATE = "validate"
-MANIFEST = f"{VALIDATE}/manifest.jsonl"
-
-
-def validate_dir(cfg: DocEVConfig) -> Path:
-    """The local folder of the validate outputs (this process's copy when ``output_dir`` is an object store)."""
-    return outputs(cfg).local(VALIDATE)
+from docev.run.paths import MANIFEST
 
 
 def iter_manifest(cfg: DocEVConfig, path: Path | None = None) -> Iterator[dict[str, Any]]:

@@ -21,7 +21,6 @@ import xxhash
 
 from docev.storage import Store, with_retries
 
-SOURCES = "sources.json"  # under validate/
 HASH = "xxh3_128"
 _STORE_IDS = ("VersionId", "ETag")  # s3fs's info keys, strongest first
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from docev.models.docev import latest_checkpoint
-from docev.training.checkpointing import ResumeError, capture_rng, prune_checkpoints, restore_rng, start_folder
+from docev.run.checkpoints import ResumeError, latest_checkpoint, prune_checkpoints, start_folder
+from docev.training.state import capture_rng, restore_rng
 
 
 def _folders(out, steps, latest, recipe=True):
@@ -57,7 +57,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
 
 def test_best_pointer_survives_pruning(tmp_path):
-    from docev.training.checkpointing import read_best, write_best
+    from docev.run.checkpoints import read_best, write_best
 
     out = tmp_path
     _folders(out, [2, 4, 6, 8], 8)
@@ -79,7 +79,8 @@ def test_best_pointer_survives_pruning(tmp_path):
 def test_resolve_best(tmp_path, tiny_checkpoint):
     from conftest import tiny_config
 
-    from docev.training.checkpointing import CheckpointError, resolve_checkpoint, write_best
+    from docev.run.checkpoints import CheckpointError, resolve_checkpoint, write_best
+    from docev.run.digests import seal
 
     cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
     root = tmp_path / "checkpoints"
@@ -87,5 +88,27 @@ def test_resolve_best(tmp_path, tiny_checkpoint):
         resolve_checkpoint(cfg, "best")
     _folders(root, [3], 3)
     (root / "step_3" / "config.json").write_text("{}")
+    seal(root / "step_3", 3)  # a step folder is resolved only with its digests
     write_best(root, root / "step_3", 0.5)
     assert resolve_checkpoint(cfg, "best") == root / "step_3" == resolve_checkpoint(cfg, "latest")
+
+
+def test_one_checkpoint_folder_default(tmp_path, tiny_checkpoint):
+    """Without checkpointer.output_dir, training, the pod spec and --checkpoint all use work_dir/checkpoints."""
+    from conftest import tiny_config
+
+    from docev.k8s.pod import volume_mounts
+    from docev.run.checkpoints import resolve_checkpoint
+    from docev.run.digests import seal
+    from docev.run.paths import run_paths
+
+    over = ["checkpointer.output_dir=null", f"work_dir={tmp_path / 'work'}", "kubernetes.checkpoint_pvc=ckpt",
+            f"kubernetes.mount_path={tmp_path}"]  # fmt: skip
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}], *over)
+    root = tmp_path / "work" / "checkpoints"
+    assert cfg.checkpointer.output_dir is None and run_paths(cfg).checkpoints == root
+    assert volume_mounts(cfg)[-1].mount_path == str(root)
+    _folders(root, [2, 4], 4)
+    (root / "step_4" / "config.json").write_text("{}")
+    seal(root / "step_4", 4)
+    assert resolve_checkpoint(cfg, "latest") == root / "step_4"

@@ -1,4 +1,4 @@
-"""Validation loss: equals a per-sample hand computation; rank shares partition the eval samples."""
+"""Eval loss: equals a per-sample hand computation; rank shares partition the eval samples."""
 
 import pytest
 import torch
@@ -8,8 +8,8 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from docev.data.dataset import ShardDataset
 from docev.data.loader import build_collate
 from docev.data.preprocess import run_preprocess, shards_dir
+from docev.eval_loss import EvalLoss
 from docev.models.docev import DocEVCheckpointer, docev_tiny
-from docev.training.evaluation import EvalLoss
 from docev.validate.runner import run_validate
 
 CPU = torch.device("cpu")

@@ -1,12 +1,13 @@
-"""Room for checkpoints: checked before training, and named when a save runs out of it.
+"""Room on disk: checked before training, and named when a save or an export runs out of it.
 
 A full disk used to surface mid-save as ``RuntimeError: [enforce fail at inline_container.cc:672] .
 unexpected pos 704 vs 598`` and a restart retrained until the next save failed the same way. Before the
 first step every rank checks that ``checkpointer.output_dir`` takes a file and has room for two
 checkpoints of the planned size (weights in ``master_dtype`` plus AdamW's two moments of the trained
 parameters): below two it warns, below one it refuses, so a restart with the disk still full fails
-before it trains. A save that fails on a full or read-only file system is re-raised naming the path,
-the bytes it needs and the bytes free.
+before it trains (the recipe estimates the size: ``docev.training.memory.checkpoint_bytes``). A save or
+an export that fails on a full or read-only file system is re-raised naming the path, the bytes it
+needs and the bytes free.
 """
 
 from __future__ import annotations
@@ -17,23 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos", "file write failed")
 
 
 class DiskSpaceError(OSError):
-    """``checkpointer.output_dir`` is read-only or has no room for a checkpoint."""
-
-
-def checkpoint_bytes(model: torch.nn.Module, master_dtype: torch.dtype, *, trained_only: bool = False) -> int:
-    """Planned size of one checkpoint: every saved weight in ``master_dtype`` plus two AdamW moments per
-    trained weight (``trained_only``: an adapter run saves its trained tensors only)."""
-    item = torch.empty((), dtype=master_dtype).element_size()
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights = trained if trained_only else sum(p.numel() for p in model.parameters())
-    return (weights + 2 * trained) * item
+    """A folder docev writes is read-only or has no room for what it writes there."""
 
 
 def _gb(n: int) -> str:
@@ -68,9 +58,11 @@ def check_room(output_dir: Path, need: int) -> str | None:
     return None
 
 
-def explain_write_error(exc: BaseException, folder: Path, need: int) -> BaseException:
+def explain_write_error(
+    exc: BaseException, folder: Path, need: int, fix: str = "move checkpointer.output_dir"
+) -> BaseException:
     """``exc`` raised while writing ``folder``, as a :class:`DiskSpaceError` naming path, bytes needed and free
-    when the file system is full or read-only; else ``exc`` itself."""
+    when the file system is full or read-only; else ``exc`` itself. ``fix`` ends the message."""
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
@@ -86,6 +78,6 @@ def explain_write_error(exc: BaseException, folder: Path, need: int) -> BaseExce
         return DiskSpaceError(errno.EROFS, f"writing {folder}: the file system is read-only ({_gb(need)} needed, "
                               f"{_gb(free)} free)")  # fmt: skip
     if codes & set(_FULL) or any(t in text for t in _FULL_TEXT) or free < need:
-        return DiskSpaceError(errno.ENOSPC, f"writing {folder}: no space left: the checkpoint needs ~{_gb(need)}, "
-                              f"{_gb(free)} free; free space or move checkpointer.output_dir")  # fmt: skip
+        return DiskSpaceError(errno.ENOSPC, f"writing {folder}: no space left: it needs ~{_gb(need)}, "
+                              f"{_gb(free)} free; free space or {fix}")  # fmt: skip
     return exc
