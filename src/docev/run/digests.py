@@ -7,9 +7,9 @@ a sidecar ``.digest.<file>`` (:func:`record_written`); rank 0 hashes the files i
 seals the folder (:func:`seal`), merges the sidecars and writes the manifest before the folder is
 published (``docev.run.publish`` fsyncs every file and the parent, then ``latest`` moves). Readers (resume, export,
 evaluate, generate, ``docev checkpoint verify``) recompute and compare; a mismatch names the folder,
-the file and what differs. The hash is xxHash's XXH3-128 (the ``xxhash`` package): ~5 GB/s on one
-core, against 0.4 GB/s for sha256, so a save's cost stays a few percent (``benchmarks/checkpoint_io.py``);
-it guards against corruption, not tampering (exports carry ``SHA256SUMS`` for that).
+the file and what differs. The hash is xxHash's XXH3-128 (the ``xxhash`` package), built for
+throughput, so a save's cost stays a few percent (``benchmarks/checkpoint_io.py`` measures it); it guards
+against corruption, not tampering (exports carry ``SHA256SUMS`` for that).
 """
 
 from __future__ import annotations
