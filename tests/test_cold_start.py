@@ -57,3 +57,13 @@ def test_data_steps_import_no_torchtune_torchao_or_dynamo(tmp_path, tiny_checkpo
     assert validate == {"code": 0, "modules": ["torch"]}
     assert preprocess == {"code": 0, "modules": ["torch"]}
     assert (tmp_path / "shards" / "manifest.json").is_file()
+
+
+def test_torchaos_version_notice_is_filtered_other_torchao_messages_show():
+    """torchao's notice about its compiled kernels (imported with torchtune) is dropped at its logger; the rest
+    of what torchao logs still shows."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    code = "import docev, logging, torchtune; logging.getLogger('torchao').warning('another torchao warning')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "another torchao warning" in done.stderr
+    assert "Skipping import of cpp extensions" not in done.stderr

@@ -174,3 +174,39 @@ def test_cli_evaluate_latest_and_best_of_an_adapter_run(run, capsys, tmp_path):
     assert latest["n"] == best["n"] > 0
     answers = [[r["prediction"] for r in _lines(out / k / "predictions.jsonl")] for k in ("lora-latest", "lora-best")]
     assert answers[0] != answers[1]
+
+
+def test_prompts_take_the_held_out_tiles_from_the_eval_shards(tmp_path, tiny_checkpoint, synth_sources, monkeypatch):
+    """With eval shards, a question's images come from them: the same tokens and pixels as tiling the pages, and
+    evaluate decodes no page."""
+    import torch
+
+    from docev.data import transform as transform_module
+    from docev.data.preprocess import run_preprocess
+    from docev.data.transform import transform_from_config
+    from docev.evaluation.tiles import HeldOutTiles
+    from docev.vision.tiling import TiledImage
+
+    data = [{"source": str(synth_sources["instruct"]), "name": "instruct", "eval_fraction": 0.4}]
+    cfg = tiny_config(tmp_path, tiny_checkpoint, data, "evaluate.max_new_tokens=4", "evaluate.batch_size=4")
+    run_validate(cfg, workers=1)
+    assert not len(HeldOutTiles(cfg))  # nothing preprocessed yet: the pages are tiled
+    run_preprocess(cfg, workers=1)
+    tiles, transform = HeldOutTiles(cfg), transform_from_config(cfg)
+    questions = list(eval_questions(cfg))
+    assert len(tiles) and questions
+    t = cfg.tokenizer.tile_size
+    for q in questions:
+        prompt = tiles.prompt(q)
+        stored = [p["content"] for m in prompt for p in m.content if p["type"] == "image"]
+        assert len(stored) == len(q.images) and all(isinstance(s, TiledImage) for s in stored)
+        ours, pages = transform.encode(prompt), transform.encode(q.prompt)
+        assert ours.tokens == pages.tokens
+        for a, b in zip(ours.images, pages.images, strict=True):
+            assert torch.equal(a.pixels(t), b.pixels(t))
+
+    def no_page_decode(*args, **kwargs):
+        raise AssertionError("a page was decoded and tiled again")
+
+    monkeypatch.setattr(transform_module, "load_image", no_page_decode)
+    assert evaluate(cfg, checkpoint="base")["n"] == len(questions)

@@ -155,7 +155,7 @@ class ShardBuilder:
             first, last = group[0], group[-1]
             unit = Unit(name, file, first["row"], last["row"] - first["row"] + 1, first["offset"] or 0)
             src = self.sources[name][1]
-            for raw in read_unit(src, unit):
+            for raw in read_unit(src, unit, self.cfg.validate_.max_line_bytes):
                 entry = wanted.get(raw.row)
                 if entry is None:
                     continue

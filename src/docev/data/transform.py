@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from docev.config import resolve_component
 from docev.data.messages import Message, UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
 from docev.ufx import UFXRecord
@@ -240,15 +241,24 @@ class DocEVTransform:
         load_pixels: bool = True,
         add_generation_prompt: bool = False,
     ) -> EncodedSample:
-        """Ratio-independent sample. Image parts hold a path or a PIL image; with ``load_pixels=False``
-        only sizes are read (from headers for paths)."""
+        """Ratio-independent sample. Image parts hold a path, a PIL image or a :class:`TiledImage` already tiled
+        for this transform (e.g. read back from a shard); with ``load_pixels=False`` only sizes are read (from
+        headers for paths)."""
         tokens, mask = self.tokenize_messages(messages, ufx_type=ufx_type, add_generation_prompt=add_generation_prompt)
         sources = message_images(messages)
         if not load_pixels:
             sizes = [_size(s) for s in sources]
             return EncodedSample(tokens, mask, sizes)
-        tiled = [self.tile(s if isinstance(s, Image.Image) else load_image(s)) for s in sources]
+        tiled = [self._tiled(s) for s in sources]
         return EncodedSample(tokens, mask, [t.plan.size for t in tiled], tiled)
+
+    def _tiled(self, source: Any) -> TiledImage:
+        if isinstance(source, TiledImage):
+            if source.plan != self.plan(*source.plan.size):
+                raise ValueError(f"an image tiled as {source.plan}; this transform tiles it as "
+                                 f"{self.plan(*source.plan.size)}")  # fmt: skip
+            return source
+        return self.tile(source if isinstance(source, Image.Image) else load_image(source))
 
     def choose_ratio(self) -> int:
         """A random ratio from ``sampling_ratio`` when ``apply_random_sampling_ratio``, else the first."""
@@ -333,6 +343,8 @@ class DocEVTransform:
 
 
 def _size(source: Any) -> tuple[int, int]:
+    if isinstance(source, TiledImage):
+        return source.plan.size
     if isinstance(source, Image.Image):
         return source.height, source.width
     return read_image_size(source)
@@ -428,9 +440,14 @@ def docev_preview_transform(
 
 
 def transform_from_config(cfg: Any) -> DocEVTransform:
-    """The transform of a loaded :class:`~docev.config.DocEVConfig` (its ``tokenizer`` section)."""
-    kwargs = cfg.tokenizer.model_dump(exclude={"component"})
-    return docev_preview_transform(**kwargs)
+    """The transform of a loaded :class:`~docev.config.DocEVConfig`: ``tokenizer._component_`` called with the
+    section's arguments (the config loader already checked that it imports and takes them)."""
+    section = cfg.tokenizer
+    transform = resolve_component(section.component)(**section.arguments())
+    if not isinstance(transform, DocEVTransform):
+        raise TypeError(f"tokenizer._component_: {section.component} returned {type(transform).__name__}, "
+                        "not a DocEVTransform")  # fmt: skip
+    return transform
 
 
 TokenCounter = Callable[..., dict[int, int]]

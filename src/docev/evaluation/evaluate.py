@@ -19,6 +19,7 @@ import torch
 from docev.config import DocEVConfig
 from docev.evaluation.questions import Question, eval_questions
 from docev.evaluation.scores import score, summarize
+from docev.evaluation.tiles import HeldOutTiles
 from docev.inference import DocEVGenerator
 from docev.run.checkpoints import resolve_checkpoint
 from docev.run.paths import run_paths
@@ -47,14 +48,16 @@ def answer_questions(
     max_new_tokens: int,
     sampling_ratio: int,
     progress: Callable[[int], None] | None = None,
+    tiles: HeldOutTiles | None = None,
 ) -> list[str]:
-    """The model's answer to each question, in order; ``batch_size`` prompts per generation."""
+    """The model's answer to each question, in order; ``batch_size`` prompts per generation; images from
+    ``tiles`` (the eval shards) where they hold them."""
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].images))
     answers: list[str] = [""] * len(questions)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        gens = generator.generate_batch([questions[i].prompt for i in chunk], max_new_tokens=max_new_tokens,
-                                        sampling_ratio=sampling_ratio)  # fmt: skip
+        prompts = [tiles.prompt(questions[i]) if tiles is not None else questions[i].prompt for i in chunk]
+        gens = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, sampling_ratio=sampling_ratio)
         for i, g in zip(chunk, gens, strict=True):
             answers[i] = g.text.strip()
         if progress is not None:
@@ -115,10 +118,11 @@ def evaluate(
     generator = DocEVGenerator(
         folder, device=cfg.device, dtype=_DTYPES[cfg.dtype], base=cfg.checkpointer.checkpoint_dir
     )
+    tiles = HeldOutTiles(cfg)
     start = time.perf_counter()
     with torch.inference_mode():
         answers = answer_questions(generator, questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                                   sampling_ratio=ratio, progress=progress)  # fmt: skip
+                                   sampling_ratio=ratio, progress=progress, tiles=tiles)  # fmt: skip
     seconds = time.perf_counter() - start
     loss = eval_loss(cfg, generator)
     root = cfg.work_root

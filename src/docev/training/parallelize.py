@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -158,6 +159,14 @@ def apply_fsdp(
     for name, module in units:
         fully_shard(module, reshard_after_forward=name != _KEPT_GATHERED, **kwargs)
     fully_shard(model, reshard_after_forward=False, ignored_params=set(frozen) or None, **kwargs)
+    # The root returns the loss chunks as views of one projection (docev.models.docev._layers: one gather and one
+    # reduce-scatter of the output matrix per micro-batch); FSDP2 warns that an in-place op on a view would lose
+    # its pre-backward hook, but the chunked loss only reads them. Only this class's warning is silenced.
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"FSDP2-wrapped module \({type(model).__name__}\) returned a view tensor",
+        category=UserWarning,
+    )
     model.set_reduce_scatter_unused_params(True)
 
 
