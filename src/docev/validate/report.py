@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-from docev.run.paths import VALIDATE
+from docev.run.paths import REJECTS_FILE, VALIDATE
 from docev.sources.manifest import iter_manifest
 from docev.sources.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
@@ -125,7 +125,7 @@ def write_reports(
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
     md += ["", "## Example of each reject reason", ""]
-    md += ["Line numbers count from 1 (the `row` field of `rejects.jsonl` and the manifest counts from 0).", ""]
+    md += [f"Line numbers count from 1 (the `row` field of `{REJECTS_FILE}` and the manifest counts from 0).", ""]
     for reason, ex in sorted(examples.items()):
         md += [
             f"### `{reason}`",
