@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -407,18 +408,26 @@ def resolve_component(path: str) -> Any:
     return target
 
 
-def _tokenizer_errors(section: TokenizerSection) -> list[str]:
-    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+def _checkable_params(path: str) -> tuple[list[str], Mapping[str, inspect.Parameter] | None]:
+    """(import errors, the callable's parameters); None when they cannot be checked (no signature, **kwargs)."""
     try:
-        target = resolve_component(section.component)
+        target = resolve_component(path)
     except ImportError as exc:
-        return [f"_component_: {exc}"]
+        return [f"_component_: {exc}"], None
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
-        return []
+        return [], None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+        return [], None
+    return [], params
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+    errors, params = _checkable_params(section.component)
+    if params is None:
+        return errors
     return [f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params]
 
 
@@ -428,16 +437,9 @@ def _component_errors(section: Component | None) -> list[str]:
     if section is None:
         return []
     path = section.component
-    try:
-        target = resolve_component(path)
-    except ImportError as exc:
-        return [f"_component_: {exc}"]
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+    errors, params = _checkable_params(path)
+    if params is None:
+        return errors
     names = [n for n in params if n not in _RECIPE_SUPPLIED]
     errors = []
     for key, value in (section.model_extra or {}).items():
