@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean image manifests
+.PHONY: setup demo test test-fast mutations lint clean image manifests
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The developers' loop: everything but the tests marked slow (torchrun trainings, pipeline runs, compiles).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Each bug the suite once let through, applied to a copy of the repository, must fail its tests (~20 min).
+mutations: setup
+	$(BIN)/python tests/mutations/mutation_check.py
 
 lint: setup
 	$(BIN)/ruff check .

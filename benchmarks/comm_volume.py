@@ -14,8 +14,13 @@ the unit's size at preview scale (48 layers, 27 vision layers, 4096 / 14336 / 11
 rows, from the model built on the meta device), the ring cost
 ``(n-1)/n`` (twice for all-reduce) for the group size ``n`` of the target mesh, and micro-batches: the first
 ``gradient_accumulation_steps - 1`` like the counted first one, the last like the counted last one.
-"Cross-node" counts the bytes of collectives whose group spans nodes (full sharding over several nodes: all of
-them; hybrid: the all-reduce only). Bytes in the config's precision, as the recipe trains: with the preview's
+"Cross-node" counts the bytes that leave a node, the same way on both sides: in a ring over a group laid out
+node by node, a rank sends each byte to the next rank, so of a node's ``per_node`` ranks only the last sends
+to another node — full sharding over several nodes puts ``1/per_node`` of each rank's bytes (on average) on
+the wire between nodes; hybrid's all-reduce runs over one rank per node, so all of its bytes do, and its
+all-gathers and reduce-scatters stay in the node. (An earlier version counted every byte of a collective whose
+group spans nodes as cross-node for full sharding, which overstated the "before" row ``per_node``-fold.)
+Bytes in the config's precision, as the recipe trains: with the preview's
 ``dtype: bf16`` and ``master_dtype: fp32`` FSDP2 all-gathers bf16 parameters and reduces fp32 gradients. The
 counted run is all bf16 (which collectives run and which units they move do not depend on the dtype;
 tests/training/test_sharding.py checks on real runs that the mixed policy gathers half and reduces the same
@@ -188,11 +193,13 @@ def extrapolate(counted, plan: str, strategy: str, nnodes: int, per_node: int, g
             if kind == "all_reduce":
                 if not hybrid:  # one node: the replicate group has one rank, nothing to reduce
                     continue
-                sent, crosses = payload / shard_n * 2 * (nnodes - 1) / nnodes, True
+                # one rank per node in the ring: every byte sent goes to another node
+                sent, leaves = payload / shard_n * 2 * (nnodes - 1) / nnodes, 1.0
             else:
-                sent, crosses = payload * (shard_n - 1) / shard_n, nnodes > 1 and not hybrid
+                # a ring over nnodes × per_node ranks (full sharding): one link in per_node leaves the node
+                sent, leaves = payload * (shard_n - 1) / shard_n, 1 / per_node if nnodes > 1 and not hybrid else 0.0
             out[kind] += sent * repeat
-            out["cross_node"] += sent * repeat if crosses else 0.0
+            out["cross_node"] += sent * repeat * leaves
     return out
 
 
@@ -247,15 +254,16 @@ def main() -> None:
             b = extrapolate(counted[name], plan, strategy, nnodes, args.gpus_per_node, ga, itemsize)
             total = b["all_gather"] + b["reduce_scatter"] + b["all_reduce"]
             base = base or (total, b["cross_node"])
-            ratio = f"  total ÷{base[0] / total:.1f}" + (f", x-node ÷{base[1] / b['cross_node']:.0f}"
-                                                          if b["cross_node"] and nnodes > 1 else "")  # fmt: skip
+            x = base[1] / b["cross_node"] if b["cross_node"] and nnodes > 1 else None
+            ratio = f"  total ÷{base[0] / total:.1f}" + (f", x-node ÷{x:.{1 if x < 10 else 0}f}" if x else "")
             print(
                 f"{mesh:6} {label:44} {_fmt(b['all_gather'])}  {_fmt(b['reduce_scatter'])}"
                 f"{_fmt(b['all_reduce'])}{_fmt(total)}{_fmt(b['cross_node'])}{ratio if name != 'before' else ''}"
             )
-    print("\nx-node: bytes in collectives whose group spans nodes. Memory of the 'last micro-batch' rows: every rank "
-          "holds the unsharded gradients of all trainable parameters between micro-batches, in the reduce dtype "
-          f"({itemsize[True]} bytes each).")  # fmt: skip
+    print("\nx-node: bytes that leave the rank's node (ring collectives; full sharding across nodes: the node's "
+          "last rank sends to the next node, 1/gpus-per-node of the bytes on average).\nMemory of the 'last "
+          "micro-batch' rows: every rank holds the unsharded gradients of all trainable parameters between "
+          f"micro-batches, in the reduce dtype ({itemsize[True]} bytes each).")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ changes no shape or FLOP.
 Runs: ``packed`` (rows of 8192 tokens, flex attention from document ids) and ``unpacked`` (batch 1, length
 buckets, S padded to multiples of 512, SDPA with ``is_causal``).
 
-MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens``; attention ``12·L·d`` per
-query-key pair the kernel computes (``attention_pairs`` of the metrics: whole 128 × 128 blocks of the document
-mask for flex, S(S+1)/2 per unpacked row); the frozen vision tower forward only (``2·N·p`` + ``4·L·p²·d`` per
-tile, p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing recompute is
-not counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s. The seconds are the recipe's
-``step_seconds``: the whole step, from fetching its first micro-batch through the all-reduce, clipping,
-``optimizer.step``, ``zero_grad`` and the lr-scheduler step (CUDA synchronised), the window torchtune's
-stock loop times too. The MFU it prints is what ``benchmarks/loader_throughput.py --mfu`` takes.
+MFU counts the FLOPs of the model that runs, per step: decoder ``6·N·tokens``; attention ``12·L·d`` per query-key
+pair the model attends (``attention_pairs`` of the metrics: n(n+1)/2 per document of n real tokens, one definition
+for packed and unpacked rows — not what a kernel computes besides, flex's partly masked 128 × 128 blocks or SDPA's
+padded tail, which would flatter one run against the other); the frozen vision tower forward only (``2·N·p`` +
+``4·L·p²·d`` per tile, p = 1600 patches); the trainable connector MLP ``6·N·p`` per tile. Activation-checkpointing
+recompute is not counted (the usual MFU convention). Peak: H200 dense bf16, 989 TFLOP/s. The seconds are the
+recipe's ``step_seconds``: the whole step, from fetching its first micro-batch through the all-reduce, clipping,
+``optimizer.step``, ``zero_grad`` and the lr-scheduler step (CUDA synchronised), the window torchtune's stock loop
+times too. The MFU it prints is what ``benchmarks/loader_throughput.py --mfu`` takes.
 
     python benchmarks/gpu_check.py prepare WORKDIR STEPS packed|unpacked
     python benchmarks/gpu_check.py report WORKDIR packed|unpacked RECOMPILES

@@ -49,6 +49,10 @@ def test_transient_faults_are_told_from_missing_or_denied():
         pass
 
     assert is_transient(OSError(errno.EBUSY, "SlowDown")) and is_transient(ConnectionResetError())
+    # what NFS and FUSE volumes return under load or across a server failover
+    for code in (errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN):
+        assert is_transient(OSError(code, "x")), errno.errorcode[code]
+    assert not is_transient(OSError(errno.ELOOP, "loop")) and not is_transient(IsADirectoryError("dir"))
     assert is_transient(ConnectionClosedError()) and is_transient(TimeoutError())
     wrapped = RuntimeError("read failed")
     wrapped.__cause__ = OSError(errno.EREMOTEIO, "InternalError")
@@ -82,12 +86,21 @@ def test_s3_options_switch_off_library_retries_and_carry_no_secret():
 
 
 def test_ordered_map_keeps_order_bounds_work_and_passes_errors_through():
-    active, peak, lock = [0], [0], threading.Lock()
+    threads, active, peak, lock = 4, [0], [0], threading.Lock()
+    together = threading.Barrier(threads, timeout=30)  # the first `threads` calls must all be in flight at once
+    pulled = [0]
+
+    def items():
+        for i in range(20):
+            pulled[0] += 1
+            yield i
 
     def work(i: int) -> int:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+        if i < threads:
+            together.wait()  # a serial map breaks the barrier (its error becomes the item's result)
         time.sleep(0.01 * (i % 3))
         with lock:
             active[0] -= 1
@@ -95,9 +108,14 @@ def test_ordered_map_keeps_order_bounds_work_and_passes_errors_through():
             raise ValueError("bad item")
         return i * i
 
-    out = list(ordered_map(work, range(20), threads=4))
-    assert [i for i, _ in out] == list(range(20)) and peak[0] <= 4
+    out, ahead = [], []
+    for item, result in ordered_map(work, items(), threads=threads):
+        ahead.append(pulled[0] - item)  # input items read beyond the one being handed out
+        out.append((item, result))
+    assert [i for i, _ in out] == list(range(20)) and peak[0] == threads
+    assert [r for _, r in out[:threads]] == [i * i for i in range(threads)]
     assert isinstance(out[5][1], ValueError) and out[6][1] == 36
+    assert max(ahead) == 2 * threads  # a stream is read at most 2·threads items ahead, never whole
     with pytest.raises(TransientStorageError):
         list(ordered_map(lambda i: (_ for _ in ()).throw(TransientStorageError("down")), range(3), threads=2))
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_schemas import core_errors, pytorchjob_errors, runtime_errors, trainjob_errors
 
 from docev.cli import main
 from docev.config import load_config
+from docev.k8s.admission import core_errors, pytorchjob_errors, runtime_errors, trainjob_errors
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -244,3 +244,34 @@ def test_no_secret_values_are_committed():
             for doc in yaml.safe_load_all((REPO / name).read_text()):
                 assert not (doc and doc.get("kind") == "Secret"), name
     assert "manifests/secrets/wandb.env" not in tracked.stdout.split()
+
+
+def test_render_manifests_refuses_an_object_the_cluster_would_reject(tmp_path, capsys):
+    """An empty image passes the config schema, but the operator's webhook wants an image on the 'pytorch'
+    container: the error names the object and the rule, and nothing is written."""
+    preview = str(REPO / "configs" / "docev_preview.yaml")
+    assert main(["render-manifests", "--config", preview, "--out", str(tmp_path / "jobs"), "train.image="]) == 2
+    err = capsys.readouterr().err
+    assert f"{preview}: the cluster would reject what this config renders (nothing written)" in err
+    assert "PyTorchJob docev-train: Master: container 'pytorch' has no image" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_render_manifests_writes_neither_of_a_trainjob_pair_when_one_is_invalid(tmp_path, capsys, monkeypatch):
+    """A runtime the CRD's CEL rule rejects (two ML policies) stops the valid TrainJob from being written too."""
+    import docev.k8s.trainjob as trainjob
+
+    render_runtime = trainjob.render_runtime
+
+    def two_policies(cfg):
+        runtime = render_runtime(cfg)
+        runtime["spec"]["mlPolicy"]["mpi"] = {}
+        return runtime
+
+    monkeypatch.setattr(trainjob, "render_runtime", two_policies)
+    preview = str(REPO / "configs" / "docev_preview.yaml")
+    out = ["--out", str(tmp_path / "jobs"), "--runtime-out", str(tmp_path / "runtimes")]
+    assert main(["render-manifests", "--config", preview, "--backend", "trainjob", *out]) == 2
+    err = capsys.readouterr().err
+    assert "ClusterTrainingRuntime docev-torch-distributed: mlPolicy: only one of the policies can be configured" in err
+    assert list(tmp_path.iterdir()) == []

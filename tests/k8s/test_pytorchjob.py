@@ -2,9 +2,9 @@ import copy
 from pathlib import Path
 
 import pytest
-from k8s_schemas import CRD, admission_errors, crd_validator, pytorchjob_errors
 
 from docev.config import ConfigError, load_config
+from docev.k8s.admission import admission_errors, crd_validator, pytorchjob_errors
 from docev.k8s.meta import MAX_JOB_NAME, RUN_ID_ANNOTATION, RUN_ID_LABEL, job_name, label_value, to_yaml
 from docev.k8s.pod import volume_mounts
 from docev.k8s.pytorchjob import render_pytorchjob
@@ -26,11 +26,6 @@ def render(cfg, **kw):
 
 def container(job, rtype="Master"):
     return job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]["containers"][0]
-
-
-def test_crd_schema_is_read_from_shared_not_copied():
-    assert CRD.is_file() and CRD.parent.parent.parent == REPO.parent
-    assert not list(REPO.rglob("kubeflow.org_pytorchjobs.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -97,7 +92,7 @@ SCHEMA_CASES = {  # caught by the CRD's openAPIV3Schema (made strict) or the cor
         ["spec.runPolicy.backoffLimit: '3' is not of type 'integer'"],
     ),
 }
-# Caught ONLY by the project's copy of the operator's admission-webhook rules (k8s_schemas.admission_errors):
+# Caught ONLY by the project's copy of the operator's admission-webhook rules (docev.k8s.admission.admission_errors):
 # the CRD schema accepts these, so they are as right as that copy of the rules.
 WEBHOOK_ONLY_CASES = {
     "bad replica type": (

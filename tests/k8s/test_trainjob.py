@@ -1,22 +1,20 @@
 """TrainJob + ClusterTrainingRuntime rendering, validated against Kubeflow Trainer v2.3.0's CRDs (strict) and the
-webhook/plugin rules (k8s_schemas), and compared with the PyTorchJob's pod: both kinds get the same pod."""
+webhook/plugin rules (docev.k8s.admission), and compared with the PyTorchJob's pod: both kinds get the same pod."""
 
 import copy
 from pathlib import Path
 
 import pytest
 import yaml
-from k8s_schemas import (
-    RUNTIME_CRD,
+
+from docev.config import ConfigError, load_config
+from docev.k8s.admission import (
     STOCK_RUNTIME,
-    TRAINJOB_CRD,
     effective_pod,
     pytorchjob_errors,
     runtime_errors,
     trainjob_errors,
 )
-
-from docev.config import ConfigError, load_config
 from docev.k8s.meta import RUN_ID_ANNOTATION, RUN_ID_LABEL
 from docev.k8s.pytorchjob import render_pytorchjob
 from docev.k8s.trainjob import node_pod_spec, render_runtime, render_trainjob, runtime_drift
@@ -40,12 +38,6 @@ def node_patch(job):
     (patch,) = job["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     return rjob["template"]["spec"]["template"]
-
-
-def test_trainer_schemas_are_read_from_shared_not_copied():
-    for path in (TRAINJOB_CRD, RUNTIME_CRD, STOCK_RUNTIME):
-        assert path.is_file() and path.parents[2] == REPO.parent / "shared"
-        assert not list(REPO.rglob(path.name))
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 8), (2, 8), (4, 8)], ids=["1-node", "2-nodes", "4-nodes-x-8-gpus"])

@@ -1,7 +1,7 @@
 """The rendered TrainJob's command, started the way Trainer's torch plugin starts its nodes: one process per
 node with the plugin's PET_* variables (and the pod's env), 2 nodes on 127.0.0.1, the tiny model on CPU/gloo.
 It trains and checkpoints. The pod is the one Trainer would build from our runtime and TrainJob
-(k8s_schemas.effective_pod); only the master address is 127.0.0.1 and the port a free one, instead of the
+(docev.k8s.admission.effective_pod); only the master address is 127.0.0.1 and the port a free one, instead of the
 node-0 pod's DNS name and 29500."""
 
 import json
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import CONFIGS
-from k8s_schemas import effective_pod, trainjob_errors
 
 from docev.config import load_config
 from docev.data.preprocess import run_preprocess
+from docev.k8s.admission import effective_pod, trainjob_errors
 from docev.k8s.trainjob import render_runtime, render_trainjob
 from docev.models.docev import DocEVCheckpointer
 from docev.run.checkpoints import latest_checkpoint

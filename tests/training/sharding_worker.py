@@ -1,8 +1,9 @@
 """torchrun worker of tests/training/test_sharding.py: 4 CPU ranks standing for 2 nodes × 2 ranks.
 
 Every scenario builds the tiny DocEV from the tiny checkpoint, shards it with ``docev.training.parallelize``, runs
-two optimizer steps of two micro-batches each (rank 1's micro-batches hold no image) and records, on rank 0: the
-losses, the gradients of the first step (full tensors), and every collective of the first step's micro-batches.
+three optimizer steps of two micro-batches each (rank 1's micro-batches hold no image) and records, on rank 0:
+the losses, each step's gradient norm, the gradients of the first step (full tensors), and every collective of
+the first step's micro-batches.
 A reference without FSDP (each rank runs every rank's micro-batches) gives the gradients to match.
 
     torchrun --nproc_per_node 4 tests/training/sharding_worker.py CHECKPOINT OUT.pt
@@ -23,7 +24,7 @@ from docev.models.docev import DocEVCheckpointer, docev_tiny
 from docev.training.comm_volume import CollectiveCounter
 from docev.training.parallelize import apply_fsdp, build_mesh, load_model_state, mixed_precision_policy, sync_gradients
 
-RANKS_PER_NODE, MICRO, STEPS = 2, 2, 2
+RANKS_PER_NODE, MICRO, STEPS = 2, 2, 3
 SCENARIOS = {  # name: (strategy, gradient_reduction, encoder_trainable, compute dtype); master weights fp32
     "full": ("full", "every_micro_batch", False, torch.float32),
     "hybrid": ("hybrid", "every_micro_batch", False, torch.float32),
@@ -103,7 +104,7 @@ def _scenario(state, batches, rank, world, strategy, reduction, encoder_trainabl
     load_model_state(meta, sd, torch.device("cpu"), compute)
     model = meta
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses, grads, counted = [], {}, []
+    losses, grads, counted, norms = [], {}, [], []
     for step in range(STEPS):
         for micro in range(MICRO):
             sync_gradients(model, reduction, last=micro == MICRO - 1, hybrid=strategy == "hybrid")
@@ -113,17 +114,18 @@ def _scenario(state, batches, rank, world, strategy, reduction, encoder_trainabl
             losses.append(loss.detach())
             if step == 0:
                 counted.append([(c.kind, c.ranks, c.nbytes) for c in counter.collectives])
+        full = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                for n, p in model.named_parameters() if p.grad is not None}  # fmt: skip
+        norms.append(torch.stack([g.float().pow(2).sum() for g in full.values()]).sum().sqrt())
         if step == 0:
-            for n, p in model.named_parameters():
-                if p.grad is not None:
-                    g = p.grad
-                    grads[n] = g.full_tensor() if isinstance(g, DTensor) else g.clone()
+            grads = full
         opt.step()
         opt.zero_grad(set_to_none=True)
     all_losses = [None] * world
     dist.all_gather_object(all_losses, torch.stack(losses))
     tower_sharded = [isinstance(p, DTensor) for p in model.encoder.parameters()]
     return {"losses": torch.stack(all_losses).float(), "grads": grads, "collectives": counted,
+            "grad_norms": torch.stack(norms),
             "tower_sharded": tower_sharded, "tower_dtype": str(next(model.encoder.parameters()).dtype),
             "param_dtypes": sorted({str(p.dtype) for p in model.decoder.parameters()})}  # fmt: skip
 

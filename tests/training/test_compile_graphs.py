@@ -9,6 +9,8 @@ from torch._dynamo.utils import counters
 from docev.data.collate import DocEVCollate
 from docev.models.docev import docev_tiny
 
+pytestmark = pytest.mark.slow  # torch.compile of layers and of flex attention (`make test-fast` leaves it out)
+
 MAX_LEN = 128
 
 

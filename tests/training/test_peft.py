@@ -1,5 +1,7 @@
-"""Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the shards of
-test_recipe's ``data`` fixture. Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT steps and resumed; DoRA."""
+"""Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the session's
+training set (``train_data``, through test_recipe's ``data``). Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT
+steps and resumed; DoRA; one step of full fine-tuning on the same first batch (the loss that fresh adapters must
+start from)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from docev.models.docev._folder import PEFT_META, TRAINED_FILE
 from docev.run.checkpoints import latest_checkpoint
 from docev.training.metrics_log import read_metrics
 
+pytestmark = pytest.mark.slow  # five torchrun trainings (`make test-fast` leaves it out)
+
 STEPS = 14  # 2 epochs × 7 steps, as test_recipe
 STOP_AT = 6
 LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false",
@@ -27,18 +31,39 @@ def _sha(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+RUNS = {  # name: overrides; "full": one step of full fine-tuning on the same first batch
+    "lora": LORA,
+    "dora": [*LORA, "model.use_dora=true", "epochs=1"],
+    "full": ["epochs=1", "max_steps_per_epoch=1", "save_every_n_steps=1000"],
+}
+
+
+class _Runs(dict):
+    """The module's runs, each trained when a test first asks for it (so ``-k`` trains only what it needs);
+    ``base`` holds the base checkpoint's file hashes from before any run."""
+
+    def __init__(self, shards: dict):
+        super().__init__(base=_sha(shards["checkpoint"]))
+        self.shards = shards
+
+    def __missing__(self, name: str):
+        shards = self.shards
+        if name in ("split", "log"):  # stopped after STOP_AT steps, then resumed to the end
+            split = _out(shards, "peft-lora-split")
+            _ok(_train(_args(shards, split, *LORA, f"stop_after_steps={STOP_AT}")))
+            resumed = _train(_args(shards, split, *LORA))
+            _ok(resumed)
+            self.update(split=split, log=resumed.stdout + resumed.stderr)
+            return self[name]
+        out = _out(shards, f"peft-{name}")  # the shards' root is the session's, shared with test_recipe's runs
+        _ok(_train(_args(shards, out, *RUNS[name])))
+        self[name] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def peft_runs(data) -> dict:  # noqa: F811
-    base_sums = _sha(data["checkpoint"])
-    lora = _out(data, "lora")
-    _ok(_train(_args(data, lora, *LORA)))
-    split = _out(data, "lora-split")
-    _ok(_train(_args(data, split, *LORA, f"stop_after_steps={STOP_AT}")))
-    resumed = _train(_args(data, split, *LORA))
-    _ok(resumed)
-    dora = _out(data, "dora")
-    _ok(_train(_args(data, dora, *LORA, "model.use_dora=true", "epochs=1")))
-    return {"lora": lora, "split": split, "dora": dora, "log": resumed.stdout + resumed.stderr, "base": base_sums}
+    return _Runs(data)
 
 
 def _expected_trained(**kwargs) -> set[str]:
@@ -75,6 +100,16 @@ def test_adapter_run_trains_adapters_and_chosen_groups_only(peft_runs, data, run
     assert _sha(data["checkpoint"]) == peft_runs["base"]  # the base checkpoint is read, never written
     with pytest.raises(ValueError, match="is a checkpoint of an adapter run"):
         DocEVCheckpointer(folder)
+
+
+@pytest.mark.parametrize("run", ["lora", "dora"])
+def test_fresh_adapters_start_from_the_full_models_loss(peft_runs, run):
+    """``lora_b`` = 0 (DoRA: magnitudes = the base's row norms), so before any update the adapted model computes
+    the base's function: its first loss equals full fine-tuning's on the same batch. A base loaded wrong
+    (shifted, transposed, another checkpoint) changes it; "loss falls" and "exact resume" would not see that."""
+    first, full = (read_metrics(peft_runs[r] / "logs" / "metrics.jsonl")[0] for r in (run, "full"))
+    assert first["step"] == full["step"] == 1 and first["num_tokens"] == full["num_tokens"]  # the same batch
+    assert first["loss"] == pytest.approx(full["loss"], rel=1e-6, abs=0)
 
 
 def test_exact_resume_from_an_adapter_checkpoint(peft_runs):

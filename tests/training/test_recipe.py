@@ -26,20 +26,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_config
+from conftest import CONFIGS
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from docev.config import load_config
 from docev.data.loader import build_dataset, build_sampler
-from docev.data.preprocess import run_preprocess
 from docev.export import export_checkpoint
 from docev.models.docev import DocEVCheckpointer, docev_tiny
 from docev.run.checkpoints import latest_checkpoint, prune_checkpoints
 from docev.training.metrics_log import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
-from docev.validate.runner import run_validate
+
+pytestmark = pytest.mark.slow  # torchrun trainings, ~10 s each on 2 idle cores (`make test-fast` leaves them out)
 
 CONFIG = CONFIGS / "tiny.yaml"
 STEPS = 14  # 2 epochs × 7 steps (29 samples per epoch, 2 ranks × batch 2)
@@ -47,39 +47,13 @@ SAVE_EVERY = 4
 STOP_AT = 6
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tokens_per_second_per_gpu", "padding_share",
             "sampling_ratio"}  # fmt: skip
-CHATS = [
-    ("What is the capital of France?", "Paris."),
-    ("Name a prime number.", "Seven."),
-    ("Spell 'cat' backwards.", "tac"),
-    ("What colour is a clear sky?", "Blue."),
-    ("How many legs has a spider?", "Eight."),
-    ("What is two plus two?", "Four."),
-    ("Which is larger, 7 or 9?", "Nine."),
-    ("Say hello.", "Hello!"),
-]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_checkpoint, synth_sources) -> dict:
-    """Validated + preprocessed shards, shared by every run through symlinks."""
-    root = tmp_path_factory.mktemp("train")
-    text = root / "text"
-    text.mkdir()
-    with (text / "chat.jsonl").open("w") as f:
-        for i, (q, a) in enumerate(CHATS):
-            context = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"id": f"txt-{i}", "context": context, "image_files": []}) + "\n")
-    datasets = [
-        {"source": str(synth_sources["instruct"]), "name": "instruct"},
-        {"source": str(synth_sources["pretrain"]), "name": "pretrain", "ufx_type": "pretrain",
-         "context_col": "text", "weight": 0.25},
-        {"source": str(text), "name": "text"},
-    ]  # fmt: skip
-    base = root / "base"
-    cfg = tiny_config(base, tiny_checkpoint, datasets)
-    run_validate(cfg, workers=1)
-    run_preprocess(cfg, workers=1)
-    return {"root": root, "base": base, "datasets": datasets, "checkpoint": tiny_checkpoint, "cfg": cfg}
+def data(train_data) -> dict:
+    """The session's validated + preprocessed training shards (tests/conftest.py), shared by every run through
+    symlinks (test_peft's runs too)."""
+    return train_data
 
 
 def _out(data: dict, name: str) -> Path:
@@ -166,20 +140,40 @@ def test_hybrid_sharding_with_cross_node_reduction_and_a_dcp_resume_on_the_2d_me
     """The recipe on 2 processes standing for 2 nodes × 1 rank (a 2-D mesh), 2 micro-batches a step: hybrid
     sharding with the cross-node all-reduce on the last micro-batch only, stopped after step 2 with async DCP
     saves and resumed from that sharded folder, repeats the losses and gradient norms of an uninterrupted
-    full-sharding run (fp32; tolerance 1e-5 relative for sums in another order)."""
+    full-sharding run (fp32; tolerance 1e-5 relative for sums in another order). The mesh is read from the log
+    and from the run itself, and the cross-replica all-reduces are counted (count_reductions_recipe.py): one per
+    FSDP unit per step, none before the last micro-batch — the losses alone would also match with the hybrid
+    mesh switched off."""
     common = ["gradient_accumulation_steps=2", "epochs=1", "max_steps_per_epoch=3", "save_every_n_steps=2"]
     hybrid = ["train.nnodes=2", "train.nproc_per_node=1", "train.gradient_reduction=last_micro_batch_across_nodes",
               "checkpoint_format=dcp"]  # fmt: skip
     runs = {"ga_full": [["train.fsdp_strategy=full"]],
             "ga_hybrid": [[*hybrid, "enable_async_checkpointing=true", "stop_after_steps=2"], hybrid]}  # fmt: skip
-    rows = {}
+    worker = str(Path(__file__).with_name("count_reductions_recipe.py"))
+    rows, logs, counted = {}, {}, {}
     for name, attempts in runs.items():
         out = _out(data, name)
-        for extra in attempts:
+        for i, extra in enumerate(attempts):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "docev.training.recipe", *_args(data, out, *common, *extra)]  # fmt: skip
-            _ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240))
+                   worker, *_args(data, out, *common, *extra)]  # fmt: skip
+            env = {**_env(), "REDUCTIONS_OUT": str(out / f"reductions-{i}")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+            _ok(proc)
+            logs[name, i] = proc.stdout + proc.stderr
+            counted[name, i] = [json.loads((out / f"reductions-{i}.{r}").read_text()) for r in (0, 1)]
         rows[name] = read_metrics(out / "logs" / "metrics.jsonl")
+    assert "FSDP mesh (shard=2): full sharding" in logs["ga_full", 0]
+    for i in (0, 1):
+        line = "FSDP mesh (replicate=2, shard=1): hybrid sharding, gradient reduction last_micro_batch_across_nodes"
+        assert line in logs["ga_hybrid", i]
+    for (name, i), ranks in counted.items():
+        steps = {("ga_full", 0): 3, ("ga_hybrid", 0): 2, ("ga_hybrid", 1): 1}[name, i]
+        for got in ranks:
+            assert got["units"] == 5  # tok_embeddings, 2 decoder layers, output, the root
+            if name == "ga_full":
+                assert got["mesh"] == {"shard": 2} and got["reductions"] == [0] * steps
+            else:
+                assert got["mesh"] == {"replicate": 2, "shard": 1} and got["reductions"] == [5] * steps
     stopped = data["root"] / "ga_hybrid" / "checkpoints" / "step_2"
     assert len(list(stopped.glob("*.distcp"))) == 2  # a sharded folder, each rank's shards
     assert [r["step"] for r in rows["ga_hybrid"]] == [1, 2, 3] and len(rows["ga_full"]) == 3

@@ -18,6 +18,8 @@ from docev.run.checkpoints import latest_checkpoint, read_best
 from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
+pytestmark = pytest.mark.slow  # two torchrun trainings (`make test-fast` leaves it out)
+
 
 def _train(args):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "WANDB_"))}

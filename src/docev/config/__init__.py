@@ -13,10 +13,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
-import inspect
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +25,10 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    model_validator,
 )
 
+from docev.config.components import Params, component_params
 from docev.config.jobs import (
     ExportSection,
     FsdpStrategy,
@@ -238,6 +238,14 @@ class DocEVConfig(_Strict):
         errors += self._split_checks()
         return errors
 
+    @model_validator(mode="after")
+    def _embedded_images_dirs(self) -> DocEVConfig:
+        """Every task reads a source's embedded images from the same folder: on the volume, by default."""
+        for d in (*self.datasets, *self.eval_datasets):
+            if d.formatting != "ufx" and d.embedded_images_dir is None:
+                d.embedded_images_dir = str(self.work_root / "embedded_images" / (d.name or Path(d.source).name))
+        return self
+
     @property
     def work_root(self) -> Path:
         """The folder of checkpoints, logs, evaluation, exports and the pipeline's files (see ``work_dir``)."""
@@ -289,7 +297,7 @@ class DocEVConfig(_Strict):
         if not m.is_lora:
             given = [k for k in LORA_DEFAULTS if getattr(m, k) is not None]
             return [(f"model.{k}", f"{m.component} takes no LoRA arguments (use a lora_* builder)") for k in given]
-        from docev.models.docev import lora_problems
+        from docev.models.lora_rules import lora_problems
 
         args = {**m.lora_args(), "decoder_trainable": m.decoder_trainable}
         return [(f"model.{key}", why) for key, why in lora_problems(**args)]
@@ -408,47 +416,45 @@ def resolve_component(path: str) -> Any:
     return target
 
 
-def _checkable_params(path: str) -> tuple[list[str], Mapping[str, inspect.Parameter] | None]:
-    """(import errors, the callable's parameters); None when they cannot be checked (no signature, **kwargs)."""
+def _checked_params(path: str) -> tuple[list[str], Params | None]:
+    """(the import error, if any; the callable's parameters, None when they cannot be checked: no readable
+    signature, or ``**kwargs``). The signature is read without importing where it can be."""
     try:
-        target = resolve_component(path)
-    except ImportError as exc:
-        return [f"_component_: {exc}"], None
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return [], None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return [], None
-    return [], params
+        params = component_params(path)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {path!r}"], None
+    return [], None if params is None or params.var_keyword else params
 
 
 def _tokenizer_errors(section: TokenizerSection) -> list[str]:
     """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
-    errors, params = _checkable_params(section.component)
+    errors, params = _checked_params(section.component)
     if params is None:
         return errors
-    return [f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params]
+    return [
+        f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
+    ]
 
 
 def _component_errors(section: Component | None) -> list[str]:
     """Check a ``_component_`` section against the callable's signature: importable, known keyword
-    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path."""
+    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path. The
+    signature is read from source when the module is not imported yet (see :mod:`docev.config.components`)."""
     if section is None:
         return []
     path = section.component
-    errors, params = _checkable_params(path)
+    errors, params = _checked_params(path)
     if params is None:
         return errors
-    names = [n for n in params if n not in _RECIPE_SUPPLIED]
+    names = [n for n in params.defaults if n not in _RECIPE_SUPPLIED]
     errors = []
     for key, value in (section.model_extra or {}).items():
-        if key not in params or key in _RECIPE_SUPPLIED:
+        if key not in params.defaults or key in _RECIPE_SUPPLIED:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(names)})"
             errors.append(f"{key}: unknown argument of {path}{hint}")
             continue
-        expected = params[key].default
+        expected = params.defaults[key]
         if isinstance(expected, bool) and not isinstance(value, bool):
             errors.append(f"{key}: expected a boolean, got {value!r}")
         elif isinstance(expected, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):

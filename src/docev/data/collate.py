@@ -26,7 +26,7 @@ import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from docev.data.transform import expand_placeholders
-from docev.models.docev._attention import computed_attention_pairs
+from docev.models.docev._attention import attended_pairs
 from docev.vision.geometry import num_image_tokens
 from docev.vision.tiling import normalize
 
@@ -123,7 +123,6 @@ class DocEVCollate:
             tokens=tokens, labels=labels, sampling_ratio=ratio, sample_ids=[s["id"] for s in samples],
             row_lengths=lengths, num_tokens=sum(lengths),
             num_loss_tokens=int((labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()),
-            attention_pairs=sum(computed_attention_pairs([len(t) for t, _ in docs], s_len, 128 if self.packed else None)
-                                for docs in rows.values()),  # what the attention kernel computes, for MFU
+            attention_pairs=sum(attended_pairs([len(t) for t, _ in docs]) for docs in rows.values()),  # for MFU
         )  # fmt: skip
         return batch

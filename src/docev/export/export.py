@@ -33,6 +33,7 @@ from docev.export.card import (
     SmokeSample,
     TrainingFacts,
     adaptation_rows,
+    eval_results,
     model_card,
     parameter_counts,
     smoke_section,
@@ -198,7 +199,8 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
         del generator
     untrained = checkpoint.resolve() == base.resolve()
     facts: TrainingFacts = training_facts(cfg, step_or_none(checkpoint), untrained=untrained)
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
+                          scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip

@@ -52,11 +52,21 @@ from docev.eval_loss import EvalLoss
 from docev.models.docev._dcp import OPTIMIZER_KEY
 from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
+from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
-from docev.training.state import LR_SCHEDULER_KEY, RNG, SAMPLER_KEY, Entry, Progress, WandbRun
+from docev.training.state import (
+    LR_SCHEDULER_KEY,
+    RNG,
+    SAMPLER_KEY,
+    SCHEDULE_FIELDS,
+    Entry,
+    Progress,
+    Schedule,
+    WandbRun,
+)
 from docev.training.step_stats import StepStats, fail_non_finite
 
 log = utils.get_logger("INFO")
@@ -128,6 +138,8 @@ class DocEVFinetuneRecipe:
         its state as it comes to exist (the RNG last)."""
         cfg = self.cfg
         self._preemption.install()
+        if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
+            refuse_oversized(cfg, torch.cuda.get_device_properties(self._device).total_memory / GIB)
         self._checkpoints = CheckpointManager(
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
@@ -165,8 +177,11 @@ class DocEVFinetuneRecipe:
             )
         self._total_steps = sum(self._steps_per_epoch)
         self._lr_scheduler = self._setup_lr_scheduler()
-        self._checkpoints.resume(lr_scheduler=Entry(LR_SCHEDULER_KEY, self._lr_scheduler),
+        schedule = Schedule(self._schedule())
+        self._checkpoints.resume(lr_scheduler=Entry(LR_SCHEDULER_KEY, self._lr_scheduler), schedule=schedule,
                                  rng=RNG(self.rank, self.world_size))  # fmt: skip
+        if self._is_rank_zero and (line := schedule.change(self.global_step, self._optimizer.param_groups[0]["lr"])):
+            log.info(line)
         self._ignore_index = getattr(self._loss_fn, "ignore_index", -100)
 
     def _setup_metrics(self) -> MetricsLog:
@@ -186,6 +201,9 @@ class DocEVFinetuneRecipe:
         mesh = run_mesh(cfg.train.fsdp_strategy, nnodes=cfg.train.nnodes, nproc_per_node=cfg.train.nproc_per_node,
                         device_type=self._device.type)  # fmt: skip
         self._hybrid = is_hybrid(mesh)
+        shape = ", ".join(f"{n}={k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+        utils.log_rank_zero(log, f"FSDP mesh ({shape}): {'hybrid' if self._hybrid else 'full'} sharding, "
+                            f"gradient reduction {cfg.train.gradient_reduction}")  # fmt: skip
         model = setup_model(
             component(cfg, "model"),
             model_state_dict,
@@ -237,6 +255,12 @@ class DocEVFinetuneRecipe:
             num_training_steps=self._total_steps,
             last_epoch=self.global_step - 1,
         )
+
+    def _schedule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        values = (self.total_epochs, self.max_steps_per_epoch, cfg.batch_size, self._gradient_accumulation_steps,
+                  self.world_size)  # fmt: skip
+        return {**dict(zip(SCHEDULE_FIELDS, values, strict=True)), "total_steps": self._total_steps}
 
     def _steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch: its full gradient-accumulation groups, capped by max_steps_per_epoch."""

@@ -25,6 +25,8 @@ TOKENS_KEY = "tokens_seen"
 SEED_KEY = "seed"
 WORLD_SIZE_KEY = "world_size"
 WANDB_RUN_KEY = "wandb_run_id"  # a restarted run continues this W&B run (None without W&B)
+SCHEDULE_KEY = "schedule"  # the schedule a checkpoint was trained on
+SCHEDULE_FIELDS = ("epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "world_size")
 
 
 class Stateful(Protocol):
@@ -105,6 +107,40 @@ class WandbRun:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = state.get(WANDB_RUN_KEY)
+
+
+class Schedule:
+    """The schedule a run trains on (``SCHEDULE_FIELDS`` and the total steps), saved with each checkpoint. A
+    resume with another one says what changes: the lr curve spans the new total, so the lr at the resumed
+    step moves (checkpoints from before the schedule was recorded resume silently)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+        self.saved: dict[str, Any] | None = None
+        self.saved_lr: list[float] | None = None  # the lr scheduler's last lr in the checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {SCHEDULE_KEY: self.values}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = state.get(SCHEDULE_KEY)
+        self.saved_lr = (state.get(LR_SCHEDULER_KEY) or {}).get("_last_lr")
+
+    def change(self, step: int, lr: float) -> str | None:
+        """The line a resume with another schedule logs (None when nothing changed)."""
+        saved, now = self.saved, self.values
+        if saved is None:
+            return None
+        changed = [f"{k} {saved.get(k)} → {now[k]}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
+        if not changed and saved.get("total_steps") == now["total_steps"]:
+            return None
+        was = self.saved_lr
+        lr_note = f"the lr at step {step} goes {was[0]:.3g} → {lr:.3g}" if was else f"the lr is {lr:.3g}"
+        return (
+            f"Resuming with another schedule ({', '.join(changed) or 'the data'}): total steps "
+            f"{saved.get('total_steps')} → {now['total_steps']}; the lr schedule now spans {now['total_steps']} "
+            f"steps, so {lr_note} and follows the new curve from here"
+        )
 
 
 def capture_rng() -> dict[str, Any]:

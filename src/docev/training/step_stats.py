@@ -35,7 +35,7 @@ class StepStats:
     loss_tokens: int = 0
     slots: int = 0  # B × S, padding included
     tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
-    attention_pairs: int = 0  # query-key pairs the attention kernel computes (flex: whole blocks), for MFU
+    attention_pairs: int = 0  # query-key pairs the documents attend (causal, per document), for MFU
 
     def record(self, batch: dict[str, Any], loss: torch.Tensor, n_loss: int) -> None:
         """One micro-batch's (detached) summed loss and its counts."""

@@ -8,7 +8,7 @@ from torchtune.modules.attention_utils import create_block_causal_mask
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from docev.models.docev._attention import (
-    computed_attention_pairs,
+    attended_pairs,
     dense_document_mask,
     document_block_mask,
     document_mask,
@@ -18,14 +18,18 @@ from docev.models.docev._attention import (
 from .conftest import ARCH
 
 LENS = [[20, 33, 11, 8], [40, 32]]  # per row; the last 8 of row 0 stand for padding (its own document)
+# S = 640, five of flex's 128-token blocks: row 0's documents straddle block boundaries (a 300-token one spans
+# three blocks, two partially), row 1's first two end on boundaries (whole blocks) and its last ones do not;
+# the last 50 of row 0 stand for padding.
+LONG = [[100, 300, 190, 50], [128, 256, 200, 56]]
 
 
-def _packed(seed=0):
+def _packed(seed=0, lens=LENS):
     gen = torch.Generator().manual_seed(seed)
-    s = sum(LENS[0])
-    tokens = torch.randint(0, ARCH.vocab_size, (len(LENS), s), generator=gen)
-    docs = torch.stack([torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(row)]) for row in LENS])
-    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENS])
+    s = sum(lens[0])
+    tokens = torch.randint(0, ARCH.vocab_size, (len(lens), s), generator=gen)
+    docs = torch.stack([torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(row)]) for row in lens])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lens])
     return tokens, docs, pos
 
 
@@ -35,12 +39,19 @@ def test_dense_mask_is_torchtunes_block_causal_mask():
     assert torch.equal(dense_document_mask(docs), expected)
 
 
-def test_block_mask_marks_the_same_pairs_as_the_dense_mask():
-    _, docs, _ = _packed()
+@pytest.mark.parametrize("lens", [LENS, LONG], ids=["one-block", "640-straddling"])
+def test_block_mask_marks_the_same_pairs_as_the_dense_mask(lens):
+    _, docs, _ = _packed(lens=lens)
     block = document_block_mask(docs)
-    assert isinstance(block, BlockMask) and block.shape == (2, 1, docs.shape[1], docs.shape[1])
-    b, q, k = torch.meshgrid(*(torch.arange(n) for n in (2, docs.shape[1], docs.shape[1])), indexing="ij")
-    assert torch.equal(block.mask_mod(b, 0, q, k), dense_document_mask(docs))
+    s = docs.shape[1]
+    assert isinstance(block, BlockMask) and block.shape == (2, 1, s, s)
+    b, q, k = torch.meshgrid(*(torch.arange(n) for n in (2, s, s)), indexing="ij")
+    dense = dense_document_mask(docs)
+    assert torch.equal(block.mask_mod(b, 0, q, k), dense)
+    # and the blocks it visits hold every allowed pair (flex skips the others without looking at them)
+    size = block.BLOCK_SIZE[0]
+    visited = block.to_dense()[:, 0].repeat_interleave(size, 1).repeat_interleave(size, 2)[:, :s, :s].bool()
+    assert not (dense & ~visited).any()
 
 
 def test_auto_is_dense_on_cpu():
@@ -62,11 +73,14 @@ def test_packed_rows_match_each_document_alone(tiny_model):
                 start += n
 
 
+@pytest.mark.slow  # compiles flex attention on CPU (a minute or two on 2 cores; `make test-fast` leaves it out)
 def test_flex_matches_dense_on_packed_rows_including_the_loss(tiny_model):
-    """Flex attention compiled on CPU (forward only: flex has no CPU backward) against the dense mask."""
-    tokens, docs, pos = _packed(seed=1)
+    """Flex attention compiled on CPU (forward only: flex has no CPU backward) against the dense mask, over
+    five 128-token blocks with documents inside one block, on whole blocks and across block boundaries
+    (inside one block alone, a mask wrong only between blocks would pass)."""
+    tokens, docs, pos = _packed(seed=1, lens=LONG)
     labels = torch.randint(0, ARCH.vocab_size, tokens.shape)
-    labels[0, -8:] = -100  # padding
+    labels[0, -LONG[0][-1] :] = -100  # padding
     loss_fn = CEWithChunkedOutputLoss()
     tiny_model.set_num_output_chunks(loss_fn.num_output_chunks)
     out = {}
@@ -105,12 +119,12 @@ def test_mask_and_document_ids_together_are_refused(tiny_model):
 
 
 @pytest.mark.parametrize("lens", [[300, 200, 12], [128, 128, 256], [640]])
-def test_computed_pairs_count_the_block_masks_blocks(lens):
-    """The MFU count of ``computed_attention_pairs`` against the blocks flex's BlockMask actually visits."""
+def test_attended_pairs_are_the_masks_allowed_pairs(lens):
+    """MFU's attention count: the pairs the document mask allows among real tokens (padding attends nothing
+    useful), the same count for a packed row and for the documents as unpacked rows padded to 640."""
     s = 640
     docs = torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in enumerate(lens)])
-    docs = torch.cat([docs, torch.full((s - docs.numel(),), -1, dtype=torch.int32)])[None]
-    block = document_block_mask(docs)
-    visited = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
-    assert computed_attention_pairs(lens, s) == visited * 128 * 128
-    assert computed_attention_pairs(lens, s, block=None) == s * (s + 1) // 2
+    real = docs.numel()
+    docs = torch.cat([docs, torch.full((s - real,), -1, dtype=torch.int32)])[None]
+    assert attended_pairs(lens) == int(dense_document_mask(docs)[0, :real, :real].sum())
+    assert attended_pairs(lens) == sum(attended_pairs([n]) for n in lens)

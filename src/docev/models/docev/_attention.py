@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -95,18 +94,8 @@ def attention_call(
     return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
-def computed_attention_pairs(doc_lengths: Sequence[int], s_len: int, block: int | None = 128) -> int:
-    """Query-key pairs the attention kernel computes for one row (for MFU): flex computes every ``block`` ×
-    ``block`` tile holding an allowed pair of a document (padding counts as one more document); ``block=None``
-    is a causal kernel over the whole row (unpacked rows: S(S+1)/2)."""
-    if block is None:
-        return s_len * (s_len + 1) // 2
-    n = -(-s_len // block)
-    touched = np.zeros((n, n), dtype=bool)
-    start = 0
-    for length in [*doc_lengths, s_len - sum(doc_lengths)]:
-        if length:
-            a, b = start // block, (start + length - 1) // block
-            touched[a : b + 1, a : b + 1] |= np.tri(b - a + 1, dtype=bool)
-            start += length
-    return int(touched.sum()) * block * block
+def attended_pairs(doc_lengths: Sequence[int]) -> int:
+    """Query-key pairs a row's documents attend (causal, within a document: n(n+1)/2 each; padding none): the
+    attention FLOPs of MFU, one definition for packed (flex) and unpacked (SDPA) rows, whatever the kernel
+    computes besides (flex's partly masked 128 × 128 blocks, SDPA's padded tail)."""
+    return sum(n * (n + 1) // 2 for n in doc_lengths)

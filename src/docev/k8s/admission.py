@@ -1,11 +1,14 @@
-"""Offline validators for what we send to a cluster, written independently of the renderer.
+"""Offline validators for what we send to a cluster, written independently of the renderer, so that
+``docev render-manifests`` refuses to write an object the API server or the operator's webhook would reject
+(and the tests check every rendered object the same way). The CRDs are vendored in ``schemas/`` (provenance
+in its README).
 
-- PyTorchJob: the Training Operator's CRD schema (``<repo>/../shared/schemas/kubeflow.org_pytorchjobs.yaml``,
+- PyTorchJob: the Training Operator's CRD schema (``schemas/kubeflow.org_pytorchjobs.yaml``,
   ``spec.versions[0].schema.openAPIV3Schema``) made strict — an object schema that declares ``properties``
   rejects any other key unless it says ``additionalProperties`` or ``x-kubernetes-preserve-unknown-fields``
   (the API server prunes unknown fields silently; a typo would vanish) — plus the operator's admission
-  webhook rules from ``../shared/schemas/README.md``.
-- TrainJob / ClusterTrainingRuntime: Kubeflow Trainer v2.3.0's CRDs (``../shared/schemas/trainer-v2.3.0``) made
+  webhook rules (``schemas/README.md``).
+- TrainJob / ClusterTrainingRuntime: Kubeflow Trainer v2.3.0's CRDs (``schemas/trainer-v2.3.0``) made
   strict the same way, plus the CEL, webhook and torch-plugin rules the schema does not express, and the pod
   Trainer would build from a runtime and a TrainJob (``effective_pod``) checked as a core pod.
 - Core objects: ``kubernetes-validate`` (ships the Kubernetes OpenAPI schemas, works offline) in strict mode.
@@ -23,10 +26,15 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
 K8S_VERSION = "1.37.0"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _load(path: Path) -> Any:
+    """A vendored YAML file, parsed safely (libyaml when present: the CRDs are up to 0.9 MB)."""
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def strict(schema: Any) -> Any:
@@ -47,7 +55,7 @@ def strict(schema: Any) -> Any:
 
 @functools.cache
 def crd_validator() -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(CRD.read_text())
+    crd = _load(CRD)
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1" and crd["spec"]["group"] == "kubeflow.org"
     schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
@@ -107,11 +115,11 @@ def pytorchjob_errors(job: dict[str, Any]) -> list[str]:
 
 
 # --- Kubeflow Trainer v2.3.0: TrainJob and ClusterTrainingRuntime -------------------------------------------------
-# The CRDs of ../shared/schemas/trainer-v2.3.0 made strict as above, plus the rules the schema's jsonschema part
-# cannot express: its CEL rules (x-kubernetes-validations) that matter here, the TrainJob webhook and the torch
-# plugin (../shared/schemas/README.md).
+# The CRDs of schemas/trainer-v2.3.0 made strict as above, plus the rules the schema's jsonschema part cannot
+# express: its CEL rules (x-kubernetes-validations) that matter here, the TrainJob webhook and the torch plugin
+# (schemas/README.md).
 
-TRAINER = REPO.parent / "shared" / "schemas" / "trainer-v2.3.0"
+TRAINER = SCHEMAS / "trainer-v2.3.0"
 TRAINJOB_CRD = TRAINER / "trainer.kubeflow.org_trainjobs.yaml"
 RUNTIME_CRD = TRAINER / "trainer.kubeflow.org_clustertrainingruntimes.yaml"
 STOCK_RUNTIME = TRAINER / "torch_distributed_runtime.yaml"
@@ -121,7 +129,7 @@ ML_POLICIES = ("torch", "mpi", "jax", "xgboost", "flux")
 
 @functools.cache
 def trainer_validator(path: Path) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(path.read_text())
+    crd = _load(path)
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and crd["spec"]["group"] == "trainer.kubeflow.org"
     return jsonschema.Draft7Validator(strict(copy.deepcopy(version["schema"]["openAPIV3Schema"])))
@@ -262,3 +270,16 @@ def trainjob_errors(job: dict[str, Any], runtime: dict[str, Any] | None = None) 
     if errors:
         return errors
     return _pod_template_errors(f"{job['metadata']['name']}-node", effective_pod(runtime, job))
+
+
+def manifest_errors(obj: dict[str, Any], runtime: dict[str, Any] | None = None) -> list[str]:
+    """Why the API server or the operator's webhook would reject ``obj``: a PyTorchJob, a TrainJob (checked with
+    the ``runtime`` it references when given), a ClusterTrainingRuntime, or a core object."""
+    kind = obj.get("kind")
+    if kind == "PyTorchJob":
+        return pytorchjob_errors(obj)
+    if kind == "TrainJob":
+        return trainjob_errors(obj, runtime)
+    if kind == "ClusterTrainingRuntime":
+        return runtime_errors(obj)
+    return core_errors(obj)
