@@ -253,7 +253,7 @@ def write_embedded(data: bytes, folder: Path, name: str | None) -> str:
     target = folder / f"{hashlib.sha256(data).hexdigest()}{ext}"
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes(target, data)
+        write_bytes(target, data, unique=True)  # other workers may publish the same image at once
     return str(target)
 
 

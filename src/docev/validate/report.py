@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-from docev.run.paths import REJECTS_FILE, VALIDATE
+from docev.run.paths import REJECTS_FILE, THUMBNAILS, VALIDATE, VALIDATE_REPORTS
+from docev.run.publish import write_text
 from docev.sources.manifest import iter_manifest
 from docev.sources.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
@@ -99,8 +100,9 @@ def write_reports(
     cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]], manifest: Path
 ) -> None:
     """report.json, report.md, report.html and thumbnails/ (of the accepted entries in ``manifest``), published."""
-    out = outputs(cfg).local(VALIDATE)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    outs = outputs(cfg)
+    out = outs.local(VALIDATE)
+    write_text(outs.local(VALIDATE_REPORTS["json"]), json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}
     passed, sentence = verdict(report)
@@ -139,7 +141,7 @@ def write_reports(
         ]
     md += ["## Accepted pages with their tile grid", ""]
     md += [f"![{rid}](thumbnails/{name}) {rid}: {cap}" for rid, name, cap, _ in thumbs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(outs.local(VALIDATE_REPORTS["md"]), "\n".join(md) + "\n")
 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['read']}</td><td>{s['accepted']}</td><td>{s['rejected']}</td>"
@@ -167,9 +169,8 @@ def write_reports(
         f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )
-    (out / "report.html").write_text(page)
-    outs = outputs(cfg)
-    if (out / "thumbnails").is_dir():
-        outs.publish_tree(f"{VALIDATE}/thumbnails")
-    for name in ("report.json", "report.md", "report.html"):
-        outs.publish(f"{VALIDATE}/{name}")
+    write_text(outs.local(VALIDATE_REPORTS["html"]), page)
+    if outs.local(THUMBNAILS).is_dir():
+        outs.publish_tree(THUMBNAILS)
+    for key in VALIDATE_REPORTS.values():
+        outs.publish(key)
