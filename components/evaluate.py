@@ -27,7 +27,7 @@ def evaluate(
 
     result = evaluate_step(run, label, checkpoint)
     shutil.copyfile(result["report"], report.path)
-    for key in ("n", "anls", "exact_match", "f1", "json_parse_rate", "eval_loss"):
+    for key in ("n", "anls", "exact_match", "relaxed_accuracy", "f1", "json_parse_rate", "eval_loss"):
         if isinstance(result.get(key), int | float):
             metrics.log_metric(key, result[key])
     return result["report"]

@@ -88,3 +88,29 @@ def perturb(state: dict, seed: int = 1, scale: float = 0.1) -> dict:
         k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale if k.startswith(TRAINABLE_PREFIXES) else v
         for k, v in state.items()
     }
+
+
+def write_adapter_step(cfg, step: int = 8, seed: int = 5) -> tuple[dict, dict]:
+    """``step_{step}`` of an adapter run under ``cfg``'s checkpointer, as the recipe saves it (trained tensors +
+    ``peft.json``, ``latest`` moved), with random adapters (``lora_b`` non-zero, so they change the model) and
+    trained groups. Returns (trained tensors, the base's torchtune state). Cheap: no training."""
+    import torch
+
+    from docev.models.docev import DocEVCheckpointer, lora_docev_tiny
+    from docev.training.peft import PeftRun, trained_keys
+
+    built = lora_docev_tiny(**cfg.model.lora_args())
+    base = DocEVCheckpointer(cfg.checkpointer.checkpoint_dir, output_dir=cfg.checkpointer.output_dir)
+    state = base.load_checkpoint()["model"]
+    gen = torch.Generator().manual_seed(seed)
+    shapes = built.state_dict()
+    trained = {}
+    for key in trained_keys(built):
+        if key in state:
+            trained[key] = state[key] + 0.1 * torch.randn(state[key].shape, generator=gen)
+        elif key.endswith(".magnitude"):
+            trained[key] = 0.5 + torch.rand(shapes[key].shape, generator=gen)
+        else:
+            trained[key] = 0.2 * torch.randn(shapes[key].shape, generator=gen)
+    base.save_trained_checkpoint({"model": trained, "global_step": step}, step, PeftRun.from_config(cfg).metadata())
+    return trained, state

@@ -70,3 +70,21 @@ def test_parse_record_accepts_both_content_forms():
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": "ok"}]})  # fmt: skip
     assert rec.placeholder_count() == 1
+
+
+def test_meta_is_a_json_object_or_a_string_holding_one(tmp_path):
+    """The README shows ``meta`` as an object; older files encode it as a string: both carry answers and types."""
+    import json
+
+    from docev.evaluation.questions import record_questions
+
+    base = {"id": "m", "image_files": [], "context": [{"role": "user", "content": "Q?"},
+                                                      {"role": "assistant", "content": "12.50"}]}  # fmt: skip
+    meta = {"answers": [["12.5"]], "question_types": ["total"]}
+    for form in (meta, json.dumps(meta)):
+        parse_record({**base, "meta": form})
+        (q,) = record_questions({**base, "meta": form}, "s", str(tmp_path), None)
+        assert (q.answers, q.question_type) == (["12.50", "12.5"], "total")
+    with pytest.raises(UFXError) as info:
+        parse_record({**base, "meta": ["not", "an", "object"]})
+    assert (info.value.reason, info.value.field) == ("wrong_type", "meta")

@@ -16,14 +16,10 @@ import torch
 
 from docev.models.docev._arch import ARCHS, PROJECTOR, VISION, DocEVArch, hf_config, hf_param_shapes
 from docev.models.docev._folder import save_sharded
+from docev.text.chat_template import bundled_template
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKEN = "<image>"
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-
-
-def bundled_template(name: str = "docev_chatml") -> str:
-    return (TEMPLATE_DIR / f"{name}.jinja").read_text()
 
 
 def init_weights(arch: DocEVArch, seed: int = 0) -> dict[str, torch.Tensor]:

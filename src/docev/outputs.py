@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig
+from docev.run.publish import publish, temp_name
 from docev.storage import Store, store_for, with_retries
 
 
@@ -80,12 +81,12 @@ class Outputs:
         if rel not in self._fetched:
             path, remote = self.local(rel), self.store.join(rel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.fetch")
+            tmp = temp_name(path)
             with_retries(lambda: self.store.fs.get_file(remote, str(tmp)), f"read {self.where(rel)}",
                          self.store.options)  # fmt: skip
             if tmp.stat().st_size != self.store.size(remote):
                 raise OSError(f"{self.where(rel)}: downloaded {tmp.stat().st_size} bytes, the store holds another size")
-            os.replace(tmp, path)
+            publish(tmp, path)
             self._fetched[rel] = path
         return self._fetched[rel]
 

@@ -7,7 +7,7 @@ This module states the shape only; file checks live in the validator.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -47,7 +47,7 @@ class UFXRecord(BaseModel):
     context: list[Message] | None = None
     text: str | None = None
     image_files: list[str] = []
-    meta: str | None = None
+    meta: str | dict[str, Any] | None = None  # a JSON object, or (older files, parquet strings) one JSON-encoded
 
     @model_validator(mode="after")
     def _placeholders_match_images(self) -> UFXRecord:

@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, write_adapter_step
 
 from docev.cli import main
+from docev.config import load_config
 from docev.evaluation import evaluate as evaluate_module
 from docev.evaluation.evaluate import evaluate
 from docev.evaluation.questions import eval_questions, record_questions
+from docev.run.checkpoints import write_best
 from docev.validate.runner import run_validate
 
 
@@ -139,5 +141,72 @@ def test_cli_evaluate(run, tiny_checkpoint, capsys, tmp_path):
     cfg_file.write_text(json.dumps(run.to_dict()))
     assert main(["evaluate", "--config", str(cfg_file), "--model", str(tiny_checkpoint), "--label", "cli"]) == 0
     assert "cli: " in capsys.readouterr().out
+    out = Path(run.output_dir) / "eval" / "cli"
+    metrics = json.loads((out / "metrics.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## By source" in md and "## By question type" in md and "<h2>By question type</h2>" in page
+    assert metrics["question_types"] and metrics["sources"]
+    for qtype, m in metrics["question_types"].items():  # every type with its count, as metrics.json has it
+        assert f"| {qtype} | {m['n']} |" in md and f"<td>{qtype}</td><td>{m['n']}</td>" in page
     assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best"]) == 1
     assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_cli_evaluate_latest_and_best_of_an_adapter_run(run, capsys, tmp_path):
+    """An adapter run's step folders (trained tensors only) evaluate through the CLI, as the base with their
+    adapters merged in memory: two steps with other adapters answer differently."""
+    lora = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_trainable=false",
+            "model.lora_rank=4", "model.lora_alpha=8", f"checkpointer.output_dir={tmp_path / 'ckpts'}"]  # fmt: skip
+    cfg_file = tmp_path / "lora.json"
+    cfg_file.write_text(json.dumps(run.to_dict()))
+    cfg = load_config(cfg_file, lora)
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    write_adapter_step(cfg, step=4, seed=1)
+    write_adapter_step(cfg, step=8, seed=2)
+    write_best(cfg.checkpointer.output_dir, tmp_path / "ckpts" / "step_4", eval_loss=1.0)
+    out = Path(run.output_dir) / "eval"
+    assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "latest", "--label", "lora-latest"]) == 0
+    assert main(["evaluate", "--config", str(cfg_file), "--checkpoint", "best", "--label", "lora-best"]) == 0
+    assert "lora-best: " in capsys.readouterr().out
+    latest = json.loads((out / "lora-latest" / "metrics.json").read_text())
+    best = json.loads((out / "lora-best" / "metrics.json").read_text())
+    assert latest["model"].endswith("step_8") and best["model"].endswith("step_4")
+    assert latest["n"] == best["n"] > 0
+    answers = [[r["prediction"] for r in _lines(out / k / "predictions.jsonl")] for k in ("lora-latest", "lora-best")]
+    assert answers[0] != answers[1]
+
+
+def test_prompts_take_the_held_out_tiles_from_the_eval_shards(tmp_path, tiny_checkpoint, synth_sources, monkeypatch):
+    """With eval shards, a question's images come from them: the same tokens and pixels as tiling the pages, and
+    evaluate decodes no page."""
+    import torch
+
+    from docev.data import transform as transform_module
+    from docev.data.preprocess import run_preprocess
+    from docev.data.transform import transform_from_config
+    from docev.evaluation.tiles import HeldOutTiles
+    from docev.vision.tiling import TiledImage
+
+    data = [{"source": str(synth_sources["instruct"]), "name": "instruct", "eval_fraction": 0.4}]
+    cfg = tiny_config(tmp_path, tiny_checkpoint, data, "evaluate.max_new_tokens=4", "evaluate.batch_size=4")
+    run_validate(cfg, workers=1)
+    assert not len(HeldOutTiles(cfg))  # nothing preprocessed yet: the pages are tiled
+    run_preprocess(cfg, workers=1)
+    tiles, transform = HeldOutTiles(cfg), transform_from_config(cfg)
+    questions = list(eval_questions(cfg))
+    assert len(tiles) and questions
+    t = cfg.tokenizer.tile_size
+    for q in questions:
+        prompt = tiles.prompt(q)
+        stored = [p["content"] for m in prompt for p in m.content if p["type"] == "image"]
+        assert len(stored) == len(q.images) and all(isinstance(s, TiledImage) for s in stored)
+        ours, pages = transform.encode(prompt), transform.encode(q.prompt)
+        assert ours.tokens == pages.tokens
+        for a, b in zip(ours.images, pages.images, strict=True):
+            assert torch.equal(a.pixels(t), b.pixels(t))
+
+    def no_page_decode(*args, **kwargs):
+        raise AssertionError("a page was decoded and tiled again")
+
+    monkeypatch.setattr(transform_module, "load_image", no_page_decode)
+    assert evaluate(cfg, checkpoint="base")["n"] == len(questions)

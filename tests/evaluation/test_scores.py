@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from docev.evaluation.scores import anls, exact_match, field_f1, normalize, score, summarize
+from docev.evaluation.scores import anls, exact_match, field_f1, normalize, relaxed_match, score, summarize
 
 
 @pytest.mark.parametrize(
@@ -93,3 +93,64 @@ def test_summary_per_source_and_type():
     assert set(s["question_types"]) == {"total", "name"}
     with pytest.raises(ValueError, match="at least one gold"):
         score("x", [])
+
+
+@pytest.mark.parametrize(
+    ("prediction", "golds", "want"),
+    [
+        ("12", ["12.5"], True),  # |12 - 12.5| / 12.5 = 4 % ≤ 5 %
+        ("13.2", ["12.5"], False),  # 5.6 %
+        ("11.875", ["12.5"], True),  # exactly 5 % below: the edge counts
+        ("5%", ["0.05"], True),  # a trailing % divides by 100
+        ("52%", ["0.5"], True),  # 0.52 vs 0.5: 4 %
+        ("0", ["0"], True),  # a gold of 0 compares as text
+        ("0.0", ["0"], False),
+        ("Yes", ["yes"], True),  # text: lowercased equality
+        ("yes ", [" Yes"], True),  # trimmed
+        ("Blue bar", ["blue"], False),  # text is not partial
+        ("-10", ["-10.4"], True),  # relative to |gold|
+        ("1,000", ["1000"], False),  # not a float (the reference reads no thousands separator)
+        ("99", ["abc", "100"], True),  # any gold
+    ],
+)
+def test_relaxed_accuracy_hand_worked(prediction, golds, want):
+    assert relaxed_match(prediction, golds) is want
+
+
+def _pix2struct_relaxed_correctness(target: str, prediction: str, max_relative_change: float = 0.05) -> bool:
+    """ChartQA's reference (google-research/pix2struct, pix2struct/metrics.py), copied as the independent check."""
+
+    def _to_float(text: str):
+        try:
+            if text.endswith("%"):
+                return float(text.rstrip("%")) / 100.0
+            return float(text)
+        except ValueError:
+            return None
+
+    prediction_float, target_float = _to_float(prediction), _to_float(target)
+    if prediction_float is not None and target_float:
+        return abs(prediction_float - target_float) / abs(target_float) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
+def test_relaxed_accuracy_matches_the_chartqa_reference():
+    rng = random.Random(0)
+    words = ["yes", "No", "blue", "0", "", "abc"]
+    for _ in range(3000):
+
+        def one() -> str:
+            kind = rng.random()
+            if kind < 0.6:
+                return f"{rng.uniform(-200, 200):.{rng.randint(0, 3)}f}" + ("%" if rng.random() < 0.2 else "")
+            return rng.choice(words)
+
+        target, prediction = one(), one()
+        if rng.random() < 0.3 and target not in words:  # near misses around the 5 % edge
+            prediction = f"{float(target.rstrip('%')) * rng.uniform(0.93, 1.07):.4f}" + (
+                "%" if target.endswith("%") else ""
+            )
+        assert relaxed_match(prediction, [target]) is _pix2struct_relaxed_correctness(target, prediction), (
+            target,
+            prediction,
+        )

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, write_adapter_step
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from docev.export import ExportError, export_checkpoint, verify_checksums
 from docev.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from docev.inference import DocEVGenerator
-from docev.models.docev import DocEVCheckpointer, docev_tune_to_hf, hf_config, lora_docev_tiny, tiny
-from docev.training.peft import PeftRun, trained_keys
+from docev.inference.adapter import ADAPTER_BASE, BaseMismatchError
+from docev.models.docev import docev_tune_to_hf, hf_config, tiny
 
 from .conftest import folder_tensors, sources_list
 
@@ -30,20 +30,7 @@ def _config(run: Path, checkpoint: Path, synth_sources, *extra: str):
 def _trained_run(run: Path, checkpoint: Path, synth_sources, *extra: str):
     """A step_8 folder as an adapter run writes it, with random adapters (lora_b non-zero) and fusion group."""
     cfg = _config(run, checkpoint, synth_sources, *extra)
-    built = lora_docev_tiny(apply_lora_to_mlp=True, lora_rank=RANK, lora_alpha=ALPHA, use_dora=cfg.model.use_dora)
-    base = DocEVCheckpointer(checkpoint, output_dir=cfg.checkpointer.output_dir)
-    state = base.load_checkpoint()["model"]
-    gen = torch.Generator().manual_seed(5)
-    shapes = built.state_dict()
-    trained = {}
-    for key in trained_keys(built):
-        if key in state:
-            trained[key] = state[key] + 0.1 * torch.randn(state[key].shape, generator=gen)
-        elif key.endswith(".magnitude"):
-            trained[key] = 0.5 + torch.rand(shapes[key].shape, generator=gen)
-        else:
-            trained[key] = 0.2 * torch.randn(shapes[key].shape, generator=gen)
-    base.save_trained_checkpoint({"model": trained, "global_step": 8}, 8, PeftRun.from_config(cfg).metadata())
+    trained, state = write_adapter_step(cfg)
     return cfg, trained, state
 
 
@@ -121,11 +108,13 @@ def test_peft_adapter_on_llama_matches_the_merged_decoder(tmp_path, tiny_checkpo
     with torch.no_grad():
         ours = merged.model(tokens)
         theirs = peft_model.base_model.model.language_model(input_ids=tokens).logits
-        base_plus_adapter = DocEVGenerator(base_export, adapter=out / "adapter").model(tokens)
+        base_plus_adapter = DocEVGenerator(tiny_checkpoint, adapter=out / "adapter").model(tokens)
+        step = DocEVGenerator(Path(cfg.checkpointer.output_dir) / "step_8").model(tokens)  # base + trained, in memory
     diff = (ours - theirs).abs().max().item()
     print(f"max |logits(ours merged) - logits(peft on LlamaForCausalLM)| = {diff:.3g} (dora={dora})")
     assert diff <= 1e-5
     assert (ours - base_plus_adapter).abs().max().item() <= 1e-5
+    assert (ours - step).abs().max().item() <= 1e-5
     unadapted = DocEVGenerator(base_export).model(tokens)
     assert (ours - unadapted).abs().max().item() > 1e-2  # the adapters change the model
 
@@ -135,3 +124,20 @@ def test_export_refuses_other_adapter_settings(tmp_path, tiny_checkpoint, synth_
     other = _config(tmp_path, tiny_checkpoint, synth_sources, "model.lora_rank=8")
     with pytest.raises(ExportError, match="rank: checkpoint 4, config 8"):
         export_checkpoint(other)
+
+
+def test_adapters_refuse_a_base_they_were_not_trained_on(tmp_path, tiny_checkpoint, synth_sources):
+    """The base export holds the same weights in other files: its fingerprint differs, so both the exported
+    adapter and the step folder are refused, naming both fingerprints."""
+    cfg, _, _ = _trained_run(tmp_path, tiny_checkpoint, synth_sources)
+    out = Path(export_checkpoint(cfg).destination)
+    other = Path(export_checkpoint(cfg, checkpoint="base", destination=str(tmp_path / "other")).destination)
+    recorded = json.loads((out / "adapter" / ADAPTER_BASE).read_text())
+    assert recorded["base_dir"] == str(tiny_checkpoint)
+    want = recorded["base"]["model.safetensors.index.json"]
+    with pytest.raises(
+        BaseMismatchError, match=f"recorded fingerprint .*index.json: {want}}}; {other} has .*index.json: (?!{want})"
+    ):
+        DocEVGenerator(other, adapter=out / "adapter")
+    with pytest.raises(BaseMismatchError, match=f"step_8 was trained on another base than {other}"):
+        DocEVGenerator(Path(cfg.checkpointer.output_dir) / "step_8", base=other)

@@ -29,10 +29,13 @@ def test_smoke_section():
     sample = SmokeSample("instruct", "doc-1", "data.jsonl", 1, Path("/data/images/p 1.png"))
     stopped = Generation("", [4], 150, True, 2)
     lines = "\n".join(smoke_section(sample, stopped, "What's this?", 16, "cpu", ""))
-    assert "(no text: the first token was the stop token)" in lines and "ended by the stop token; ids [4]" in lines
+    assert "(no text: the model answered the stop token)" in lines and "ended by the stop token; ids [4]" in lines
     assert "docev generate --model . --image '/data/images/p 1.png' --prompt 'What'\"'\"'s this?'" in lines
     inside = "\n".join(smoke_section(sample, stopped, "x", 16, "cpu", "", Path("/data")))  # below the run folder
     assert "after the image `images/p 1.png`" in inside and "; `RUN` is the run's output folder):" in inside
     assert "docev generate --model . --image \"$RUN\"/'images/p 1.png' --prompt x" in inside
     missing = smoke_section(None, None, "x", 16, "cpu", "no manifest")
     assert missing == ["Smoke generation: not available (no manifest)."]
+    assert "this run scored no held-out pages" in lines
+    scored = "\n".join(smoke_section(sample, stopped, "x", 16, "cpu", "", scored=True))
+    assert "the held-out scores above are on pages it did not see" in scored and "scored no" not in scored

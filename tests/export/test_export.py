@@ -127,21 +127,21 @@ def test_failed_export_leaves_no_partial_destination(cfg, tmp_path, monkeypatch)
 
 
 def test_existing_destination_is_refused_or_swapped_whole(cfg, tmp_path, monkeypatch):
-    import docev.export.export as export_module
+    import docev.run.publish as publish_module
 
     dest = tmp_path / "export"
     first = export_checkpoint(cfg, "base", str(dest))
     with pytest.raises(ExportError, match="exists; pass --overwrite"):
         export_checkpoint(cfg, "latest", str(dest), overwrite=False)
 
-    real_rename = os.rename
+    real_replace = os.replace
 
-    def rename(src, dst):  # the new folder cannot take the destination's name: the old one comes back
+    def replace(src, dst):  # the new folder cannot take the destination's name: the old one comes back
         if ".partial-" in str(src):
             raise OSError("rename failed")
-        real_rename(src, dst)
+        real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "rename", rename)
+    monkeypatch.setattr(publish_module.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         export_checkpoint(cfg, "latest", str(dest), overwrite=True)
     assert verify_checksums(dest) == first.checksums and _leftovers(tmp_path) == []

@@ -105,3 +105,13 @@ def test_batched_equals_one_at_a_time(generator, pages, synth_sources):
     assert len({tuple(g.token_ids) for g in alone}) > 1 and len({g.prompt_tokens for g in alone}) == 4
     first = generator.generate(pages[:1], "Total?", max_new_tokens=10, sampling_ratio=2, use_cache=False)
     assert batched[0].token_ids == first.token_ids and batched[0].text == first.text
+
+
+def test_cli_says_when_the_answer_is_the_stop_token(step_checkpoint, pages, monkeypatch, capsys):
+    from docev.cli import main
+    from docev.inference import Generation
+    from docev.inference.generate import NO_TEXT
+
+    monkeypatch.setattr(DocEVGenerator, "generate", lambda self, *a, **k: Generation("", [7], 40, True, 2))
+    assert main(["generate", "--model", str(step_checkpoint), "--image", str(pages[0]), "--prompt", "x"]) == 0
+    assert capsys.readouterr().out == f"{NO_TEXT}\n"

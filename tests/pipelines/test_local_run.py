@@ -55,6 +55,8 @@ def test_outputs_exist_and_counts_add_up(first_run):
     assert len(runs) >= 2 and all('"anls"' in p.read_text() for p in runs)
     assert all((p.parent / "report").is_file() for p in runs)
     assert "## Evaluation (held-out split)" in outputs["model card"].read_text()
+    for qtype, m in tuned["question_types"].items():  # the card breaks the scores down, with counts
+        assert f"\n| {qtype} | {m['n']} | " in outputs["model card"].read_text()
     assert (outputs["task logs"] / "train.log").is_file()
     card = outputs["model card"].read_text()
     # paths relative to the output folder (the card travels with the export), the smoke image's included
@@ -94,6 +96,14 @@ def test_lora_config_end_to_end_and_a_rerun_with_another_rank(tmp_path_factory):
     outputs = run_pipeline_locally(cfg)
     adapter = outputs["exported model"] / "adapter" / "adapter_config.json"
     assert json.loads(adapter.read_text())["r"] == 8
+    # tiny_lora.yaml holds records out: the tuned evaluation scores the adapter run's checkpoint (base + adapters)
+    tuned = json.loads((outputs["evaluation report"].parents[1] / "tuned" / "metrics.json").read_text())
+    assert tuned["n"] > 0 and tuned["model"].startswith("checkpoints/step_")
+    card = outputs["model card"].read_text()
+    assert (
+        "| metric | base | tuned | change |" in card and "the held-out scores above are on pages it did not see" in card
+    )
+    assert "### By question type" in card
     assert "| rank / alpha | 8 / 16 (scale alpha/rank = 2) |" in outputs["model card"].read_text()
     # resume=auto: the rank-8 checkpoint does not fit rank 4, so the rerun trains from the base
     run_pipeline_locally(cfg, {"lora_rank": 4})

@@ -89,3 +89,22 @@ def test_resolve_best(tmp_path, tiny_checkpoint):
     (root / "step_3" / "config.json").write_text("{}")
     write_best(root, root / "step_3", 0.5)
     assert resolve_checkpoint(cfg, "best") == root / "step_3" == resolve_checkpoint(cfg, "latest")
+
+
+def test_one_checkpoint_folder_default(tmp_path, tiny_checkpoint):
+    """Without checkpointer.output_dir, training, the pod spec and --checkpoint all use work_dir/checkpoints."""
+    from conftest import tiny_config
+
+    from docev.k8s.pod import volume_mounts
+    from docev.run.checkpoints import resolve_checkpoint
+    from docev.run.paths import run_paths
+
+    over = ["checkpointer.output_dir=null", f"work_dir={tmp_path / 'work'}", "kubernetes.checkpoint_pvc=ckpt",
+            f"kubernetes.mount_path={tmp_path}"]  # fmt: skip
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}], *over)
+    root = tmp_path / "work" / "checkpoints"
+    assert cfg.checkpointer.output_dir is None and run_paths(cfg).checkpoints == root
+    assert volume_mounts(cfg)[-1].mount_path == str(root)
+    _folders(root, [2, 4], 4)
+    (root / "step_4" / "config.json").write_text("{}")
+    assert resolve_checkpoint(cfg, "latest") == root / "step_4"

@@ -1,5 +1,7 @@
 """The recipe's eval loss under torchrun (2 ranks): eval lines in metrics.jsonl, the ``best``
-pointer, and a stop + resume that keeps ``best`` on the lowest eval loss of both runs."""
+pointer, and a stop + resume that keeps ``best`` on the lowest eval loss of both runs. The run's config
+leaves ``checkpointer.output_dir`` unset, so it also checks that ``docev export`` / ``docev evaluate``
+find the checkpoints where training put them (one default, ``docev.run.paths``)."""
 
 import json
 import os
@@ -9,8 +11,10 @@ import sys
 import pytest
 from conftest import CONFIGS, tiny_config
 
+from docev.cli import main
+from docev.config import load_config
 from docev.data.preprocess import run_preprocess
-from docev.run.checkpoints import read_best
+from docev.run.checkpoints import latest_checkpoint, read_best
 from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
@@ -33,7 +37,8 @@ def run(tmp_path_factory, tiny_checkpoint, synth_sources):
          "context_col": "text", "weight": 0.25},
     ]  # fmt: skip
     out = tmp_path_factory.mktemp("evaltrain")
-    knobs = ["epochs=2", "eval_every_n_steps=2", "save_every_n_steps=4", "keep_last_n_checkpoints=1"]
+    knobs = ["epochs=2", "eval_every_n_steps=2", "save_every_n_steps=4", "keep_last_n_checkpoints=1",
+             "checkpointer.output_dir=null"]  # fmt: skip
     cfg = tiny_config(out, tiny_checkpoint, data, *knobs)
     run_validate(cfg, workers=1)
     run_preprocess(cfg, workers=1)
@@ -42,11 +47,11 @@ def run(tmp_path_factory, tiny_checkpoint, synth_sources):
     _train([*args, "stop_after_steps=3"])
     first = read_best(out / "checkpoints")
     _train(args)
-    return out, first
+    return out, first, args
 
 
 def test_eval_lines_and_best_across_resume(run):
-    out, first = run
+    out, first, _ = run
     rows = read_metrics(out / "logs" / "metrics.jsonl")
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 3, 4, 6, 8]  # every 2 steps, and the last step of each run
@@ -58,3 +63,15 @@ def test_eval_lines_and_best_across_resume(run):
     assert best.step == lowest["step"] and best.eval_loss == pytest.approx(lowest["eval_loss"])
     assert (out / "checkpoints" / f"step_{best.step}" / "config.json").is_file()  # kept out of pruning
     assert (out / "logs" / "loss.png").is_file()
+
+
+def test_export_and_evaluate_latest_without_checkpointer_output_dir(run, capsys):
+    out, _, args = run
+    assert load_config(args[1], args[2:]).checkpointer.output_dir is None
+    latest = latest_checkpoint(out / "checkpoints")  # where training wrote, by the one default
+    assert main(["export", *args, "--checkpoint", "latest", "--out", str(out / "exported")]) == 0
+    assert f"{latest.name}" in capsys.readouterr().out
+    assert (out / "exported" / "config.json").is_file() and (out / "exported" / "SHA256SUMS").is_file()
+    assert main(["evaluate", *args, "--checkpoint", "latest", "--label", "latest"]) == 0
+    metrics = json.loads((out / "eval" / "latest" / "metrics.json").read_text())
+    assert metrics["n"] > 0 and metrics["model"] == f"checkpoints/{latest.name}"

@@ -129,3 +129,32 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "cut.png").write_bytes(full.read_bytes()[:400])
     with pytest.raises(ImageLoadError, match="cut.png"):
         load_image(tmp_path / "cut.png")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_png_header_size_without_decoding_and_exif_after_the_pixels(tmp_path, monkeypatch):
+    """A PNG's size needs no pixel decode unless it has an eXIf chunk; one after IDAT (allowed, and what some
+    tools write) still turns the size, as the decoder will."""
+    from PIL import ImageFile
+
+    plain = _save(Image.fromarray(_blocks()), tmp_path / "plain.png")
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[EXIF_ORIENTATION] = 6
+    data = plain.read_bytes()
+    late = tmp_path / "late.png"
+    late.write_bytes(data[:-12] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + data[-12:])  # eXIf just before IEND
+    with Image.open(late) as im:
+        assert "exif" not in im.info  # PIL only finds it by decoding the pixels
+    assert read_image_size(late) == (48, 32) == load_image(late).size[::-1]
+
+    def no_decode(self):
+        raise AssertionError("decoded the pixels to read a size")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert read_image_size(plain) == (32, 48)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
-import inspect
 import json
 import re
 from pathlib import Path
@@ -26,8 +25,10 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    model_validator,
 )
 
+from docev.config.components import component_params
 from docev.config.jobs import (
     ExportSection,
     FsdpStrategy,
@@ -92,6 +93,7 @@ __all__ = [
     "parse_byte_size",
     "parse_overrides",
     "resolve",
+    "resolve_component",
     "resolve_strategy",
     "safe_load",
     "validate_dict",
@@ -236,6 +238,14 @@ class DocEVConfig(_Strict):
         errors += self._split_checks()
         return errors
 
+    @model_validator(mode="after")
+    def _embedded_images_dirs(self) -> DocEVConfig:
+        """Every task reads a source's embedded images from the same folder: on the volume, by default."""
+        for d in (*self.datasets, *self.eval_datasets):
+            if d.formatting != "ufx" and d.embedded_images_dir is None:
+                d.embedded_images_dir = str(self.work_root / "embedded_images" / (d.name or Path(d.source).name))
+        return self
+
     @property
     def work_root(self) -> Path:
         """The folder of checkpoints, logs, evaluation, exports and the pipeline's files (see ``work_dir``)."""
@@ -287,7 +297,7 @@ class DocEVConfig(_Strict):
         if not m.is_lora:
             given = [k for k in LORA_DEFAULTS if getattr(m, k) is not None]
             return [(f"model.{k}", f"{m.component} takes no LoRA arguments (use a lora_* builder)") for k in given]
-        from docev.models.docev import lora_problems
+        from docev.models.lora_rules import lora_problems
 
         args = {**m.lora_args(), "decoder_trainable": m.decoder_trainable}
         return [(f"model.{key}", why) for key, why in lora_problems(**args)]
@@ -383,6 +393,7 @@ def validate_dict(data: dict[str, Any], origin: str = "<config>") -> DocEVConfig
     errors = [f"{origin}: {path}: {msg}" for path, msg in cfg.cross_checks()]
     for name in COMPONENT_SECTIONS:
         errors += [f"{origin}: {name}.{msg}" for msg in _component_errors(getattr(cfg, name))]
+    errors += [f"{origin}: tokenizer.{msg}" for msg in _tokenizer_errors(cfg.tokenizer)]
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -393,32 +404,54 @@ COMPONENT_SECTIONS = ("optimizer", "lr_scheduler", "loss", "metric_logger")
 _RECIPE_SUPPLIED = {"params", "optimizer", "num_training_steps"}
 
 
-def _component_errors(section: Component | None) -> list[str]:
-    """Check a ``_component_`` section against the callable's signature: importable, known keyword
-    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path."""
-    if section is None:
-        return []
-    path = section.component
+def resolve_component(path: str) -> Any:
+    """The callable a ``_component_`` dotted path names (``ImportError`` naming the path when there is none)."""
     module_name, _, attr = path.rpartition(".")
     try:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {path!r}"]
+        raise ImportError(f"cannot import {path!r}") from None
+    if not callable(target):
+        raise ImportError(f"{path!r} is not callable")
+    return target
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all
+    (the signature read without importing, as for the other components)."""
     try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
+        params = component_params(section.component)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {section.component!r}"]
+    if params is None or params.var_keyword:
         return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return [
+        f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
+    ]
+
+
+def _component_errors(section: Component | None) -> list[str]:
+    """Check a ``_component_`` section against the callable's signature: importable, known keyword
+    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path. The
+    signature is read from source when the module is not imported yet (see :mod:`docev.config.components`)."""
+    if section is None:
         return []
-    names = [n for n in params if n not in _RECIPE_SUPPLIED]
+    path = section.component
+    try:
+        params = component_params(path)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {path!r}"]
+    if params is None or params.var_keyword:
+        return []
+    names = [n for n in params.defaults if n not in _RECIPE_SUPPLIED]
     errors = []
     for key, value in (section.model_extra or {}).items():
-        if key not in params or key in _RECIPE_SUPPLIED:
+        if key not in params.defaults or key in _RECIPE_SUPPLIED:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(names)})"
             errors.append(f"{key}: unknown argument of {path}{hint}")
             continue
-        expected = params[key].default
+        expected = params.defaults[key]
         if isinstance(expected, bool) and not isinstance(value, bool):
             errors.append(f"{key}: expected a boolean, got {value!r}")
         elif isinstance(expected, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):

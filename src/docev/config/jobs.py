@@ -45,14 +45,17 @@ class StepResources(_Strict):
         return _positive_quantity(v)
 
 
-def _positive_quantity(v: str) -> str:
-    from kubernetes.utils import parse_quantity
+# A Kubernetes quantity (apimachinery resource.Quantity): a decimal number, then a binary (Ki…Ei), decimal
+# (n, u, m, k, M…E) or exponent suffix. Matched here, not with kubernetes.utils.parse_quantity: importing the
+# kubernetes package loads its whole generated client (~0.7 s) into every command that reads a config.
+_QUANTITY = re.compile(r"^(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
 
-    try:
-        amount = parse_quantity(v)
-    except ValueError:
-        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
-    if amount <= 0:
+
+def _positive_quantity(v: str) -> str:
+    match = _QUANTITY.match(v)
+    if match is None:
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+    if float(match["number"]) <= 0:  # every suffix is a positive factor: the sign is the number's
         raise ValueError(f"{v!r} must be positive")
     return v
 

@@ -101,9 +101,15 @@ class ModelSection(_Strict):
 
 
 class TokenizerSection(_Strict):
-    """Arguments of ``docev.data.transform.docev_preview_transform``."""
+    """The model transform: ``_component_`` (a callable returning a ``DocEVTransform``) and its arguments
+    (those of ``docev.data.transform.docev_preview_transform``)."""
 
     component: str = Field("docev.data.transform.docev_preview_transform", alias="_component_")
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments ``_component_`` is called with."""
+        return self.model_dump(exclude={"component"})
+
     model_name_or_path: str
     image_token: str = "<image>"
     image_token_id: int | None = None
@@ -214,6 +220,25 @@ class DatasetSource(_Strict):
         0.0, ge=0, lt=1, description="Share of the records held out for evaluation (by a stable hash of the id)."
     )
     eval_records: int | None = Field(None, ge=1, description="At most this many held-out records of this source.")
+    formatting: Literal["ufx", "llava", "sharegpt", "messages", "qa"] = Field(
+        "ufx",
+        description="The rows' shape, mapped into UFX records when read: ufx; llava (conversations of from/value, "
+        "image or images); sharegpt (conversations or messages, from/value or role/content, system, images); "
+        "messages (HF/TRL messages + images, paths or {bytes, path}); qa (question, answers, image: DocVQA-style "
+        "evaluation sets). Other than ufx: instruction sources; *.json files (an array) are read too.",
+    )
+    embedded_images_dir: str | None = Field(
+        None,
+        description="Folder (shared by every task) where images embedded as bytes in the rows are written once, "
+        "named by their sha256; default {work_dir}/embedded_images/<source name> for formats other than ufx.",
+    )
+
+    @model_validator(mode="after")
+    def _formatting_reads_instructions(self) -> DatasetSource:
+        if self.formatting != "ufx" and self.ufx_type != "instruction":
+            raise ValueError(f"formatting {self.formatting!r} maps rows to instruction records; ufx_type must be "
+                             "'instruction'")  # fmt: skip
+        return self
 
     @field_validator("source")
     @classmethod
@@ -262,6 +287,12 @@ class ValidateSection(_Strict):
     workers: int = Field(1, ge=1)
     thumbnails: int = Field(6, ge=0)
     fanout: int = Field(1, ge=1, description="KFP tasks validating shards of the sources in parallel.")
+    max_line_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="A jsonl line longer than this is rejected as line_too_long while it is read (never held "
+        "whole), so one huge line cannot exhaust a validate pod's memory.",
+    )
 
 
 class PreprocessSection(_Strict):

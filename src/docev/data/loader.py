@@ -11,11 +11,13 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from docev.config import DocEVConfig
 from docev.data.collate import DocEVCollate
 from docev.data.dataset import ShardDataset
-from docev.data.preprocess import config_hash, shards_location, tokenizer_fingerprint
+from docev.data.preprocess import config_hash, tokenizer_fingerprint
 from docev.data.sampler import DocEVBatchSampler
 from docev.data.shards import ShardError
 from docev.data.staging import local_shards
 from docev.data.transform import transform_from_config
+from docev.outputs import outputs
+from docev.run.paths import shards_manifest_key
 
 
 def build_collate(cfg: DocEVConfig, dtype: torch.dtype, normalize: bool = True) -> DocEVCollate:
@@ -44,7 +46,7 @@ def build_dataset(cfg: DocEVConfig, verify_share: tuple[int, int] | None = None)
     expect = {"config_hash": config_hash(cfg), "tokenizer": tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)}
     folder = local_shards(cfg)
     if folder is None:
-        raise ShardError(f"{shards_location(cfg)}/manifest.json not found: run `docev preprocess` first")
+        raise ShardError(f"{outputs(cfg).where(shards_manifest_key())} not found: run `docev preprocess` first")
     return ShardDataset(folder, tile_size=cfg.tokenizer.tile_size, expect=expect,
                         verify_checksums=cfg.dataloader.verify_checksums, verify_share=verify_share)  # fmt: skip
 

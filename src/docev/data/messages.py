@@ -1,4 +1,4 @@
-"""UFX records → torchtune :class:`~torchtune.data.Message` lists.
+"""UFX records → :class:`Message` lists (torchtune's message shape).
 
 The shape checks live in :func:`docev.ufx.parse_record` (one place, shared with the validator,
 raising :class:`~docev.ufx.UFXError` with a reason code); this module only maps a valid record
@@ -6,6 +6,12 @@ onto messages: placeholder n ↔ ``image_files[n]``, non-assistant turns ``maske
 ``new_system_prompt`` replacing the record's system messages (torchtune's convention). Image
 parts carry the image's path (resolved against the source root) so nothing is decoded here;
 :func:`message_dicts` gives the transformers-style dicts a chat template renders.
+
+:class:`Message` has the attributes of torchtune's ``Message`` that the transform reads (``role``,
+``content`` parts, ``masked``, ``text_content``), and torchtune's own messages are accepted wherever
+these are: the data steps (validate, preprocess) build messages for every record, and importing
+``torchtune`` pulls in torchao and ``torch._dynamo`` (seconds per task and per pool worker) for one
+small class.
 """
 
 from __future__ import annotations
@@ -14,11 +20,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from torchtune.data import Message
-
 from docev.ufx import IMAGE_PLACEHOLDER, UFXRecord, parse_record
 
 UFXType = Literal["instruction", "pretrain"]
+
+
+class Message:
+    """One turn: ``role``, ``content`` as parts (``{"type": "text" | "image", "content": …}``; a string
+    becomes one text part) and ``masked`` (no loss on its tokens), as torchtune's ``Message``."""
+
+    __slots__ = ("role", "content", "masked")
+
+    def __init__(self, role: str, content: str | list[dict[str, Any]], masked: bool = False):
+        self.role = role
+        self.content = [{"type": "text", "content": content}] if isinstance(content, str) else content
+        self.masked = masked
+
+    @property
+    def text_content(self) -> str:
+        """The text parts joined (images left out)."""
+        return "".join(p["content"] for p in self.content if p["type"] == "text")
+
+    def __repr__(self) -> str:
+        return f"Message(role={self.role!r}, content={self.content!r}, masked={self.masked})"
 
 
 def _split_placeholders(text: str, images: list[Any]) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -27,34 +26,40 @@ from tqdm import tqdm
 
 from docev.config import DocEVConfig, validate_dict
 from docev.data.messages import ufx_to_messages
-from docev.data.shards import TOKEN_BUCKETS, ShardError, bucket, image_row, sha256_file, write_shard
+from docev.data.shards import (
+    TOKEN_BUCKETS,
+    ShardError,
+    bucket,
+    image_row,
+    original_row,
+    sha256_file,
+    stores_original,
+    write_shard,
+)
 from docev.data.split import Split, all_sources
-from docev.data.transform import DocEVTransform, transform_from_config
+from docev.data.transform import DocEVTransform, EncodedSample, transform_from_config
 from docev.outputs import Outputs, outputs
 from docev.progress import bar_disabled
-from docev.run.paths import MANIFEST
+from docev.run.paths import MANIFEST, SHARDS_DROPPED, SHARDS_MANIFEST, shards_key, shards_manifest_key
+from docev.run.publish import publishing, write_text
 from docev.sources.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
 from docev.storage import RETRIES, ordered_map
-from docev.vision.image_io import load_image
+from docev.vision.geometry import TilePlan
+from docev.vision.image_io import load_image, read_image_size
 from docev.vision.tiling import PixelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "preprocessor_config.json")  # fmt: skip
 
 
-def shards_rel(split: Split = "train") -> str:
-    """``shards`` for training, ``shards/eval`` for the held-out split, relative to output_dir."""
-    return "shards/eval" if split == "eval" else "shards"
-
-
 def shards_dir(cfg: DocEVConfig, split: Split = "train") -> Path:
     """The local folder of the split's shards (this process's copy when ``output_dir`` is an object store)."""
-    return outputs(cfg).local(shards_rel(split))
+    return outputs(cfg).local(shards_key(split))
 
 
 def shards_location(cfg: DocEVConfig, split: Split = "train") -> str:
     """Where the split's shards are published: a folder or a URL (what training stages or reads)."""
-    return outputs(cfg).where(shards_rel(split))
+    return outputs(cfg).where(shards_key(split))
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
@@ -121,7 +126,7 @@ class ShardBuilder:
             wanted = {e["row"] for e in group}
             first, last = group[0], group[-1]
             unit = Unit(name, file, first["row"], last["row"] - first["row"] + 1, first["offset"] or 0)
-            for raw in read_unit(self.sources[name][1], unit):
+            for raw in read_unit(self.sources[name][1], unit, self.cfg.validate_.max_line_bytes):
                 if raw.row in wanted:
                     yield raw
 
@@ -132,11 +137,19 @@ class ShardBuilder:
         paths = [store.resolve(name, allowed) for name in raw.data.get("image_files", [])]
         return [(store.display(p), store.read_bytes(p)) for p in paths]
 
+    def _image(self, where: str, blob: bytes, plan: TilePlan) -> dict[str, Any]:
+        """The stored form of one image: its original bytes when that is decided from its size (most pages:
+        nothing decoded), else decoded, tiled and encoded as ``preprocess.image_format`` says."""
+        fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
+        if stores_original(fmt, plan, self.transform.tile_size, len(blob)):
+            return original_row(plan, blob)
+        tiled = self.transform.tile(load_image(io.BytesIO(blob), name=where))
+        return image_row(tiled, fmt, quality, blob)
+
     def build(self, k: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        outs, rel = outputs(self.cfg), shards_rel(self.split)
+        outs, rel = outputs(self.cfg), shards_key(self.split)
         out = outs.local(rel)
         out.mkdir(parents=True, exist_ok=True)
-        fmt, quality = self.cfg.preprocess.image_format, self.cfg.preprocess.jpeg_quality
         t, rows, dropped, stored, original = self.transform, [], [], 0, 0
         retries_before = RETRIES.value
         threads = max(s.storage_options.threads for _, s in self.sources.values())
@@ -145,25 +158,26 @@ class ShardBuilder:
                 raise blobs
             index, src = self.sources[raw.source]
             messages = ufx_to_messages(raw.data, ufx_type=src.ufx_type, new_system_prompt=src.new_system_prompt)
-            pixels = iter([load_image(io.BytesIO(blob), name=where) for where, blob in blobs])
-            for part in (p for m in messages for p in m.content if p["type"] == "image"):
-                part["content"] = next(pixels)  # placeholder n is image_files[n]: the order of the parts
-            sample = t.encode(messages, ufx_type=src.ufx_type)
-            decision = t.fit(sample, self.ratios[-1])
+            tokens, mask = t.tokenize_messages(messages, ufx_type=src.ufx_type)
+            # placeholder n is image_files[n]; sizes from the headers (validate decoded every image and checked
+            # that its decoded size is the header's)
+            sizes = [read_image_size(io.BytesIO(blob), name=where) for where, blob in blobs]
+            decision = t.fit(EncodedSample(tokens, mask, sizes), self.ratios[-1])
             if decision.drop_reason is not None:
                 dropped.append({"source": raw.source, "file": raw.file, "row": raw.row, "id": raw.data["id"],
                                 "reason": decision.drop_reason, "length": decision.length})  # fmt: skip
                 continue
-            keep = decision.keep if decision.keep is not None else len(sample.tokens)
-            tokens, mask = sample.tokens[:keep], sample.loss_mask[:keep]
-            pairs = zip(sample.images or [], blobs, strict=True)
-            images = [image_row(img, fmt, quality, blob) for img, (_, blob) in pairs]
+            if decision.keep is not None:
+                tokens, mask = tokens[: decision.keep], mask[: decision.keep]
+            images = [
+                self._image(where, blob, t.plan(h, w)) for (where, blob), (h, w) in zip(blobs, sizes, strict=True)
+            ]
             stored += sum(len(im["original"]) + len(im["base"]) + len(im["resized"]) for im in images)
             original += sum(len(blob) for _, blob in blobs)
             row = {"id": raw.data["id"], "source": raw.source, "source_index": index, "tokens": tokens,
                    "loss_mask": mask, "images": images}  # fmt: skip
             for r in self.ratios:
-                row[f"len_r{r}"] = len(tokens) + sum(t.image_tokens(h, w, r) - 1 for h, w in sample.image_sizes)
+                row[f"len_r{r}"] = len(tokens) + sum(t.image_tokens(h, w, r) - 1 for h, w in sizes)
             rows.append(row)
         name = _shard_name(k)
         digest, count = write_shard(out / f"{name}.arrow", rows, self.ratios)
@@ -174,9 +188,7 @@ class ShardBuilder:
                 "tokenizer": self.fingerprint, "dropped": dropped, "lengths": dict(lengths),
                 "sources": dict(sources), "bytes_stored": stored, "bytes_original": original,
                 "storage_retries": RETRIES.value - retries_before}  # fmt: skip
-        tmp = out / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(side, indent=1))
-        os.replace(tmp, out / f"{name}.json")
+        write_text(out / f"{name}.json", json.dumps(side, indent=1))
         outs.publish(f"{rel}/{name}.json")  # the sidecar last: it marks the shard done
         return side
 
@@ -215,7 +227,7 @@ def run_shards(
     cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None, split: Split = "train"
 ) -> list[int]:
     """Build the split's missing shards k with k % num_shards == shard. Returns the shard indices built."""
-    outs, rel = outputs(cfg), shards_rel(split)
+    outs, rel = outputs(cfg), shards_key(split)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
     chunks = _chunks(cfg, split)
     todo = ((k, e) for k, e in chunks
@@ -254,7 +266,7 @@ def _collect(future: Any, running: dict[Any, tuple[int, int]], bar: tqdm) -> int
 
 def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
     """All shards of the split present and intact → its ``dropped.jsonl`` and, published last, ``manifest.json``."""
-    outs, rel = outputs(cfg), shards_rel(split)
+    outs, rel = outputs(cfg), shards_key(split)
     out = outs.local(rel)
     out.mkdir(parents=True, exist_ok=True)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
@@ -268,15 +280,14 @@ def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
     lengths: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
-    with (out / ".dropped.jsonl.tmp").open("w") as fh:
+    with publishing(out / SHARDS_DROPPED) as fh:
         for side in sides:
             lengths.update(side["lengths"])
             sources.update(side["sources"])
             for d in side["dropped"]:
                 dropped[d["reason"]] += 1
                 fh.write(json.dumps(d) + "\n")
-    os.replace(out / ".dropped.jsonl.tmp", out / "dropped.jsonl")
-    outs.publish(f"{rel}/dropped.jsonl")
+    outs.publish(f"{rel}/{SHARDS_DROPPED}")
     tok = cfg.tokenizer
     resample = PixelConfig.from_checkpoint(tok.model_name_or_path).resample  # what the transform tiles with
     manifest = {
@@ -291,9 +302,8 @@ def merge(cfg: DocEVConfig, split: Split = "train") -> dict[str, Any]:
         "bytes_original_images": sum(s["bytes_original"] for s in sides),
         "storage_retries": sum(s["storage_retries"] for s in sides),
     }  # fmt: skip
-    (out / ".manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
-    os.replace(out / ".manifest.json.tmp", out / "manifest.json")
-    outs.publish(f"{rel}/manifest.json")  # last: every shard it names is published and verified
+    write_text(out / SHARDS_MANIFEST, json.dumps(manifest, indent=2))
+    outs.publish(shards_manifest_key(split))  # last: every shard it names is published and verified
     return manifest
 
 

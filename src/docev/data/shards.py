@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from docev.run.publish import publish, temp_name
 from docev.vision.geometry import TilePlan
 from docev.vision.image_io import load_image
 from docev.vision.tiling import TiledImage, tile_image
@@ -92,23 +93,40 @@ def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def stores_original(fmt: str, plan: TilePlan, tile_size: int, original_bytes: int) -> bool:
+    """Whether an image is stored as its original bytes, decided from its size alone (no decode, no encode):
+    always for ``original``; for ``auto`` when the original is compressed (under a byte per pixel) and its tiles
+    hold at least as many pixels as it does (the page is kept or enlarged, plus the base tile). A lossless code
+    of an enlarged copy does not come out smaller than the page's own code, so encoding the tiles to compare
+    would keep the original anyway; ``benchmarks/preprocess_throughput.py`` checks the two agree on its pages.
+    Otherwise :func:`image_row` encodes the tiles and keeps the smaller."""
+    if fmt == "original":
+        return True
+    (h, w), (rh, rw) = plan.size, plan.resized
+    return fmt == "auto" and original_bytes < h * w and tile_size * tile_size + rh * rw >= h * w
+
+
+def original_row(plan: TilePlan, original: bytes) -> dict[str, Any]:
+    """An image stored as its original encoded bytes, with the plan that tiles it again at load time."""
+    return {
+        "original": original, "base": b"", "resized": b"",
+        "height": plan.size[0], "width": plan.size[1], "canvas_h": plan.canvas[0], "canvas_w": plan.canvas[1],
+        "resized_h": plan.resized[0], "resized_w": plan.resized[1], "rows": plan.grid[0], "cols": plan.grid[1],
+    }  # fmt: skip
+
+
 def image_row(tiled: TiledImage, fmt: str, quality: int, original: bytes) -> dict[str, Any]:
     """A tiled image as stored: its ``original`` encoded bytes (tiled again at load time), or the aspect-resized
     image (the canvas without its padding) and the base tile. ``auto`` keeps whichever is smaller of the original
     and the tiles in lossless WebP: small pages stay as they came, large scans and photos shrink to their tiles."""
-    p = tiled.plan
-    row = {
-        "original": b"", "base": b"", "resized": b"",
-        "height": p.size[0], "width": p.size[1], "canvas_h": p.canvas[0], "canvas_w": p.canvas[1],
-        "resized_h": p.resized[0], "resized_w": p.resized[1], "rows": p.grid[0], "cols": p.grid[1],
-    }  # fmt: skip
+    row = original_row(tiled.plan, original)
     if fmt == "original":
-        return row | {"original": original}
+        return row
     encoding = "webp_lossless" if fmt == "auto" else fmt
     base, resized = encode_image(tiled.base, encoding, quality), encode_image(tiled.resized, encoding, quality)
     if fmt == "auto" and len(original) <= len(base) + len(resized):
-        return row | {"original": original}
-    return row | {"base": base, "resized": resized}
+        return row
+    return row | {"original": b"", "base": base, "resized": resized}
 
 
 def stored_image(image: dict[str, Any], tiling: Tiling) -> TiledImage:
@@ -137,18 +155,16 @@ def sha256_file(path: Path) -> str:
 
 def write_shard(path: Path, rows: list[dict[str, Any]], ratios: list[int]) -> tuple[str, int]:
     """Write rows to ``path`` atomically (temp name, fsync, reopen and count, rename). Returns (sha256, rows)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     table = pa.Table.from_pylist(rows, schema=schema(ratios))
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
             writer.write_batch(batch)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
     with pa.memory_map(str(tmp)) as mm:
         if pa.ipc.open_file(mm).read_all().num_rows != len(rows):
             raise ShardError(f"{tmp}: wrote {len(rows)} rows but read back a different count")
     digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
     return digest, len(rows)
 
 

@@ -22,18 +22,19 @@ import sys
 from pathlib import Path
 
 from docev.config import DocEVConfig, StorageOptions
-from docev.data.preprocess import shards_rel
 from docev.data.shards import ShardError, sha256_file
 from docev.data.split import Split
 from docev.outputs import outputs
+from docev.run.paths import SHARDS_MANIFEST, shards_key, shards_manifest_key
+from docev.run.publish import publish, temp_name, write_bytes
 from docev.storage import store_for, with_retries
 
 
 def local_shards(cfg: DocEVConfig, split: Split = "train") -> Path | None:
     """The folder training memory-maps for the split: staged into ``dataloader.cache_dir`` when that is set,
     else where preprocess wrote it. None when the split was not built (no ``manifest.json``)."""
-    outs, rel = outputs(cfg), shards_rel(split)
-    if not outs.exists(f"{rel}/manifest.json"):
+    outs, rel = outputs(cfg), shards_key(split)
+    if not outs.exists(shards_manifest_key(split)):
         return None
     if cfg.dataloader.cache_dir is None:
         return outs.local(rel)
@@ -43,21 +44,19 @@ def local_shards(cfg: DocEVConfig, split: Split = "train") -> Path | None:
 def stage_shards(source: str | Path, cache_dir: str | Path, options: StorageOptions | None = None) -> Path:
     """A local folder holding the shards of ``source`` (a folder or fsspec URL with ``manifest.json``)."""
     store = store_for(str(source), options)
-    manifest_bytes = store.read_bytes(store.join("manifest.json"))
+    manifest_bytes = store.read_bytes(store.join(SHARDS_MANIFEST))
     digest = hashlib.sha256(manifest_bytes).hexdigest()[:16]
     target = Path(cache_dir) / f"shards-{digest}"
     target.mkdir(parents=True, exist_ok=True)
     with (target / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process per node stages; the others wait here, then find it done
-        done = target / "manifest.json"
+        done = target / SHARDS_MANIFEST
         if done.is_file() and done.read_bytes() == manifest_bytes:
             return target
         shards = json.loads(manifest_bytes)["shards"]
         for shard in shards:
             _copy_verified(store, shard["file"], shard["sha256"], target)
-        tmp = target / ".manifest.json.tmp"
-        tmp.write_bytes(manifest_bytes)
-        os.replace(tmp, done)  # published last: a cache with a manifest is complete
+        write_bytes(done, manifest_bytes)  # published last: a cache with a manifest is complete
         print(f"staged {len(shards)} shard(s) of {store.url} into {target} (local rank "
               f"{os.environ.get('LOCAL_RANK', '0')}; the node's other ranks reuse them)", file=sys.stderr)  # fmt: skip
     return target
@@ -67,7 +66,7 @@ def _copy_verified(store, name: str, sha256: str, target: Path) -> None:
     final = target / name
     if final.is_file() and sha256_file(final) == sha256:
         return  # left by a staging that was interrupted after this shard
-    tmp = target / f".{name}.tmp"
+    tmp = temp_name(final)
 
     def copy() -> str:
         h = hashlib.sha256()
@@ -82,4 +81,4 @@ def _copy_verified(store, name: str, sha256: str, target: Path) -> None:
         tmp.unlink()
         raise ShardError(f"{store.display(store.join(name))}: sha256 {got[:12]}… while staging, manifest says "
                          f"{sha256[:12]}…: corrupt shard")  # fmt: skip
-    os.replace(tmp, final)
+    publish(tmp, final)

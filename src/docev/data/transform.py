@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
-from docev.data.messages import UFXType, message_dicts, message_images, ufx_to_messages
+from docev.config import resolve_component
+from docev.data.messages import Message, UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
 from docev.ufx import UFXRecord
 from docev.vision.geometry import TilePlan, num_image_tokens, plan_tiles
@@ -41,6 +41,7 @@ from docev.vision.tiling import PixelConfig, TiledImage, normalize, tile_image
 
 OVERFLOW_STEPS = ("larger_ratio", "truncate_text", "drop")
 DROP_REASONS = ("too_long", "no_loss_after_truncation")
+IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX (its loss skips these labels), without importing it
 # Vision towers whose first output token is a CLS token ('default' feature selection drops it).
 _CLS_ENCODERS = frozenset({"clip_vision_model"})
 
@@ -101,7 +102,7 @@ def expand_placeholders(
     is_image = t == image_token_id
     if int(is_image.sum()) != len(image_token_counts):
         raise ValueError(f"{int(is_image.sum())} image placeholders but {len(image_token_counts)} image token counts")
-    labels = np.where(np.asarray(loss_mask, dtype=bool) & ~is_image, t, CROSS_ENTROPY_IGNORE_IDX)
+    labels = np.where(np.asarray(loss_mask, dtype=bool) & ~is_image, t, IGNORE_INDEX)
     repeats = np.ones(len(t), dtype=np.int64)
     repeats[is_image] = image_token_counts
     return np.repeat(t, repeats).tolist(), np.repeat(labels, repeats).tolist()
@@ -240,15 +241,24 @@ class DocEVTransform:
         load_pixels: bool = True,
         add_generation_prompt: bool = False,
     ) -> EncodedSample:
-        """Ratio-independent sample. Image parts hold a path or a PIL image; with ``load_pixels=False``
-        only sizes are read (from headers for paths)."""
+        """Ratio-independent sample. Image parts hold a path, a PIL image or a :class:`TiledImage` already tiled
+        for this transform (e.g. read back from a shard); with ``load_pixels=False`` only sizes are read (from
+        headers for paths)."""
         tokens, mask = self.tokenize_messages(messages, ufx_type=ufx_type, add_generation_prompt=add_generation_prompt)
         sources = message_images(messages)
         if not load_pixels:
             sizes = [_size(s) for s in sources]
             return EncodedSample(tokens, mask, sizes)
-        tiled = [self.tile(s if isinstance(s, Image.Image) else load_image(s)) for s in sources]
+        tiled = [self._tiled(s) for s in sources]
         return EncodedSample(tokens, mask, [t.plan.size for t in tiled], tiled)
+
+    def _tiled(self, source: Any) -> TiledImage:
+        if isinstance(source, TiledImage):
+            if source.plan != self.plan(*source.plan.size):
+                raise ValueError(f"an image tiled as {source.plan}; this transform tiles it as "
+                                 f"{self.plan(*source.plan.size)}")  # fmt: skip
+            return source
+        return self.tile(source if isinstance(source, Image.Image) else load_image(source))
 
     def choose_ratio(self) -> int:
         """A random ratio from ``sampling_ratio`` when ``apply_random_sampling_ratio``, else the first."""
@@ -333,6 +343,8 @@ class DocEVTransform:
 
 
 def _size(source: Any) -> tuple[int, int]:
+    if isinstance(source, TiledImage):
+        return source.plan.size
     if isinstance(source, Image.Image):
         return source.height, source.width
     return read_image_size(source)
@@ -428,9 +440,14 @@ def docev_preview_transform(
 
 
 def transform_from_config(cfg: Any) -> DocEVTransform:
-    """The transform of a loaded :class:`~docev.config.DocEVConfig` (its ``tokenizer`` section)."""
-    kwargs = cfg.tokenizer.model_dump(exclude={"component"})
-    return docev_preview_transform(**kwargs)
+    """The transform of a loaded :class:`~docev.config.DocEVConfig`: ``tokenizer._component_`` called with the
+    section's arguments (the config loader already checked that it imports and takes them)."""
+    section = cfg.tokenizer
+    transform = resolve_component(section.component)(**section.arguments())
+    if not isinstance(transform, DocEVTransform):
+        raise TypeError(f"tokenizer._component_: {section.component} returned {type(transform).__name__}, "
+                        "not a DocEVTransform")  # fmt: skip
+    return transform
 
 
 TokenCounter = Callable[..., dict[int, int]]

@@ -9,7 +9,6 @@ output keeps the manifest's order. Runs in one process (CPU locally, one GPU on 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,11 @@ import torch
 from docev.config import DocEVConfig
 from docev.evaluation.questions import Question, eval_questions
 from docev.evaluation.scores import score, summarize
+from docev.evaluation.tiles import HeldOutTiles
 from docev.inference import DocEVGenerator
 from docev.run.checkpoints import resolve_checkpoint
+from docev.run.paths import run_paths
+from docev.run.publish import write_text
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,7 +33,7 @@ class NoQuestionsError(ValueError):
 
 
 def eval_dir(cfg: DocEVConfig, label: str) -> Path:
-    return cfg.work_root / "eval" / label
+    return run_paths(cfg).eval_dir(label)
 
 
 def default_label(checkpoint: str | None) -> str:
@@ -46,14 +48,16 @@ def answer_questions(
     max_new_tokens: int,
     sampling_ratio: int,
     progress: Callable[[int], None] | None = None,
+    tiles: HeldOutTiles | None = None,
 ) -> list[str]:
-    """The model's answer to each question, in order; ``batch_size`` prompts per generation."""
+    """The model's answer to each question, in order; ``batch_size`` prompts per generation; images from
+    ``tiles`` (the eval shards) where they hold them."""
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].images))
     answers: list[str] = [""] * len(questions)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        gens = generator.generate_batch([questions[i].prompt for i in chunk], max_new_tokens=max_new_tokens,
-                                        sampling_ratio=sampling_ratio)  # fmt: skip
+        prompts = [tiles.prompt(questions[i]) if tiles is not None else questions[i].prompt for i in chunk]
+        gens = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, sampling_ratio=sampling_ratio)
         for i, g in zip(chunk, gens, strict=True):
             answers[i] = g.text.strip()
         if progress is not None:
@@ -66,7 +70,8 @@ def prediction_rows(questions: list[Question], answers: list[str], threshold: fl
     for q, pred in zip(questions, answers, strict=True):
         s = score(pred, q.answers, threshold)
         row: dict[str, Any] = {"id": q.id, "source": q.source, "turn": q.turn, "question": q.question,
-                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact}  # fmt: skip
+                               "answers": q.answers, "prediction": pred, "anls": s.anls, "exact": s.exact,
+                               "relaxed": s.relaxed}  # fmt: skip
         if s.f1 is not None:
             row.update(f1=s.f1, json_parsed=s.parsed)
         row["question_type"] = q.question_type
@@ -94,7 +99,8 @@ def evaluate(
     """Score one model on the held-out split; returns the metrics written to ``metrics.json``.
 
     ``model_dir`` (an export or any model folder) wins over ``checkpoint`` (latest, best, step_N,
-    base; default latest). Raises ValueError when the split holds no question."""
+    base; default latest); an adapter run's step folder is evaluated as the base with the adapters merged.
+    Raises ValueError when the split holds no question."""
     ev = cfg.evaluate
     which = checkpoint or "latest"
     folder = Path(model_dir) if model_dir else resolve_checkpoint(cfg, which)
@@ -108,11 +114,15 @@ def evaluate(
             "(instruction sources) and rerun validate and preprocess"
         )
     ratio = ev.sampling_ratio or max(cfg.tokenizer.sampling_ratio)
-    generator = DocEVGenerator(folder, device=cfg.device, dtype=_DTYPES[cfg.dtype])
+    # an adapter run's step folder is read over the config's base, with its adapters merged in memory
+    generator = DocEVGenerator(
+        folder, device=cfg.device, dtype=_DTYPES[cfg.dtype], base=cfg.checkpointer.checkpoint_dir
+    )
+    tiles = HeldOutTiles(cfg)
     start = time.perf_counter()
     with torch.inference_mode():
         answers = answer_questions(generator, questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                                   sampling_ratio=ratio, progress=progress)  # fmt: skip
+                                   sampling_ratio=ratio, progress=progress, tiles=tiles)  # fmt: skip
     seconds = time.perf_counter() - start
     loss = eval_loss(cfg, generator)
     root = cfg.work_root
@@ -120,10 +130,10 @@ def evaluate(
     metrics = {**summarize(rows), "label": label, "model": _relative(str(folder), root), "sampling_ratio": ratio,
                "seconds": seconds, "answers_per_second": len(rows) / seconds,
                **({"eval_loss": loss} if loss is not None else {})}  # fmt: skip
-    out = eval_dir(cfg, label)
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write(out / "metrics.json", json.dumps(metrics, indent=2))
+    paths = run_paths(cfg)
+    paths.eval_dir(label).mkdir(parents=True, exist_ok=True)
+    write_text(paths.eval_file(label, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(paths.eval_file(label, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -139,9 +149,3 @@ def eval_loss(cfg: DocEVConfig, generator: DocEVGenerator) -> float | None:
     if evaluator is None:
         return None
     return evaluator.run(generator.model, torch.nn.CrossEntropyLoss(), generator.device)["eval_loss"]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -2,10 +2,10 @@
 
 A question's prompt is the conversation up to that turn, earlier assistant turns included as the
 record states them (the gold history), so turn k is scored on its own. The gold answer is the
-assistant text; a record's ``meta`` (a JSON object) may add, per assistant turn, ``answers`` (lists
-of further accepted answers, DocVQA-style) and ``question_types`` (the breakdown the metrics report),
-or one ``question_type`` for every turn. Pretraining records have no question: they count in the
-eval loss only.
+assistant text; a record's ``meta`` (a JSON object, or a string encoding one) may add, per assistant
+turn, ``answers`` (lists of further accepted answers, DocVQA-style) and ``question_types`` (the
+breakdown the metrics report), or one ``question_type`` for every turn. Pretraining records have no
+question: they count in the eval loss only.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchtune.data import Message
-
 from docev.config import DocEVConfig
-from docev.data.messages import ufx_to_messages
+from docev.data.messages import Message, ufx_to_messages
 from docev.data.split import all_sources
 from docev.sources.manifest import iter_manifest
 from docev.sources.readers import read_at, source_name
@@ -38,6 +36,9 @@ class Question:
 
 
 def _meta(raw: Any) -> dict[str, Any]:
+    """A record's ``meta``: a JSON object as it is, or a string holding one (else nothing)."""
+    if isinstance(raw, dict):
+        return raw
     if not isinstance(raw, str):
         return {}
     try:

@@ -1,9 +1,15 @@
-"""Document metrics: ANLS (DocVQA), exact match, and field F1 for JSON (key-information) answers.
+"""Document metrics: ANLS (DocVQA, InfoVQA), relaxed accuracy (ChartQA), exact match, and field F1 for JSON
+(key-information) answers; every question gets all of them, so each task reads the one it is judged by.
 
 ANLS follows the DocVQA definition (Biten et al., ICCV 2019): prediction and each gold answer are
 lowercased, trimmed and their whitespace collapsed; a question scores ``max over golds of 1 - NL``
 where NL is the Levenshtein distance divided by the longer string's length, or 0 when ``NL >= τ``
 (τ = 0.5); ANLS is the mean over questions. The edit distance is rapidfuzz's.
+
+Relaxed accuracy follows ChartQA (Masry et al., ACL Findings 2022) as its reference code (pix2struct's
+``relaxed_correctness``) computes it: when both answers read as numbers (a trailing ``%`` divides by 100)
+and the gold is not 0, a prediction within 5 % of the gold (relative) is right; otherwise the lowercased
+strings must be equal. A question is right when it is right against any gold.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 from rapidfuzz.distance import Levenshtein
 
 ANLS_THRESHOLD = 0.5
+RELAXED_TOLERANCE = 0.05
 
 
 def normalize(text: str) -> str:
@@ -36,6 +43,26 @@ def anls(prediction: str, golds: Sequence[str], threshold: float = ANLS_THRESHOL
 def exact_match(prediction: str, golds: Sequence[str]) -> bool:
     pred = normalize(prediction)
     return any(pred == normalize(g) for g in golds)
+
+
+def _to_float(text: str) -> float | None:
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_match(prediction: str, golds: Sequence[str], tolerance: float = RELAXED_TOLERANCE) -> bool:
+    """ChartQA's relaxed accuracy for one question: numbers within ``tolerance`` (relative), else string equality."""
+    pred = prediction.strip()
+    for gold in (g.strip() for g in golds):
+        p, g = _to_float(pred), _to_float(gold)
+        if p is not None and g:  # a gold of 0 has no relative error: compared as text, as the reference does
+            if abs(p - g) / abs(g) <= tolerance:
+                return True
+        elif pred.lower() == gold.lower():
+            return True
+    return False
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -80,6 +107,7 @@ def field_f1(prediction: str, golds: Sequence[str]) -> tuple[float, bool] | None
 class Score:
     anls: float
     exact: bool
+    relaxed: bool
     f1: float | None = None  # JSON answers only
     parsed: bool | None = None  # JSON answers only: the prediction was a JSON object
 
@@ -88,18 +116,22 @@ def score(prediction: str, golds: Sequence[str], threshold: float = ANLS_THRESHO
     if not golds:
         raise ValueError("a question needs at least one gold answer")
     f1 = field_f1(prediction, golds)
-    return Score(anls(prediction, golds, threshold), exact_match(prediction, golds), *(f1 or (None, None)))
+    return Score(anls(prediction, golds, threshold), exact_match(prediction, golds), relaxed_match(prediction, golds),
+                 *(f1 or (None, None)))  # fmt: skip
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Means over prediction rows (``anls``, ``exact``, optional ``f1``/``json_parsed``): n, anls,
-    exact_match, and for JSON answers f1, json_questions and json_parse_rate."""
+    """Means over prediction rows (``anls``, ``exact``, ``relaxed``, optional ``f1``/``json_parsed``): n, anls,
+    exact_match, relaxed_accuracy, and for JSON answers f1, json_questions and json_parse_rate."""
     rows = list(rows)
     out: dict[str, Any] = {"n": len(rows)}
     if not rows:
         return out
     out["anls"] = sum(r["anls"] for r in rows) / len(rows)
     out["exact_match"] = sum(bool(r["exact"]) for r in rows) / len(rows)
+    relaxed = [r for r in rows if "relaxed" in r]  # rows written before relaxed accuracy existed lack it
+    if relaxed:
+        out["relaxed_accuracy"] = sum(bool(r["relaxed"]) for r in relaxed) / len(relaxed)
     json_rows = [r for r in rows if "f1" in r]
     if json_rows:
         out["f1"] = sum(r["f1"] for r in json_rows) / len(json_rows)

@@ -24,7 +24,15 @@ from torchtune.models.convert_weights import tune_to_peft_adapter_weights
 
 from docev.config import ModelSection
 from docev.export.weights import ExportError, frozen_state_keys, ordered_hf
-from docev.inference.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, merge_adapters
+from docev.inference.adapter import (
+    ADAPTER_BASE,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    BaseMismatchError,
+    check_base,
+    merge_trained,
+)
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._convert_weights import fusion_key_map
 from docev.models.docev._peft import PeftCheckpointError, PeftSpec, base_fingerprint, read_trained
@@ -58,9 +66,10 @@ def merged_and_adapter(
         trained, meta = read_trained(checkpoint_dir, spec)
     except PeftCheckpointError as exc:
         raise ExportError(str(exc)) from None
-    if meta["base"] != base_fingerprint(base_dir):
-        raise ExportError(f"{checkpoint_dir} was trained on {meta['base_dir']}, not on this base {base_dir} "
-                          "(config.json or weight files differ)")  # fmt: skip
+    try:
+        check_base(meta["base"], base_dir, f"{checkpoint_dir} (trained on {meta['base_dir']})")
+    except BaseMismatchError as exc:
+        raise ExportError(str(exc)) from None
     base = DocEVCheckpointer(base_dir)
     arch = base.arch
     state, unused = docev_hf_to_tune(base.load_hf_state_dict(), arch)
@@ -69,9 +78,8 @@ def merged_and_adapter(
     if overlap:
         raise ExportError(f"{checkpoint_dir}: trains {overlap[:3]}, which this config freezes")
     adapters = {k: v for k, v in trained.items() if k not in state}
-    state.update({k: v for k, v in trained.items() if k in state})
     try:
-        merged = merge_adapters(state, adapters, spec.rank, spec.alpha)
+        merged = merge_trained(state, trained, spec.rank, spec.alpha)
     except ValueError as exc:
         raise ExportError(f"{checkpoint_dir}: {exc}") from None
     hf = ordered_hf(docev_tune_to_hf(merged, arch), unused, arch, dtype)
@@ -155,11 +163,14 @@ def finish_adapter_config(config: dict[str, Any], tensors: Mapping[str, torch.Te
 
 
 def write_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
-    """``folder/adapter/``: the PEFT files, read back and compared bit for bit."""
+    """``folder/adapter/``: the PEFT files, read back and compared bit for bit, and ``base.json``: the base's
+    fingerprint, so that ``docev generate --adapter`` refuses another base (PEFT's config names a path only)."""
     out = folder / ADAPTER_DIR
     out.mkdir()
     config = finish_adapter_config(dict(config), tensors)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    base_dir = config["base_model_name_or_path"]
+    (out / ADAPTER_BASE).write_text(json.dumps({"base_dir": base_dir, "base": base_fingerprint(base_dir)}, indent=2))
     save_file(dict(tensors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     back = load_file(str(out / ADAPTER_WEIGHTS))
     bad = [k for k in tensors if k not in back or not torch.equal(back[k], tensors[k])]

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from docev.config import DocEVConfig, ModelSection
-from docev.inference.generate import Generation
+from docev.inference.generate import NO_TEXT, Generation
 from docev.models.docev._convert_weights import is_unused
 from docev.models.docev._peft import PeftSpec
+from docev.run.paths import VALIDATE_REPORTS, run_paths, shards_manifest_key
 
 # The config sections that decide the trained weights (the card's config hash).
 TRAINING_SECTIONS = (
@@ -53,7 +54,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
     ``{output_dir}/logs/metrics.jsonl`` (malformed lines, e.g. cut by a kill, are skipped and counted)."""
     if untrained:
         return TrainingFacts(0, None, None, "untrained base checkpoint")
-    path = cfg.work_root / "logs" / "metrics.jsonl"
+    path = run_paths(cfg).metrics
     if step is None:
         return TrainingFacts(None, None, None, "the checkpoint folder is not named step_N")
     if not path.is_file():
@@ -102,9 +103,9 @@ def data_section(cfg: DocEVConfig) -> list[str]:
     from docev.outputs import outputs
 
     outs = outputs(cfg)
-    report, manifest = outs.read_json("validate/report.json"), outs.read_json("shards/manifest.json")
-    report_path, manifest_path = (outs.where(r) if outs.remote else relative(cfg, outs.local(r))
-                                  for r in ("validate/report.json", "shards/manifest.json"))  # fmt: skip
+    keys = (VALIDATE_REPORTS["json"], shards_manifest_key())
+    report, manifest = (outs.read_json(k) for k in keys)
+    report_path, manifest_path = (outs.where(k) if outs.remote else relative(cfg, outs.local(k)) for k in keys)
     names = [d.name or Path(d.source).name for d in cfg.datasets]
     validated = (report or {}).get("sources", {})
     shards = (manifest or {}).get("sources", {})
@@ -145,8 +146,10 @@ def smoke_section(
     device: str,
     why_not: str,
     run_dir: str | Path | None = None,
+    scored: bool = False,
 ) -> list[str]:
-    """The smoke generation's facts and the command that repeats it from this folder. An image below
+    """The smoke generation's facts and the command that repeats it from this folder (``scored``: the card
+    carries held-out scores, so the wording can point at them). An image below
     ``run_dir`` (the run's output folder) is named relative to it, ``"$RUN"/…`` in the command: the card
     travels with the export and is the same wherever the export is published."""
     if sample is None or result is None:
@@ -165,14 +168,18 @@ def smoke_section(
         f"Greedy decoding with a KV cache, run on this folder after it was written ({device}). Sample: "
         f"`{sample.source}` record `{sample.id}` ({sample.file}, row {sample.row}), its first image: the last "
         "accepted record with images in the validated manifest, instruction sources first; training may have "
-        "seen it (the held-out scores are above).",
+        + (
+            "seen it (the held-out scores above are on pages it did not see)."
+            if scored
+            else "seen it, and this run scored no held-out pages, so this answer says nothing about unseen documents."
+        ),
         "",
         f"- prompt: {json.dumps(prompt)} after the image `{image}`, sampling ratio {result.sampling_ratio}, "
         f"{result.prompt_tokens} prompt tokens",
         f"- generated {len(result.token_ids)} token(s), ended by {end}; ids {result.token_ids}",
         "",
         "```text",
-        result.text if result.text else "(no text: the first token was the stop token)",
+        result.text if result.text else NO_TEXT,
         "```",
         "",
         "Reproduce (from this folder" + ("; `RUN` is the run's output folder" if inside else "") + "):",
@@ -183,19 +190,27 @@ def smoke_section(
     ]
 
 
+def eval_results(cfg: DocEVConfig) -> dict[str, dict[str, Any]]:
+    """``metrics.json`` of the ``base`` / ``tuned`` evaluations that scored at least one question."""
+    from docev.evaluation.report import LABELS
+
+    paths = run_paths(cfg)
+    return {k: m for k in LABELS if (m := _read_json(paths.eval_file(k, "metrics.json"))) is not None and m.get("n")}
+
+
 def evaluation_section(cfg: DocEVConfig) -> list[str]:
     """The base vs tuned table of ``eval/<label>/metrics.json`` (the pipeline's evaluate tasks)."""
-    from docev.evaluation.report import LABELS, metric_table
+    from docev.evaluation.report import breakdown_sections, metric_table
 
-    root = cfg.work_root / "eval"
-    results = {k: m for k in LABELS if (m := _read_json(root / k / "metrics.json")) is not None and m.get("n")}
+    results = eval_results(cfg)
     if not results:
         return [f"{NOT_AVAILABLE}: no `eval/base` or `eval/tuned` results (hold data out with "
                 "`datasets[].eval_fraction` or `eval_datasets`, then `docev evaluate`)."]  # fmt: skip
-    note = (f"ANLS (DocVQA), exact match and, for JSON answers, field F1 on the held-out questions; greedy, "
+    note = (f"ANLS (DocVQA), exact match, relaxed accuracy (ChartQA: numbers within 5 %) and, for JSON answers, "
+            f"field F1 on the held-out questions; greedy, "
             f"sampling ratio {next(iter(results.values()))['sampling_ratio']}. Per question: "
             "`eval/<label>/predictions.jsonl` under the run folder.")  # fmt: skip
-    return [note, "", *metric_table(results)]
+    return [note, "", *metric_table(results), *breakdown_sections(results, level="###")]
 
 
 def parameter_counts(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:

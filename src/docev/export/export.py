@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ from docev.export.card import (
     SmokeSample,
     TrainingFacts,
     adaptation_rows,
+    eval_results,
     model_card,
     parameter_counts,
     smoke_section,
@@ -47,6 +45,8 @@ from docev.inference.generate import DocEVGenerator, Generation
 from docev.models.docev._folder import INDEX, save_sharded, side_files
 from docev.models.docev._peft import is_trained_only
 from docev.run.checkpoints import CheckpointError, resolve_checkpoint, step_or_none
+from docev.run.paths import MANIFEST, run_paths
+from docev.run.publish import publish, remote_names, temp_folder
 from docev.sources.readers import allowed_stores, source_name, source_store
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
@@ -190,7 +190,7 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
     check_tokenizer(cfg, staging, arch.image_token_id)
 
     sample, result, device = pick_smoke_sample(cfg), None, smoke_device(cfg)
-    why_not = "no accepted record with images in validate/manifest.jsonl"
+    why_not = f"no accepted record with images in {MANIFEST}"
     if sample is not None:
         generator = DocEVGenerator(staging, device=device)
         result = generator.generate([_smoke_image(cfg, sample)], exp.smoke_prompt,
@@ -199,7 +199,8 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
         del generator
     untrained = checkpoint.resolve() == base.resolve()
     facts: TrainingFacts = training_facts(cfg, step_or_none(checkpoint), untrained=untrained)
-    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir)
+    smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
+                          scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
@@ -226,7 +227,7 @@ def export_checkpoint(
         source = resolve_checkpoint(cfg, which)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    dest = destination or exp.destination or str(cfg.work_root / "export")
+    dest = destination or run_paths(cfg).export
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
@@ -234,9 +235,7 @@ def export_checkpoint(
         raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
     # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
     # checkpoints, unlike /tmp).
-    parent = Path(dest_path).parent if local else cfg.work_root
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(dest_path).name}.partial-", dir=parent))
+    staging = temp_folder(Path(dest_path), None if local else cfg.work_root)
     try:
         sums, smoke = build_export(cfg, source, staging)
         if local:
@@ -250,28 +249,16 @@ def export_checkpoint(
 
 def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:
     """Rename ``staging`` onto ``dest``; an existing ``dest`` is renamed aside first and removed after."""
-    aside = None
-    if dest.exists():
-        if not overwrite:
-            raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, aside)
-    try:
-        os.rename(staging, dest)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dest)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside)
+    if dest.exists() and not overwrite:
+        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
+    publish(staging, dest)
 
 
 def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict[str, str], overwrite: bool) -> None:
     """Upload to ``dest.partial-*`` and check it; move an existing ``dest`` aside (copy, then delete);
     copy the upload onto ``dest`` with ``SHA256SUMS`` last and check it. A failure after the old export
     started to move puts it back whole."""
-    tag = uuid.uuid4().hex[:8]
-    stage, aside, phase = f"{dest}.partial-{tag}", f"{dest}.old-{tag}", "upload"
+    (stage, aside), phase = remote_names(dest), "upload"
     try:
         for name in [*list_files(fsspec.filesystem("file"), str(staging)), SUMS]:
             fs.put_file(str(staging / name), f"{stage}/{name}")

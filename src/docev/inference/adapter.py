@@ -1,9 +1,13 @@
-"""PEFT LoRA/DoRA adapters applied to a base's HF tensors, for inference (``docev generate --adapter``).
+"""Adapters applied to a base for inference: a PEFT LoRA/DoRA folder (``docev generate --adapter``) and an
+adapter run's step folder (``trained_model.safetensors`` + ``peft.json``: ``docev evaluate --checkpoint
+latest``, ``docev generate --model checkpoints/step_N``), both merged in memory.
 
-Here, below the export, so that loading a base + adapter model never imports the export package;
-the export reuses the merge and the folder layout when it writes ``adapter/``. Merging is torchtune's
-``get_merged_lora_ckpt`` on float32 copies of the adapted modules (``W + (alpha/rank)·B·A``; DoRA:
-that, rescaled row-wise to the learned magnitude).
+Here, below the export and evaluation, so that loading a base + adapter model never imports the export
+package; the export reuses the merge and the folder layout when it writes ``adapter/``. Merging is
+torchtune's ``get_merged_lora_ckpt`` on float32 copies of the adapted modules (``W + (alpha/rank)·B·A``;
+DoRA: that, rescaled row-wise to the learned magnitude). Both kinds record the fingerprint of the base
+they were trained on (``peft.json``, ``base.json``); a base with another fingerprint is refused, since
+adapters on the wrong base run and answer garbage.
 """
 
 from __future__ import annotations
@@ -17,9 +21,31 @@ import torch
 from safetensors.torch import load_file
 from torchtune.modules.peft import get_merged_lora_ckpt
 
+from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune
+from docev.models.docev._peft import base_fingerprint, read_trained
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_BASE = "base.json"  # {"base_dir", "base": fingerprint} of the base an exported adapter was trained on
 PEFT_PREFIX = "base_model.model."
+
+
+class BaseMismatchError(ValueError):
+    """Adapters offered to a base other than the one they were trained on."""
+
+
+def check_base(recorded: Mapping[str, str], base_dir: str | Path, what: str) -> None:
+    """Raise :class:`BaseMismatchError` naming both fingerprints when ``base_dir`` is not the recorded base."""
+    actual = base_fingerprint(base_dir)
+    if dict(recorded) != actual:
+        raise BaseMismatchError(
+            f"{what} was trained on another base than {base_dir}: recorded fingerprint {_fmt(recorded)}; "
+            f"{base_dir} has {_fmt(actual)} (apply it to the base it was trained on)"
+        )
+
+
+def _fmt(fingerprint: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(fingerprint.items())) + "}"
 
 
 def merge_adapters(
@@ -43,6 +69,40 @@ def merge_adapters(
     return out
 
 
+def merge_trained(
+    state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], rank: int, alpha: float
+) -> dict[str, torch.Tensor]:
+    """A base's torchtune state with an adapter run's trained tensors: fully trained groups replace the
+    base's tensors, adapters (keys the base lacks) are merged into the weights they adapt."""
+    adapters = {k: v for k, v in trained.items() if k not in state}
+    out = dict(state)
+    out.update({k: v for k, v in trained.items() if k in state})
+    return merge_adapters(out, adapters, rank, alpha)
+
+
+def adapter_run_state(
+    folder: str | Path, base_dir: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], DocEVArch]:
+    """(torchtune state of the merged model, arch) of an adapter run's step folder: its base (``base_dir``,
+    default the one ``peft.json`` names) with the trained tensors laid over and the adapters merged.
+
+    Raises:
+        BaseMismatchError: ``base_dir`` is not the base the folder was trained on.
+    """
+    folder = Path(folder)
+    trained, meta = read_trained(folder, None)
+    base_dir = Path(base_dir if base_dir is not None else meta["base_dir"])
+    check_base(meta["base"], base_dir, str(folder))
+    base = DocEVCheckpointer(base_dir)
+    state, _ = docev_hf_to_tune(base.load_hf_state_dict(), base.arch)
+    spec = meta["spec"]
+    try:
+        merged = merge_trained(state, trained, int(spec["rank"]), float(spec["alpha"]))
+    except ValueError as exc:
+        raise ValueError(f"{folder}: {exc}") from None
+    return merged, base.arch
+
+
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``adapter_config.json`` and the tensors of a PEFT LoRA adapter folder (the export's layout)."""
     adapter_dir = Path(adapter_dir)
@@ -56,9 +116,16 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     return config, load_file(str(weights_path))
 
 
-def apply_adapter(hf: Mapping[str, torch.Tensor], adapter_dir: Path) -> dict[str, torch.Tensor]:
+def apply_adapter(
+    hf: Mapping[str, torch.Tensor], adapter_dir: Path, base_dir: str | Path | None = None
+) -> dict[str, torch.Tensor]:
     """A base's HF tensors with a PEFT adapter merged in (float32 merge, cast back to each base tensor's
-    dtype) and its ``modules_to_save`` tensors in place: the base + adapter model ``docev generate`` runs."""
+    dtype) and its ``modules_to_save`` tensors in place: the base + adapter model ``docev generate`` runs.
+    With ``base_dir`` (the folder ``hf`` came from), an adapter that records its base (``base.json``, our
+    exports) is refused on another one (:class:`BaseMismatchError`)."""
+    recorded = Path(adapter_dir) / ADAPTER_BASE
+    if base_dir is not None and recorded.is_file():
+        check_base(json.loads(recorded.read_text())["base"], base_dir, str(adapter_dir))
     config, tensors = read_adapter(adapter_dir)
     renamed, whole = {}, {}
     for key, value in tensors.items():

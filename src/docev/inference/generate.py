@@ -17,13 +17,17 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchtune.data import Message
 from torchtune.modules import local_kv_cache
 
 from docev.data.collate import DocEVCollate
+from docev.data.messages import Message
 from docev.data.transform import DocEVTransform, docev_preview_transform
-from docev.inference.adapter import apply_adapter
+from docev.inference.adapter import adapter_run_state, apply_adapter
 from docev.models.docev import DocEVCheckpointer, DocEVModel, docev, docev_hf_to_tune
+from docev.models.docev._peft import is_trained_only
+
+# What to show for an empty answer: a blank line reads as a broken tool.
+NO_TEXT = "(no text: the model answered the stop token)"
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,15 @@ class DocEVGenerator:
     """A model folder loaded for inference: weights, tokenizer, chat template, tiling, stop tokens.
 
     Args:
-        model_dir (str | Path): HF-format DocEV folder (``config.json``, safetensors, tokenizer files), or a
-            DCP ``step_N`` (its shards consolidated on CPU).
+        model_dir (str | Path): HF-format DocEV folder (``config.json``, safetensors, tokenizer files), a
+            DCP ``step_N`` (its shards consolidated on CPU), or an adapter run's ``step_N`` (read over its base
+            with the adapters merged).
         device (str | torch.device): where the model runs.
         dtype (torch.dtype | None): compute dtype; None keeps the stored dtype.
         adapter (str | Path | None): a PEFT LoRA/DoRA adapter folder (an export's ``adapter/``) merged into
             ``model_dir``'s weights before they load (the base + adapter model).
+        base (str | Path | None): the base checkpoint an adapter run's ``step_N`` is read over (default: the
+            one its ``peft.json`` names); ignored for other folders.
     """
 
     def __init__(
@@ -163,14 +170,20 @@ class DocEVGenerator:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         adapter: str | Path | None = None,
+        base: str | Path | None = None,
     ):
         self.model_dir = Path(model_dir)
-        ckpt = DocEVCheckpointer(self.model_dir)
-        self.arch = ckpt.arch
-        hf = ckpt.load_hf_state_dict()
-        if adapter is not None:  # `docev generate --adapter`: the base + a PEFT adapter
-            hf = apply_adapter(hf, Path(adapter))
-        state, _ = docev_hf_to_tune(hf, self.arch)
+        if is_trained_only(self.model_dir):  # a LoRA/DoRA run's step folder: base + trained tensors
+            if adapter is not None:
+                raise ValueError(f"{self.model_dir} is an adapter run's checkpoint; --adapter applies to a base model")
+            state, self.arch = adapter_run_state(self.model_dir, base)
+        else:
+            ckpt = DocEVCheckpointer(self.model_dir)
+            self.arch = ckpt.arch
+            hf = ckpt.load_hf_state_dict()
+            if adapter is not None:  # `docev generate --adapter`: the base + a PEFT adapter
+                hf = apply_adapter(hf, Path(adapter), self.model_dir)
+            state, _ = docev_hf_to_tune(hf, self.arch)
         self.dtype = dtype or state["image_newline"].dtype
         self.device = torch.device(device)
         with torch.device("meta"):

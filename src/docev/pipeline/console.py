@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from docev.config import DocEVConfig
+from docev.run.paths import VALIDATE_REPORTS, run_paths, shards_manifest_key
 from docev.training.metrics_log import read_metrics
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -48,18 +49,18 @@ def task_summary(cfg: DocEVConfig, task: str) -> str:
         # This runs under the console's lock; a read from an object store logs from the client's I/O thread,
         # which writes to this console and would wait on that lock forever. The counts are in the tasks' metrics.
         return f"outputs in {cfg.output_dir}"
-    out, data = cfg.work_root, outputs(cfg)
-    if task == "validate-merge" and (report := data.read_json("validate/report.json")):
+    paths, data = run_paths(cfg), outputs(cfg)
+    if task == "validate-merge" and (report := data.read_json(VALIDATE_REPORTS["json"])):
         s = report["sources"].values()
         held = sum(v.get("eval", 0) for v in report.get("split", {}).values())
         return (f"{sum(x['accepted'] for x in s)} accepted, {sum(x['rejected'] for x in s)} rejected"
                 + (f", {held} held out" if held else ""))  # fmt: skip
-    if task == "preprocess-merge" and (m := data.read_json("shards/manifest.json")):
-        held = data.read_json("shards/eval/manifest.json")
+    if task == "preprocess-merge" and (m := data.read_json(shards_manifest_key("train"))):
+        held = data.read_json(shards_manifest_key("eval"))
         extra = f", {held['total_samples']} held out" if held else ""
         return f"{m['total_samples']} samples in {len(m['shards'])} shards{extra}"
     if task == "train":
-        rows = read_metrics(out / "logs" / "metrics.jsonl")
+        rows = read_metrics(paths.metrics)
         train = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "eval_loss" in r]
         if not train:
@@ -67,13 +68,13 @@ def task_summary(cfg: DocEVConfig, task: str) -> str:
         text = f"{train[-1]['step']} steps, loss {train[0]['loss']:.3f} → {train[-1]['loss']:.3f}"
         return text + (f", eval loss {evals[0]['eval_loss']:.3f} → {evals[-1]['eval_loss']:.3f}" if evals else "")
     if task.startswith("evaluate"):
-        done = sorted((out / "eval").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        done = sorted(paths.eval_metrics(), key=lambda p: p.stat().st_mtime)
         if done and (m := _read(done[-1])):
             if not m.get("n"):
                 return f"{m['label']}: no held-out questions"
             return f"{m['label']}: {m['n']} questions, ANLS {m['anls']:.3f}, exact match {m['exact_match']:.3f}"
     if task == "export":
-        return f"→ {cfg.export.destination or out / 'export'}"
+        return f"→ {paths.export}"
     return ""
 
 
@@ -94,9 +95,9 @@ class TaskConsole(io.TextIOBase):
 
     def __init__(self, cfg: DocEVConfig, console: TextIO, summarize: Callable[[DocEVConfig, str], str] = task_summary):
         self.cfg, self.console, self.summarize = cfg, console, summarize
-        self.log_dir = cfg.work_root / "pipeline" / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.run_log = (self.log_dir / "pipeline.log").open("w")
+        self.paths = run_paths(cfg)
+        self.paths.pipeline_logs.mkdir(parents=True, exist_ok=True)
+        self.run_log = self.paths.task_log("pipeline").open("w")
         self.running: dict[int, _Running] = {}
         self.seen: dict[str, int] = {}
         self.failed: str | None = None
@@ -126,7 +127,7 @@ class TaskConsole(io.TextIOBase):
             name = m.group(1)
             self.seen[name] = self.seen.get(name, 0) + 1
             label = f"{name}-{self.seen[name]}" if self.seen[name] > 1 else name
-            path = self.log_dir / f"{label}.log"
+            path = self.paths.task_log(label)
             self.running[thread] = _Running(name, path, path.open("w"), time.perf_counter())
             self._say(f"▶ {label}")
         task = self.running.get(thread)

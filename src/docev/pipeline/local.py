@@ -20,6 +20,7 @@ from typing import Any
 from docev.config import DocEVConfig, is_store_url, load_config
 from docev.pipeline.console import TaskConsole
 from docev.progress import ENV as PROGRESS_ENV
+from docev.run.paths import REJECTS, VALIDATE_REPORTS, run_paths, shards_manifest_key
 
 
 def local_config(path: str | Path, overrides: list[str]) -> DocEVConfig:
@@ -63,7 +64,7 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     ensure_assets(cfg)
     out = cfg.work_root
     out.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_paths(cfg).kfp))
     run = {**knob_defaults(cfg), **(params or {})}
     console = TaskConsole(cfg, sys.stdout)  # kfp.local's output goes to per-task logs; one line per task here
     # kfp.local indents print() per task by swapping builtins.print; concurrent loop tasks restore each
@@ -88,18 +89,19 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
     def published(rel: str) -> Path | str:  # an object-store output_dir's files are named by their URL
         return data.where(rel) if data.remote else data.local(rel)
 
-    export = Path(cfg.export.destination or out / "export")
+    paths = run_paths(cfg)
+    export = Path(paths.export)
     return {
         "exported model": export,
         "model card": export / "README.md",
-        "validation report": published("validate/report.md"),
-        "validation report (html)": published("validate/report.html"),
-        "rejects": published("validate/rejects.jsonl"),
-        "shards": published("shards/manifest.json"),
-        "training metrics": out / "logs" / "metrics.jsonl",
-        "loss plot": out / "logs" / "loss.png",
-        "evaluation report": out / "eval" / "tuned" / "report.html",
-        "predictions (tuned)": out / "eval" / "tuned" / "predictions.jsonl",
-        "task logs": out / "pipeline" / "logs",
-        "kfp artifacts": out / "kfp",
+        "validation report": published(VALIDATE_REPORTS["md"]),
+        "validation report (html)": published(VALIDATE_REPORTS["html"]),
+        "rejects": published(REJECTS),
+        "shards": published(shards_manifest_key()),
+        "training metrics": paths.metrics,
+        "loss plot": paths.loss_plot,
+        "evaluation report": paths.eval_file("tuned", "report.html"),
+        "predictions (tuned)": paths.eval_file("tuned", "predictions.jsonl"),
+        "task logs": paths.pipeline_logs,
+        "kfp artifacts": paths.kfp,
     }

@@ -12,7 +12,6 @@ metrics, reports and parameters.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 from docev.config import DocEVConfig
 from docev.pipeline.params import KNOBS, resolve_run_config
+from docev.run.paths import run_paths
+from docev.run.publish import write_text
 
 
 def load(run: dict[str, Any]) -> DocEVConfig:
@@ -29,18 +30,20 @@ def load(run: dict[str, Any]) -> DocEVConfig:
 
 def config_path(cfg: DocEVConfig) -> Path:
     """Where the run's resolved config lives on the volume (the PyTorchJob reads it from there)."""
-    return cfg.work_root / "pipeline" / "config.json"
+    return run_paths(cfg).config_copy
 
 
 def resolve_step(run: dict[str, Any]) -> str:
-    """Validate the run's config (a bad knob fails the run here, first) and write it to the volume."""
+    """Validate the run's config (a bad knob fails the run here, first), check every prerequisite the run
+    needs (base checkpoint, tokenizer, sources, credentials, writable outputs: deterministic failures, found
+    by this task, which is never retried, before any work) and write the config to the volume."""
+    from docev.preflight import require
+
     cfg = load(run)
+    require(cfg, "pipeline")
     path = config_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(cfg.to_dict(), indent=2)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(cfg.to_dict(), indent=2))
     return str(path)
 
 
@@ -79,6 +82,7 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     completion; its failure fails this step. Resuming from ``latest`` is the recipe's, so a retried step
     continues, not restarts.
     """
+    from docev.preflight import PREFLIGHT_EXIT, PreflightError
     from docev.training.metrics_log import read_metrics
     from docev.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -91,16 +95,18 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     else:
         cmd = [sys.executable, "-m", "docev.cli", "train", "--config", str(path)]
         done = subprocess.run(cmd, check=False)
+        if done.returncode == PREFLIGHT_EXIT:
+            raise PreflightError("train", [f"training prerequisites missing (exit {done.returncode}); see above"])
         if done.returncode == PREEMPTED_EXIT_CODE:
             raise RuntimeError(
                 f"training was preempted (SIGTERM, exit {done.returncode}) after saving the step in flight; "
                 "a retry of this step resumes from it"
             )
         if done.returncode != 0:
-            raise RuntimeError(f"training failed (exit {done.returncode}); see {cfg.work_root / 'logs'}")
-    logged = read_metrics(cfg.work_root / "logs" / "metrics.jsonl")
+            raise RuntimeError(f"training failed (exit {done.returncode}); see {run_paths(cfg).logs}")
+    logged = read_metrics(run_paths(cfg).metrics)
     if not logged:
-        raise RuntimeError(f"training wrote no metrics to {cfg.work_root / 'logs' / 'metrics.jsonl'}")
+        raise RuntimeError(f"training wrote no metrics to {run_paths(cfg).metrics}")
     train = [r for r in logged if "loss" in r]  # eval-loss lines hold eval_loss only
     last = {**train[-1], **next((r for r in reversed(logged) if "eval_loss" in r), {})} if train else logged[-1]
     return {"steps": last["step"], **{k: v for k, v in last.items() if isinstance(v, int | float)}}

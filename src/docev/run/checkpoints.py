@@ -28,7 +28,7 @@ BEST = "best"
 RECIPE_STATE = "recipe_state.pt"  # a training checkpoint's state besides the weights (resume reads it)
 
 _STEP_DIR = re.compile(r"step_(\d+)")
-_PARTIAL = re.compile(r"\.step_\d+\.partial")
+_PARTIAL = re.compile(r"\.step_\d+\.(partial|old-[0-9a-f]+)")  # an interrupted save or replace
 
 
 class ResumeError(RuntimeError):
@@ -68,11 +68,15 @@ def step_folders(output_dir: str | Path) -> list[Path]:
     return sorted((p for p in out.iterdir() if p.is_dir() and is_step_name(p.name)), key=step_of)
 
 
+def partial_path(output_dir: str | Path, step: int) -> Path:
+    """Where a save of step N is written before it is complete: ``.step_N.partial``."""
+    return Path(output_dir) / f".{step_name(step)}.partial"
+
+
 def partial_folder(output_dir: str | Path, step: int) -> Path:
     """An empty ``.step_N.partial`` to write a save into (what an earlier attempt left there is removed)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{step_name(step)}.partial"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp

@@ -13,6 +13,7 @@ those are *keys* relative to it, read and written through ``docev.outputs``. ``w
     {work_root}/eval/<label>/       predictions.jsonl, metrics.json, report.md, report.html
     {work_root}/export/             the exported model (export.destination overrides)
     {work_root}/pipeline/           config.json (the resolved config), logs/<task>.log, logs/pipeline.log
+    {work_root}/kfp/                kfp.local's artifacts (docev run)
 
 The training pod, every step, the CLI, the console and the card use these, so a default changed here
 changes everywhere at once (the checkpoint folder used to have one default in the pod spec and none in
@@ -30,8 +31,15 @@ if TYPE_CHECKING:
 
 # Data outputs: keys relative to output_dir.
 VALIDATE = "validate"
-MANIFEST = f"{VALIDATE}/manifest.jsonl"
-REJECTS = f"{VALIDATE}/rejects.jsonl"
+# Record files of the validate step (in a part folder, and merged at the top of validate/).
+ACCEPTED_FILE, REJECTS_FILE, MANIFEST_FILE, STATS_FILE = (
+    "accepted.jsonl",
+    "rejects.jsonl",
+    "manifest.jsonl",
+    "stats.json",
+)
+MANIFEST = f"{VALIDATE}/{MANIFEST_FILE}"
+REJECTS = f"{VALIDATE}/{REJECTS_FILE}"
 VALIDATE_REPORTS = {kind: f"{VALIDATE}/report.{kind}" for kind in ("json", "md", "html")}
 THUMBNAILS = f"{VALIDATE}/thumbnails"
 SHARDS = "shards"
@@ -71,6 +79,7 @@ class RunPaths:
     pipeline: Path
     pipeline_logs: Path
     config_copy: Path
+    kfp: Path  # kfp.local's pipeline root (docev run)
 
     def eval_dir(self, label: str) -> Path:
         """``eval/<label>/`` of one scored model (``base``, ``tuned``, …)."""
@@ -106,4 +115,5 @@ def run_paths(cfg: DocEVConfig) -> RunPaths:
         pipeline=pipeline,
         pipeline_logs=pipeline / "logs",
         config_copy=pipeline / "config.json",
+        kfp=work / "kfp",
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -23,7 +24,12 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from docev.assets import TEMPLATE_DIR, bundled_template
+TEMPLATE_DIR = Path(__file__).parent.parent / "templates"  # the chat templates shipped with the package
+
+
+def bundled_template(name: str = "docev_chatml") -> str:
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text()
+
 
 # Markers around generation output; unprintable so no real text collides (checked on input anyway).
 _BEGIN, _END = "\x00\x02docev-generation\x02\x00", "\x00\x03docev-generation\x03\x00"

@@ -43,7 +43,7 @@ from torchtune import config, training, utils
 from docev.config import DocEVConfig
 from docev.models.docev import DocEVCheckpointer
 from docev.models.docev._dcp import MODEL_KEY, OPTIMIZER_KEY, UNUSED_KEY
-from docev.run.checkpoints import RECIPE_STATE, prune_checkpoints, start_folder
+from docev.run.checkpoints import RECIPE_STATE, partial_path, prune_checkpoints, start_folder, step_name
 from docev.training.peft import PeftRun, trained_state_dict
 from docev.training.state import RNG_KEY, capture_rng
 
@@ -218,7 +218,7 @@ class CheckpointManager:
             OPTIMIZER_KEY: get_optimizer_state_dict(model, optimizer),
             UNUSED_KEY: self.checkpointer.unused,
         }
-        tmp = self._output_dir / f".step_{step}.partial"
+        tmp = partial_path(self._output_dir, step)
         if self._is_rank_zero:
             self.checkpointer.partial_folder(step)
             self.checkpointer.write_side_files(tmp, state[MODEL_KEY]["image_newline"].dtype)
@@ -237,8 +237,10 @@ class CheckpointManager:
             return None
         self._published = Future()
         self._pending.add_done_callback(partial(self._publish_when_written, self._published, tmp, step, start))
-        log.info(f"Saving step_{step} in the background; training was blocked {time.perf_counter() - start:.2f} s")
-        return self._output_dir / f"step_{step}"
+        log.info(
+            f"Saving {step_name(step)} in the background; training was blocked {time.perf_counter() - start:.2f} s"
+        )
+        return self._output_dir / step_name(step)
 
     def _publish_when_written(self, published: Future, tmp: Path, step: int, start: float, written: Future) -> None:
         """Rank 0, in the writer thread: publish once the write (every rank's, then ``.metadata``) is done."""

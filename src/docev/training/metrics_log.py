@@ -16,8 +16,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
+from docev.run.publish import publishing, write_text
 
 
 def wandb_mode(component: str, env: MutableMapping[str, str] = os.environ) -> str | None:
@@ -53,14 +52,14 @@ class MetricsLog:
     """Rank 0's sink: every logged step goes to the torchtune logger (if any) and to ``metrics.jsonl``.
 
     Args:
-        log_dir (Path): folder of ``metrics.jsonl`` and ``loss.png``.
+        path (Path): the metrics file (``RunPaths.metrics``).
+        plot_path (Path): the loss plot (``RunPaths.loss_plot``).
         logger (Any): a torchtune ``MetricLoggerInterface`` (``log_dict``/``close``), or None.
     """
 
-    def __init__(self, log_dir: str | Path, logger: Any = None):
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.log_dir / METRICS_FILE
+    def __init__(self, path: str | Path, plot_path: str | Path, logger: Any = None):
+        self.path, self.plot_path = Path(path), Path(plot_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.logger = logger
         self._file = None
 
@@ -69,9 +68,7 @@ class MetricsLog:
         rows = read_metrics(self.path)
         kept = [r for r in rows if r["step"] <= step]
         if len(kept) != len(rows):
-            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(rows) - len(kept)
 
     def log(self, metrics: Mapping[str, float | int], step: int) -> None:
@@ -110,10 +107,10 @@ class MetricsLog:
         lr.set_ylabel("learning rate", color="tab:orange")
         ax.set_title("DocEV fine-tuning")
         fig.tight_layout()
-        out = self.log_dir / LOSS_PLOT
-        fig.savefig(out)
+        with publishing(self.plot_path, "wb") as fh:
+            fig.savefig(fh, format="png")
         plt.close(fig)
-        return out
+        return self.plot_path
 
     def close(self) -> None:
         if self._file is not None:

@@ -26,8 +26,9 @@ is the only place that decides it:
   different chunk counts would mismatch; S is padded to a multiple of the chunk count). It and the root are not
   resharded between forward and backward (backward starts with them). The root holds the rest (final norm,
   connector, ``image_newline``; a trainable tower): a rank whose micro-batch has no image skips the vision path,
-  so it cannot be a unit of its own. ``set_reduce_scatter_unused_params`` makes image-less ranks contribute
-  zero gradients for the connector, so every rank reduces the same tensors.
+  so it cannot be a unit of its own. An image-less micro-batch gives the vision path zero gradients
+  (``DocEVModel._zero_vision_path``), so every rank reduces the same tensors in the same dtype, also under
+  ``last_micro_batch`` with mixed precision; ``set_reduce_scatter_unused_params`` stays as a safety net.
 - **Frozen vision tower replicated, not sharded.** With ``encoder_trainable: false`` its parameters are
   ``ignored_params`` of FSDP, cast to the compute dtype and kept whole on every rank: no all-gather per
   micro-batch, no reduce-scatter (it has no gradient), nothing for an image-less rank to mismatch. Cost: the
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -157,6 +159,14 @@ def apply_fsdp(
     for name, module in units:
         fully_shard(module, reshard_after_forward=name != _KEPT_GATHERED, **kwargs)
     fully_shard(model, reshard_after_forward=False, ignored_params=set(frozen) or None, **kwargs)
+    # The root returns the loss chunks as views of one projection (docev.models.docev._layers: one gather and one
+    # reduce-scatter of the output matrix per micro-batch); FSDP2 warns that an in-place op on a view would lose
+    # its pre-backward hook, but the chunked loss only reads them. Only this class's warning is silenced.
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"FSDP2-wrapped module \({type(model).__name__}\) returned a view tensor",
+        category=UserWarning,
+    )
     model.set_reduce_scatter_unused_params(True)
 
 
@@ -237,7 +247,7 @@ def setup_model(
         verbose=verbose,
     )
     load_model_state(model, state_dict, device, compute_dtype, fill)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * dist.get_world_size()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a DTensor counts its global shape
     utils.log_rank_zero(
         log,
         f"Model ready in {time.perf_counter() - start:.1f} s (~{trainable / 1e6:.1f}M trainable parameters, "

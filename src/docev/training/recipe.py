@@ -55,6 +55,7 @@ from docev.models.docev._dcp import OPTIMIZER_KEY
 from docev.run.checkpoints import prune_checkpoints
 from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
+from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
 from docev.training.peft import PeftRun
@@ -72,6 +73,11 @@ from docev.training.state import (
 )
 
 log = utils.get_logger("INFO")
+
+# The schedule a checkpoint was trained on; a resume with another one says what changes (the lr curve spans
+# the new total steps, so the lr at the resumed step moves).
+SCHEDULE_KEY = "schedule"
+SCHEDULE_FIELDS = ("epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "world_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,9 +137,8 @@ class DocEVFinetuneRecipe:
         self._is_rank_zero = self.rank == 0
         self.seed = training.set_seed(seed=cfg.seed)
 
-        paths = run_paths(cfg)
-        self._output_dir = paths.checkpoints
-        self._log_dir = paths.logs
+        self._paths = run_paths(cfg)
+        self._output_dir = self._paths.checkpoints
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
         self._log_every_n_steps = cfg.log_every_n_steps
@@ -155,6 +160,8 @@ class DocEVFinetuneRecipe:
         run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
         cfg = self.cfg
         self._preemption.install()
+        if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
+            refuse_oversized(cfg, torch.cuda.get_device_properties(self._device).total_memory / GIB)
         self._checkpoints = CheckpointManager(
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
@@ -192,6 +199,8 @@ class DocEVFinetuneRecipe:
             )
         self._total_steps = sum(self._steps_per_epoch)
         self._lr_scheduler = self._setup_lr_scheduler(state.get(LR_SCHEDULER_KEY) if resumed else None)
+        if resumed and self._is_rank_zero:
+            self._log_schedule_change(state.get(SCHEDULE_KEY), state.get(LR_SCHEDULER_KEY))
         if resumed:
             rng = state[RNG_KEY]
             if len(rng) == self.world_size:
@@ -206,7 +215,7 @@ class DocEVFinetuneRecipe:
         logger = config.instantiate(component(cfg, "metric_logger"), **resume)
         # torchtune writes {output_dir}/torchtune_config.yaml: give it the work folder (output_dir may be s3://…)
         logger.log_config(OmegaConf.create({**cfg.to_dict(), "output_dir": str(cfg.work_root)}))
-        return MetricsLog(self._log_dir, logger)
+        return MetricsLog(self._paths.metrics, self._paths.loss_plot, logger)
 
     def _setup_model(self, model_state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         """``parallelize.setup_model`` with this run's dtypes and switches (None: a sharded checkpoint fills the
@@ -271,6 +280,31 @@ class DocEVFinetuneRecipe:
         if scheduler_state is not None:
             scheduler.load_state_dict(scheduler_state)
         return scheduler
+
+    def _schedule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        values = (self.total_epochs, self.max_steps_per_epoch, cfg.batch_size, self._gradient_accumulation_steps,
+                  self.world_size)  # fmt: skip
+        return {**dict(zip(SCHEDULE_FIELDS, values, strict=True)), "total_steps": self._total_steps}
+
+    def _log_schedule_change(self, saved: dict[str, Any] | None, scheduler_state: dict[str, Any] | None) -> None:
+        """One line when the resumed run's schedule differs from its checkpoint's: what changed, the new total
+        steps (the progress bar's), and the lr at the resumed step before and after (the curve now spans the
+        new total). Checkpoints from before the schedule was recorded are resumed silently."""
+        if saved is None:
+            return
+        now = self._schedule()
+        changed = [f"{k} {saved.get(k)} → {now[k]}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
+        if not changed and saved.get("total_steps") == now["total_steps"]:
+            return
+        was = (scheduler_state or {}).get("_last_lr")
+        lr = self._optimizer.param_groups[0]["lr"]
+        lr_note = f"the lr at step {self.global_step} goes {was[0]:.3g} → {lr:.3g}" if was else f"the lr is {lr:.3g}"
+        log.info(
+            f"Resuming with another schedule ({', '.join(changed) or 'the data'}): total steps "
+            f"{saved.get('total_steps')} → {now['total_steps']}; the lr schedule now spans {now['total_steps']} "
+            f"steps, so {lr_note} and follows the new curve from here"
+        )
 
     def _update_recipe_state(self, state: dict[str, Any]) -> None:
         self.global_step = int(state[STEP_KEY])
@@ -486,6 +520,7 @@ class DocEVFinetuneRecipe:
             SEED_KEY: self.seed,
             WORLD_SIZE_KEY: self.world_size,
             WANDB_RUN_KEY: self._wandb_run_id,
+            SCHEDULE_KEY: self._schedule(),
         }
 
     def cleanup(self) -> None:

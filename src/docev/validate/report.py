@@ -58,14 +58,41 @@ def _thumbnails(cfg: DocEVConfig, out: Path, manifest: Path) -> list[tuple[str, 
         name = f"{entry['source']}-{entry['row']}.png"
         (out / "thumbnails").mkdir(exist_ok=True)
         (out / "thumbnails" / name).write_bytes(buf.getvalue())
-        caption = f"{im['size'][0]}x{im['size'][1]} {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
+        (h, w), pages = im["size"], len(entry["images"])
+        caption = (f"{w}×{h} px {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
+                   + (f" (page 1 of {pages})" if pages > 1 else ""))  # fmt: skip
         thumbs.append((entry["id"], name, caption, buf.getvalue()))
     return thumbs
+
+
+def _where(reject: dict[str, Any]) -> str:
+    """Source, file, 1-based line, record id, field and every image of a reject, as a person reads them."""
+    text = f"{reject['source']} {reject['file']} line {reject['row'] + 1}"
+    text += f" record {reject['id']!r}" if reject.get("id") else ""
+    text += f" field {reject['field']}" if reject.get("field") else " (the whole line)"
+    images = reject.get("images") or []
+    return text + (f", images {', '.join(images)}" if images else "")
 
 
 def _short(record: Any, limit: int = 300) -> str:
     text = json.dumps(record, ensure_ascii=False) if not isinstance(record, str) else record
     return text if len(text) <= limit else text[:limit] + " …"
+
+
+def verdict(report: dict[str, Any]) -> tuple[bool, str]:
+    """(passed, the sentence the reports open with): whether the step passes, on how many records, and for a
+    failure which sources broke ``max_reject_fraction`` and by how much."""
+    sources = report["sources"].values()
+    read, rejected = sum(s["read"] for s in sources), sum(s["rejected"] for s in sources)
+    share = rejected / read if read else 0.0
+    limit = report["max_reject_fraction"]
+    counts = f"{read - rejected} of {read} records accepted, {rejected} rejected ({share:.1%})"
+    failing = report.get("failed_sources") or {}
+    if failing:
+        worst = ", ".join(f"{n} {f:.1%}" for n, f in sorted(failing.items(), key=lambda x: -x[1]))
+        return False, (f"FAIL: {counts}; above the limit of {limit:.1%} (validate.max_reject_fraction): {worst}. "
+                       "The step fails; the reasons and an example of each are below.")  # fmt: skip
+    return True, f"PASS: {counts}; every source within the limit of {limit:.1%} (validate.max_reject_fraction)."
 
 
 def write_reports(
@@ -76,7 +103,9 @@ def write_reports(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}
-    md = ["# Validation report", "", "| source | read | accepted | rejected | reject share | train | held out |"]
+    passed, sentence = verdict(report)
+    md = ["# Validation report", "", f"> **{sentence}**", ""]
+    md += ["| source | read | accepted | rejected | reject share | train | held out |"]
     md.append("|---|---|---|---|---|---|---|")
     for name, s in report["sources"].items():
         md.append(
@@ -96,11 +125,12 @@ def write_reports(
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
     md += ["", "## Example of each reject reason", ""]
+    md += ["Line numbers count from 1 (the `row` field of `rejects.jsonl` and the manifest counts from 0).", ""]
     for reason, ex in sorted(examples.items()):
         md += [
             f"### `{reason}`",
             "",
-            f"{ex['source']} {ex['file']} row {ex['row']} field `{ex['field']}`: {ex['detail']}",
+            f"{_where(ex)}: {ex['detail']}",
             "",
             "```",
             _short(ex["record"]),
@@ -118,8 +148,7 @@ def write_reports(
         for n, s in report["sources"].items()
     )
     exs = "".join(
-        f"<h3>{html.escape(r)}</h3><p>{html.escape(ex['source'])} {html.escape(ex['file'])} row {ex['row']} "
-        f"field <code>{html.escape(str(ex['field']))}</code>: {html.escape(ex['detail'])}</p>"
+        f"<h3>{html.escape(r)}</h3><p>{html.escape(_where(ex))}: {html.escape(ex['detail'])}</p>"
         f"<pre>{html.escape(_short(ex['record']))}</pre>"
         for r, ex in sorted(examples.items())
     )
@@ -131,7 +160,10 @@ def write_reports(
     page = (
         "<!doctype html><meta charset='utf-8'><title>DocEV validation report</title>"
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}"
-        "</style><h1>Validation report</h1><table><tr><th>source</th><th>read</th><th>accepted</th>"
+        ".verdict{padding:10px;font-size:1.2em;font-weight:bold;border-radius:4px}.pass{background:#d9f2d9}"
+        ".fail{background:#f8d0d0}</style><h1>Validation report</h1>"
+        f"<div class='verdict {'pass' if passed else 'fail'}'>{html.escape(sentence)}</div>"
+        "<p>Line numbers count from 1.</p><table><tr><th>source</th><th>read</th><th>accepted</th>"
         f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +28,19 @@ from tqdm import tqdm
 from docev.config import DocEVConfig, validate_dict
 from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
-from docev.run.paths import MANIFEST, VALIDATE
+from docev.run.paths import (
+    ACCEPTED_FILE,
+    MANIFEST,
+    MANIFEST_FILE,
+    REJECTS,
+    REJECTS_FILE,
+    STATS_FILE,
+    VALIDATE,
+    VALIDATE_REPORTS,
+    validate_part,
+)
+from docev.run.publish import publish
+from docev.sources.formats import original_field
 from docev.sources.readers import (
     RawRecord,
     Unit,
@@ -43,6 +52,7 @@ from docev.sources.readers import (
     source_store,
 )  # fmt: skip
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
+from docev.tempdirs import owned_tempdir, swap_in
 from docev.validate.report import write_reports
 from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
@@ -55,7 +65,7 @@ def validate_dir(cfg: DocEVConfig) -> Path:
 
 
 class ValidationFailed(RuntimeError):
-    """A source's reject fraction exceeded ``validate.max_reject_fraction``."""
+    """A source was empty or its reject fraction exceeded ``validate.max_reject_fraction`` (reports written)."""
 
 
 @dataclass
@@ -92,7 +102,8 @@ class UnitValidator:
         def fetch_all(raw: RawRecord) -> dict[str, tuple[str, bytes | BaseException] | PathEscape]:
             return {name: _fetch(store, allowed, name) for name in _image_names(raw)}
 
-        for raw, fetched in ordered_map(fetch_all, read_unit(src, unit), src.storage_options.threads):
+        records = read_unit(src, unit, self.cfg.validate_.max_line_bytes)
+        for raw, fetched in ordered_map(fetch_all, records, src.storage_options.threads):
             if isinstance(fetched, BaseException):
                 raise fetched
             stats.read += 1
@@ -107,11 +118,13 @@ class UnitValidator:
                 rejects.append(
                     {
                         **pos,
+                        "line": raw.row + 1,  # for people: lines (and table rows) count from 1
                         "id": record_id,
                         "reason": rej.reason,
-                        "field": rej.field,
+                        "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
-                        "record": raw.data if raw.data is not None else raw.raw,
+                        "images": _image_names(raw),  # every image of the record, not only the one at fault
+                        "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
                 continue
@@ -142,6 +155,8 @@ def _fetch(store: Store, allowed: list[Store], name: str) -> tuple[str, bytes | 
         path = store.resolve(name, allowed)
     except PathEscape as exc:
         return exc
+    except OSError as exc:  # a symlink loop: the record's reject, naming the image
+        return name, exc
     where = store.display(path)
     try:
         return where, store.read_bytes(path)
@@ -176,13 +191,9 @@ def _run_unit(args: tuple[int, int, Unit]) -> UnitResult:
 
 def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     """(global index, source index, unit) for every unit of every source, in a stable order."""
-    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src)]
+    limit = cfg.validate_.max_line_bytes
+    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src, max_line_bytes=limit)]
     return [(k, si, u) for k, (si, u) in enumerate(units)]
-
-
-def _part(shard: int, num_shards: int) -> str:
-    """The part folder of ``--shard i/n``, relative to output_dir."""
-    return f"{VALIDATE}/parts/{shard:05d}-of-{num_shards:05d}"
 
 
 def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: int | None = None) -> Path:
@@ -192,33 +203,31 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
         raise ValueError(f"--shard {shard}/{num_shards}: expected 0 <= i < n")
     workers = workers or cfg.validate_.workers
     mine = [u for u in all_units(cfg) if u[0] % num_shards == shard]
-    outs, part = outputs(cfg), _part(shard, num_shards)
-    outs.remove(f"{part}/stats.json")  # a rerun: the old part stops counting as complete until this one is
+    outs, part = outputs(cfg), validate_part(shard, num_shards)
+    outs.remove(f"{part}/{STATS_FILE}")  # a rerun: the old part stops counting as complete until this one is
     final = outs.local(part)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # a fresh folder per run (racing runs cannot collide); one left by a killed run is swept once proved stale;
+    # a failed shard (e.g. a storage fault that outlasted its retries) leaves nothing half-written
+    with owned_tempdir(final.parent, f".{final.name}.") as tmp:
+        _write_part(cfg, mine, workers, tmp, f"validate {shard}/{num_shards}")
+        swap_in(tmp, final)
+    for name in (ACCEPTED_FILE, REJECTS_FILE, STATS_FILE):
+        outs.publish(f"{part}/{name}")
+    return final
+
+
+def _write_part(cfg: DocEVConfig, mine: list[tuple[int, int, Unit]], workers: int, tmp: Path, desc: str) -> None:
+    """accepted.jsonl, rejects.jsonl and stats.json of these units in the folder ``tmp``."""
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
-    with (tmp / "accepted.jsonl").open("w") as acc, (tmp / "rejects.jsonl").open("w") as rej:
-        bar = tqdm(
-            total=sum(u.count for _, _, u in mine),
-            unit="rec",
-            desc=f"validate {shard}/{num_shards}",
-            disable=None,
-            mininterval=1.0,
-        )
+    with (tmp / ACCEPTED_FILE).open("w") as acc, (tmp / REJECTS_FILE).open("w") as rej:
+        bar = tqdm(total=sum(u.count for _, _, u in mine), unit="rec", desc=desc, disable=None, mininterval=1.0)
         for result in _results(cfg, mine, workers):
             acc.writelines(json.dumps(a) + "\n" for a in result.accepted)
             rej.writelines(json.dumps(r) + "\n" for r in result.rejects)
             stats[result.source].merge(result.stats)
             bar.update(result.stats.read)
         bar.close()
-    (tmp / "stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for name in ("accepted.jsonl", "rejects.jsonl", "stats.json"):
-        outs.publish(f"{part}/{name}")
-    return final
+    (tmp / STATS_FILE).write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
 
 
 def _results(cfg: DocEVConfig, units: list[tuple[int, int, Unit]], workers: int) -> Iterator[UnitResult]:
@@ -241,24 +250,26 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     outs = outputs(cfg)
     out = validate_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [_part(i, num_shards) for i in range(num_shards)]
-    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/stats.json")]
+    parts = [validate_part(i, num_shards) for i in range(num_shards)]
+    missing = [outs.where(p) for p in parts if not outs.exists(f"{p}/{STATS_FILE}")]
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
     for p in parts:
-        for name, data in json.loads(outs.read_text(f"{p}/stats.json")).items():
+        for name, data in json.loads(outs.read_text(f"{p}/{STATS_FILE}")).items():
             stats[name].merge(SourceStats.from_dict(data))
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
+    limit = cfg.validate_.max_line_bytes
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
-    with tempfile.TemporaryDirectory(dir=out) as tmpdir:
-        tmp = Path(tmpdir)
+    # unique per run, the manifest staged inside it until the reports beside it are written: two merges racing
+    # on one output_dir both finish (a shared staging name made one of them fail)
+    with owned_tempdir(out, ".merge-") as tmp:
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
-        with (tmp / "manifest.jsonl").open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
-            for entry in _read_sorted([outs.fetch(f"{p}/accepted.jsonl") for p in parts]):
+        with (tmp / MANIFEST_FILE).open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
+            for entry in _read_sorted([outs.fetch(f"{p}/{ACCEPTED_FILE}") for p in parts]):
                 try:
                     db.execute(
                         "INSERT INTO ids VALUES (?, ?, ?, ?)",
@@ -268,15 +279,18 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     first = db.execute(
                         "SELECT file, row FROM ids WHERE source=? AND id=?", (entry["source"], entry["id"])
                     ).fetchone()
-                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"])
+                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"], limit)
                     dups.write(
                         json.dumps(
-                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit", "id")}
+                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit")}
                             | {
+                                "line": entry["row"] + 1,
+                                "id": entry["id"],
                                 "reason": "duplicate_id",
                                 "field": "id",
+                                "detail": f"id {entry['id']!r} first accepted at {first[0]} line {first[1] + 1}",
+                                "images": [im["path"] for im in entry["images"]],
                                 "record": raw.data,
-                                "detail": f"id {entry['id']!r} first accepted at {first[0]} row {first[1]}",
                             }
                         )
                         + "\n"
@@ -289,8 +303,8 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 man.write(json.dumps(entry) + "\n")
                 written[entry["source"]][0] += 1
         db.close()
-        with (tmp / "rejects.jsonl").open("w") as rej:
-            for entry in _read_sorted([outs.fetch(f"{p}/rejects.jsonl") for p in parts] + [tmp / "dups.jsonl"]):
+        with (tmp / REJECTS_FILE).open("w") as rej:
+            for entry in _read_sorted([outs.fetch(f"{p}/{REJECTS_FILE}") for p in parts] + [tmp / "dups.jsonl"]):
                 rej.write(json.dumps(entry) + "\n")
                 written[entry["source"]][1] += 1
                 examples.setdefault(entry["reason"], entry)
@@ -300,29 +314,33 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"validate: record accounting broken for source {name}: read {s.read}, accepted "
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
-        os.replace(tmp / "rejects.jsonl", out / "rejects.jsonl")
-        os.replace(tmp / "manifest.jsonl", out / ".manifest.jsonl.pending")
-    outs.publish(f"{VALIDATE}/rejects.jsonl")
-    report = {
-        "sources": {name: s.to_dict() for name, s in stats.items()},
-        "split": splits.summary(),
-        "max_reject_fraction": cfg.validate_.max_reject_fraction,
-        "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
-    }
-    failing = {
-        n: s["reject_fraction"]
-        for n, s in report["sources"].items()
-        if s["reject_fraction"] > cfg.validate_.max_reject_fraction
-    }
-    report["failed_sources"] = failing
-    write_reports(cfg, report, examples, out / ".manifest.jsonl.pending")
-    os.replace(out / ".manifest.jsonl.pending", out / "manifest.jsonl")
+        publish(tmp / REJECTS_FILE, outs.local(REJECTS))
+        outs.publish(REJECTS)
+        report = {
+            "sources": {name: s.to_dict() for name, s in stats.items()},
+            "split": splits.summary(),
+            "max_reject_fraction": cfg.validate_.max_reject_fraction,
+            "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
+            "line_numbers": "line numbers (the line field, messages) count from 1; the row field from 0",
+        }
+        failing = {
+            n: s["reject_fraction"]
+            for n, s in report["sources"].items()
+            if s["reject_fraction"] > cfg.validate_.max_reject_fraction
+        }
+        report["failed_sources"] = failing
+        empty = [n for n, s in report["sources"].items() if s["read"] == 0]
+        write_reports(cfg, report, examples, tmp / MANIFEST_FILE)
+        publish(tmp / MANIFEST_FILE, outs.local(MANIFEST))
     outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
+    if empty:  # nothing read is never a success: training would start from no data
+        where = ", ".join(f"{n} ({sources[n].source})" for n in empty)
+        raise ValidationFailed(f"no records read from source {where}; point the source at UFX data and rerun")
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
             f"reject fraction above validate.max_reject_fraction={cfg.validate_.max_reject_fraction:.1%} "
-            f"({detail}); see {outs.where(f'{VALIDATE}/rejects.jsonl')} and {outs.where(f'{VALIDATE}/report.md')}"
+            f"({detail}); see {outs.where(REJECTS)} and {outs.where(VALIDATE_REPORTS['md'])}"
         )
     return report
 

@@ -33,10 +33,28 @@ class ImageLoadError(ValueError):
 
 
 def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info and not _png_has_exif_chunk(image):
+        return 1  # PIL would decode the whole PNG to look for an eXIf chunk after the pixels
     try:
         return int(image.getexif().get(EXIF_ORIENTATION, 1))
     except (ValueError, TypeError, SyntaxError):  # malformed EXIF blocks: treat as upright
         return 1
+
+
+def _png_has_exif_chunk(image: Image.Image) -> bool:
+    """Whether the PNG's bytes hold an ``eXIf`` chunk anywhere (a match inside compressed data only costs the
+    decode that PIL would have done anyway); True when the bytes cannot be read again."""
+    fp = getattr(image, "fp", None)
+    if fp is None:
+        return True
+    try:
+        pos = fp.tell()
+        fp.seek(0)
+        data = fp.read()
+        fp.seek(pos)
+    except (OSError, ValueError):
+        return True
+    return b"eXIf" in data
 
 
 def is_transposed(image: Image.Image) -> bool:
@@ -44,14 +62,15 @@ def is_transposed(image: Image.Image) -> bool:
     return _orientation(image) in _TRANSPOSED
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) as :func:`load_image` will return it, from the header only (no pixel decode)."""
+def read_image_size(path: str | Path | IO[bytes], name: str | None = None) -> tuple[int, int]:
+    """(height, width) as :func:`load_image` will return it, from the header only (no pixel decode); ``name``
+    says where a file object's bytes came from."""
     try:
         with Image.open(path) as image:
             w, h = image.size
             return (w, h) if is_transposed(image) else (h, w)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(path, f"cannot read image header ({exc})") from exc
+        raise ImageLoadError(name if name is not None else path, f"cannot read image header ({exc})") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -214,11 +214,25 @@ class DocEVModel(nn.Module):
             is_image = tokens == self.image_token_id
             features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        elif torch.is_grad_enabled():
+            embeds = embeds + self._zero_vision_path().to(embeds.dtype)
         if document_ids is not None:
             if mask is not None:
                 raise ValueError("pass either mask or document_ids, not both")
             mask = document_mask(document_ids, self.attention)
         return self.decoder(embeds, mask=mask, input_pos=input_pos)
+
+    def _zero_vision_path(self) -> torch.Tensor:
+        """0 × one element of every trainable parameter of the vision path (tower, connector, ``image_newline``),
+        for a micro-batch without images: each then gets a zero gradient in its own dtype, as in a micro-batch
+        with images. FSDP2 accumulates skipped reductions (``gradient_reduction: last_micro_batch``) in the
+        reduce dtype; a parameter with no gradient in an earlier micro-batch would bring a compute-dtype one to
+        the reduce-scatter beside the accumulated ones, which FSDP refuses (mixed gradient dtypes)."""
+        params = [self.image_newline, *self.connector.parameters(), *self.encoder.parameters()]
+        terms = [p.flatten()[0] for p in params if p.requires_grad]
+        if not terms:
+            return self.image_newline.new_zeros(())
+        return torch.stack([t.to(terms[0].dtype) for t in terms]).sum() * 0
 
     def check_inputs(
         self,
