@@ -13,6 +13,8 @@ from conftest import CONFIGS
 
 from docev.pipeline.local import local_config, run_pipeline_locally
 
+pytestmark = pytest.mark.slow  # runs kfp.local (a subprocess per task): make test runs it, make test-fast not
+
 
 def _attempts(cfg) -> dict[str, int]:
     """Task name -> attempts: ``validate-merge.log`` and ``validate-merge-2.log`` are two attempts of one task."""

@@ -121,7 +121,7 @@ def test_reject_messages_name_file_line_record_field_and_every_image(tmp_path, t
     assert "field None" not in md and "field `None`" not in md and "the image bytes" not in md
     assert "Line numbers count from 1" in md
     bad = rejects["bad-empty"]
-    assert f"corrupt data.jsonl line {bad['line']} record 'bad-empty' field image_files.0, images images/empty.png: "\
+    assert f"corrupt data.jsonl line {bad['line']} record 'bad-empty' field `image_files.0`, images images/empty.png: "\
         in md  # fmt: skip
     assert "data.jsonl line" in md and "(the whole line)" in md
     assert "80×60 px" in md  # a thumbnail's caption: width × height

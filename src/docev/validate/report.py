@@ -69,7 +69,7 @@ def _where(reject: dict[str, Any]) -> str:
     """Source, file, 1-based line, record id, field and every image of a reject, as a person reads them."""
     text = f"{reject['source']} {reject['file']} line {reject['row'] + 1}"
     text += f" record {reject['id']!r}" if reject.get("id") else ""
-    text += f" field {reject['field']}" if reject.get("field") else " (the whole line)"
+    text += f" field `{reject['field']}`" if reject.get("field") else " (the whole line)"
     images = reject.get("images") or []
     return text + (f", images {', '.join(images)}" if images else "")
 
