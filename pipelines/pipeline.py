@@ -111,7 +111,9 @@ def build_pipeline(cfg: DocEVConfig):
             v_shard = validate_shard_op(**run, shard=i, num_shards=len(v_shards)).after(resolved)
             _on_cluster(v_shard.set_display_name("validate shard"), cfg, retries=2, step="validate")
         v_merge = validate_merge_op(**run, num_shards=len(v_shards), shards_done=dsl.Collected(v_shard.output))
-        _on_cluster(v_merge.set_display_name("validate"), cfg, retries=2, step="validate")
+        # no KFP retry: the merge's failures are its verdicts (empty source, reject policy), which a retry would
+        # only repeat; its storage faults are retried inside the task (docev.storage.with_retries)
+        _on_cluster(v_merge.set_display_name("validate"), cfg, step="validate")
 
         with dsl.ParallelFor(items=p_shards, name="preprocess-shards") as j:
             p_shard = preprocess_shard_op(**run, shard=j, num_shards=len(p_shards)).after(v_merge)

@@ -193,3 +193,28 @@ def test_sharding_and_attention_keys():
     assert any("fsdp_strategy" in e for e in _errors(["train.fsdp_strategy=zero3"]))
     assert any("model.attention" in e for e in _errors(["model.attention=flash"]))
     assert any("pad_to_multiple_of" in e for e in _errors(["dataloader.pad_to_multiple_of=0"]))
+
+
+RECORDED: list[dict] = []
+
+
+def recording_transform(**kwargs):
+    """A tokenizer component of this test: the stock transform, with its arguments recorded."""
+    from docev.data.transform import docev_preview_transform
+
+    RECORDED.append(kwargs)
+    return docev_preview_transform(**kwargs)
+
+
+def test_tokenizer_component_is_instantiated(tiny_checkpoint):
+    from docev.data.transform import transform_from_config
+
+    (err,) = _errors(["tokenizer._component_=no.such.transform"])
+    assert err == f"{TINY}: tokenizer._component_: cannot import 'no.such.transform'"
+    other = "docev.data.transform.expand_placeholders"  # a callable that takes other arguments
+    assert f"{TINY}: tokenizer.max_seq_len: not an argument of {other}" in _errors([f"tokenizer._component_={other}"])
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"tokenizer._component_={__name__}.recording_transform",
+                                              f"tokenizer.model_name_or_path={tiny_checkpoint}"])  # fmt: skip
+    RECORDED.clear()
+    transform = transform_from_config(cfg)
+    assert [cfg.tokenizer.arguments()] == RECORDED and transform.max_seq_len == cfg.tokenizer.max_seq_len

@@ -49,6 +49,10 @@ def test_transient_faults_are_told_from_missing_or_denied():
         pass
 
     assert is_transient(OSError(errno.EBUSY, "SlowDown")) and is_transient(ConnectionResetError())
+    # what NFS and FUSE volumes return under load or across a server failover
+    for code in (errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN):
+        assert is_transient(OSError(code, "x")), errno.errorcode[code]
+    assert not is_transient(OSError(errno.ELOOP, "loop")) and not is_transient(IsADirectoryError("dir"))
     assert is_transient(ConnectionClosedError()) and is_transient(TimeoutError())
     wrapped = RuntimeError("read failed")
     wrapped.__cause__ = OSError(errno.EREMOTEIO, "InternalError")

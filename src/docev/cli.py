@@ -1,5 +1,7 @@
 """``docev`` command line: every pipeline step, each taking ``--config FILE`` plus ``key.sub=value``
-overrides (torchtune style). Config problems exit 2 with one line per problem."""
+overrides (torchtune style, anywhere on the line). Config problems exit 2 with one line per problem; a
+missing prerequisite (``docev.preflight``) exits 3 with one line naming the command that makes it; a
+storage fault that outlasted its retries exits 75 (EX_TEMPFAIL: rerunning may succeed) naming the path."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 from docev.config import ConfigError, json_schema, load_config
+
+TRANSIENT_EXIT = 75  # sysexits' EX_TEMPFAIL: a transient fault outlasted the retries; a rerun may succeed
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -46,10 +50,12 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from docev.outputs import outputs
+    from docev.preflight import require
     from docev.run.paths import VALIDATE_REPORTS
     from docev.validate.runner import ValidationFailed, merge, run_shard
 
     cfg = load_config(args.config, args.overrides)
+    require(cfg, "validate")
     try:
         if args.merge:
             report = merge(cfg, args.merge)
@@ -79,9 +85,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from docev.data.preprocess import merge_all, run_shards, shards_location, splits_to_build
     from docev.outputs import outputs
+    from docev.preflight import require
     from docev.run.paths import shards_manifest_key
 
     cfg = load_config(args.config, args.overrides)
+    require(cfg, "preprocess")
     if not args.merge:
         shard, num = _parse_shard(args.shard)
         for split in splits_to_build(cfg):
@@ -101,9 +109,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
+    from docev.preflight import require
     from docev.training.launch import torchrun_argv
 
-    argv = torchrun_argv(load_config(args.config, args.overrides), args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    require(cfg, "train")
+    argv = torchrun_argv(cfg, args.config, args.overrides)
     sys.stdout.flush()
     os.execv(argv[0], argv)  # the torchrun launcher takes over the process: signals and exit status are its own
 
@@ -130,11 +141,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from docev.pipeline.local import local_config, run_pipeline_locally
+    from docev.pipeline.local import ensure_assets, local_config, run_pipeline_locally
+    from docev.preflight import require
 
     cfg = local_config(args.config, args.overrides)
+    params = _params(args.param)
+    ensure_assets(cfg)
+    require(cfg, "pipeline")  # seconds here, instead of a failed first task after kfp.local has started
     try:
-        outputs = run_pipeline_locally(cfg, _params(args.param))
+        outputs = run_pipeline_locally(cfg, params)
     except RuntimeError as exc:  # kfp.local: a task failed; the tail of its log is printed above
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
@@ -154,11 +169,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from docev.pipeline.submit import submit
+    from docev.pipeline.submit import HostUnreachable, submit
 
     cfg = load_config(args.config, args.overrides)
-    done = submit(cfg, experiment=args.experiment, params=_params(args.param), host=args.host,
-                  existing_token=args.existing_token)  # fmt: skip
+    try:
+        done = submit(cfg, experiment=args.experiment, params=_params(args.param), host=args.host,
+                      existing_token=args.existing_token)  # fmt: skip
+    except HostUnreachable as exc:
+        print(f"docev submit: {exc}", file=sys.stderr)
+        return 1
     what = "reused" if done.version_reused else "uploaded"
     print(f"pipeline version {done.version_id} ({what}); run {done.run_id}")
     print(done.url)
@@ -294,9 +313,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from docev.evaluation.evaluate import evaluate
     from docev.evaluation.report import write_report
+    from docev.preflight import require
     from docev.run.checkpoints import CheckpointError
 
     cfg = load_config(args.config, args.overrides)
+    require(cfg, "evaluate")
     with tqdm(unit="q", desc="evaluate", disable=None, mininterval=1.0) as bar:
         try:
             m = evaluate(cfg, model_dir=args.model, checkpoint=args.checkpoint, label=args.label, progress=bar.update)
@@ -368,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="validate + compile + upload (or reuse) the pipeline + create a KFP run")
     _config_args(sb)
-    sb.add_argument("--host", default=None, help="KFP API endpoint (default: KF_PIPELINES_ENDPOINT)")
+    sb.add_argument(
+        "--host", default=None, help="KFP API endpoint (default: KFP_HOST, then KF_PIPELINES_ENDPOINT; required)"
+    )
     sb.add_argument("--experiment", required=True)
     sb.add_argument("--existing-token", default=None, help="bearer token (else kfp.Client's usual sources)")
     sb.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a run parameter")
@@ -432,8 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, taking ``key=value`` overrides anywhere on the line (after options too), in their order."""
+    args, extra = parser.parse_known_args(argv)
+    strays = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if strays:
+        parser.parse_args(argv)  # argparse's own message and exit 2 for what is neither an option nor an override
+    if extra:
+        ordered = [a for a in argv if a in set(args.overrides) | set(extra)]
+        args.overrides = [a for a in ordered if "=" in a and not a.startswith("-")]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from docev.preflight import PREFLIGHT_EXIT, PreflightError
+    from docev.storage import TransientStorageError
+
+    args = _parse(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -441,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
+    except TransientStorageError as exc:
+        print(f"docev {args.command} failed: {exc}; a transient storage fault, rerun the step", file=sys.stderr)
+        return TRANSIENT_EXIT
+    except PreflightError as exc:
+        for line in exc.problems:
+            print(f"docev {args.command}: {line}", file=sys.stderr)
+        return PREFLIGHT_EXIT
 
 
 if __name__ == "__main__":

@@ -35,8 +35,15 @@ from docev.config import StorageOptions, is_store_url
 T = TypeVar("T")
 R = TypeVar("R")
 
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                     errno.EPIPE, errno.EAGAIN, errno.ECONNREFUSED}  # fmt: skip
+# The one classification of faults, used by every reader (local disk, NFS/FUSE volumes, object stores): these
+# errnos mean "the storage path hiccuped, the bytes are fine" (EIO/ESTALE/ENOTCONN are what NFS and FUSE
+# mounts return under load or across a server failover) and are retried; missing, denied and corrupt are not.
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+    errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EREMOTEIO, errno.ENETDOWN,
+    errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENOLINK, errno.ECOMM,
+    errno.ETIME, errno.ENOBUFS,
+})  # fmt: skip
 # Exception classes of the HTTP stacks under fsspec backends that mean "try again" (by name, so no
 # backend has to be installed): connection drops, timeouts, truncated bodies, unparsable throttling replies.
 _TRANSIENT_NAMES = {"ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
@@ -186,14 +193,18 @@ class Store:
 
     def resolve(self, name: str, allowed: Iterable[Store] = ()) -> str:
         """The path of ``name`` (relative to the root, or absolute/another URL inside an allowed root).
-        Raises :class:`PathEscape` naming where it went. Local symlinks are resolved before the check."""
+        Raises :class:`PathEscape` naming where it went. Local symlinks are resolved before the check (a loop
+        raises ``OSError(ELOOP)``)."""
         allowed = [a for a in allowed if a.protocol == self.protocol]
         if self.local:
             p = Path(name)
             if is_url(name):
                 raise PathEscape(f"{name!r} is on another store than the source root {self.root}")
             candidate, roots = (p, allowed) if p.is_absolute() else (Path(self.root) / p, [self, *allowed])
-            real = str(candidate.resolve())
+            try:
+                real = str(candidate.resolve())
+            except RuntimeError:  # Python < 3.13 reports a symlink loop as RuntimeError; 3.13 as OSError(ELOOP)
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(candidate)) from None
             if not any(r.within(real) for r in roots):
                 where = "the allowed roots" if p.is_absolute() else f"the source root {self.root}"
                 raise PathEscape(f"{name!r} resolves to {real}, outside {where}")
@@ -233,9 +244,8 @@ class Store:
         return with_retries(lambda: self.fs.isdir(self.root), f"list {self.url}", self.options)
 
     def open_read(self, path: str) -> IO[bytes]:
-        """A seekable binary reader that retries transient faults (reopening at its offset)."""
-        if self.local:
-            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        """A seekable binary reader that retries transient faults (reopening at its offset), local or not:
+        a network volume's EIO/ESTALE mid-read is the same kind of fault as an object store's reset."""
         return io.BufferedReader(_RetryingReader(self, path), buffer_size=1 << 20)
 
 
@@ -247,10 +257,15 @@ class _RetryingReader(io.RawIOBase):
         self.store, self.path, self.pos = store, path, 0
         self._fh: Any = None
         self._size: int | None = None
+        if store.local:  # open now, so a missing file fails here (and a transient open fault is retried here)
+            with_retries(self._file, f"open {store.display(path)}", store.options)
 
     def _file(self) -> Any:
         if self._fh is None:
-            self._fh = self.store.fs.open(self.path, "rb", block_size=1 << 22)
+            if self.store.local:
+                self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by _drop
+            else:
+                self._fh = self.store.fs.open(self.path, "rb", block_size=1 << 22)
             self._fh.seek(self.pos)
         return self._fh
 

@@ -6,10 +6,11 @@ copy of the repository, it must make the named tests fail.
     python tests/mutations/mutation_check.py --list
 
 For each mutation: copy the tracked files (``git ls-files``) to a temporary folder, replace the ``old`` text of
-one file (it must occur exactly once) by ``new``, run ``pytest -x`` on the named tests there with that copy's
-``src`` first on ``PYTHONPATH`` (torchrun children inherit it), and expect pytest's exit status 1 (tests
-failed) — a collection error or an interrupted run counts as a failure of the check, not a kill. Exits 1 when
-any mutation survives. Not part of ``make test`` (it retrains several models); run it when changing these tests.
+one file (it must occur exactly once) by ``new``, run ``pytest`` on the named tests there with that copy's
+``src`` first on ``PYTHONPATH`` (torchrun children inherit it), and require a failing test under every named
+target — a collection error or an interrupted run stops the check instead of counting as a kill. Prints the
+first assertion lines, so a kill for the wrong reason (a timeout) shows. Exits 1 when any mutation survives.
+Not part of ``make test`` (it retrains several models); run it when changing these tests.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ MUTATIONS = [
         '        model = {k: v.contiguous() for k, v in state_dict["model"].items()}\n'
         '        save_file(model, str(tmp / TRAINED_FILE), metadata={"format": "pt"})\n',
         '        model = {k: v.contiguous() for k, v in state_dict["model"].items()}\n'
-        "        latest = self.output_dir / LATEST\n"
+        '        latest = self.output_dir / "latest"\n'
         "        before = latest.read_text() if latest.exists() else None\n"
         '        latest.write_text(f"step_{step}\\n")  # optimistic, put back if the write fails\n'
         "        try:\n"
@@ -151,17 +152,18 @@ def check(m: Mutation, python: str) -> tuple[bool, float, str]:
         if not where.startswith(str(repo)):
             raise SystemExit(f"{m.name}: the copy's package is not the one imported ({where})")
         start = time.perf_counter()
-        proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests], cwd=repo,
+        proc = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *m.tests], cwd=repo,
                               env=env, capture_output=True, text=True)  # fmt: skip
         seconds = time.perf_counter() - start
     lines = proc.stdout.splitlines()
-    why = [x[:200] for x in lines if x.startswith("E ")][:3]  # what failed: the assertion, not a timeout
+    why = list(dict.fromkeys(x[:200] for x in lines if x.startswith("E ") and x[1:].strip()))[:3]  # not a timeout
     tail = "\n".join(
         [*why, *(x for x in lines if x.startswith(("FAILED", "ERROR")) or " passed" in x or " failed" in x)]
     )
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{m.name}: pytest exited {proc.returncode} (not a test failure):\n{proc.stdout[-3000:]}")
-    return proc.returncode == 1, seconds, tail
+    failed = [x.split()[1] for x in lines if x.startswith("FAILED ")]
+    return all(any(f.startswith(t) for f in failed) for t in m.tests), seconds, tail
 
 
 def main() -> int:

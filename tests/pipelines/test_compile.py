@@ -61,9 +61,11 @@ def test_every_step_mounts_the_volume_uncached(compiled):
         assert claims["docev-data"]["mountPath"] == "/mnt/docev", name
         assert claims["docev-checkpoints"]["subPath"] == "runs/docev-preview/checkpoints", name
         assert ex["securityContext"]["runAsNonRoot"] is True
-    for name in ("validate-merge", "preprocess-merge", "export"):
+    for name in ("preprocess-merge", "export"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
     assert "retryPolicy" not in tasks["train"]  # train retries by resuming from `latest` inside the job
+    # deterministic verdicts are not retried: the first task's preflight, validate's reject policy
+    assert "retryPolicy" not in tasks["resolve-config"] and "retryPolicy" not in tasks["validate-merge"]
 
 
 def test_train_gets_the_secret_by_reference_and_the_cluster_does_the_gpus(compiled):

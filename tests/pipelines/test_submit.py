@@ -66,3 +66,38 @@ def test_same_config_reuses_the_version(server):
     )
     name = json.loads(server.calls("GET", f"{API}/pipelines/p-1/versions")[0].query["filter"])["predicates"][0]
     assert name["stringValue"].startswith("v-") and len(name["stringValue"]) == 18
+
+
+def test_submit_needs_a_host_and_says_so_in_one_line(monkeypatch, capsys):
+    from docev.cli import main
+
+    for name in ("KFP_HOST", "KF_PIPELINES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["submit", "--config", str(CONFIGS / "docev_preview.yaml"), "--experiment", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "config error:" and len(err) == 2 and "--host" in err[1] and "KFP_HOST" in err[1]
+
+
+def test_an_unreachable_host_is_one_line_after_the_compile(monkeypatch, tmp_path, capsys):
+    import socket
+
+    from docev.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        monkeypatch.setenv("KFP_HOST", host)
+        code = main(["submit", "--config", str(CONFIGS / "docev_preview.yaml"), "--experiment", "x"])
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"docev submit: KFP host {host} unreachable: ") and "refused" in err[0]
+
+
+def test_a_bad_config_fails_before_any_connection(server, capsys):
+    from docev.cli import main
+
+    code = main(["submit", "--config", str(CONFIGS / "docev_preview.yaml"), "--experiment", "x",
+                 "--host", server.url, "epochs=zero"])  # fmt: skip
+    assert code == 2 and "epochs" in capsys.readouterr().err
+    assert not server.calls("GET", f"{API}/healthz") and not server.calls("GET", f"{API}/pipelines")

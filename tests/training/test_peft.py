@@ -1,6 +1,7 @@
-"""Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the shards of
-test_recipe's ``data`` fixture. Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT steps and resumed; DoRA; one
-step of full fine-tuning on the same first batch (the loss that fresh adapters must start from)."""
+"""Adapter runs of the recipe (LoRA, DoRA): `docev train` → torchrun, 2 gloo ranks, CPU fp32, on the session's
+training set (``train_data``, through test_recipe's ``data``). Runs: LoRA for 2 epochs; LoRA stopped after STOP_AT
+steps and resumed; DoRA; one step of full fine-tuning on the same first batch (the loss that fresh adapters must
+start from)."""
 
 from __future__ import annotations
 

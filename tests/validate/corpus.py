@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 USER_Q = "<image>\nWhat is the total?"
+LINE_LIMIT = 65536  # the corpus' validate.max_line_bytes: one line is longer
 
 
 def _conv(content: str = USER_Q, answer: str = "$1.00") -> list[dict]:
@@ -69,7 +70,10 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     (img / "notimage.png").write_bytes(b"this is not an image at all")
     (img / "tiny.png").write_bytes(_png_bytes((10, 10)))
     (img / "bomb.png").write_bytes(_bomb_png(60000, 60000))
+    (img / "wide.png").write_bytes(_bomb_png(3000, 2000))  # over the corpus' max_image_pixels, under PIL's limit
     os.symlink(outside / "secret.png", img / "link.png")
+    os.symlink(img / "loop-b.png", img / "loop-a.png")  # a symlink loop: a -> b -> a
+    os.symlink(img / "loop-a.png", img / "loop-b.png")
 
     expected: dict[str, str] = {}
     lines: list[bytes] = []
@@ -87,6 +91,11 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     add("line:invalid_json", None, "invalid_json", b'{"id": "broken", "context": [')
     add("line:invalid_utf8", None, "invalid_utf8", b'{"id": "latin1", "context": "caf\xe9"}')
     add("line:not_object", None, "wrong_type", b"[1, 2, 3]")
+    add("line:deep_arrays", None, "too_deep", b"[" * 20_000 + b"]" * 20_000)
+    deep_meta = b'{"id": "deep-meta", "context": [], "meta": ' + b'{"m": ' * 2000 + b"1" + b"}" * 2000 + b"}"
+    add("line:deep_meta", None, "too_deep", deep_meta)
+    huge = json.dumps({"id": "huge", "context": _conv(answer="x" * (LINE_LIMIT + 10)), "image_files": []})
+    add("line:huge", None, "line_too_long", huge.encode())
     add("wrong-type", {"id": "wrong-type", "context": [{"role": "user", "content": 7}]}, "wrong_type")
     add("missing", {"id": "missing", "image_files": []}, "missing_field")
     add("role", {"id": "role", "context": [{"role": "robot", "content": "hi"}]}, "unknown_role")
@@ -101,11 +110,15 @@ def build(root: Path, outside: Path) -> dict[str, str]:
     add("escape-abs", {"id": "escape-abs", "context": _conv(), "image_files": [str(outside / "secret.png")]},
         "path_escape")  # fmt: skip
     add("escape-link", {"id": "escape-link", "context": _conv(), "image_files": ["images/link.png"]}, "path_escape")
+    add("loop", {"id": "loop", "context": _conv(), "image_files": ["images/loop-a.png"]}, "image_unreadable")
     for name in ("empty", "truncated", "notimage"):
         add(f"bad-{name}", {"id": f"bad-{name}", "context": _conv(), "image_files": [f"images/{name}.png"]},
             "image_undecodable")  # fmt: skip
     add("small", {"id": "small", "context": _conv(), "image_files": ["images/tiny.png"]}, "image_too_small")
+    add("two-pages", {"id": "two-pages", "context": _conv("<image><image>\nTotal?"),
+                      "image_files": [good["RGB"], "images/tiny.png"]}, "image_too_small")  # fmt: skip
     add("bomb", {"id": "bomb", "context": _conv(), "image_files": ["images/bomb.png"]}, "image_too_large")
+    add("wide", {"id": "wide", "context": _conv(), "image_files": ["images/wide.png"]}, "image_too_large")
     long_answer = " ".join(f"word{i}" for i in range(3000))
     add("long", {"id": "long", "context": _conv(answer=long_answer), "image_files": [good["RGB"]]}, "too_long")
     # the second record with an id already accepted is the duplicate

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 from conftest import tiny_config
-from corpus import build
+from corpus import LINE_LIMIT, build
 
 from docev.validate.rules import REASONS
 from docev.validate.runner import ValidationFailed, merge, run_shard, run_validate, validate_dir
@@ -27,6 +27,7 @@ def _cfg(tmp_path, ckpt, src, *overrides):
         [{"source": str(src), "name": "corrupt"}],
         "validate.max_reject_fraction=1.0",
         "validate.max_image_pixels=4000000",
+        f"validate.max_line_bytes={LINE_LIMIT}",
         *overrides,
     )
 
@@ -83,6 +84,47 @@ def test_rejects_keep_the_original_record_and_detail(tmp_path, tiny_checkpoint, 
     assert invalid_json["record"].startswith('{"id": "broken"') and invalid_json["file"] == "data.jsonl"
     dup = rejects["dup"]
     assert dup["reason"] == "duplicate_id" and dup["record"]["context"][1]["content"] == "$9"
+    first_dup = next(e for e in _lines(validate_dir(cfg) / "manifest.jsonl") if e["id"] == "dup")
+    assert dup["detail"] == f"id 'dup' first accepted at data.jsonl line {first_dup['row'] + 1}"
+
+
+def test_reject_messages_name_file_line_record_field_and_every_image(tmp_path, tiny_checkpoint, corpus):
+    src, expected = corpus
+    cfg = _cfg(tmp_path, tiny_checkpoint, src)
+    run_validate(cfg, workers=1)
+    out = validate_dir(cfg)
+    all_rejects = _lines(out / "rejects.jsonl")
+    lines = (src / "data.jsonl").read_bytes().split(b"\n")
+    whole_line = {"invalid_json", "invalid_utf8", "too_deep", "line_too_long"}
+    for r in all_rejects:
+        assert r["file"] == "data.jsonl" and r["line"] == r["row"] + 1  # 1-based for people, 0-based position
+        if r["id"]:  # the record named is the one on that line
+            assert f'"id": "{r["id"]}"'.encode() in lines[r["row"]], r
+        if r["reason"] in whole_line or (r["reason"] == "wrong_type" and r["id"] is None):
+            assert r["field"] is None and f"line {r['line']}" in r["detail"], r
+        else:
+            assert r["field"] and r["field"] != "None", r
+    rejects = {r["id"]: r for r in all_rejects if r["id"]}
+    # sizes as width × height in px; every image of the record listed, the field naming the one at fault
+    assert rejects["wide"]["detail"] == f"{src / 'images' / 'wide.png'}: 3000×2000 px = 6000000 pixels > 4000000"
+    two = rejects["two-pages"]
+    assert two["field"] == "image_files.1" and two["images"] == ["images/ok.png", "images/tiny.png"]
+    assert two["detail"] == f"{src / 'images' / 'tiny.png'}: 10×10 px, a side below 14 px"
+    assert rejects["bad-notimage"]["detail"].endswith("notimage.png: not an image format PIL can read (unknown header)")
+    assert (
+        rejects["loop"]["field"] == "image_files.0"
+        and "images/loop-a.png: Too many levels" in rejects["loop"]["detail"]
+    )
+    assert rejects["long"]["field"] == "context" and rejects["missing"]["field"] == "context"
+    assert rejects["mismatch"]["field"] == "image_files"
+    md = (out / "report.md").read_text()
+    assert "field None" not in md and "field `None`" not in md and "the image bytes" not in md
+    assert "Line numbers count from 1" in md
+    bad = rejects["bad-empty"]
+    assert f"corrupt data.jsonl line {bad['line']} record 'bad-empty' field `image_files.0`, images images/empty.png: "\
+        in md  # fmt: skip
+    assert "data.jsonl line" in md and "(the whole line)" in md
+    assert "80×60 px" in md  # a thumbnail's caption: width × height
 
 
 def test_manifest_finds_records_again_and_counts_tokens(tmp_path, tiny_checkpoint, corpus):

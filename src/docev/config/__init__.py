@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 import re
 from pathlib import Path
@@ -92,6 +93,7 @@ __all__ = [
     "parse_byte_size",
     "parse_overrides",
     "resolve",
+    "resolve_component",
     "resolve_strategy",
     "safe_load",
     "validate_dict",
@@ -391,6 +393,7 @@ def validate_dict(data: dict[str, Any], origin: str = "<config>") -> DocEVConfig
     errors = [f"{origin}: {path}: {msg}" for path, msg in cfg.cross_checks()]
     for name in COMPONENT_SECTIONS:
         errors += [f"{origin}: {name}.{msg}" for msg in _component_errors(getattr(cfg, name))]
+    errors += [f"{origin}: tokenizer.{msg}" for msg in _tokenizer_errors(cfg.tokenizer)]
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -399,6 +402,32 @@ def validate_dict(data: dict[str, Any], origin: str = "<config>") -> DocEVConfig
 COMPONENT_SECTIONS = ("optimizer", "lr_scheduler", "loss", "metric_logger")
 # Arguments the recipe passes itself; a config must not set them.
 _RECIPE_SUPPLIED = {"params", "optimizer", "num_training_steps"}
+
+
+def resolve_component(path: str) -> Any:
+    """The callable a ``_component_`` dotted path names (``ImportError`` naming the path when there is none)."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ImportError(f"cannot import {path!r}") from None
+    if not callable(target):
+        raise ImportError(f"{path!r} is not callable")
+    return target
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all
+    (the signature read without importing, as for the other components)."""
+    try:
+        params = component_params(section.component)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {section.component!r}"]
+    if params is None or params.var_keyword:
+        return []
+    return [
+        f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
+    ]
 
 
 def _component_errors(section: Component | None) -> list[str]:

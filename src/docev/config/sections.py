@@ -101,9 +101,15 @@ class ModelSection(_Strict):
 
 
 class TokenizerSection(_Strict):
-    """Arguments of ``docev.data.transform.docev_preview_transform``."""
+    """The model transform: ``_component_`` (a callable returning a ``DocEVTransform``) and its arguments
+    (those of ``docev.data.transform.docev_preview_transform``)."""
 
     component: str = Field("docev.data.transform.docev_preview_transform", alias="_component_")
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments ``_component_`` is called with."""
+        return self.model_dump(exclude={"component"})
+
     model_name_or_path: str
     image_token: str = "<image>"
     image_token_id: int | None = None
@@ -281,6 +287,12 @@ class ValidateSection(_Strict):
     workers: int = Field(1, ge=1)
     thumbnails: int = Field(6, ge=0)
     fanout: int = Field(1, ge=1, description="KFP tasks validating shards of the sources in parallel.")
+    max_line_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="A jsonl line longer than this is rejected as line_too_long while it is read (never held "
+        "whole), so one huge line cannot exhaust a validate pod's memory.",
+    )
 
 
 class PreprocessSection(_Strict):

@@ -126,7 +126,7 @@ class ShardBuilder:
             wanted = {e["row"] for e in group}
             first, last = group[0], group[-1]
             unit = Unit(name, file, first["row"], last["row"] - first["row"] + 1, first["offset"] or 0)
-            for raw in read_unit(self.sources[name][1], unit):
+            for raw in read_unit(self.sources[name][1], unit, self.cfg.validate_.max_line_bytes):
                 if raw.row in wanted:
                     yield raw
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from docev.config import resolve_component
 from docev.data.messages import Message, UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
 from docev.ufx import UFXRecord
@@ -439,9 +440,14 @@ def docev_preview_transform(
 
 
 def transform_from_config(cfg: Any) -> DocEVTransform:
-    """The transform of a loaded :class:`~docev.config.DocEVConfig` (its ``tokenizer`` section)."""
-    kwargs = cfg.tokenizer.model_dump(exclude={"component"})
-    return docev_preview_transform(**kwargs)
+    """The transform of a loaded :class:`~docev.config.DocEVConfig`: ``tokenizer._component_`` called with the
+    section's arguments (the config loader already checked that it imports and takes them)."""
+    section = cfg.tokenizer
+    transform = resolve_component(section.component)(**section.arguments())
+    if not isinstance(transform, DocEVTransform):
+        raise TypeError(f"tokenizer._component_: {section.component} returned {type(transform).__name__}, "
+                        "not a DocEVTransform")  # fmt: skip
+    return transform
 
 
 TokenCounter = Callable[..., dict[int, int]]

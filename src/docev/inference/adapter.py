@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev_hf_to_tune
-from docev.models.docev._checkpointer import PEFT_META, TRAINED_FILE
+from docev.models.docev._peft import base_fingerprint, read_trained
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,8 +36,6 @@ class BaseMismatchError(ValueError):
 
 def check_base(recorded: Mapping[str, str], base_dir: str | Path, what: str) -> None:
     """Raise :class:`BaseMismatchError` naming both fingerprints when ``base_dir`` is not the recorded base."""
-    from docev.training.peft import base_fingerprint  # the one resume and the export check
-
     actual = base_fingerprint(base_dir)
     if dict(recorded) != actual:
         raise BaseMismatchError(
@@ -82,11 +80,6 @@ def merge_trained(
     return merge_adapters(out, adapters, rank, alpha)
 
 
-def is_adapter_run(folder: str | Path) -> bool:
-    """A step folder of an adapter run (trained tensors only, read over the base)."""
-    return (Path(folder) / TRAINED_FILE).is_file()
-
-
 def adapter_run_state(
     folder: str | Path, base_dir: str | Path | None = None
 ) -> tuple[dict[str, torch.Tensor], DocEVArch]:
@@ -97,14 +90,14 @@ def adapter_run_state(
         BaseMismatchError: ``base_dir`` is not the base the folder was trained on.
     """
     folder = Path(folder)
-    meta = json.loads((folder / PEFT_META).read_text())
+    trained, meta = read_trained(folder, None)
     base_dir = Path(base_dir if base_dir is not None else meta["base_dir"])
     check_base(meta["base"], base_dir, str(folder))
     base = DocEVCheckpointer(base_dir)
     state, _ = docev_hf_to_tune(base.load_hf_state_dict(), base.arch)
     spec = meta["spec"]
     try:
-        merged = merge_trained(state, load_file(str(folder / TRAINED_FILE)), int(spec["rank"]), float(spec["alpha"]))
+        merged = merge_trained(state, trained, int(spec["rank"]), float(spec["alpha"]))
     except ValueError as exc:
         raise ValueError(f"{folder}: {exc}") from None
     return merged, base.arch

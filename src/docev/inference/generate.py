@@ -22,8 +22,9 @@ from torchtune.modules import local_kv_cache
 from docev.data.collate import DocEVCollate
 from docev.data.messages import Message
 from docev.data.transform import DocEVTransform, docev_preview_transform
-from docev.inference.adapter import adapter_run_state, apply_adapter, is_adapter_run
+from docev.inference.adapter import adapter_run_state, apply_adapter
 from docev.models.docev import DocEVCheckpointer, DocEVModel, docev, docev_hf_to_tune
+from docev.models.docev._peft import is_trained_only
 
 # What to show for an empty answer: a blank line reads as a broken tool.
 NO_TEXT = "(no text: the model answered the stop token)"
@@ -172,7 +173,7 @@ class DocEVGenerator:
         base: str | Path | None = None,
     ):
         self.model_dir = Path(model_dir)
-        if is_adapter_run(self.model_dir):  # a LoRA/DoRA run's step folder: base + trained tensors
+        if is_trained_only(self.model_dir):  # a LoRA/DoRA run's step folder: base + trained tensors
             if adapter is not None:
                 raise ValueError(f"{self.model_dir} is an adapter run's checkpoint; --adapter applies to a base model")
             state, self.arch = adapter_run_state(self.model_dir, base)

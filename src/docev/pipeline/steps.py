@@ -34,8 +34,13 @@ def config_path(cfg: DocEVConfig) -> Path:
 
 
 def resolve_step(run: dict[str, Any]) -> str:
-    """Validate the run's config (a bad knob fails the run here, first) and write it to the volume."""
+    """Validate the run's config (a bad knob fails the run here, first), check every prerequisite the run
+    needs (base checkpoint, tokenizer, sources, credentials, writable outputs: deterministic failures, found
+    by this task, which is never retried, before any work) and write the config to the volume."""
+    from docev.preflight import require
+
     cfg = load(run)
+    require(cfg, "pipeline")
     path = config_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(cfg.to_dict(), indent=2))
@@ -77,6 +82,7 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     completion; its failure fails this step. Resuming from ``latest`` is the recipe's, so a retried step
     continues, not restarts.
     """
+    from docev.preflight import PREFLIGHT_EXIT, PreflightError
     from docev.training.metrics_log import read_metrics
     from docev.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -89,6 +95,8 @@ def train_step(run: dict[str, Any], run_id: str, task: str) -> dict[str, Any]:
     else:
         cmd = [sys.executable, "-m", "docev.cli", "train", "--config", str(path)]
         done = subprocess.run(cmd, check=False)
+        if done.returncode == PREFLIGHT_EXIT:
+            raise PreflightError("train", [f"training prerequisites missing (exit {done.returncode}); see above"])
         if done.returncode == PREEMPTED_EXIT_CODE:
             raise RuntimeError(
                 f"training was preempted (SIGTERM, exit {done.returncode}) after saving the step in flight; "

@@ -2,22 +2,62 @@
 
 The KFP 2.x equivalent of KFP 1.x's ``kfp run submit``. The pipeline version is named after the
 sha256 of the compiled IR, so submitting the same config twice reuses the version instead of piling
-up copies, and a changed config gets a new one. Authentication is kfp.Client's own: the host and
-credentials from its usual environment (``KF_PIPELINES_ENDPOINT``, ``KF_PIPELINES_SA_TOKEN_PATH``,
-IAP client ids) or an explicit token.
+up copies, and a changed config gets a new one. Authentication is kfp.Client's own: credentials from its
+usual environment (``KF_PIPELINES_SA_TOKEN_PATH``, IAP client ids) or an explicit token.
+
+The order is what can fail without a cluster first: the config was checked when it was loaded, the pipeline
+is compiled here before any connection, and only then is the host contacted. The host must be named
+(``--host``, ``KFP_HOST`` or kfp's ``KF_PIPELINES_ENDPOINT``): kfp.Client would otherwise try
+``localhost:80``. A host that does not answer is :class:`HostUnreachable`, one line instead of urllib3's
+retries and traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from docev.config import DocEVConfig
+
+HOST_ENVS = ("KFP_HOST", "KF_PIPELINES_ENDPOINT")
+
+
+class HostUnreachable(ConnectionError):
+    """The KFP API did not answer (refused, unknown name, timed out)."""
+
+
+def kfp_host(host: str | None) -> str:
+    """``host``, else ``$KFP_HOST``, else ``$KF_PIPELINES_ENDPOINT``; raises ConfigError naming them when none."""
+    from docev.config import ConfigError
+
+    for value in (host, *(os.environ.get(name) for name in HOST_ENVS)):
+        if value:
+            return value
+    raise ConfigError(["docev submit: no KFP host; pass --host URL or set KFP_HOST (e.g. http://localhost:8080 "
+                       "after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)"])  # fmt: skip
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why a connection failed, when ``exc`` (or its cause) is a network failure rather than an API error."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {cls.__name__ for cls in type(e).__mro__}
+        if names & {"MaxRetryError", "NewConnectionError", "ConnectionError", "TimeoutError", "NameResolutionError"}:
+            reason = getattr(e, "reason", None) or e
+            text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+            return text.split("): ", 1)[-1]  # without urllib3's "HTTPConnection(host=…, port=…)" prefix
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,12 +89,24 @@ def submit(
 
     from pipelines.pipeline import PIPELINE_NAME, build_pipeline
 
-    client = client or kfp.Client(host=host, existing_token=existing_token)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "docev_finetune.yaml"
-        compiler.Compiler().compile(build_pipeline(cfg), str(package))
+        compiler.Compiler().compile(build_pipeline(cfg), str(package))  # before any connection
         version = "v-" + hashlib.sha256(package.read_bytes()).hexdigest()[:16]
-        pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+        if client is None:
+            host = kfp_host(host)
+            logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings: the one line below says it
+            try:
+                with warnings.catch_warnings():  # kfp's notice that it needs KFP >= 2.0.0-beta.2, on every call
+                    warnings.simplefilter("ignore", FutureWarning)
+                    client = kfp.Client(host=host, existing_token=existing_token)
+                pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+            except Exception as exc:
+                if (why := _unreachable(exc)) is None:
+                    raise
+                raise HostUnreachable(f"KFP host {host} unreachable: {why}") from None
+        else:
+            pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
         if pipeline_id is None:
             pipeline_id = client.upload_pipeline(str(package), pipeline_name=PIPELINE_NAME).pipeline_id
         version_id = _find_version(client, pipeline_id, version)

@@ -5,6 +5,12 @@ A source is split into *units* (file, first row, row count) that can be read ind
 validation can fan out over processes and KFP tasks while each reader holds one chunk in memory
 at a time. Every record carries its position (file, row, byte offset for jsonl) so it can be found
 again, and a line that cannot be decoded is still yielded, with its error, so nothing is lost.
+
+Parsing is bounded so that no single line can crash or starve a worker: a line's size is checked while
+it is read (one longer than ``validate.max_line_bytes`` is skipped in 1 MiB pieces, never held whole, and
+becomes a ``line_too_long`` record), and JSON nested deeper than :data:`MAX_JSON_DEPTH` is a ``too_deep``
+record (the decoder's recursion is caught, and shallower documents are measured without recursion).
+Rows are counted from 0 in the manifest (positions); messages for people say ``line N`` counting from 1.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from docev.storage import Store, is_url, store_for
 from docev.vision.image_io import load_image
 
 CHUNK_ROWS = 512
+MAX_LINE_BYTES = 16 << 20  # validate.max_line_bytes' default
+MAX_JSON_DEPTH = 32  # a UFX record is 4 levels deep (record > context > message > parts > part)
+PREVIEW_BYTES = 1000  # what rejects.jsonl keeps of a line too long to keep whole (its position finds the rest)
+_SKIP_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ def data_files(src: DatasetSource) -> list[tuple[str, str]]:
     return files
 
 
-def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
+def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS, max_line_bytes: int = MAX_LINE_BYTES) -> list[Unit]:
     """Split a source into units by streaming through it once (line starts, row-group and batch sizes)."""
     name, units, store = source_name(src), [], source_store(src)
     for kind, path in data_files(src):
@@ -103,11 +113,11 @@ def plan_units(src: DatasetSource, chunk_rows: int = CHUNK_ROWS) -> list[Unit]:
         if kind == "jsonl":
             with store.open_read(path) as fh:
                 row, offset, start_row, start_off = 0, 0, 0, 0
-                for line in fh:
+                for _, size in bounded_lines(fh, max_line_bytes):
                     if row - start_row == chunk_rows:
                         units.append(Unit(name, rel, start_row, row - start_row, start_off))
                         start_row, start_off = row, offset
-                    offset += len(line)
+                    offset += size
                     row += 1
                 if row > start_row:
                     units.append(Unit(name, rel, start_row, row - start_row, start_off))
@@ -141,16 +151,21 @@ def _json_rows(store: Store, path: str) -> tuple[list[Any], str | None]:
     if key not in _JSON_CACHE:
         try:
             got: tuple[list[Any], str | None] = (formats.json_rows(store.read_bytes(path)), None)
-        except (ValueError, UnicodeDecodeError) as exc:
-            got = ([], str(exc))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+            got = ([], str(exc) or "JSON nested too deep to parse")
         _JSON_CACHE.clear()
         _JSON_CACHE[key] = got
     return _JSON_CACHE[key]
 
 
-def _mapped(src: DatasetSource, unit: Unit, row: int, offset: int | None, data: dict[str, Any]) -> RawRecord:
+def _mapped(
+    src: DatasetSource, unit: Unit, row: int, offset: int | None, data: dict[str, Any], text: str | None = None
+) -> RawRecord:
     """A row as read → its record: UFX as it is (column names remapped), another formatting mapped into UFX
-    with the original row and its field names kept, or that format's reject."""
+    with the original row and its field names kept, or that format's reject. A row nested deeper than any
+    record can be is ``too_deep`` before anything recursive (the rules, pydantic, a mapping) sees it."""
+    if json_depth_over(data, MAX_JSON_DEPTH):
+        return _too_deep(unit, row, offset, text or "")  # a table row is found again by its position
     if src.formatting == "ufx":
         return RawRecord(unit.source, unit.file, row, offset, _remap(src, data))
     original = formats.json_safe(data)
@@ -173,12 +188,12 @@ def _remap(src: DatasetSource, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_unit(src: DatasetSource, unit: Unit) -> Iterator[RawRecord]:
+def read_unit(src: DatasetSource, unit: Unit, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawRecord]:
     """Yield the unit's rows in order. Only this unit's rows are held in memory."""
     store = source_store(src)
     path = store.join(unit.file)
     if path.endswith(".jsonl"):
-        yield from _read_jsonl(src, unit, store.open_read(path))
+        yield from _read_jsonl(src, unit, store.open_read(path), max_line_bytes)
         return
     if path.endswith(".json"):
         rows, error = _json_rows(store, path)
@@ -210,31 +225,75 @@ def _drop_nulls(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_jsonl(src: DatasetSource, unit: Unit, fh: BinaryIO) -> Iterator[RawRecord]:
+def bounded_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its size in bytes) of every line; the line is None when it is longer than ``limit`` bytes (its
+    rest is read in 1 MiB pieces and dropped: memory stays bounded whatever one line holds)."""
+    while line := fh.readline(limit + 1):
+        size = len(line)
+        if size <= limit or line.endswith(b"\n"):
+            yield line, size
+            continue
+        while not line.endswith(b"\n") and (line := fh.readline(_SKIP_PIECE)):
+            size += len(line)
+        yield None, size
+
+
+def json_depth_over(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than ``limit`` (measured with a stack, no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def parse_line(src: DatasetSource, unit: Unit, row: int, pos: int, line: bytes) -> RawRecord:
+    """One jsonl line as a record, or as its raw text with the reason it cannot be one (never raises)."""
+    where = f"line {row + 1}"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRecord(unit.source, unit.file, row, pos, None, line.decode("utf-8", "replace"),
+                         ("invalid_utf8", f"{where} byte {exc.start + 1}: {exc.reason}"))  # fmt: skip
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
+                         ("invalid_json", f"{where} col {exc.colno}: {exc.msg}"))  # fmt: skip
+    except RecursionError:  # the decoder's own recursion limit (about 1,000 levels)
+        return _too_deep(unit, row, pos, text)
+    if not isinstance(data, dict):
+        return RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
+                         ("wrong_type", f"{where}: a record is a JSON object, got {type(data).__name__}"))  # fmt: skip
+    return _mapped(src, unit, row, pos, data, text)
+
+
+def _too_deep(unit: Unit, row: int, pos: int | None, text: str) -> RawRecord:
+    return RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n")[:PREVIEW_BYTES],
+                     ("too_deep", f"line {row + 1}: JSON nested deeper than {MAX_JSON_DEPTH} levels"))  # fmt: skip
+
+
+def _read_jsonl(src: DatasetSource, unit: Unit, fh: BinaryIO, max_line_bytes: int) -> Iterator[RawRecord]:
     with fh:
         fh.seek(unit.offset)
         offset = unit.offset
+        lines = bounded_lines(fh, max_line_bytes)
         for i in range(unit.count):
-            line = fh.readline()
+            line, size = next(lines, (b"", 0))
             row, pos = unit.start + i, offset
-            offset += len(line)
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield RawRecord(unit.source, unit.file, row, pos, None, line.decode("utf-8", "replace"),
-                                ("invalid_utf8", f"byte {exc.start}: {exc.reason}"))  # fmt: skip
+            offset += size
+            if line is None:
+                fh.seek(pos)
+                preview = fh.read(PREVIEW_BYTES).decode("utf-8", "replace") + " …"
+                fh.seek(offset)
+                yield RawRecord(unit.source, unit.file, row, pos, None, preview,
+                                ("line_too_long", f"line {row + 1} is {size} bytes, over validate.max_line_bytes="
+                                 f"{max_line_bytes} (not read past the limit)"))  # fmt: skip
                 continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
-                                ("invalid_json", f"line {row + 1} col {exc.colno}: {exc.msg}"))  # fmt: skip
-                continue
-            if not isinstance(data, dict):
-                yield RawRecord(unit.source, unit.file, row, pos, None, text.rstrip("\n"),
-                                ("wrong_type", f"a record is a JSON object, got {type(data).__name__}"))  # fmt: skip
-                continue
-            yield _mapped(src, unit, row, pos, data)
+            yield parse_line(src, unit, row, pos, line)
 
 
 def _table_rows_slice(store: Store, path: str, start: int, count: int) -> Iterator[dict[str, Any]]:
@@ -266,7 +325,9 @@ def _parquet_slice(pf: pq.ParquetFile, start: int, count: int) -> Iterator[dict[
         first += n
 
 
-def read_at(src: DatasetSource, file: str, row: int, offset: int | None) -> RawRecord:
+def read_at(
+    src: DatasetSource, file: str, row: int, offset: int | None, max_line_bytes: int = MAX_LINE_BYTES
+) -> RawRecord:
     """Read one record back from its position (used for duplicates found at merge time)."""
     unit = Unit(source_name(src), file, row, 1, offset or 0)
-    return next(read_unit(src, unit))
+    return next(read_unit(src, unit, max_line_bytes))

@@ -58,9 +58,20 @@ def _thumbnails(cfg: DocEVConfig, out: Path, manifest: Path) -> list[tuple[str, 
         name = f"{entry['source']}-{entry['row']}.png"
         (out / "thumbnails").mkdir(exist_ok=True)
         (out / "thumbnails" / name).write_bytes(buf.getvalue())
-        caption = f"{im['size'][0]}x{im['size'][1]} {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
+        (h, w), pages = im["size"], len(entry["images"])
+        caption = (f"{w}×{h} px {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
+                   + (f" (page 1 of {pages})" if pages > 1 else ""))  # fmt: skip
         thumbs.append((entry["id"], name, caption, buf.getvalue()))
     return thumbs
+
+
+def _where(reject: dict[str, Any]) -> str:
+    """Source, file, 1-based line, record id, field and every image of a reject, as a person reads them."""
+    text = f"{reject['source']} {reject['file']} line {reject['row'] + 1}"
+    text += f" record {reject['id']!r}" if reject.get("id") else ""
+    text += f" field `{reject['field']}`" if reject.get("field") else " (the whole line)"
+    images = reject.get("images") or []
+    return text + (f", images {', '.join(images)}" if images else "")
 
 
 def _short(record: Any, limit: int = 300) -> str:
@@ -114,11 +125,12 @@ def write_reports(
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
     md += ["", "## Example of each reject reason", ""]
+    md += ["Line numbers count from 1 (the `row` field of `rejects.jsonl` and the manifest counts from 0).", ""]
     for reason, ex in sorted(examples.items()):
         md += [
             f"### `{reason}`",
             "",
-            f"{ex['source']} {ex['file']} row {ex['row']} field `{ex['field']}`: {ex['detail']}",
+            f"{_where(ex)}: {ex['detail']}",
             "",
             "```",
             _short(ex["record"]),
@@ -136,8 +148,7 @@ def write_reports(
         for n, s in report["sources"].items()
     )
     exs = "".join(
-        f"<h3>{html.escape(r)}</h3><p>{html.escape(ex['source'])} {html.escape(ex['file'])} row {ex['row']} "
-        f"field <code>{html.escape(str(ex['field']))}</code>: {html.escape(ex['detail'])}</p>"
+        f"<h3>{html.escape(r)}</h3><p>{html.escape(_where(ex))}: {html.escape(ex['detail'])}</p>"
         f"<pre>{html.escape(_short(ex['record']))}</pre>"
         for r, ex in sorted(examples.items())
     )
@@ -152,7 +163,7 @@ def write_reports(
         ".verdict{padding:10px;font-size:1.2em;font-weight:bold;border-radius:4px}.pass{background:#d9f2d9}"
         ".fail{background:#f8d0d0}</style><h1>Validation report</h1>"
         f"<div class='verdict {'pass' if passed else 'fail'}'>{html.escape(sentence)}</div>"
-        "<table><tr><th>source</th><th>read</th><th>accepted</th>"
+        "<p>Line numbers count from 1.</p><table><tr><th>source</th><th>read</th><th>accepted</th>"
         f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )

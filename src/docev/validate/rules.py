@@ -26,8 +26,11 @@ FILE_REASONS = {
     "invalid_json": "the line is not valid JSON",
     "invalid_utf8": "the line is not valid UTF-8",
     "invalid_text": "a string contains NUL or an unpaired surrogate",
+    "line_too_long": "the line is longer than validate.max_line_bytes (skipped, not read whole)",
+    "too_deep": "the JSON nests deeper than a record can (32 levels)",
     "duplicate_id": "the id was already accepted earlier in this source",
     "image_missing": "an image file does not exist",
+    "image_unreadable": "an image path cannot be read: a symlink loop, permission denied, a name too long",
     "path_escape": "an image path leaves the source root / allowed roots",
     "image_undecodable": "an image file is empty, truncated, corrupt or not an image",
     "image_too_small": "an image side is below validate.min_image_size",
@@ -38,6 +41,8 @@ REASONS = {**{code: "record shape (docev.ufx)" for code in ufx.REASONS}, **FILE_
 
 
 class Reject(Exception):
+    """Why a record is rejected; ``field`` is the dotted path it is about (None: the whole line, unparsed)."""
+
     def __init__(self, reason: str, detail: str, field: str | None = None):
         assert reason in REASONS, reason
         self.reason, self.detail, self.field = reason, detail, field
@@ -92,8 +97,9 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
     """Check one image's bytes (``data`` is the read error when there are none): header first, then a decode."""
     if isinstance(data, FileNotFoundError | IsADirectoryError | NotADirectoryError):
         raise Reject("image_missing", f"{where} does not exist", field_name)
-    if isinstance(data, BaseException):
-        raise Reject("image_undecodable", f"{where}: cannot read ({data})", field_name)
+    if isinstance(data, BaseException):  # a permanent read error (transient ones were retried or failed the task)
+        raise Reject("image_unreadable", f"{where}: {data.strerror or data}" if isinstance(data, OSError)
+                     else f"{where}: {data}", field_name)  # fmt: skip
     if len(data) == 0:
         raise Reject("image_undecodable", f"{where} is 0 bytes", field_name)
     try:
@@ -102,17 +108,18 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
             with Image.open(io.BytesIO(data)) as im:  # parses the header only
                 w, h = im.size
                 mode = im.mode
+                if w * h > limits.max_image_pixels:  # before anything past the header is read (EXIF may be)
+                    raise Reject("image_too_large", f"{where}: {w}×{h} px = {w * h} pixels > "
+                                 f"{limits.max_image_pixels}", field_name)  # fmt: skip
                 rotated = is_transposed(im)  # the same reading of EXIF as the decoder's
     except Image.DecompressionBombError as exc:
         raise Reject("image_too_large", f"{where}: {_detail(exc)}", field_name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
-    if w * h > limits.max_image_pixels:
-        raise Reject("image_too_large", f"{where}: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", field_name)
     if rotated:
         w, h = h, w
     if min(w, h) < limits.min_image_size:
-        raise Reject("image_too_small", f"{where}: {w}x{h} is below {limits.min_image_size} px", field_name)
+        raise Reject("image_too_small", f"{where}: {w}×{h} px, a side below {limits.min_image_size} px", field_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -122,13 +129,20 @@ def inspect_image(where: str, data: bytes | BaseException, limits: Limits, field
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Reject("image_undecodable", f"{where}: {_detail(exc)}", field_name) from None
     if (decoded.height, decoded.width) != (h, w):
-        raise Reject("image_undecodable", f"{where}: decoded size {decoded.size} differs from header", field_name)
+        raise Reject("image_undecodable", f"{where}: decoded {decoded.width}×{decoded.height} px, the header says "
+                     f"{w}×{h} px", field_name)  # fmt: skip
     return ImageInfo(where, (h, w), mode, rotated, len(data))
 
 
 def _detail(exc: BaseException) -> str:
-    """The decoder's message without the in-memory buffer's repr (stable across runs and workers)."""
-    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(exc))
+    """The decoder's message in words, without the in-memory buffer's repr (stable across runs and workers)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read (unknown header)"
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+
+
+def _column(ufx_type: str) -> str:
+    return "text" if ufx_type == "pretrain" else "context"
 
 
 TokenCounter = Callable[[ufx.UFXRecord, list[tuple[int, int]]], dict[int, int]]
@@ -141,8 +155,9 @@ def check_record(
     check_text(data)
     try:
         record = ufx.parse_record(data, ufx_type)  # type: ignore[arg-type]
-    except ufx.UFXError as exc:
-        raise Reject(exc.reason, exc.detail, exc.field) from None
+    except ufx.UFXError as exc:  # a record-level shape error names the field it is about
+        field_name = exc.field or ("image_files" if exc.reason == "placeholder_mismatch" else _column(ufx_type))
+        raise Reject(exc.reason, exc.detail, field_name) from None
     images = []
     for i, name in enumerate(record.image_files):
         try:
@@ -154,5 +169,6 @@ def check_record(
     shortest = min(tokens.values())
     if shortest > limits.max_seq_len:
         ratio = min(tokens, key=tokens.__getitem__)
-        raise Reject("too_long", f"{shortest} tokens at sampling ratio {ratio} > max_seq_len {limits.max_seq_len}")
+        raise Reject("too_long", f"{shortest} tokens at sampling ratio {ratio} > max_seq_len {limits.max_seq_len}",
+                     _column(ufx_type))  # fmt: skip
     return Accepted(record, images, tokens)

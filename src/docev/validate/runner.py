@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import json
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from docev.run.paths import (
     VALIDATE_REPORTS,
     validate_part,
 )
-from docev.run.publish import publish, temp_folder, temp_name
+from docev.run.publish import publish
 from docev.sources.formats import original_field
 from docev.sources.readers import (
     RawRecord,
@@ -53,6 +52,7 @@ from docev.sources.readers import (
     source_store,
 )  # fmt: skip
 from docev.storage import RETRIES, PathEscape, Store, TransientStorageError, ordered_map
+from docev.tempdirs import owned_tempdir, swap_in
 from docev.validate.report import write_reports
 from docev.validate.rules import ImageFetch, Limits, Reject, check_record
 from docev.validate.stats import SourceStats
@@ -65,7 +65,7 @@ def validate_dir(cfg: DocEVConfig) -> Path:
 
 
 class ValidationFailed(RuntimeError):
-    """A source's reject fraction exceeded ``validate.max_reject_fraction``."""
+    """A source was empty or its reject fraction exceeded ``validate.max_reject_fraction`` (reports written)."""
 
 
 @dataclass
@@ -102,7 +102,8 @@ class UnitValidator:
         def fetch_all(raw: RawRecord) -> dict[str, tuple[str, bytes | BaseException] | PathEscape]:
             return {name: _fetch(store, allowed, name) for name in _image_names(raw)}
 
-        for raw, fetched in ordered_map(fetch_all, read_unit(src, unit), src.storage_options.threads):
+        records = read_unit(src, unit, self.cfg.validate_.max_line_bytes)
+        for raw, fetched in ordered_map(fetch_all, records, src.storage_options.threads):
             if isinstance(fetched, BaseException):
                 raise fetched
             stats.read += 1
@@ -117,10 +118,12 @@ class UnitValidator:
                 rejects.append(
                     {
                         **pos,
+                        "line": raw.row + 1,  # for people: lines (and table rows) count from 1
                         "id": record_id,
                         "reason": rej.reason,
                         "field": original_field(raw.fields, rej.field),  # the source's own name for it
                         "detail": rej.detail,
+                        "images": _image_names(raw),  # every image of the record, not only the one at fault
                         "record": raw.original or (raw.data if raw.data is not None else raw.raw),
                     }
                 )
@@ -152,6 +155,8 @@ def _fetch(store: Store, allowed: list[Store], name: str) -> tuple[str, bytes | 
         path = store.resolve(name, allowed)
     except PathEscape as exc:
         return exc
+    except OSError as exc:  # a symlink loop: the record's reject, naming the image
+        return name, exc
     where = store.display(path)
     try:
         return where, store.read_bytes(path)
@@ -186,7 +191,8 @@ def _run_unit(args: tuple[int, int, Unit]) -> UnitResult:
 
 def all_units(cfg: DocEVConfig) -> list[tuple[int, int, Unit]]:
     """(global index, source index, unit) for every unit of every source, in a stable order."""
-    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src)]
+    limit = cfg.validate_.max_line_bytes
+    units = [(si, u) for si, src in enumerate(all_sources(cfg)) for u in plan_units(src, max_line_bytes=limit)]
     return [(k, si, u) for k, (si, u) in enumerate(units)]
 
 
@@ -200,17 +206,21 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     outs, part = outputs(cfg), validate_part(shard, num_shards)
     outs.remove(f"{part}/{STATS_FILE}")  # a rerun: the old part stops counting as complete until this one is
     final = outs.local(part)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(final)
+    # a fresh folder per run (racing runs cannot collide); one left by a killed run is swept once proved stale;
+    # a failed shard (e.g. a storage fault that outlasted its retries) leaves nothing half-written
+    with owned_tempdir(final.parent, f".{final.name}.") as tmp:
+        _write_part(cfg, mine, workers, tmp, f"validate {shard}/{num_shards}")
+        swap_in(tmp, final)
+    for name in (ACCEPTED_FILE, REJECTS_FILE, STATS_FILE):
+        outs.publish(f"{part}/{name}")
+    return final
+
+
+def _write_part(cfg: DocEVConfig, mine: list[tuple[int, int, Unit]], workers: int, tmp: Path, desc: str) -> None:
+    """accepted.jsonl, rejects.jsonl and stats.json of these units in the folder ``tmp``."""
     stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
     with (tmp / ACCEPTED_FILE).open("w") as acc, (tmp / REJECTS_FILE).open("w") as rej:
-        bar = tqdm(
-            total=sum(u.count for _, _, u in mine),
-            unit="rec",
-            desc=f"validate {shard}/{num_shards}",
-            disable=None,
-            mininterval=1.0,
-        )
+        bar = tqdm(total=sum(u.count for _, _, u in mine), unit="rec", desc=desc, disable=None, mininterval=1.0)
         for result in _results(cfg, mine, workers):
             acc.writelines(json.dumps(a) + "\n" for a in result.accepted)
             rej.writelines(json.dumps(r) + "\n" for r in result.rejects)
@@ -218,10 +228,6 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
             bar.update(result.stats.read)
         bar.close()
     (tmp / STATS_FILE).write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=1))
-    publish(tmp, final)
-    for name in (ACCEPTED_FILE, REJECTS_FILE, STATS_FILE):
-        outs.publish(f"{part}/{name}")
-    return final
 
 
 def _results(cfg: DocEVConfig, units: list[tuple[int, int, Unit]], workers: int) -> Iterator[UnitResult]:
@@ -254,11 +260,12 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
             stats[name].merge(SourceStats.from_dict(data))
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
+    limit = cfg.validate_.max_line_bytes
     examples: dict[str, dict[str, Any]] = {}
     written = {name: [0, 0] for name in stats}  # accepted, rejected lines actually written
-    pending = temp_name(outs.local(MANIFEST))  # published once the reports beside it are written
-    with tempfile.TemporaryDirectory(dir=out) as tmpdir:
-        tmp = Path(tmpdir)
+    # unique per run, the manifest staged inside it until the reports beside it are written: two merges racing
+    # on one output_dir both finish (a shared staging name made one of them fail)
+    with owned_tempdir(out, ".merge-") as tmp:
         db = sqlite3.connect(tmp / "ids.sqlite")
         db.execute("CREATE TABLE ids (source TEXT, id TEXT, file TEXT, row INTEGER, PRIMARY KEY (source, id))")
         with (tmp / MANIFEST_FILE).open("w") as man, (tmp / "dups.jsonl").open("w") as dups:
@@ -272,15 +279,18 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     first = db.execute(
                         "SELECT file, row FROM ids WHERE source=? AND id=?", (entry["source"], entry["id"])
                     ).fetchone()
-                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"])
+                    raw = read_at(sources[entry["source"]], entry["file"], entry["row"], entry["offset"], limit)
                     dups.write(
                         json.dumps(
-                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit", "id")}
+                            {k: entry[k] for k in ("source", "file", "row", "offset", "unit")}
                             | {
+                                "line": entry["row"] + 1,
+                                "id": entry["id"],
                                 "reason": "duplicate_id",
                                 "field": "id",
+                                "detail": f"id {entry['id']!r} first accepted at {first[0]} line {first[1] + 1}",
+                                "images": [im["path"] for im in entry["images"]],
                                 "record": raw.data,
-                                "detail": f"id {entry['id']!r} first accepted at {first[0]} row {first[1]}",
                             }
                         )
                         + "\n"
@@ -305,23 +315,27 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                     f"{s.accepted} ({written[name][0]} written), rejected {s.rejected} ({written[name][1]} written)"
                 )
         publish(tmp / REJECTS_FILE, outs.local(REJECTS))
-        publish(tmp / MANIFEST_FILE, pending)
-    outs.publish(REJECTS)
-    report = {
-        "sources": {name: s.to_dict() for name, s in stats.items()},
-        "split": splits.summary(),
-        "max_reject_fraction": cfg.validate_.max_reject_fraction,
-        "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
-    }
-    failing = {
-        n: s["reject_fraction"]
-        for n, s in report["sources"].items()
-        if s["reject_fraction"] > cfg.validate_.max_reject_fraction
-    }
-    report["failed_sources"] = failing
-    write_reports(cfg, report, examples, pending)
-    publish(pending, outs.local(MANIFEST))
+        outs.publish(REJECTS)
+        report = {
+            "sources": {name: s.to_dict() for name, s in stats.items()},
+            "split": splits.summary(),
+            "max_reject_fraction": cfg.validate_.max_reject_fraction,
+            "config_hash": cfg.section_hash("datasets", "eval_datasets", "validate", "tokenizer", "seed"),
+            "line_numbers": "line numbers (the line field, messages) count from 1; the row field from 0",
+        }
+        failing = {
+            n: s["reject_fraction"]
+            for n, s in report["sources"].items()
+            if s["reject_fraction"] > cfg.validate_.max_reject_fraction
+        }
+        report["failed_sources"] = failing
+        empty = [n for n, s in report["sources"].items() if s["read"] == 0]
+        write_reports(cfg, report, examples, tmp / MANIFEST_FILE)
+        publish(tmp / MANIFEST_FILE, outs.local(MANIFEST))
     outs.publish(MANIFEST)  # last: a reader that finds the manifest finds the rejects and reports beside it
+    if empty:  # nothing read is never a success: training would start from no data
+        where = ", ".join(f"{n} ({sources[n].source})" for n in empty)
+        raise ValidationFailed(f"no records read from source {where}; point the source at UFX data and rerun")
     if failing:
         detail = ", ".join(f"{n}: {f:.1%}" for n, f in failing.items())
         raise ValidationFailed(
