@@ -114,3 +114,16 @@ def write_adapter_step(cfg, step: int = 8, seed: int = 5) -> tuple[dict, dict]:
             trained[key] = 0.2 * torch.randn(shapes[key].shape, generator=gen)
     base.save_trained_checkpoint({"model": trained, "global_step": step}, step, PeftRun.from_config(cfg).metadata())
     return trained, state
+
+
+def one_process_group(monkeypatch) -> None:
+    """The env of a one-process torch.distributed group of the test's own (``recipe.main`` in this interpreter);
+    ``monkeypatch`` restores it afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, one_process_group
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from docev.config import load_config
@@ -42,12 +41,7 @@ def test_resume_with_more_epochs_logs_the_new_schedule(tmp_path, tiny_checkpoint
     cfg = load_config(CONFIGS / "tiny.yaml", [*overrides, "epochs=1"])
     run_validate(cfg, workers=1)
     run_preprocess(cfg, workers=1)
-    with socket.socket() as s:  # a one-process group of this test's own (the env is restored afterwards)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    one_process_group(monkeypatch)
 
     assert recipe.main(["--config", str(CONFIGS / "tiny.yaml"), *overrides, "epochs=1"]) == 0
     capsys.readouterr()

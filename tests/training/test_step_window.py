@@ -5,12 +5,11 @@ inside ``optimizer.step`` and the lr-scheduler step, so the step window must rea
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, one_process_group
 
 from docev.config import load_config
 from docev.data.preprocess import run_preprocess
@@ -54,12 +53,7 @@ def test_step_seconds_include_the_optimizer_and_lr_steps(tmp_path, tiny_checkpoi
     monkeypatch.setattr(torch.optim.AdamW, "step", clock.costs(OPTIMIZER_SECONDS, torch.optim.AdamW.step))
     scheduler_step = clock.costs(SCHEDULER_SECONDS, torch.optim.lr_scheduler.LambdaLR.step)
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", scheduler_step)
-    with socket.socket() as s:  # a one-process group of this test's own (the env is restored afterwards)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    one_process_group(monkeypatch)
 
     assert recipe.main(["--config", str(CONFIGS / "tiny.yaml"), *overrides]) == 0
     rows = read_metrics(tmp_path / "logs" / "metrics.jsonl")
