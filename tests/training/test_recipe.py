@@ -449,16 +449,17 @@ def test_kill_rank_while_it_saves_keeps_the_previous_checkpoint(data, tmp_path, 
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from docev.models.docev import DocEVCheckpointer, _checkpointer
+from docev.models.docev import DocEVCheckpointer
+from docev.run import publish
 src, out = sys.argv[1:]
 # the folder is renamed into place, `latest` not yet moved
-original = _checkpointer.os.replace
+original = publish.os.replace
 
 def replace(a, b):
     if str(a).endswith(".latest.tmp"):
         os.kill(os.getpid(), signal.SIGKILL)
     original(a, b)
-_checkpointer.os.replace = replace
+publish.os.replace = replace
 ckpt = DocEVCheckpointer(src, output_dir=out)
 ckpt.save_checkpoint(ckpt.load_checkpoint(), 15)
 """

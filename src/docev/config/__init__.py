@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from docev.config.components import component_params
+from docev.config.components import Params, component_params
 from docev.config.jobs import (
     ExportSection,
     FsdpStrategy,
@@ -235,6 +235,25 @@ class DocEVConfig(_Strict):
                     "excludes dataloader.packed: packing already fills rows to max_seq_len; choose one",
                 )
             )
+        flex = self.model.attention == "flex" or (self.model.attention == "auto" and self.device == "cuda")
+        if self.compile and flex and self.dataloader.packed and self.dataloader.pad_to_multiple_of is not None:
+            errors.append(
+                (
+                    "dataloader.pad_to_multiple_of",
+                    f"{self.dataloader.pad_to_multiple_of} with packed rows gives each batch its own S, and compiled "
+                    "flex attention is static (one graph per S, past the recompile limit); set it to null: packed "
+                    "rows are then all max_seq_len long",
+                )
+            )
+        if self.model.quantize_base and self.train.nnodes > 1 and self.train.fsdp_strategy != "full":
+            errors.append(
+                (
+                    "train.fsdp_strategy",
+                    f"{self.train.fsdp_strategy} on {self.train.nnodes} nodes with QLoRA (model.quantize_base): "
+                    "hybrid sharding's 2-D mesh meets torchtune's NF4 sharding, which supports a 1-D mesh only; set "
+                    "train.fsdp_strategy: full (and a gradient_reduction other than last_micro_batch_across_nodes)",
+                )
+            )
         errors += self._split_checks()
         return errors
 
@@ -416,15 +435,21 @@ def resolve_component(path: str) -> Any:
     return target
 
 
-def _tokenizer_errors(section: TokenizerSection) -> list[str]:
-    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all
-    (the signature read without importing, as for the other components)."""
+def _checked_params(path: str) -> tuple[list[str], Params | None]:
+    """(the import error, if any; the callable's parameters, None when they cannot be checked: no readable
+    signature, or ``**kwargs``). The signature is read without importing where it can be."""
     try:
-        params = component_params(section.component)
+        params = component_params(path)
     except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {section.component!r}"]
-    if params is None or params.var_keyword:
-        return []
+        return [f"_component_: cannot import {path!r}"], None
+    return [], None if params is None or params.var_keyword else params
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+    errors, params = _checked_params(section.component)
+    if params is None:
+        return errors
     return [
         f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
     ]
@@ -437,12 +462,9 @@ def _component_errors(section: Component | None) -> list[str]:
     if section is None:
         return []
     path = section.component
-    try:
-        params = component_params(path)
-    except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {path!r}"]
-    if params is None or params.var_keyword:
-        return []
+    errors, params = _checked_params(path)
+    if params is None:
+        return errors
     names = [n for n in params.defaults if n not in _RECIPE_SUPPLIED]
     errors = []
     for key, value in (section.model_extra or {}).items():

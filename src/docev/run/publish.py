@@ -133,11 +133,13 @@ def publish(tmp: Path, final: Path, remove_old: Callable[[Path], None] = shutil.
 
 
 @contextmanager
-def publishing(final: Path, mode: str = "w") -> Iterator:
+def publishing(final: Path, mode: str = "w", *, unique: bool = False) -> Iterator:
     """``with publishing(path) as fh: fh.write(...)``: the file appears at ``path`` whole, when the block
-    ends without an error; on an error the temporary file is removed and ``path`` is untouched."""
+    ends without an error; on an error the temporary file is removed and ``path`` is untouched. ``unique``:
+    a temporary name of this call's own, for files that several processes may publish at once (the same
+    content-addressed file)."""
     final = Path(final)
-    tmp = temp_name(final)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp") if unique else temp_name(final)
     try:
         with tmp.open(mode) as fh:
             yield fh
@@ -154,8 +156,8 @@ def write_text(final: Path, text: str) -> Path:
     return Path(final)
 
 
-def write_bytes(final: Path, data: bytes) -> Path:
-    """Publish ``data`` as the file ``final``."""
-    with publishing(final, "wb") as fh:
+def write_bytes(final: Path, data: bytes, *, unique: bool = False) -> Path:
+    """Publish ``data`` as the file ``final`` (``unique``: see :func:`publishing`)."""
+    with publishing(final, "wb", unique=unique) as fh:
         fh.write(data)
     return Path(final)

@@ -1,5 +1,11 @@
 """Saving and loading the recipe's ``step_N`` folders (torchtitan's CheckpointManager, cut to this recipe).
 
+The manager owns the checkpoint side of a run: which folder it starts from, the recipe's resumable pieces
+(``docev.training.state``: progress counters, sampler, lr scheduler, every rank's RNG, the W&B run id) held as
+Stateful objects and handed back their state on resume, when to save (``maybe_save``: every
+``save_every_n_steps``, at the end of an epoch or of the run, on preemption, and for a new best eval loss)
+and pruning to the last ``keep_last_n_checkpoints`` (after each save, on resume and at the end).
+
 Two layouts (``checkpoint_format``), read by resume, ``docev export`` and ``docev generate`` alike:
 
 - **dcp** (default): a ``torch.distributed.checkpoint`` folder. Every rank writes its own shards of the
@@ -59,7 +65,7 @@ from docev.run.checkpoints import (
 from docev.run.digests import MANIFEST, CheckpointCorrupt, check_files, read_manifest
 from docev.run.diskspace import explain_write_error
 from docev.training.peft import PeftRun, trained_state_dict
-from docev.training.state import RNG_KEY, capture_rng, manifest_record, recipe_problems
+from docev.training.state import Stateful, manifest_record, recipe_problems
 
 log = utils.get_logger("INFO")
 _AUTO_HINT = ("; resume_from_checkpoint: auto falls back to the newest checkpoint that verifies (docev checkpoint "
@@ -109,6 +115,10 @@ class CheckpointManager:
         self._published: Future | None = None  # rank 0: done once that write is renamed into place
         self.checkpointer: DocEVCheckpointer | None = None
         self.resumed_from: Path | None = None
+        self._states: dict[str, Stateful] = {}  # saved into recipe_state.pt, in this order on every rank
+        self._resume_state: dict[str, Any] = {}
+        self._model: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self.skipped: list[CheckpointCorrupt] = []  # newer checkpoints that did not verify (auto fell back)
         self._record: dict[str, Any] = {}  # the recipe state's summary sealed into the save in progress
         self.checkpoint_bytes = 0  # planned size of one save (the recipe sets it): named when a save fails
@@ -120,7 +130,28 @@ class CheckpointManager:
     def load(self) -> tuple[dict[str, Any], bool]:
         """The start folder's state and whether the run resumes. ``state["model"]`` is the full model for an
         HF folder, None for a DCP one: its shards are read by ``load_sharded`` once model and optimizer exist.
-        The other entries are the recipe state (``recipe_state.pt``; the full optimizer for an HF folder)."""
+        The other entries are the recipe state (``recipe_state.pt``; the full optimizer for an HF folder),
+        handed to the Stateful pieces by :meth:`resume`. A resumed run prunes what the interrupted one left."""
+        state, resumed = self._load()
+        self._resume_state = state
+        if resumed and self._is_rank_zero:
+            self._prune(protect=self.resumed_from)
+        return state, resumed
+
+    def resume(self, **states: Stateful) -> None:
+        """Hold ``states`` (saved with every checkpoint from now on) and, when the run resumes, give each its
+        part of the start folder's recipe state. Called as the pieces come to exist; the RNG last, so setup's
+        own random draws do not shift what the resumed steps draw."""
+        for name, state in states.items():
+            self._states[name] = state
+            if self.resumed_from is not None:
+                state.load_state_dict(self._resume_state)
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The model and optimizer every save writes."""
+        self._model, self._optimizer = model, optimizer
+
+    def _load(self) -> tuple[dict[str, Any], bool]:
         folder, resumed = self._start_folder()
         self.resumed_from = folder if resumed else None
         if self._peft is not None:  # weights come from the base; the step folder's trained tensors go over them
@@ -218,23 +249,26 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     # saving
 
-    def save(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        recipe_state: dict[str, Any],
-        step: int,
-        *,
-        wait: bool = False,
-    ) -> Path | None:
-        """``step_{step}`` with the model, optimizer, ``recipe_state`` (every other entry, saved as given) and
-        the RNG states of every rank. Waits first for an async save in flight; ``wait=True`` also waits for
-        this one (a run about to exit). Returns the folder on rank 0 (for an async save, where it will be)."""
+    def maybe_save(
+        self, step: int, *, end_of_epoch: bool = False, last: bool = False, preempted: bool = False,
+        best: bool = False,
+    ) -> Path | None:  # fmt: skip
+        """The save policy, after an optimizer step (collective): save every ``save_every_n_steps``, at the end of
+        an epoch or of the run, on preemption, and when the step has a new best eval loss (``best`` will name
+        the folder). A run about to exit, or a ``best`` pointer about to be written, waits for the folder to be
+        published. Returns the folder on rank 0 when it saved."""
+        if not (end_of_epoch or last or preempted or best or step % self._cfg.save_every_n_steps == 0):
+            return None
+        return self.save(step, wait=preempted or best)
+
+    def save(self, step: int, *, wait: bool = False) -> Path | None:
+        """``step_{step}`` with the model, the optimizer and the held Stateful pieces (``recipe_state.pt``).
+        Waits first for an async save in flight; ``wait=True`` also waits for this one. Returns the folder on
+        rank 0 (for an async save, where it will be)."""
         self.wait()
         start = time.perf_counter()
-        rng: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng, capture_rng())
-        extra = {**recipe_state, RNG_KEY: rng}
+        model, optimizer = self._model, self._optimizer
+        extra = {k: v for state in self._states.values() for k, v in state.state_dict().items()}
         self._record = manifest_record(extra)
         self._writing = partial_path(self._output_dir, step)
         try:
@@ -324,9 +358,20 @@ class CheckpointManager:
         return folder
 
     def _prune_and_log(self, folder: Path, start: float) -> None:
-        removed = prune_checkpoints(self._output_dir, self._cfg.keep_last_n_checkpoints, self.resumed_from)
+        removed = self._prune(protect=self.resumed_from)
         kept = f"; removed {', '.join(p.name for p in removed)}" if removed else ""
         log.info(f"Saved {folder} ({self.format}) in {time.perf_counter() - start:.1f} s{kept}")
+
+    def _prune(self, protect: Path | None) -> list[Path]:
+        """Rank 0: keep the last ``keep_last_n_checkpoints`` (and ``protect``, and the folder ``best`` names)."""
+        return prune_checkpoints(self._output_dir, self._cfg.keep_last_n_checkpoints, protect)
+
+    def finish(self) -> None:
+        """The end of a completed run: the last save is published before the run counts as done, and the
+        folder it resumed from is no longer needed for saving (pruned if past the last K)."""
+        self.wait()
+        if self._is_rank_zero:
+            self._prune(protect=None)
 
     def wait_for_staging(self) -> None:
         """Block until the async save in flight has its host copy (call before the optimizer step: the copy
