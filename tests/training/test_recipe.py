@@ -283,7 +283,17 @@ def test_exact_resume_from_dcp(runs, split_dcp):
     oa, ob = torch.load(hf / "recipe_state.pt", weights_only=True)["optimizer"]["state"], _dcp_optimizer(dcp)["state"]
     assert oa.keys() == ob.keys() and all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
     recipe = torch.load(dcp / "recipe_state.pt", weights_only=True)
-    expected = {"lr_scheduler", "sampler", "rng", "global_step", "tokens_seen", "seed", "world_size", "wandb_run_id"}
+    expected = {
+        "lr_scheduler",
+        "sampler",
+        "rng",
+        "global_step",
+        "tokens_seen",
+        "seed",
+        "world_size",
+        "wandb_run_id",
+        "schedule",
+    }
     assert recipe.keys() == expected
     assert recipe["global_step"] == STEPS and len(recipe["rng"]) == 2
 
