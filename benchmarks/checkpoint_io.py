@@ -16,10 +16,11 @@ its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per
 - **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
   count of its parameters with the preview config's trainable groups.
 
-The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k;
-a small frozen vision tower), built in bf16 with AdamW state in bf16 (``master_dtype: bf16``; fp32
-master weights double every byte figure, which the extrapolation prints too). Weights are random:
-the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
+The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k; a small
+frozen vision tower) sharded with the recipe's layout (``apply_fsdp``: decoder layers, embedding and output
+projection sharded, the frozen tower replicated on every rank), built in bf16 with AdamW state in bf16
+(``master_dtype: bf16``; fp32 master weights double every byte figure, which the extrapolation prints too). Weights
+are random: the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
 written here (``config.json`` + an empty weights file: the checkpointer copies side files from it).
 Targets: rank 0's peak RSS under DCP stays within its share of the state plus a fixed buffer (the
 growth stays a buffer, where HF's adds the full state), and async blocks the loop for ≤ 10% of a
@@ -78,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     from docev.config import load_config
     from docev.models.docev import DocEVCheckpointer, docev
     from docev.training.checkpoint_manager import CheckpointManager
-    from docev.training.parallelize import shard_condition
+    from docev.training.parallelize import apply_fsdp, mixed_precision_policy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -96,7 +97,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(CONFIG, overrides)
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = docev(bench_arch(args.dim, args.layers))
-    training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
+    # the recipe's layout: decoder layers, embedding and output projection sharded, the frozen tower replicated
+    apply_fsdp(model, mixed_precision_policy(torch.bfloat16, torch.bfloat16))
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -121,7 +123,7 @@ def worker(args: argparse.Namespace) -> None:
 
     train_step()  # the AdamW state at full size
     plain = min(train_step() for _ in range(2))
-    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
     local += sum(t.to_local().numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                  if hasattr(t, "to_local"))  # fmt: skip
     full = sum(p.numel() * p.element_size() for p in model.parameters())

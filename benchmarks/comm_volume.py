@@ -78,7 +78,6 @@ def legacy_plan(model, mp_policy, mesh) -> None:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
     fully_shard(model.tok_embeddings, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
-    model.set_reduce_scatter_unused_params(True)
 
 
 def units(model, plan: str, trainable: bool = False) -> dict[str, int]:

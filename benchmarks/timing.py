@@ -40,3 +40,23 @@ def for_each(fn: Callable[[Any], Any], items: list[Any]) -> None:
     """``fn`` on every item: one timed run over a data set."""
     for item in items:
         fn(item)
+
+
+def spread(seconds: list[float]) -> str:
+    """``min / median / max`` of rounds, in ms."""
+    return " / ".join(f"{x * 1e3:.1f}" for x in (min(seconds), statistics.median(seconds), max(seconds)))
+
+
+def ratio_verdict(ours: list[float], theirs: list[float], target: float) -> tuple[float, float, float, str]:
+    """Ratio of the medians of two contestants' rounds, its lowest and highest value the rounds allow
+    (fastest ours / slowest theirs, slowest ours / fastest theirs), and whether ``ratio <= target`` holds over
+    that whole range, fails over it, or is inconclusive (the spread of the rounds straddles the target)."""
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    low, high = min(ours) / max(theirs), max(ours) / min(theirs)
+    if high <= target:
+        verdict = f"meets <= {target}"
+    elif low > target:
+        verdict = f"misses <= {target}"
+    else:
+        verdict = f"inconclusive: the rounds' spread allows {low:.3f} to {high:.3f}, across {target}"
+    return ratio, low, high, verdict

@@ -195,6 +195,36 @@ def test_sharding_and_attention_keys():
     assert any("pad_to_multiple_of" in e for e in _errors(["dataloader.pad_to_multiple_of=0"]))
 
 
+@pytest.mark.parametrize("text", ["8", "500m", "64Gi", "1.5Ti", "2e3", "0.5", "100k", "3E", "7n", "1e-3", ".5Mi"])
+def test_quantities_parse_as_the_kubernetes_client_does(text):
+    from kubernetes.utils import parse_quantity as client_parse
+
+    from docev.config.jobs import parse_quantity
+
+    assert parse_quantity(text) == client_parse(text)
+    for bad in ("8 Gi", "Gi", "1Gb", "--1", ""):
+        with pytest.raises(ValueError):
+            parse_quantity(bad)
+
+
+def test_packed_rows_with_buckets_under_compiled_flex_are_refused():
+    base = ["dataloader.packed=true", "dataloader.bucket_by_length=false", "compile=true", "model.attention=flex"]
+    with pytest.raises(ConfigError, match="dataloader.pad_to_multiple_of: 512 with packed rows"):
+        load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=512"])
+    load_config(CONFIGS / "docev_preview.yaml", [*base, "dataloader.pad_to_multiple_of=null"])
+    load_config(CONFIGS / "docev_preview.yaml", [*base[:2], "compile=false", "dataloader.pad_to_multiple_of=512"])
+
+
+def test_qlora_across_nodes_needs_the_one_dimensional_mesh():
+    qlora = ["model._component_=docev.models.docev.lora_docev_preview", "model.quantize_base=true",
+             "model.decoder_trainable=false", "enable_async_checkpointing=false",
+             "train.gradient_reduction=every_micro_batch"]  # fmt: skip
+    with pytest.raises(ConfigError, match="train.fsdp_strategy: auto on 2 nodes with QLoRA .* 1-D mesh only"):
+        load_config(CONFIGS / "docev_preview.yaml", qlora)
+    load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.fsdp_strategy=full"])
+    load_config(CONFIGS / "docev_preview.yaml", [*qlora, "train.nnodes=1"])
+
+
 RECORDED: list[dict] = []
 
 

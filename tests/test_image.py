@@ -78,8 +78,9 @@ def test_multi_stage_non_root_and_no_build_tools(instructions):
 
 
 def test_final_stage_has_the_c_compiler_triton_needs(instructions):
-    """``compile: true`` on CUDA: Triton builds a C launcher at the first kernel launch, with the host compiler.
-    The final stage installs exactly gcc + libc6-dev, as root before ``USER``, and clears apt's lists."""
+    """``compile: true`` on CUDA: Triton builds a C launcher at the first kernel launch, with the host compiler;
+    NCCL needs the RDMA userspace for InfiniBand/RoCE. The final stage installs exactly gcc + libc6-dev and the
+    verbs / provider / rdmacm libraries, as root before ``USER``, and clears apt's lists."""
     _, final = stages(instructions)
     names = [i.cmd for i in final]
     installs = []
@@ -93,7 +94,7 @@ def test_final_stage_has_the_c_compiler_triton_needs(instructions):
                 installs += [w for w in words[2:] if not w.startswith("-")]
                 assert "--no-install-recommends" in words
         assert "rm -rf /var/lib/apt/lists/*" in i.value[0]
-    assert sorted(installs) == ["gcc", "libc6-dev"]
+    assert sorted(installs) == ["gcc", "ibverbs-providers", "libc6-dev", "libibverbs1", "librdmacm1"]
     (user,) = [i for i in final if i.cmd == "USER"]
     assert user.value[0].split(":")[0] != "0"
 

@@ -12,6 +12,8 @@ from docev.k8s.pytorchjob import render_pytorchjob
 REPO = Path(__file__).resolve().parents[2]
 PREVIEW = REPO / "configs" / "docev_preview.yaml"
 ON_PVC = "/mnt/docev/configs/docev_preview.yaml"
+# what every CUDA pod of the preview gets (docev.k8s.pod.cuda_env): allocator, NCCL transport in the log, caches
+CUDA_ENV = ["PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"]
 
 
 def preview(*overrides: str):
@@ -180,7 +182,7 @@ def test_knobs_reach_the_job():
     job = render(cfg)
     assert pytorchjob_errors(job) == []
     c = container(job)
-    assert [e["name"] for e in c["env"]] == ["PYTHONUNBUFFERED"]
+    assert [e["name"] for e in c["env"]] == ["PYTHONUNBUFFERED", *CUDA_ENV]
     assert c["resources"]["limits"]["amd.com/gpu"] == "8" and "nvidia.com/gpu" not in c["resources"]["limits"]
     assert [m["name"] for m in c["volumeMounts"]] == ["data", "dshm"]
     assert "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"]
@@ -285,7 +287,7 @@ def test_object_store_credentials_come_from_the_storage_secret_by_name():
 def test_rdma_resources_ipc_lock_and_nccl_env_are_off_by_default_and_reach_every_pod():
     plain = container(render(preview(), overrides=[]))
     assert plain["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert not any(e["name"].startswith("NCCL_") for e in plain["env"])
+    assert [e["name"] for e in plain["env"] if e["name"].startswith("NCCL_")] == ["NCCL_DEBUG", "NCCL_DEBUG_SUBSYS"]
     assert set(plain["resources"]["limits"]) == {"cpu", "memory", "nvidia.com/gpu"}
     cfg = preview('train.resources.extra={"rdma/ib": 1}', "train.resources.ipc_lock=true",
                   'train.nccl_env={"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"}')  # fmt: skip
@@ -298,6 +300,12 @@ def test_rdma_resources_ipc_lock_and_nccl_env_are_off_by_default_and_reach_every
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["NCCL_IB_HCA"] == "mlx5" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+        assert env["NCCL_DEBUG_SUBSYS"] == "INIT,NET"  # the log names the transport NCCL chose (IB or Socket)
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/docev/cache/inductor"  # on the volume: kept across restarts
+    quiet = container(render(preview('train.nccl_env={"NCCL_DEBUG": "WARN"}', "compile=false")))
+    env = {e["name"]: e.get("value") for e in quiet["env"]}
+    assert env["NCCL_DEBUG"] == "WARN" and "NCCL_DEBUG_SUBSYS" not in env and "TRITON_CACHE_DIR" not in env
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,9 @@ from docev.k8s.meta import RUN_ID_ANNOTATION, RUN_ID_LABEL
 from docev.k8s.pytorchjob import render_pytorchjob
 from docev.k8s.trainjob import node_pod_spec, render_runtime, render_trainjob, runtime_drift
 
+# what every CUDA pod of the preview gets (docev.k8s.pod.cuda_env): allocator, NCCL transport in the log, caches
+CUDA_ENV = ["PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"]
+
 REPO = Path(__file__).resolve().parents[2]
 PREVIEW = REPO / "configs" / "docev_preview.yaml"
 ON_PVC = "/mnt/docev/configs/docev_preview.yaml"
@@ -187,7 +190,7 @@ def test_knobs_reach_the_trainjob():
     runtime, job = render_runtime(cfg), render(cfg)
     assert runtime["metadata"]["name"] == job["spec"]["runtimeRef"]["name"] == "docev-torch-h100"
     assert trainjob_errors(job, runtime) == []
-    assert [e["name"] for e in job["spec"]["trainer"]["env"]] == ["PYTHONUNBUFFERED"]
+    assert [e["name"] for e in job["spec"]["trainer"]["env"]] == ["PYTHONUNBUFFERED", *CUDA_ENV]
     assert [v["name"] for v in node_patch(job)["spec"]["volumes"]] == ["data"]
     with pytest.raises(ConfigError, match="train.runtime: 'Docev' is not a valid Kubernetes object name"):
         preview("train.runtime=Docev")

@@ -81,8 +81,8 @@ MUTATIONS = [
     Mutation(
         "hybrid-root-gradients-doubled",
         "src/docev/training/parallelize.py",
-        "    model.set_reduce_scatter_unused_params(True)\n",
-        "    model.set_reduce_scatter_unused_params(True)\n"
+        "    fully_shard(model, reshard_after_forward=False, ignored_params=set(frozen) or None, **kwargs)\n",
+        "    fully_shard(model, reshard_after_forward=False, ignored_params=set(frozen) or None, **kwargs)\n"
         "    if mesh is not None and mesh.ndim == 2:\n"
         "        model.set_gradient_divide_factor(mesh.size() / 2)\n",
         ("tests/training/test_sharding.py::test_hybrid_losses_and_gradient_norms_equal_full_sharding",),

@@ -58,3 +58,39 @@ def test_packed_rows_have_one_shape(attention):
     model = docev_tiny(attention=attention)
     graphs = _graphs_per_batch(model, batches)
     assert graphs == [graphs[0]] * 3  # no recompile after the first batch (flex: its kernel + the graph breaks)
+
+
+def test_vision_and_decoder_layers_share_a_bounded_number_of_graphs():
+    """torchtune compiles every TransformerSelfAttentionLayer, so the tower's and the decoder's layers count against
+    one code object's recompile limit: training batches of varied lengths (3 buckets) and tile counts stay within
+    4 graphs, under the limit the recipe sets (``configure_compile``, which makes hitting it an error)."""
+    import importlib.util
+    from pathlib import Path
+
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    from docev.training.parallelize import RECOMPILE_LIMIT, configure_compile, graphs_per_code_object
+
+    spec = importlib.util.spec_from_file_location(
+        "models_conftest", Path(__file__).parents[1] / "models/docev/conftest.py"
+    )
+    make_batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_batch)
+    torch._dynamo.reset()
+    configure_compile()
+    model = docev_tiny(encoder_trainable=True)
+    for m in model.modules():
+        if isinstance(m, TransformerSelfAttentionLayer):
+            m.compile(backend="eager")
+    seen = []
+    for i, hw in enumerate([(120, 90), (300, 500), (480, 480), (90, 400), (600, 300), (200, 90)]):
+        b = make_batch._make_batch([[hw]], ratio=2, seed=i, text=5 + 9 * i)
+        s = -(-b["tokens"].shape[1] // 64) * 64  # pad_to_multiple_of 64: buckets 64, 128, 192, 256
+        tokens = torch.nn.functional.pad(b["tokens"], (0, s - b["tokens"].shape[1]))
+        logits = model(tokens, pixel_values=b["pixel_values"], image_sizes=b["image_sizes"].tolist(),
+                       image_grids=b["image_grids"].tolist(), sampling_ratio=2)  # fmt: skip
+        logits.float().mean().backward()
+        seen.append((s, int(b["image_grids"].prod(1).sum()), max(graphs_per_code_object().values())))
+    torch._dynamo.reset()
+    assert len({s for s, _, _ in seen}) >= 3 and len({t for _, t, _ in seen}) >= 4, seen
+    assert seen[-1][2] <= 4 < RECOMPILE_LIMIT, seen

@@ -235,6 +235,25 @@ class DocEVConfig(_Strict):
                     "excludes dataloader.packed: packing already fills rows to max_seq_len; choose one",
                 )
             )
+        flex = self.model.attention == "flex" or (self.model.attention == "auto" and self.device == "cuda")
+        if self.compile and flex and self.dataloader.packed and self.dataloader.pad_to_multiple_of is not None:
+            errors.append(
+                (
+                    "dataloader.pad_to_multiple_of",
+                    f"{self.dataloader.pad_to_multiple_of} with packed rows gives each batch its own S, and compiled "
+                    "flex attention is static (one graph per S, past the recompile limit); set it to null: packed "
+                    "rows are then all max_seq_len long",
+                )
+            )
+        if self.model.quantize_base and self.train.nnodes > 1 and self.train.fsdp_strategy != "full":
+            errors.append(
+                (
+                    "train.fsdp_strategy",
+                    f"{self.train.fsdp_strategy} on {self.train.nnodes} nodes with QLoRA (model.quantize_base): "
+                    "hybrid sharding's 2-D mesh meets torchtune's NF4 sharding, which supports a 1-D mesh only; set "
+                    "train.fsdp_strategy: full (and a gradient_reduction other than last_micro_batch_across_nodes)",
+                )
+            )
         errors += self._split_checks()
         return errors
 

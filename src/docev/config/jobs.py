@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import (
@@ -45,17 +46,29 @@ class StepResources(_Strict):
         return _positive_quantity(v)
 
 
-# A Kubernetes quantity (apimachinery resource.Quantity): a decimal number, then a binary (Ki…Ei), decimal
-# (n, u, m, k, M…E) or exponent suffix. Matched here, not with kubernetes.utils.parse_quantity: importing the
-# kubernetes package loads its whole generated client (~0.7 s) into every command that reads a config.
-_QUANTITY = re.compile(r"^(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
+_QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E))?$")
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": Decimal("1e-9"),
+           "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "P": 10**15, "E": 10**18}  # fmt: skip
+
+
+def parse_quantity(v: str) -> Decimal:
+    """A Kubernetes resource quantity (``8``, ``500m``, ``64Gi``, ``1e3``) as a number; our own parser, so
+    validating a config needs no Kubernetes client (the GPU check runs without one)."""
+    match = _QUANTITY.match(str(v).strip())
+    if match is None:
+        raise ValueError(f"{v!r} is not a Kubernetes quantity")
+    number, exponent, suffix = match.groups()
+    amount = Decimal(number + (exponent or ""))
+    return amount * _SUFFIX[suffix] if suffix else amount
 
 
 def _positive_quantity(v: str) -> str:
-    match = _QUANTITY.match(v)
-    if match is None:
-        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
-    if float(match["number"]) <= 0:  # every suffix is a positive factor: the sign is the number's
+    try:
+        amount = parse_quantity(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
+    if amount <= 0:
         raise ValueError(f"{v!r} must be positive")
     return v
 

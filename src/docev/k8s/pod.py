@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from docev.config import ConfigError, DocEVConfig
+from docev.config.jobs import parse_quantity
 from docev.run.paths import run_paths
 
 SHM_VOLUME = "dshm"
@@ -84,6 +85,22 @@ def env(cfg: DocEVConfig) -> list[dict[str, Any]]:
             for key, name in k8s.storage_secret_keys.items()
         ]
     out += [{"name": k, "value": v} for k, v in sorted(cfg.train.nccl_env.items())]  # fast interconnect, optional
+    return out + [{"name": k, "value": v} for k, v in cuda_env(cfg).items()]
+
+
+def cuda_env(cfg: DocEVConfig) -> dict[str, str]:
+    """On CUDA: expandable allocator segments (less fragmentation as packed and bucketed shapes vary); NCCL's
+    init and network lines in the log, so it states the transport it chose (``NET/IB`` with RDMA, ``NET/Socket``
+    when it fell back to TCP) unless ``train.nccl_env`` sets NCCL_DEBUG; with ``compile``, Inductor's and
+    Triton's caches on the volume, so a restarted pod reuses the kernels instead of recompiling them."""
+    if cfg.device != "cuda":
+        return {}
+    out = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    if "NCCL_DEBUG" not in cfg.train.nccl_env:
+        out |= {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+    if cfg.compile:
+        cache = PurePosixPath(cfg.kubernetes.mount_path) / "cache"
+        out |= {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     return out
 
 
@@ -142,8 +159,6 @@ def pod_spec(cfg: DocEVConfig, containers: list[dict[str, Any]], volumes: list[d
 
 def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:
     """Config mistakes that only bite on the cluster, reported before a job is created."""
-    from kubernetes.utils import parse_quantity
-
     train, k8s = cfg.train, cfg.kubernetes
     errors = []
     if not config_path.startswith("/"):

@@ -28,7 +28,8 @@ is the only place that decides it:
   connector, ``image_newline``; a trainable tower): a rank whose micro-batch has no image skips the vision path,
   so it cannot be a unit of its own. An image-less micro-batch gives the vision path zero gradients
   (``DocEVModel._zero_vision_path``), so every rank reduces the same tensors in the same dtype, also under
-  ``last_micro_batch`` with mixed precision; ``set_reduce_scatter_unused_params`` stays as a safety net.
+  ``last_micro_batch`` with mixed precision. (``set_reduce_scatter_unused_params``, which used to zero-fill them
+  instead, is gone: it is not in torch 2.11, the lent GPU machine's, and the zero path made it redundant.)
 - **Frozen vision tower replicated, not sharded.** With ``encoder_trainable: false`` its parameters are
   ``ignored_params`` of FSDP, cast to the compute dtype and kept whole on every rank: no all-gather per
   micro-batch, no reduce-scatter (it has no gradient), nothing for an image-less rank to mismatch. Cost: the
@@ -167,7 +168,6 @@ def apply_fsdp(
         message=rf"FSDP2-wrapped module \({type(model).__name__}\) returned a view tensor",
         category=UserWarning,
     )
-    model.set_reduce_scatter_unused_params(True)
 
 
 def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hybrid: bool) -> None:
@@ -176,6 +176,29 @@ def sync_gradients(model: FSDPModule, mode: GradientReduction, *, last: bool, hy
         model.set_requires_gradient_sync(last)
     elif mode == "last_micro_batch_across_nodes" and hybrid:  # one node, full sharding: nothing crosses nodes
         model.set_requires_all_reduce(last)
+
+
+# torchtune compiles every TransformerSelfAttentionLayer: the vision tower's and the decoder's layers share one code
+# object, and dynamo's recompile limit counts the graphs of a code object. What varies is marked dynamic (the
+# tower's tile count; S after its first change, by automatic dynamic shapes; packed rows have one S), so a run
+# needs a handful (tests/training/test_compile_graphs.py: at most 4). Past the limit dynamo would silently run
+# the layers eager (eager flex at 8192 tokens materialises the whole score matrix): it is set here, and hitting it
+# raises instead.
+RECOMPILE_LIMIT = 8
+
+
+def configure_compile() -> None:
+    """The recompile limit set deliberately, and hitting it an error, not a silent fall-back to eager."""
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def graphs_per_code_object() -> dict[str, int]:
+    """Compiled graphs held per code object of the compiled layers (the quantity the recompile limit bounds)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = TransformerSelfAttentionLayer.forward.__code__
+    return {code.co_qualname: len(_debug_get_cache_entry_list(code))}
 
 
 def parallelize_model(
@@ -190,6 +213,7 @@ def parallelize_model(
 ) -> torch.nn.Module:
     """Compile per layer, checkpoint activations per self-attention layer, shard (on the meta device)."""
     if compile:
+        configure_compile()
         training.compile_model(model, verbose=verbose)
     if activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})

@@ -49,14 +49,23 @@ from tqdm import tqdm
 from docev.config import ConfigError, DocEVConfig, load_config
 from docev.data.loader import build_dataloader
 from docev.eval_loss import EvalLoss
+from docev.models.docev import image_positions
 from docev.models.docev._dcp import OPTIMIZER_KEY
 from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
 from docev.training.memory import GIB, refuse_oversized
 from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
-from docev.training.parallelize import is_hybrid, precision_warning, run_mesh, setup_model, sync_gradients
+from docev.training.parallelize import (
+    graphs_per_code_object,
+    is_hybrid,
+    precision_warning,
+    run_mesh,
+    setup_model,
+    sync_gradients,
+)
 from docev.training.peft import PeftRun
 from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
+from docev.training.preflight import require_torch_apis
 from docev.training.state import (
     LR_SCHEDULER_KEY,
     RNG,
@@ -90,6 +99,7 @@ class DocEVFinetuneRecipe:
     """
 
     def __init__(self, cfg: DocEVConfig) -> None:
+        require_torch_apis()  # a torch without an API used below fails here, naming it
         if cfg.optimizer_in_bwd:
             raise ValueError(
                 "optimizer_in_bwd: not supported by DocEVFinetuneRecipe (it excludes gradient accumulation and "
@@ -330,12 +340,16 @@ class DocEVFinetuneRecipe:
         optional = {k: None if batch[k] is None else batch[k].to(device, non_blocking=True) for k in keys}
         if optional["pixel_values"] is not None:
             optional["pixel_values"] = self._dataloader.collate_fn.normalize_pixels(optional["pixel_values"])
+        images = {"image_sizes": None, "image_grids": None, "image_slots": None}
+        if batch["pixel_values"] is not None:  # as Python data and host-computed slots: no device sync in forward
+            slots = image_positions(batch["tokens"], self._model.image_token_id)
+            images = {"image_sizes": batch["image_sizes"].tolist(), "image_grids": batch["image_grids"].tolist(),
+                      "image_slots": slots.to(device, non_blocking=True)}  # fmt: skip
         with self._activations_ctx:
             logits = self._model(
                 batch["tokens"].to(device, non_blocking=True),
                 **optional,
-                image_sizes=batch["image_sizes"],
-                image_grids=batch["image_grids"],
+                **images,
                 sampling_ratio=batch["sampling_ratio"],
                 inputs_checked=True,
             )
@@ -407,6 +421,7 @@ class DocEVFinetuneRecipe:
             }
             if self.cfg.compile:  # bounded by the padding buckets (dataloader.pad_to_multiple_of, packed rows)
                 metrics["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                metrics["graphs_per_code_object"] = max(graphs_per_code_object().values())
             if self._log_peak_memory_stats:
                 metrics.update(training.get_memory_stats(device=self._device))
             self._metrics.log(metrics, step=self.global_step)

@@ -11,6 +11,7 @@ base tile is the whole image resized to tile × tile (aspect not kept).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,13 @@ def cut_tiles(canvas: torch.Tensor, tile_size: int) -> torch.Tensor:
     return tiles.reshape(rows * cols, c, tile_size, tile_size)
 
 
+@functools.cache
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The constants on ``device``, made once: ``torch.tensor(..., device=cuda)`` per call is a blocking copy
+    from pageable host memory every micro-batch."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
+
+
 def normalize(
     pixels: torch.Tensor,
     mean: tuple[float, ...] = SIGLIP_MEAN,
@@ -149,7 +157,6 @@ def normalize(
     """uint8 [..., 3, H, W] → ``(x / 255 - mean) / std`` in ``dtype`` (computed in float32)."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    mean_t, std_t = _mean_std(tuple(mean), tuple(std), pixels.device)
     x = pixels.to(torch.float32)  # the same arithmetic as before, in place: one float buffer, not four
     return x.div_(255.0).sub_(mean_t).div_(std_t).to(dtype)

@@ -11,7 +11,7 @@ from docev.models.docev._component_builders import (
 )
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._convert_weights import arch_from_hf_config, docev_hf_to_tune, docev_tune_to_hf
-from docev.models.docev._fusion import DocEVModel, image_feature_counts, pack_image_features
+from docev.models.docev._fusion import DocEVModel, image_feature_counts, image_positions, pack_image_features
 from docev.models.docev._model_builders import (
     docev_from_arch,
     docev_preview,
@@ -39,6 +39,7 @@ __all__ = [
     "hf_config",
     "hf_param_shapes",
     "image_feature_counts",
+    "image_positions",
     "ldpv2_connector",
     "lora_docev_decoder",
     "lora_docev_preview",

@@ -35,6 +35,19 @@ def image_feature_counts(
     return counts
 
 
+def image_positions(tokens: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Flat indices (into ``tokens.flatten()``) of the ``<image>`` slots, in order: where the packed image
+    features go. The recipe computes them on the host copy of the tokens and ships them with the batch, so the
+    forward places features by index on the device (``masked_scatter`` would read the mask back: ``nonzero``
+    in its backward)."""
+    return (tokens.flatten() == image_token_id).nonzero().flatten()
+
+
+def _as_pairs(values: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Image sizes or grids as Python ints (a tensor on the device would cost a host sync per read)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [list(v) for v in values]
+
+
 def pack_image_features(
     tile_features: Sequence[torch.Tensor],
     image_sizes: Sequence[Sequence[int]],
@@ -181,9 +194,10 @@ class DocEVModel(nn.Module):
         input_pos: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-        image_grids: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        image_grids: torch.Tensor | Sequence[Sequence[int]] | None = None,
         sampling_ratio: int | None = None,
+        image_slots: torch.Tensor | None = None,
         inputs_checked: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits [B, S, vocab + fusion] (a list of chunks after ``set_num_output_chunks``).
@@ -198,9 +212,13 @@ class DocEVModel(nn.Module):
             pixel_values (torch.Tensor | None): [N_img, max_tiles, 3, T, T] normalised tiles in the model
                 dtype, images in order over the batch (row-major: row, then position); tile 0 = base,
                 then the grid row-major; tiles past 1 + rows·cols are padding and ignored.
-            image_sizes (torch.Tensor | None): [N_img, 2] original (height, width).
-            image_grids (torch.Tensor | None): [N_img, 2] (rows, cols) of the grid, base tile not counted.
+            image_sizes (torch.Tensor | Sequence | None): [N_img, 2] original (height, width); Python lists (what
+                the recipe passes) cost no host sync.
+            image_grids (torch.Tensor | Sequence | None): [N_img, 2] (rows, cols) of the grid, base tile not
+                counted; lists as ``image_sizes``.
             sampling_ratio (int | None): pooling ratio for every image of the batch.
+            image_slots (torch.Tensor | None): ``image_positions`` of ``tokens``, computed on the host and copied
+                with the batch (None: computed here, a host sync).
             inputs_checked (bool): the caller ran ``check_inputs`` on the host copy of the batch (the recipe
                 does, before the copy to the device), so forward does no host-syncing check of its own.
 
@@ -211,9 +229,11 @@ class DocEVModel(nn.Module):
             self.check_inputs(tokens, pixel_values, image_sizes, image_grids, sampling_ratio)
         embeds = self.tok_embeddings(tokens)
         if pixel_values is not None:
-            is_image = tokens == self.image_token_id
+            if image_slots is None:
+                image_slots = image_positions(tokens, self.image_token_id)
             features = self.image_features(pixel_values, image_sizes, image_grids, sampling_ratio)
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+            flat = embeds.reshape(-1, embeds.shape[-1]).index_put((image_slots,), features.to(embeds.dtype))
+            embeds = flat.view_as(embeds)
         elif torch.is_grad_enabled():
             embeds = embeds + self._zero_vision_path().to(embeds.dtype)
         if document_ids is not None:
@@ -238,8 +258,8 @@ class DocEVModel(nn.Module):
         self,
         tokens: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        image_sizes: torch.Tensor | None,
-        image_grids: torch.Tensor | None,
+        image_sizes: torch.Tensor | Sequence[Sequence[int]] | None,
+        image_grids: torch.Tensor | Sequence[Sequence[int]] | None,
         sampling_ratio: int | None,
     ) -> None:
         """``<image>`` slots against the images, before any compute; errors name the batch row. Reads token
@@ -253,7 +273,7 @@ class DocEVModel(nn.Module):
         if image_sizes is None or image_grids is None or sampling_ratio is None:
             raise ValueError("pixel_values needs image_sizes, image_grids and sampling_ratio")
         n_img, max_tiles = pixel_values.shape[:2]
-        sizes, grids = image_sizes.tolist(), image_grids.tolist()
+        sizes, grids = _as_pairs(image_sizes), _as_pairs(image_grids)
         if len(sizes) != n_img or len(grids) != n_img:
             raise ValueError(f"{n_img} images in pixel_values, {len(sizes)} image_sizes, {len(grids)} image_grids")
         for i, (r, c) in enumerate(grids):
@@ -265,12 +285,12 @@ class DocEVModel(nn.Module):
     def image_features(
         self,
         pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
-        image_grids: torch.Tensor,
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
+        image_grids: torch.Tensor | Sequence[Sequence[int]],
         sampling_ratio: int,
     ) -> torch.Tensor:
-        """Packed features of every image (``image_sizes``/``image_grids`` on the host: no device sync)."""
-        sizes, grids = image_sizes.tolist(), image_grids.tolist()
+        """Packed features of every image (``image_sizes``/``image_grids`` as lists: no device sync)."""
+        sizes, grids = _as_pairs(image_sizes), _as_pairs(image_grids)
         tiles_per_image = [1 + r * c for r, c in grids]
         tiles = torch.cat([pixel_values[i, :n] for i, n in enumerate(tiles_per_image)])
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
