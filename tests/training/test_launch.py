@@ -36,3 +36,17 @@ def test_torchrun_argv_refuses_what_it_cannot_start(tmp_path, tiny_checkpoint):
             "c.yaml",
             env={},
         )
+
+
+def test_a_torchrun_without_shutdown_timeout_gets_the_args_it_knows():
+    """torch 2.11's torchrun (the lent GPU machine's) has no --shutdown-timeout: the launcher drops it, says so."""
+    from torch.distributed.run import get_args_parser
+
+    from docev.training.launch import drop_unsupported_shutdown_timeout
+
+    args = ["--shutdown-timeout", "600", "--standalone", "-m", "docev.training.recipe", "--config", "c.yaml"]
+    kept, warning = drop_unsupported_shutdown_timeout(args, {"--standalone", "--nnodes"})
+    assert kept == args[2:] and "train.termination_grace_seconds = 600 s" in warning
+    here = set(get_args_parser()._option_string_actions)
+    assert drop_unsupported_shutdown_timeout(args, here) == ((args, None) if "--shutdown-timeout" in here
+                                                             else (args[2:], warning))  # fmt: skip

@@ -55,14 +55,33 @@ def torchrun_argv(
     return [*argv, "-m", RECIPE_MODULE, "--config", config_path, *overrides]
 
 
+def drop_unsupported_shutdown_timeout(args: Sequence[str], options: set[str]) -> tuple[list[str], str | None]:
+    """``args`` without ``--shutdown-timeout N`` when this torchrun has no such option (``options``: its option
+    strings; torch 2.11's torchrun waits a fixed 30 s after a forwarded signal), and the warning to print."""
+    args = list(args)
+    if "--shutdown-timeout" not in args or "--shutdown-timeout" in options:
+        return args, None
+    at = args.index("--shutdown-timeout")
+    seconds = args[at + 1]
+    del args[at : at + 2]
+    return args, (
+        f"docev train: this torchrun has no --shutdown-timeout; after a forwarded SIGTERM the workers get its fixed "
+        f"grace period, not train.termination_grace_seconds = {seconds} s (torch >= 2.13 honours it)"
+    )
+
+
 def run_torchrun(args: Sequence[str]) -> int:
     """torchrun with ``args`` in this process; a signal it forwarded ends it with ``128 + signal``."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
     from torch.distributed.run import main as torchrun
 
     from docev.training.preemption import PREEMPTED_EXIT_CODE  # imports torch: not before `docev train` execs
 
+    args, warning = drop_unsupported_shutdown_timeout(args, set(get_args_parser()._option_string_actions))
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         torchrun(list(args))
     except SignalException as exc:
