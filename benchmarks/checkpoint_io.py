@@ -14,12 +14,17 @@ its own shards) and ``dcp`` with ``enable_async_checkpointing`` it measures, per
   run beside a training step, whose activations would blur it). The rank's share of the state (its
   model + optimizer shards) is resident before; the growth is what the save adds to it;
 - **bytes written** by the rank, extrapolated to the preview (11.4B) on 16 GPUs from a meta-device
-  count of its parameters with the preview config's trainable groups.
+  count of its parameters with the preview config's trainable groups;
+- **digest**: the time this rank spent hashing the files it wrote (XXH3-128 of every file, recorded in
+  the step folder's ``checkpoint_manifest.json``; for async, in the background writer), summed over
+  the timed save, and its share of the save call (sync: it returns once the folder is published) or
+  of the time from the call to publication (async: hashed in the writer thread, the loop never waits).
 
-The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k;
-a small frozen vision tower), built in bf16 with AdamW state in bf16 (``master_dtype: bf16``; fp32
-master weights double every byte figure, which the extrapolation prints too). Weights are random:
-the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
+The model is the DocEV builder at wider widths than ``tiny`` (decoder dim 1024, 20 layers, vocab 32k; a small
+frozen vision tower) sharded with the recipe's layout (``apply_fsdp``: decoder layers, embedding and output
+projection sharded, the frozen tower replicated on every rank), built in bf16 with AdamW state in bf16
+(``master_dtype: bf16``; fp32 master weights double every byte figure, which the extrapolation prints too). Weights
+are random: the I/O does not depend on their values. The step folder's ``config.json`` comes from a base folder
 written here (``config.json`` + an empty weights file: the checkpointer copies side files from it).
 Targets: rank 0's peak RSS under DCP stays within its share of the state plus a fixed buffer (the
 growth stays a buffer, where HF's adds the full state), and async blocks the loop for ≤ 10% of a
@@ -77,11 +82,23 @@ def worker(args: argparse.Namespace) -> None:
 
     from docev.config import load_config
     from docev.models.docev import DocEVCheckpointer, docev
+    from docev.run import digests as _digests
     from docev.training.checkpoint_manager import CheckpointManager
-    from docev.training.parallelize import shard_condition
+    from docev.training.parallelize import apply_fsdp, mixed_precision_policy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    hashing = [0.0]  # seconds this rank spent digesting files (writer thread included)
+    file_digest = _digests.file_digest
+
+    def timed_digest(path):
+        t0 = time.perf_counter()
+        try:
+            return file_digest(path)
+        finally:
+            hashing[0] += time.perf_counter() - t0
+
+    _digests.file_digest = timed_digest
     baseline, _ = _rss()  # the process before any state: interpreter, libraries, process group
     torch.manual_seed(rank)
     out = Path(args.work) / args.mode
@@ -96,7 +113,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(CONFIG, overrides)
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = docev(bench_arch(args.dim, args.layers))
-    training.shard_model(model, [shard_condition], cpu_offload=False, reshard_after_forward=True)
+    # the recipe's layout: decoder layers, embedding and output projection sharded, the frozen tower replicated
+    apply_fsdp(model, mixed_precision_policy(torch.bfloat16, torch.bfloat16))
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -121,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
 
     train_step()  # the AdamW state at full size
     plain = min(train_step() for _ in range(2))
-    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
     local += sum(t.to_local().numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                  if hasattr(t, "to_local"))  # fmt: skip
     full = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -133,12 +151,14 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")
         before, _ = _rss()
-        manager.save(model, optimizer, {"global_step": 2 * i - 1}, 2 * i - 1, wait=True)
+        state = {"global_step": 2 * i - 1, "world_size": world, "sampler": {"epoch": 0, "step": 2 * i - 1}}
+        manager.save(model, optimizer, state, 2 * i - 1, wait=True)
         growth = max(growth, _rss()[1] - before)
         # time: the save and the training step after it
         dist.barrier()
+        hashing[0] = 0.0
         t0 = time.perf_counter()
-        manager.save(model, optimizer, {"global_step": 2 * i}, 2 * i)
+        manager.save(model, optimizer, {**state, "global_step": 2 * i}, 2 * i)
         call = time.perf_counter() - t0
         train_step()  # an async save's copy and write overlap it
         blocked = time.perf_counter() - t0 - plain
@@ -152,7 +172,7 @@ def worker(args: argparse.Namespace) -> None:
             written = (folder / f"__{rank}_0.distcp").stat().st_size
         result = {"rank": rank, "call_s": call, "blocked_s": blocked, "total_s": total, "step_s": plain,
                   "rss_baseline": baseline, "rss_growth": growth, "share_bytes": local, "full_bytes": full,
-                  "written_bytes": written}  # fmt: skip
+                  "written_bytes": written, "digest_s": hashing[0]}  # fmt: skip
     manager.close()
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -259,6 +279,16 @@ def main() -> None:
             g = r0["rss_growth"]
             print(f"{mode}: rank 0 RSS grows by {g / GIB:.2f} GiB during a save = {g / r0['share_bytes']:.2f}× its "
                   f"share, {g / r0['full_bytes']:.2f}× the full state (resident before: its share)")  # fmt: skip
+    for mode, ranks in results.items():
+        r = max(ranks, key=lambda r: r["digest_s"])  # the rank that hashed the most: the save waits for it
+        if mode == "dcp_async":  # hashed in the writer thread: the loop never waits for it
+            share, of = r["digest_s"] / r["total_s"], f"call to publication {r['total_s']:.2f} s, a step overlapped"
+        else:  # the save call returns once the folder is published
+            share, of = r["digest_s"] / r["call_s"], f"the save call {r['call_s']:.2f} s"
+        print(
+            f"{mode}: digests took {r['digest_s']:.2f} s on rank {r['rank']} = {share:.1%} of {of}; "
+            f"{r['written_bytes'] / max(r['digest_s'], 1e-9) / GIB:.1f} GiB/s hashed"
+        )
     if "hf" in results and "dcp" in results:
         print(f"sync save time, hf / dcp: {results['hf'][0]['total_s'] / results['dcp'][0]['total_s']:.2f}")
 

@@ -2,11 +2,13 @@
 → export, with the base model's evaluation running beside training.
 
 ``build_pipeline(cfg)`` bakes one config into a pipeline function: the whole config is the default of
-the ``config_json`` parameter and the rerun knobs default to its values. Cluster settings (volume,
-secret, node selector, tolerations, resources, /dev/shm) come from the config at compile time via
-kfp-kubernetes; ``kfp.local`` ignores them, which is how the same function runs on a laptop.
+the ``config_json`` parameter and the rerun knobs default to its values. The function's signature is
+built from ``docev.pipeline.params.RUN_PARAMETERS`` (KFP reads it; the body gets the values in its order).
+Cluster settings (volume, secret, node selector, tolerations, resources, /dev/shm) come from the config at
+compile time via kfp-kubernetes; ``kfp.local`` ignores them, which is how the same function runs on a laptop.
 """
 
+import inspect
 import json
 
 from kfp import dsl, kubernetes
@@ -19,7 +21,7 @@ from components import train as train_c
 from components import validate as validate_c
 from docev.config import DocEVConfig
 from docev.k8s.pod import volume_mounts
-from docev.pipeline.params import knob_defaults
+from docev.pipeline.params import RUN_PARAMETERS, knob_defaults
 
 PIPELINE_NAME = "docev-finetune"
 
@@ -77,33 +79,11 @@ def build_pipeline(cfg: DocEVConfig):
     validate_shard_op, validate_merge_op = validate_c.build(image)
     preprocess_shard_op, preprocess_merge_op = preprocess_c.build(image)
     train_op, export_op, evaluate_op = train_c.build(image), export_c.build(image), evaluate_c.build(image)
-    knobs = knob_defaults(cfg)
     embedded = json.dumps(cfg.to_dict(), sort_keys=True)
     v_shards, p_shards = list(range(cfg.validate_.fanout)), list(range(cfg.preprocess.fanout))
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune DocEV Preview: validate, preprocess, train, evaluate.")
-    def docev_finetune(
-        config_json: str = embedded,
-        learning_rate: float = knobs["learning_rate"],
-        epochs: int = knobs["epochs"],
-        max_steps_per_epoch: int = knobs["max_steps_per_epoch"],
-        num_nodes: int = knobs["num_nodes"],
-        gpus_per_node: int = knobs["gpus_per_node"],
-        resume: str = knobs["resume"],
-        eval_every_n_steps: int = knobs["eval_every_n_steps"],
-        lora_rank: int = knobs["lora_rank"],
-    ):
-        run = dict(
-            config_json=config_json,
-            learning_rate=learning_rate,
-            epochs=epochs,
-            max_steps_per_epoch=max_steps_per_epoch,
-            num_nodes=num_nodes,
-            gpus_per_node=gpus_per_node,
-            resume=resume,
-            eval_every_n_steps=eval_every_n_steps,
-            lora_rank=lora_rank,
-        )
+    def docev_finetune(*values):
+        run = dict(zip(RUN_PARAMETERS, values, strict=True))  # KFP passes the parameters in signature order
         resolved = resolve_op(**run).set_display_name("resolve config")
         _on_cluster(resolved, cfg)
 
@@ -146,4 +126,10 @@ def build_pipeline(cfg: DocEVConfig):
         exported = export_op(**run).after(tuned_eval).set_display_name("export")
         _on_cluster(exported, cfg, retries=2, step="export")
 
-    return docev_finetune
+    defaults = {"config_json": embedded, **knob_defaults(cfg)}
+    docev_finetune.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name], annotation=kind)
+         for name, kind in RUN_PARAMETERS.items()]
+    )  # fmt: skip
+    description = "Fine-tune DocEV Preview: validate, preprocess, train, evaluate."
+    return dsl.pipeline(docev_finetune, name=PIPELINE_NAME, description=description)

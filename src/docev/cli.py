@@ -87,13 +87,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from docev.outputs import outputs
     from docev.preflight import require
     from docev.run.paths import shards_manifest_key
+    from docev.sources.fingerprints import SourceChanged
 
     cfg = load_config(args.config, args.overrides)
     require(cfg, "preprocess")
     if not args.merge:
         shard, num = _parse_shard(args.shard)
         for split in splits_to_build(cfg):
-            built = run_shards(cfg, shard, num, args.workers, split)
+            try:
+                built = run_shards(cfg, shard, num, args.workers, split)
+            except SourceChanged as exc:
+                print(f"preprocess failed: {exc}", file=sys.stderr)
+                return 1
             print(f"built {len(built)} shard(s) in {shards_location(cfg, split)}")
         if num > 1:
             print(f"shard {shard}/{num} done; run `docev preprocess --merge` when all are done")
@@ -270,6 +275,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    """Recompute a step folder's digests and check its recipe state; exit 1 naming each file that differs."""
+    import torch
+
+    from docev.run.checkpoints import RECIPE_STATE, CheckpointError, resolve_checkpoint
+    from docev.run.digests import CheckpointCorrupt, verify_checkpoint
+    from docev.training.state import recipe_problems
+
+    which, overrides = args.which, list(args.overrides)
+    if which and "=" in which:  # no folder given, only overrides
+        which, overrides = None, [which, *overrides]
+    which = which or "latest"
+    try:
+        if Path(which).is_dir():
+            folder = Path(which)
+        elif args.config is None:
+            print(f"checkpoint verify {which}: pass --config to find it under checkpointer.output_dir", file=sys.stderr)
+            return 2
+        else:
+            folder = resolve_checkpoint(load_config(args.config, overrides), which)
+        manifest = verify_checkpoint(folder, required=True)
+        if (folder / RECIPE_STATE).is_file():
+            problems = recipe_problems(folder, torch.load(folder / RECIPE_STATE, weights_only=True), manifest)
+            if problems:
+                raise CheckpointCorrupt(folder, problems)
+    except (CheckpointError, CheckpointCorrupt) as exc:
+        print(f"checkpoint verify failed: {exc}", file=sys.stderr)
+        return 1
+    files = manifest["files"]
+    print(f"{folder}: step {manifest['step']}, {len(files)} files, {sum(f['size'] for f in files.values())} bytes "
+          f"verified ({manifest['hash']})")  # fmt: skip
+    return 0
+
+
 def cmd_plan_memory(args: argparse.Namespace) -> int:
     from docev.training.memory import check_fits, config_setup, format_plans, gpu_memory_gib, plan
 
@@ -429,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", help="latest, best, step_N or base (under checkpointer.output_dir)")
     ev.add_argument("--label", help="results go to <output_dir>/eval/<label> (default: base or tuned)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ck = sub.add_parser("checkpoint", help="operate on training checkpoints")
+    ck_sub = ck.add_subparsers(dest="checkpoint_command", required=True)
+    cv = ck_sub.add_parser("verify", help="recompute a checkpoint's digests; exit 1 naming each file that differs")
+    cv.add_argument("which", nargs="?", help="latest (default), best, step_N (need --config) or a folder")
+    cv.add_argument("--config", help="YAML config file (finds latest/best/step_N under checkpointer.output_dir)")
+    cv.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cv.set_defaults(func=cmd_checkpoint_verify)
 
     pm = sub.add_parser("plan-memory", help="per-GPU bytes of full / LoRA / QLoRA training, counted on meta models")
     pm.add_argument("--config", required=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from docev.config import DatasetSource, DocEVConfig, is_store_url
+from docev.run.paths import run_paths
 from docev.storage import TransientStorageError
 
 PREFLIGHT_EXIT = 3  # a prerequisite is missing: deterministic, a retry would fail the same way
@@ -148,7 +149,7 @@ def _store_credentials(cfg: DocEVConfig) -> list[str]:
 
 
 def _checkpoints_writable(cfg: DocEVConfig) -> list[str]:
-    problem = _writable("checkpointer.output_dir", cfg.checkpointer.output_dir)
+    problem = _writable("checkpointer.output_dir", str(run_paths(cfg).checkpoints))  # the folder training uses
     return [problem] if problem else []
 
 

@@ -18,6 +18,7 @@ from s3_server import ACCESS_KEY, CREDENTIAL_ENV, SECRET_KEY, FaultProxy, MotoS3
 from docev.data.preprocess import merge_all, run_preprocess, run_shards
 from docev.data.shards import ShardError
 from docev.outputs import outputs
+from docev.sources.fingerprints import SourceChanged
 from docev.storage import TransientStorageError
 from docev.validate.runner import merge, run_shard, run_validate, validate_dir
 
@@ -267,3 +268,25 @@ def test_export_smoke_image_is_read_from_the_source_store(both):
     local, remote = pick_smoke_sample(lcfg), pick_smoke_sample(rcfg)
     assert str(remote.image).startswith(f"s3://{BUCKET}/ufx/") and remote.id == local.id
     assert _smoke_image(rcfg, remote).tobytes() == _smoke_image(lcfg, local).tobytes()
+
+
+def test_preprocess_refuses_an_object_changed_since_validate(tmp_path, tiny_checkpoint, synth_sources, s3):
+    """A record edited in place (the object rewritten: a new ETag), then a page image replaced by another page:
+    preprocess refuses naming the s3:// object; the original bytes put back are accepted."""
+    fs = _bucket(s3)
+    upload(fs, synth_sources["instruct"], f"s3://{BUCKET}/changing/instruct")
+    datasets = [{"source": f"s3://{BUCKET}/changing/instruct", "name": "instruct",
+                 "storage_options": {"endpoint_url": s3.endpoint}}]  # fmt: skip
+    cfg = tiny_config(tmp_path / "run", tiny_checkpoint, datasets, "preprocess.records_per_shard=100")
+    run_validate(cfg, workers=1)
+    other_page = fs.cat_file(f"{BUCKET}/changing/instruct/images/000002_0.jpg")
+    edits = {"data.jsonl": lambda b: b.replace(b'"content": "form"', b'"content": "fork"', 1),
+             "images/000000_0.png": lambda b: other_page}  # fmt: skip
+    for name, change in edits.items():
+        key = f"{BUCKET}/changing/instruct/{name}"
+        original = fs.cat_file(key)
+        fs.pipe_file(key, change(original))
+        with pytest.raises(SourceChanged, match=f"source changed since validate: s3://{key}.* — run validate again"):
+            run_shards(cfg, workers=1)
+        fs.pipe_file(key, original)
+    assert run_shards(cfg, workers=1) == [0]

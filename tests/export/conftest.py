@@ -53,7 +53,10 @@ def export_run(tmp_path_factory, tiny_checkpoint, synth_sources) -> Path:
     run_preprocess(cfg, workers=1)
     ckpt = DocEVCheckpointer(tiny_checkpoint, output_dir=cfg.checkpointer.output_dir)
     state = perturb(ckpt.load_checkpoint()["model"])
-    ckpt.save_checkpoint({"model": state, "steps_run": 8, "optimizer": {"state": {}, "param_groups": []}}, step=8)
+    recipe = {"global_step": 8, "world_size": 1, "rng": [{}], "sampler": {"epoch": 0, "step": 8, "seed": 0},
+              "optimizer": {"state": {}, "param_groups": []}}  # fmt: skip
+    ckpt.save_checkpoint({"model": state, **recipe}, step=8, record={k: recipe[k] for k in ("global_step", "world_size",
+                                                                                             "sampler")})  # fmt: skip
     logs = run / "logs"
     logs.mkdir()
     lines = [json.dumps({"step": s, "loss": 7.0 - 0.25 * s, "lr": 1e-3}) for s in range(1, 11)]

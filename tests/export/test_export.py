@@ -128,25 +128,37 @@ def test_failed_export_leaves_no_partial_destination(cfg, tmp_path, monkeypatch)
 
 def test_existing_destination_is_refused_or_swapped_whole(cfg, tmp_path, monkeypatch):
     import docev.run.publish as publish_module
+    from docev.export.publish import new_staging
 
     dest = tmp_path / "export"
     first = export_checkpoint(cfg, "base", str(dest))
     with pytest.raises(ExportError, match="exists; pass --overwrite"):
         export_checkpoint(cfg, "latest", str(dest), overwrite=False)
 
+    def exchange(staging, dest):  # the swap fails: the old export stays, the new one is removed
+        raise OSError("exchange failed")
+
+    monkeypatch.setattr(publish_module, "exchange", exchange)
+    with pytest.raises(OSError, match="exchange failed"):
+        export_checkpoint(cfg, "latest", str(dest), overwrite=True)
+    assert verify_checksums(dest) == first.checksums and _leftovers(tmp_path) == []
+    monkeypatch.undo()
     real_replace = os.replace
 
-    def replace(src, dst):  # the new folder cannot take the destination's name: the old one comes back
+    def replace(src, dst):  # no exchange here, and the new folder cannot take the name: the old one comes back
         if ".partial-" in str(src):
             raise OSError("rename failed")
         real_replace(src, dst)
 
+    monkeypatch.setattr(publish_module, "_renameat2", None)
     monkeypatch.setattr(publish_module.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         export_checkpoint(cfg, "latest", str(dest), overwrite=True)
     assert verify_checksums(dest) == first.checksums and _leftovers(tmp_path) == []
     monkeypatch.undo()
 
+    killed = new_staging(dest)  # a build killed by SIGKILL: the next export removes it
+    (killed / "model-00001-of-00002.safetensors").write_bytes(b"half")
     second = export_checkpoint(cfg, "latest", str(dest), overwrite=True)
     assert second.step == 8 and verify_checksums(dest) == second.checksums != first.checksums
     assert _leftovers(tmp_path) == []
@@ -242,11 +254,11 @@ def _flaky(monkeypatch, fs, method, fail_at):
     return calls
 
 
-# 12 files + SHA256SUMS: copies 1-13 move the old export aside, then it is deleted, copies 14-26 publish.
+# 13 files + SHA256SUMS: copies 1-14 move the old export aside, then it is deleted, copies 15-28 publish.
 @pytest.mark.parametrize(
     "method, fail_at, where",
     [("copy", 3, "copy /exports/run/export/"), ("rm", 1, "rm /exports/run/export$"),
-     ("copy", 20, "copy /exports/run/export.partial-"), ("copy", 26, "copy /exports/run/export.partial-.*/SHA256SUMS")],
+     ("copy", 20, "copy /exports/run/export.partial-"), ("copy", 28, "copy /exports/run/export.partial-.*/SHA256SUMS")],
 )  # fmt: skip
 def test_fsspec_failure_keeps_the_previous_export(cfg, memory_fs, monkeypatch, method, fail_at, where):
     url = "memory://exports/run/export"

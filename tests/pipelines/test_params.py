@@ -44,3 +44,21 @@ def test_lora_rank_knob():
     assert resolve_run_config(EMBEDDED, lora_rank=0).model.lora_rank is None
     with pytest.raises(ConfigError, match="model.lora_rank: docev.models.docev.docev_preview takes no LoRA arguments"):
         resolve_run_config(EMBEDDED, lora_rank=4)
+
+
+def test_run_parameters_are_declared_once():
+    """Every component starts with the run parameters generated from RUN_PARAMETERS, and the files are current."""
+    import inspect
+
+    from components import evaluate, export, generate, preprocess, resolve, train, validate
+    from docev.pipeline.params import KNOBS, RUN_PARAMETERS
+
+    assert list(RUN_PARAMETERS) == ["config_json", *KNOBS]
+    funcs = [resolve.resolve_config, validate.validate_shard, validate.validate_merge, preprocess.preprocess_shard,
+             preprocess.preprocess_merge, train.train, evaluate.evaluate, export.export]  # fmt: skip
+    for func in funcs:
+        params = list(inspect.signature(func).parameters.values())[: len(RUN_PARAMETERS)]
+        assert {p.name: p.annotation for p in params} == RUN_PARAMETERS, func
+    assert len(generate.component_files()) == 6 and generate.main(["--check"]) == 0
+    stale = generate.block().replace("    lora_rank: int,\n", "")  # a knob added to KNOBS but not to a component
+    assert generate.render(stale) == generate.block() != stale

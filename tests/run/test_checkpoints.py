@@ -80,6 +80,7 @@ def test_resolve_best(tmp_path, tiny_checkpoint):
     from conftest import tiny_config
 
     from docev.run.checkpoints import CheckpointError, resolve_checkpoint, write_best
+    from docev.run.digests import seal
 
     cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
     root = tmp_path / "checkpoints"
@@ -87,6 +88,7 @@ def test_resolve_best(tmp_path, tiny_checkpoint):
         resolve_checkpoint(cfg, "best")
     _folders(root, [3], 3)
     (root / "step_3" / "config.json").write_text("{}")
+    seal(root / "step_3", 3)  # a step folder is resolved only with its digests
     write_best(root, root / "step_3", 0.5)
     assert resolve_checkpoint(cfg, "best") == root / "step_3" == resolve_checkpoint(cfg, "latest")
 
@@ -97,6 +99,7 @@ def test_one_checkpoint_folder_default(tmp_path, tiny_checkpoint):
 
     from docev.k8s.pod import volume_mounts
     from docev.run.checkpoints import resolve_checkpoint
+    from docev.run.digests import seal
     from docev.run.paths import run_paths
 
     over = ["checkpointer.output_dir=null", f"work_dir={tmp_path / 'work'}", "kubernetes.checkpoint_pvc=ckpt",
@@ -107,4 +110,5 @@ def test_one_checkpoint_folder_default(tmp_path, tiny_checkpoint):
     assert volume_mounts(cfg)[-1].mount_path == str(root)
     _folders(root, [2, 4], 4)
     (root / "step_4" / "config.json").write_text("{}")
+    seal(root / "step_4", 4)
     assert resolve_checkpoint(cfg, "latest") == root / "step_4"

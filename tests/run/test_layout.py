@@ -131,3 +131,17 @@ def test_docev_run_imports_no_torch():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in names if m.split(".")[0] in ("torch", "numpy", "torchtune")}, path
+
+
+def test_the_checkpoint_folder_is_read_through_run_paths():
+    """``checkpointer.output_dir`` may be unset: every reader asks ``run_paths(cfg).checkpoints`` (one default)."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if RUN in path.parents or SRC / "config" in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "output_dir":
+                inner = node.value
+                if isinstance(inner, ast.Attribute) and inner.attr == "checkpointer":
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert found == []

@@ -39,6 +39,7 @@ def test_folder_replaces_an_old_one_and_puts_it_back_when_the_rename_fails(tmp_p
             raise OSError("disk full")
         real(src, dst)
 
+    monkeypatch.setattr(pub, "_renameat2", None)  # a filesystem without renameat2's exchange (NFS): rename aside
     monkeypatch.setattr(os, "replace", fail_second)
     with pytest.raises(OSError, match="disk full"):
         pub.publish(tmp, final)
@@ -46,3 +47,17 @@ def test_folder_replaces_an_old_one_and_puts_it_back_when_the_rename_fails(tmp_p
     monkeypatch.setattr(os, "replace", real)
     pub.publish(tmp, final)
     assert (final / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]
+
+
+def test_folder_is_exchanged_in_one_step_where_the_filesystem_can(tmp_path, monkeypatch):
+    if pub._renameat2 is None:
+        pytest.skip("libc has no renameat2: the exchange did not run")
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "w").write_text("old")
+    tmp = pub.temp_folder(final)
+    (tmp / "w").write_text("new")
+    monkeypatch.setattr(os, "replace", lambda *a: pytest.fail(f"renamed {a} instead of exchanging"))
+    removed = []
+    pub.publish(tmp, final, remove_old=lambda old: removed.append((old, (old / "w").read_text())))
+    assert (final / "w").read_text() == "new" and removed == [(tmp, "old")]  # the old folder, whole, at tmp

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import filesystem
 
-from docev import assets
+from docev.models.docev import _folder
 from docev.training import recipe
 
 STEP, RANK, MARKER = (os.environ[k] for k in ("SLOW_SAVE_STEP", "SLOW_SAVE_RANK", "SLOW_SAVE_MARKER"))
@@ -27,7 +27,7 @@ def _hold(folder: Path) -> None:
         time.sleep(300)
 
 
-_save_file = assets.save_file
+_save_file = _folder.save_file
 
 
 def save_file(tensors, filename, metadata=None):
@@ -45,7 +45,7 @@ def write_data(self, plan, planner):
     return written
 
 
-assets.save_file = save_file
+_folder.save_file = save_file
 filesystem._FileSystemWriter.write_data = write_data
 
 if __name__ == "__main__":

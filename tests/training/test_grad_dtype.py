@@ -20,6 +20,8 @@ import torch
 
 WORKER = Path(__file__).with_name("grad_dtype_worker.py")
 
+pytestmark = pytest.mark.slow  # a torchrun worker on 2 gloo ranks (`make test-fast` leaves it out)
+
 
 @pytest.fixture(scope="module")
 def results(tiny_checkpoint, tmp_path_factory) -> dict:

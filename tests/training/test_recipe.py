@@ -35,6 +35,7 @@ from docev.data.loader import build_dataset, build_sampler
 from docev.export import export_checkpoint
 from docev.models.docev import DocEVCheckpointer, docev_tiny
 from docev.run.checkpoints import latest_checkpoint, prune_checkpoints
+from docev.run.digests import CheckpointCorrupt, verify_checkpoint
 from docev.training.metrics_log import read_metrics
 from docev.training.parallelize import shard_condition
 from docev.training.preemption import PREEMPTED_EXIT_CODE
@@ -119,7 +120,8 @@ def split_dcp(data) -> dict:
         _args(data, out, "checkpoint_format=dcp", "enable_async_checkpointing=true", f"stop_after_steps={STOP_AT}")
     )
     _ok(stop)
-    stopped = {"latest": latest_checkpoint(out / "checkpoints"), "log": stop.stdout + stop.stderr}
+    latest = latest_checkpoint(out / "checkpoints")  # saved async: digested in the background writer
+    stopped = {"latest": latest, "log": stop.stdout + stop.stderr, "manifest": verify_checkpoint(latest)}
     resumed = _train(_args(data, out, "checkpoint_format=dcp"))
     _ok(resumed)
     return {"out": out, "stopped": stopped, "resumed_log": resumed.stdout + resumed.stderr}
@@ -283,7 +285,17 @@ def test_exact_resume_from_dcp(runs, split_dcp):
     oa, ob = torch.load(hf / "recipe_state.pt", weights_only=True)["optimizer"]["state"], _dcp_optimizer(dcp)["state"]
     assert oa.keys() == ob.keys() and all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
     recipe = torch.load(dcp / "recipe_state.pt", weights_only=True)
-    expected = {"lr_scheduler", "sampler", "rng", "global_step", "tokens_seen", "seed", "world_size", "wandb_run_id"}
+    expected = {
+        "lr_scheduler",
+        "sampler",
+        "rng",
+        "global_step",
+        "tokens_seen",
+        "seed",
+        "world_size",
+        "wandb_run_id",
+        "schedule",
+    }
     assert recipe.keys() == expected
     assert recipe["global_step"] == STEPS and len(recipe["rng"]) == 2
 
@@ -437,16 +449,17 @@ def test_kill_rank_while_it_saves_keeps_the_previous_checkpoint(data, tmp_path, 
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from docev.models.docev import DocEVCheckpointer, _checkpointer
+from docev.models.docev import DocEVCheckpointer
+from docev.run import publish
 src, out = sys.argv[1:]
 # the folder is renamed into place, `latest` not yet moved
-original = _checkpointer.os.replace
+original = publish.os.replace
 
 def replace(a, b):
     if str(a).endswith(".latest.tmp"):
         os.kill(os.getpid(), signal.SIGKILL)
     original(a, b)
-_checkpointer.os.replace = replace
+publish.os.replace = replace
 ckpt = DocEVCheckpointer(src, output_dir=out)
 ckpt.save_checkpoint(ckpt.load_checkpoint(), 15)
 """
@@ -544,3 +557,93 @@ def test_fp32_master_weights_keep_the_updates_bf16_rounds_away(data, tmp_path):
     print(f"decoder-layer elements changed after 3 steps at lr 1e-5: fp32 master {shares['fp32']:.1%}, "
           f"bf16 {shares['bf16']:.1%}")  # fmt: skip
     assert shares["fp32"] >= 0.9 and shares["bf16"] < shares["fp32"] / 2, shares
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dcp"])
+def test_every_file_of_a_training_checkpoint_is_digested(runs, split_dcp, tmp_path, fmt):
+    """Each kind of file of a 2-rank step folder (shards of each rank, .metadata or index, recipe state, config,
+    tokenizer files), one bit flipped or cut in half, is caught by the check resume runs; the async save's
+    folder was sealed with both ranks' shards."""
+    src = (runs["full"] if fmt == "hf" else split_dcp["out"]) / "checkpoints" / f"step_{STEPS}"
+    folder = tmp_path / f"step_{STEPS}"
+    shutil.copytree(src, folder)
+    names = sorted(verify_checkpoint(folder)["files"])
+    kinds = {"hf": {"model-00001-of-00001.safetensors", "model.safetensors.index.json"},
+             "dcp": {"__0_0.distcp", "__1_0.distcp", ".metadata"}}[fmt]  # fmt: skip
+    assert kinds | {"recipe_state.pt", "config.json", "tokenizer.json"} <= set(names)
+    for name in names:
+        path = folder / name
+        original = path.read_bytes()
+        for damaged in (original[:-1] + bytes([original[-1] ^ 0x80]), original[: len(original) // 2]):
+            path.write_bytes(damaged)
+            with pytest.raises(CheckpointCorrupt, match=f"does not verify: {re.escape(name)}: "):
+                verify_checkpoint(folder)
+        path.write_bytes(original)
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(split_dcp["stopped"]["manifest"]["files"])
+
+
+@pytest.mark.parametrize("fmt", ["hf", "dcp"])
+def test_a_corrupt_latest_is_refused_or_skipped(data, runs, split_dcp, fmt):
+    """latest (step 14) with a flipped bit (hf weights) or a truncated rank-1 shard (dcp): ``true`` refuses naming
+    the file; ``auto`` says on both ranks and in the metrics that it falls back to step 12, and ends with the
+    weights of the uninterrupted run (which exact resume from step 12 reproduces)."""
+    src = runs["full"] if fmt == "hf" else split_dcp["out"]
+    out = _out(data, f"corrupt_{fmt}")
+    shutil.copytree(src / "checkpoints", out / "checkpoints")
+    latest, previous = (out / "checkpoints" / f"step_{s}" for s in (STEPS, 12))
+    if fmt == "hf":
+        victim = latest / "model-00001-of-00001.safetensors"
+        data_ = bytearray(victim.read_bytes())
+        data_[len(data_) // 2] ^= 0x04
+        victim.write_bytes(bytes(data_))
+    else:
+        victim = latest / "__1_0.distcp"
+        victim.write_bytes(victim.read_bytes()[:-4096])
+    extra = [f"checkpoint_format={fmt}"]
+    refused = _train(_args(data, out, *extra, "resume_from_checkpoint=true"))
+    assert refused.returncode != 0
+    assert f"checkpoint {latest} does not verify: {victim.name}: " in refused.stdout + refused.stderr
+
+    resumed = _train(_args(data, out, *extra))
+    _ok(resumed)
+    log = resumed.stdout + resumed.stderr
+    assert log.count(f"falling back to {previous}, the newest checkpoint that verifies") == 2, log[-3000:]
+    rows = read_metrics(out / "logs" / "metrics.jsonl")
+    assert rows[0]["event"] == "resume_fallback" and rows[0]["step"] == 12 and rows[0]["corrupt"] == str(latest)
+    assert [r["step"] for r in rows[1:]] == [13, 14]
+    want = DocEVCheckpointer(src / "checkpoints" / f"step_{STEPS}").load_hf_state_dict()
+    got = DocEVCheckpointer(latest).load_hf_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_disk_full_is_named_and_a_restart_does_not_retrain(data, tmp_path):
+    """checkpointer.output_dir on a 12 MB tmpfs (one tiny HF checkpoint is ~8 MB): training warns that two do not
+    fit, the save of step 4 fits, the next one runs out of space and names the folder, the bytes needed and free;
+    the restart, the disk still full, resumes step 4 and refuses before it trains a step or rewrites a log line."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the disk-full test did not run")
+    try:
+        out = _out(data, "disk_full")
+        args = _args(data, out, f"checkpointer.output_dir={mnt}", "epochs=1")
+        first = _train(args)
+        log = first.stdout + first.stderr
+        assert first.returncode != 0
+        need = r"~7,77\d,\d\d\d bytes \(0\.01 GB\)"  # (742,208 weights + 2 x 600,320 moments) x 4 bytes
+        assert re.search(rf"room for one checkpoint of {need} but not two", log), log[-3000:]
+        assert re.search(rf"DiskSpaceError: \[Errno 28\] writing {mnt}/\.step_\d+\.partial: no space left: it "
+                         rf"needs {need}, [\d,]+ bytes \(0\.00 GB\) free", log), log[-3000:]  # fmt: skip
+        assert latest_checkpoint(mnt).name == f"step_{SAVE_EVERY}"
+        logged = (out / "logs" / "metrics.jsonl").read_text()
+
+        restart = _train(args)
+        log = restart.stdout + restart.stderr
+        assert restart.returncode != 0
+        assert re.search(rf"checkpointer.output_dir {mnt}: [\d,]+ bytes \(0\.00 GB\) free, one checkpoint needs "
+                         rf"{need}; .* training did not start", log), log[-3000:]  # fmt: skip
+        assert (out / "logs" / "metrics.jsonl").read_text() == logged  # no step trained, no line rewritten
+        assert not any(p.name.endswith(".partial") for p in mnt.iterdir())  # the resume pruned the failed save
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

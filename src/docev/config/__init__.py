@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from docev.config.components import component_params
+from docev.config.components import Params, component_params
 from docev.config.jobs import (
     ExportSection,
     FsdpStrategy,
@@ -435,15 +435,21 @@ def resolve_component(path: str) -> Any:
     return target
 
 
-def _tokenizer_errors(section: TokenizerSection) -> list[str]:
-    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all
-    (the signature read without importing, as for the other components)."""
+def _checked_params(path: str) -> tuple[list[str], Params | None]:
+    """(the import error, if any; the callable's parameters, None when they cannot be checked: no readable
+    signature, or ``**kwargs``). The signature is read without importing where it can be."""
     try:
-        params = component_params(section.component)
+        params = component_params(path)
     except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {section.component!r}"]
-    if params is None or params.var_keyword:
-        return []
+        return [f"_component_: cannot import {path!r}"], None
+    return [], None if params is None or params.var_keyword else params
+
+
+def _tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+    errors, params = _checked_params(section.component)
+    if params is None:
+        return errors
     return [
         f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
     ]
@@ -456,12 +462,9 @@ def _component_errors(section: Component | None) -> list[str]:
     if section is None:
         return []
     path = section.component
-    try:
-        params = component_params(path)
-    except (ImportError, AttributeError, ValueError):
-        return [f"_component_: cannot import {path!r}"]
-    if params is None or params.var_keyword:
-        return []
+    errors, params = _checked_params(path)
+    if params is None:
+        return errors
     names = [n for n in params.defaults if n not in _RECIPE_SUPPLIED]
     errors = []
     for key, value in (section.model_extra or {}).items():

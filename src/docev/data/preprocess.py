@@ -40,8 +40,17 @@ from docev.data.split import Split, all_sources
 from docev.data.transform import DocEVTransform, EncodedSample, transform_from_config
 from docev.outputs import Outputs, outputs
 from docev.progress import bar_disabled
-from docev.run.paths import MANIFEST, SHARDS_DROPPED, SHARDS_MANIFEST, shards_key, shards_manifest_key
+from docev.run.paths import (
+    MANIFEST,
+    SHARDS_DROPPED,
+    SHARDS_MANIFEST,
+    SOURCE_FINGERPRINTS,
+    shards_key,
+    shards_manifest_key,
+)
 from docev.run.publish import publishing, write_text
+from docev.sources import fingerprints
+from docev.sources.fingerprints import SourceChanged
 from docev.sources.readers import RawRecord, Unit, allowed_stores, read_unit, source_name, source_store
 from docev.storage import RETRIES, ordered_map
 from docev.vision.geometry import TilePlan
@@ -104,6 +113,24 @@ def _chunks(cfg: DocEVConfig, split: Split = "train") -> Iterator[tuple[int, lis
         yield k, chunk
 
 
+def check_sources(cfg: DocEVConfig) -> int:
+    """Every data file validate read is still what it read (``validate/sources.json``); returns how many.
+
+    Raises:
+        SourceChanged: naming the file (or the missing record of it).
+    """
+    outs = outputs(cfg)
+    recorded = outs.read_json(SOURCE_FINGERPRINTS)
+    if recorded is None:
+        raise SourceChanged(outs.where(SOURCE_FINGERPRINTS), "missing: validate recorded no source "
+                            "fingerprints (an older validate)")  # fmt: skip
+    stores = {source_name(s): source_store(s) for s in all_sources(cfg)}
+    unknown = sorted(set(recorded) - set(stores))
+    if unknown:
+        raise SourceChanged(", ".join(unknown), "validated sources no longer in the config's datasets")
+    return fingerprints.check_files(stores, recorded)
+
+
 def count_shards(cfg: DocEVConfig, split: Split = "train") -> int:
     with outputs(cfg).fetch(MANIFEST).open() as fh:
         n = sum(1 for line in fh if json.loads(line).get("split", "train") == split)
@@ -119,23 +146,36 @@ class ShardBuilder:
         self.sources = {source_name(s): (i, s) for i, s in enumerate(all_sources(cfg))}
         self.ratios = sorted(cfg.tokenizer.sampling_ratio)
 
-    def _records(self, entries: list[dict[str, Any]]) -> Iterator[RawRecord]:
-        """Read entries back in file order, one contiguous range per (source, file, unit)."""
+    def _records(self, entries: list[dict[str, Any]]) -> Iterator[tuple[RawRecord, dict[str, Any]]]:
+        """Read entries back in file order, one contiguous range per (source, file, unit), each with its manifest
+        entry. A row that is no longer the record validate accepted there is a changed source."""
         for (name, file, _), group in groupby(entries, key=lambda e: (e["source"], e["file"], e["unit"])):
             group = list(group)
-            wanted = {e["row"] for e in group}
+            wanted = {e["row"]: e for e in group}
             first, last = group[0], group[-1]
             unit = Unit(name, file, first["row"], last["row"] - first["row"] + 1, first["offset"] or 0)
-            for raw in read_unit(self.sources[name][1], unit, self.cfg.validate_.max_line_bytes):
-                if raw.row in wanted:
-                    yield raw
+            src = self.sources[name][1]
+            for raw in read_unit(src, unit, self.cfg.validate_.max_line_bytes):
+                entry = wanted.get(raw.row)
+                if entry is None:
+                    continue
+                if raw.data is None or raw.data.get("id") != entry["id"]:
+                    got = raw.data.get("id") if raw.data else raw.error
+                    raise SourceChanged(f"{source_store(src).display(source_store(src).join(file))} row {raw.row}",
+                                        f"validate accepted id {entry['id']!r} there, now {got!r}")  # fmt: skip
+                yield raw, entry
 
-    def _fetch_images(self, raw: RawRecord) -> list[tuple[str, bytes]]:
-        """(where, bytes) of a validated record's images, read from its source's store (thread-safe)."""
+    def _fetch_images(self, item: tuple[RawRecord, dict[str, Any]]) -> list[tuple[str, bytes]]:
+        """(where, bytes) of a validated record's images, read from its source's store (thread-safe), each
+        checked against the fingerprint validate recorded for it."""
+        raw, entry = item
         src = self.sources[raw.source][1]
         store, allowed = source_store(src), allowed_stores(src, self.cfg.validate_.allowed_roots)
         paths = [store.resolve(name, allowed) for name in raw.data.get("image_files", [])]
-        return [(store.display(p), store.read_bytes(p)) for p in paths]
+        blobs = [(store.display(p), store.read_bytes(p)) for p in paths]
+        for (where, blob), image in zip(blobs, entry["images"], strict=True):
+            fingerprints.check_bytes(where, image.get("fingerprint"), blob)
+        return blobs
 
     def _image(self, where: str, blob: bytes, plan: TilePlan) -> dict[str, Any]:
         """The stored form of one image: its original bytes when that is decided from its size (most pages:
@@ -153,7 +193,7 @@ class ShardBuilder:
         t, rows, dropped, stored, original = self.transform, [], [], 0, 0
         retries_before = RETRIES.value
         threads = max(s.storage_options.threads for _, s in self.sources.values())
-        for raw, blobs in ordered_map(self._fetch_images, self._records(entries), threads):
+        for (raw, _), blobs in ordered_map(self._fetch_images, self._records(entries), threads):
             if isinstance(blobs, BaseException):
                 raise blobs
             index, src = self.sources[raw.source]
@@ -229,6 +269,7 @@ def run_shards(
     """Build the split's missing shards k with k % num_shards == shard. Returns the shard indices built."""
     outs, rel = outputs(cfg), shards_key(split)
     chash, fingerprint = config_hash(cfg), tokenizer_fingerprint(cfg.tokenizer.model_name_or_path)
+    check_sources(cfg)
     chunks = _chunks(cfg, split)
     todo = ((k, e) for k, e in chunks
             if k % num_shards == shard and not shard_done(outs, rel, k, chash, fingerprint))  # fmt: skip

@@ -65,7 +65,7 @@ def training_facts(cfg: DocEVConfig, step: int | None, *, untrained: bool) -> Tr
         for line in fh:
             try:
                 entry = json.loads(line)
-                if "eval_loss" in entry and "loss" not in entry:  # an eval-loss line (docev.eval_loss)
+                if "loss" not in entry and ("eval_loss" in entry or "event" in entry):  # eval-loss or event line
                     continue
                 s, loss = int(entry["step"]), float(entry["loss"])
             except (ValueError, KeyError, TypeError):

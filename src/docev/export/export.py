@@ -3,9 +3,9 @@
 Everything is written to a staging folder, then checked (every tensor read back bit for bit, the
 layout and the tokenizer loaded, a smoke generation run from the folder itself, ``SHA256SUMS``
 recomputed), and only then published. Locally the staging folder sits beside the destination and
-is renamed onto it; an existing export is first renamed aside and removed only after the swap, so
-the destination holds either the old export or the new one, whole. On an object store (any fsspec
-URI whose backend is installed) the verified folder is uploaded to a staging prefix, checked
+is exchanged with it (:mod:`docev.export.publish`), so the destination holds either the old export
+or the new one, whole; only a folder holding this project's export manifest is ever replaced. On an
+object store (any fsspec URI whose backend is installed) the verified folder is uploaded to a staging prefix, checked
 there, then copied to the destination with ``SHA256SUMS`` last; a failure removes what was copied
 and puts the previous export back.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,13 +42,24 @@ from docev.export.card import (
     training_facts,
 )
 from docev.export.checksums import SUMS, list_files, verify_checksums, write_checksums
+from docev.export.publish import (
+    DestinationRefused,
+    check_replaceable,
+    destination_lock,
+    new_staging,
+    recover,
+    remove_owned,
+    replace_export,
+    seal,
+)
 from docev.export.weights import ExportError, export_tensors
 from docev.inference.generate import DocEVGenerator, Generation
-from docev.models.docev._folder import INDEX, save_sharded, side_files
+from docev.models.docev._folder import INDEX, WEIGHT_SUFFIXES, save_sharded, side_files
 from docev.models.docev._peft import is_trained_only
-from docev.run.checkpoints import CheckpointError, resolve_checkpoint, step_or_none
-from docev.run.paths import MANIFEST, run_paths
-from docev.run.publish import publish, remote_names, temp_folder
+from docev.run.checkpoints import RECIPE_STATE, CheckpointError, resolve_checkpoint, step_or_none
+from docev.run.diskspace import explain_write_error
+from docev.run.paths import EXPORT_UPLOAD, MANIFEST, run_paths
+from docev.run.publish import remote_names
 from docev.sources.readers import allowed_stores, source_name, source_store
 from docev.storage import read_file
 from docev.text.chat_template import resolve_chat_template
@@ -54,6 +67,7 @@ from docev.vision.image_io import load_image
 
 # Side files of a checkpoint folder that the export writes itself.
 _WRITTEN = {"generation_config.json", "chat_template.jinja", "README.md", SUMS}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,13 +212,15 @@ def build_export(cfg: DocEVConfig, checkpoint: Path, staging: Path) -> tuple[dic
                                     sampling_ratio=min(cfg.tokenizer.sampling_ratio))  # fmt: skip
         del generator
     untrained = checkpoint.resolve() == base.resolve()
-    facts: TrainingFacts = training_facts(cfg, step_or_none(checkpoint), untrained=untrained)
+    step = step_or_none(checkpoint)
+    facts: TrainingFacts = training_facts(cfg, step, untrained=untrained)
     smoke = smoke_section(sample, result, exp.smoke_prompt, exp.smoke_max_new_tokens, device, why_not, cfg.output_dir,
                           scored=bool(eval_results(cfg)))  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     card = model_card(cfg, checkpoint=checkpoint, training=facts, parameters=parameters, dtype=dtype_name, smoke=smoke,
                       adaptation=adaptation_rows(cfg.model) if is_trained_only(checkpoint) else ())  # fmt: skip
     (staging / "README.md").write_text(card)
+    seal(staging, {"checkpoint": str(checkpoint), "step": step, "dtype": dtype_name, "untrained": untrained})
     for path in staging.iterdir():  # safetensors writes 0600; the export is read by other pods and users
         path.chmod(0o644)
     staging.chmod(0o755)
@@ -215,10 +231,11 @@ def export_checkpoint(
     cfg: DocEVConfig, checkpoint: str | None = None, destination: str | None = None, *, overwrite: bool | None = None
 ) -> ExportResult:
     """The export step (``docev export``). ``checkpoint`` / ``destination`` / ``overwrite`` default to the
-    config's ``export`` section; the destination defaults to ``{output_dir}/export``.
+    config's ``export`` section; the destination defaults to ``{output_dir}/export``. Only an export this
+    project wrote is ever replaced (see :mod:`docev.export.publish`).
 
     Raises:
-        ExportError: bad checkpoint, an existing destination without ``overwrite``, a failed check.
+        ExportError: bad checkpoint, a destination that is not a replaceable export, a failed check.
         ChecksumError: a copy on an object store that does not match the verified folder.
     """
     exp = cfg.export
@@ -231,27 +248,47 @@ def export_checkpoint(
     overwrite = exp.overwrite if overwrite is None else overwrite
     fs, dest_path = fsspec.core.url_to_fs(dest)
     local = isinstance(fs, LocalFileSystem)
-    if fs.exists(dest_path) and not overwrite:
-        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-    # Local: beside the destination (one rename publishes). Remote: under output_dir (a volume sized for
-    # checkpoints, unlike /tmp).
-    staging = temp_folder(Path(dest_path), None if local else cfg.work_root)
+    # Local: staged beside the destination (one exchange publishes). Remote: under output_dir (a volume
+    # sized for checkpoints, unlike /tmp).
+    anchor = Path(dest_path) if local else cfg.work_root / EXPORT_UPLOAD
+    anchor.parent.mkdir(parents=True, exist_ok=True)
     try:
-        sums, smoke = build_export(cfg, source, staging)
-        if local:
-            _publish_local(staging, Path(dest_path), overwrite)
-        else:
-            _publish_remote(staging, fs, dest_path, sums, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with destination_lock(anchor):
+            for line in recover(anchor, restore=local):
+                log.warning("export: %s", line)
+            _check_destination(fs, dest_path, dest, overwrite)
+            staging = new_staging(anchor)
+            try:
+                sums, smoke = build_export(cfg, source, staging)
+                if local:
+                    replace_export(staging, anchor)
+                else:
+                    _publish_remote(staging, fs, dest_path, sums, overwrite)
+            except Exception as exc:  # a full or read-only disk (safetensors, torch): named with bytes needed and free
+                explained = explain_write_error(exc, staging, _weight_bytes(source), "choose another --out")
+                if explained is exc:
+                    raise
+                raise ExportError(str(explained)) from exc
+            finally:
+                if staging.exists():
+                    remove_owned(staging)
+    except DestinationRefused as exc:
+        raise ExportError(str(exc)) from None
     return ExportResult(dest, source, step_or_none(source), exp.dtype, sums, smoke)
 
 
-def _publish_local(staging: Path, dest: Path, overwrite: bool) -> None:
-    """Rename ``staging`` onto ``dest``; an existing ``dest`` is renamed aside first and removed after."""
-    if dest.exists() and not overwrite:
-        raise ExportError(f"{dest} exists; pass --overwrite (export.overwrite=true) to replace it")
-    publish(staging, dest)
+def _weight_bytes(checkpoint: Path) -> int:
+    """About what an export of ``checkpoint`` writes: its weight files (an over-estimate for a DCP step, whose
+    shards hold the optimizer state too)."""
+    return sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+               and p.name != RECIPE_STATE)  # fmt: skip
+
+
+def _check_destination(fs: AbstractFileSystem, path: str, shown: str, overwrite: bool) -> None:
+    if fs.exists(path) or os.path.islink(path) and isinstance(fs, LocalFileSystem):
+        check_replaceable(fs, path, shown)
+        if not overwrite:
+            raise ExportError(f"{shown} exists; pass --overwrite (export.overwrite=true) to replace it")
 
 
 def _publish_remote(staging: Path, fs: AbstractFileSystem, dest: str, sums: dict[str, str], overwrite: bool) -> None:

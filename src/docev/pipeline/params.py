@@ -24,6 +24,9 @@ KNOBS: dict[str, tuple[str, type]] = {
     "eval_every_n_steps": ("eval_every_n_steps", int),  # 0 = only after the last step
     "lora_rank": ("model.lora_rank", int),  # 0 = the config's (a full fine-tune has none)
 }
+# Every run parameter, in signature order: the embedded config, then the knobs. The pipeline's signature is
+# built from it and the components' are generated from it (components/generate.py).
+RUN_PARAMETERS: dict[str, type] = {"config_json": str, **{name: kind for name, (_, kind) in KNOBS.items()}}
 
 
 def knob_defaults(cfg: DocEVConfig) -> dict[str, Any]:

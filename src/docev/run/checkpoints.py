@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from docev.run.digests import MANIFEST, CheckpointCorrupt, verify_checkpoint
 from docev.run.paths import run_paths
 from docev.run.publish import publish, temp_name, write_text
 
@@ -160,7 +161,18 @@ def resolve_checkpoint(cfg: DocEVConfig, which: str) -> Path:
         folder = Path(which)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"--checkpoint {which}: {folder} is not a checkpoint folder (no config.json)")
+    try:  # a step folder must carry its digests; any other folder is checked when it has them
+        verify_checkpoint(folder, required=which != "base" and is_step_name(folder.name))
+    except CheckpointCorrupt as exc:
+        raise CheckpointError(f"--checkpoint {which}: {exc}") from None
     return folder
+
+
+def older_checkpoints(output_dir: str | Path, folder: Path) -> list[Path]:
+    """The step folders older than ``folder`` that hold a recipe state, newest first (``auto`` falls back
+    through them when ``folder`` does not verify)."""
+    newest = step_of(folder)
+    return [p for p in reversed(step_folders(output_dir)) if step_of(p) < newest and (p / RECIPE_STATE).is_file()]
 
 
 def start_folder(base: str | Path, output_dir: str | Path, resume: bool | str) -> tuple[Path, bool]:
@@ -188,7 +200,8 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
     save.
     ``protect`` survives regardless: a resumed run's checkpointer copies the tokenizer files from the
     folder it started from, so that folder stays until the next run prunes it. So does the folder
-    ``best`` names."""
+    ``best`` names, and the newest older folder sealed with its digests whatever ``keep`` says: a
+    corrupt ``latest`` always has a verified checkpoint to fall back to."""
     out = Path(output_dir)
     latest = latest_checkpoint(out)
     if latest is None:
@@ -198,7 +211,9 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
     kept = (latest, protect, best.folder if best else None)
     steps = [(step_of(p), p) for p in step_folders(out) if p not in kept]
     older = [p for s, p in steps if s < newest]
-    doomed = older[: max(0, len(older) - (keep - 1))] + [p for s, p in steps if s > newest]
+    fallback = next((p for p in reversed(older) if (p / MANIFEST).is_file()), None)
+    doomed = [p for p in older[: max(0, len(older) - (keep - 1))] if p != fallback]
+    doomed += [p for s, p in steps if s > newest]
     doomed += [p for p in out.iterdir() if p.is_dir() and _PARTIAL.fullmatch(p.name)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)

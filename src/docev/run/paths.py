@@ -39,12 +39,16 @@ ACCEPTED_FILE, REJECTS_FILE, MANIFEST_FILE, STATS_FILE = (
     "stats.json",
 )
 MANIFEST = f"{VALIDATE}/{MANIFEST_FILE}"
+# What identified each data file validate read (docev.sources.fingerprints): per part, then merged.
+FINGERPRINTS_FILE = "fingerprints.json"
+SOURCE_FINGERPRINTS = f"{VALIDATE}/sources.json"
 REJECTS = f"{VALIDATE}/{REJECTS_FILE}"
 VALIDATE_REPORTS = {kind: f"{VALIDATE}/report.{kind}" for kind in ("json", "md", "html")}
 THUMBNAILS = f"{VALIDATE}/thumbnails"
 SHARDS = "shards"
 SHARDS_MANIFEST = "manifest.json"  # the done-marker of a shard folder (a folder of its own when staged)
 SHARDS_DROPPED = "dropped.jsonl"
+EXPORT_UPLOAD = "export-upload"  # where an export to an object store is built and checked before the upload
 
 
 def validate_part(shard: int, num_shards: int) -> str:

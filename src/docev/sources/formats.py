@@ -29,12 +29,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from docev.run.publish import write_bytes
 
 FORMATS = ("ufx", "llava", "sharegpt", "messages", "qa")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -253,10 +253,7 @@ def write_embedded(data: bytes, folder: Path, name: str | None) -> str:
     target = folder / f"{hashlib.sha256(data).hexdigest()}{ext}"
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".embedded-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
+        write_bytes(target, data, unique=True)  # other workers may publish the same image at once
     return str(target)
 
 

@@ -88,6 +88,15 @@ def arch_of(cfg: DocEVConfig) -> DocEVArch:
     raise ValueError(f"model._component_ {cfg.model.component}: plan-memory knows the *_tiny and *_preview builders")
 
 
+def checkpoint_bytes(model: torch.nn.Module, master_dtype: torch.dtype, *, trained_only: bool = False) -> int:
+    """Planned size of one checkpoint: every saved weight in ``master_dtype`` plus two AdamW moments per
+    trained weight (``trained_only``: an adapter run saves its trained tensors only)."""
+    item = torch.empty((), dtype=master_dtype).element_size()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = trained if trained_only else sum(p.numel() for p in model.parameters())
+    return (weights + 2 * trained) * item
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds; an NF4 tensor is counted by its inner tensors (packed data, scalers, tables)."""
     if isinstance(t, NF4Tensor):

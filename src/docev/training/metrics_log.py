@@ -79,6 +79,15 @@ class MetricsLog:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        """A line that is no step's metrics (``{"step", "event", ...}``); the logger gets ``event/<name>``: 1."""
+        if self.logger is not None:
+            self.logger.log_dict({f"event/{name}": 1.0}, step=step)
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+        self._file.flush()
+
     def plot(self) -> Path | None:
         """``loss.png``: loss, the eval losses (eval-loss lines) and lr (second axis) over the steps."""
         every = read_metrics(self.path)

@@ -33,9 +33,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +51,10 @@ from docev.data.loader import build_dataloader
 from docev.eval_loss import EvalLoss
 from docev.models.docev import image_positions
 from docev.models.docev._dcp import OPTIMIZER_KEY
-from docev.run.checkpoints import prune_checkpoints
+from docev.run.diskspace import check_room
 from docev.run.paths import run_paths
 from docev.training.checkpoint_manager import CheckpointManager
-from docev.training.memory import GIB, refuse_oversized
+from docev.training.memory import GIB, checkpoint_bytes, refuse_oversized
 from docev.training.metrics_log import MetricsLog, wandb_mode, wandb_run_id
 from docev.training.parallelize import (
     graphs_per_code_object,
@@ -71,45 +69,22 @@ from docev.training.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from docev.training.preflight import require_torch_apis
 from docev.training.state import (
     LR_SCHEDULER_KEY,
-    RNG_KEY,
+    RNG,
     SAMPLER_KEY,
-    SEED_KEY,
-    STEP_KEY,
-    TOKENS_KEY,
-    WANDB_RUN_KEY,
-    WORLD_SIZE_KEY,
-    restore_rng,
+    SCHEDULE_FIELDS,
+    Entry,
+    Progress,
+    Schedule,
+    WandbRun,
 )
+from docev.training.step_stats import StepStats, fail_non_finite
 
 log = utils.get_logger("INFO")
-
-# The schedule a checkpoint was trained on; a resume with another one says what changes (the lr curve spans
-# the new total steps, so the lr at the resumed step moves).
-SCHEDULE_KEY = "schedule"
-SCHEDULE_FIELDS = ("epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "world_size")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm of a step is NaN/inf; raised on every rank, naming the step and samples."""
 
 
 def component(cfg: DocEVConfig, name: str) -> DictConfig:
     """A ``_component_`` section as the DictConfig ``torchtune.config.instantiate`` takes."""
     return OmegaConf.create(cfg.to_dict()[name])
-
-
-@dataclass
-class _Step:
-    """What one optimizer step accumulated on this rank over its micro-batches."""
-
-    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: loss × loss tokens (detached)
-    sample_ids: list[list[str]] = field(default_factory=list)
-    ratios: list[int] = field(default_factory=list)
-    tokens: int = 0  # non-padding tokens
-    loss_tokens: int = 0
-    slots: int = 0  # B × S, padding included
-    tiles: int = 0  # image tiles through the vision tower (base + grid tiles, padding tiles excluded)
-    attention_pairs: int = 0  # query-key pairs the documents attend (causal, per document), for MFU
 
 
 class DocEVFinetuneRecipe:
@@ -146,6 +121,8 @@ class DocEVFinetuneRecipe:
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
         self.seed = training.set_seed(seed=cfg.seed)
+        self._progress = Progress(self.seed, self.world_size)  # steps and tokens, saved and resumed
+        self._wandb = WandbRun()
 
         self._paths = run_paths(cfg)
         self._output_dir = self._paths.checkpoints
@@ -155,19 +132,21 @@ class DocEVFinetuneRecipe:
         self._log_peak_memory_stats = cfg.log_peak_memory_stats and self._device.type == "cuda"
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
-        self.global_step = 0
-        self.tokens_seen = 0
         self._metrics: MetricsLog | None = None
-        self._wandb_run_id: str | None = None
         self._preemption = PreemptionHandler(self._device)
         self._peft = PeftRun.from_config(cfg)  # None: full fine-tuning
 
     # ------------------------------------------------------------------------------------------
     # setup
 
+    @property
+    def global_step(self) -> int:
+        return self._progress.step
+
     def setup(self) -> None:
-        """Preemption handler, checkpoint (base or ``latest``), metric logger (continuing the checkpoint's W&B
-        run), model, optimizer, loss, data, lr scheduler; then the recipe state when resuming."""
+        """Preemption handler, checkpoint (base or ``latest``), model, optimizer, loss, data, metric logger
+        (continuing the checkpoint's W&B run), lr scheduler; the checkpoint manager hands each resumable piece
+        its state as it comes to exist (the RNG last)."""
         cfg = self.cfg
         self._preemption.install()
         if self._device.type == "cuda":  # refused before any weight is read (docev plan-memory, GPU memory)
@@ -176,8 +155,6 @@ class DocEVFinetuneRecipe:
             cfg, component(cfg, "checkpointer"), self._output_dir, self._device, peft=self._peft
         )
         state, resumed = self._checkpoints.load()
-        if self._is_rank_zero:  # a resumed run continues the W&B run of its checkpoint
-            self._metrics = self._setup_metrics(state.get(WANDB_RUN_KEY) if resumed else None)
         warning = precision_warning(self._master_dtype, (cfg.optimizer.model_extra or {}).get("lr"))
         if warning is not None and self._is_rank_zero:
             log.warning(warning)
@@ -187,6 +164,7 @@ class DocEVFinetuneRecipe:
         self._optimizer = self._setup_optimizer(state.get(OPTIMIZER_KEY) if resumed else None)
         if model_sd is None:
             self._checkpoints.load_sharded(self._model, self._optimizer)
+        self._checkpoints.attach(self._model, self._optimizer)
         self._loss_fn = self._setup_loss()
         # uint8 tiles travel to the device and are normalised there (4x fewer bytes, no host float work)
         self._dataloader, self._sampler = build_dataloader(
@@ -195,10 +173,21 @@ class DocEVFinetuneRecipe:
         self._eval_loss = EvalLoss.from_config(cfg, self._dataloader.collate_fn, rank=self.rank,
                                                 world_size=self.world_size, checkpoint_dir=self._output_dir,
                                                 resumed=resumed)  # fmt: skip
-        if resumed:
-            self._update_recipe_state(state)
-        if self._metrics is not None:  # lines past the checkpoint are repeated by this run
-            self._metrics.truncate_after(self.global_step)
+        self._checkpoints.resume(progress=self._progress, sampler=Entry(SAMPLER_KEY, self._sampler),
+                                 wandb=self._wandb)  # fmt: skip
+        # room for two saves, checked after a resume pruned what an interrupted save left and before anything
+        # of the run is rewritten: a restart on a disk still full fails here
+        need = checkpoint_bytes(self._model, self._master_dtype, trained_only=self._peft is not None)
+        self._checkpoints.checkpoint_bytes = need
+        room = check_room(self._output_dir, need)
+        if room is not None and self._is_rank_zero:
+            log.warning(room)
+        if self._is_rank_zero:
+            self._metrics = self._setup_metrics()
+            self._metrics.truncate_after(self.global_step)  # lines past the checkpoint are repeated by this run
+            for skipped in self._checkpoints.skipped:  # auto fell back past a corrupt checkpoint: on the record
+                self._metrics.event("resume_fallback", self.global_step, corrupt=str(skipped.folder),
+                                    problems=skipped.problems)  # fmt: skip
 
         self._steps_per_epoch = [self._steps_in_epoch(e) for e in range(self.total_epochs)]
         if self._steps_per_epoch[0] == 0:
@@ -208,20 +197,19 @@ class DocEVFinetuneRecipe:
                 f"{self.world_size} ranks per micro-batch)"
             )
         self._total_steps = sum(self._steps_per_epoch)
-        self._lr_scheduler = self._setup_lr_scheduler(state.get(LR_SCHEDULER_KEY) if resumed else None)
-        if resumed and self._is_rank_zero:
-            self._log_schedule_change(state.get(SCHEDULE_KEY), state.get(LR_SCHEDULER_KEY))
-        if resumed:
-            rng = state[RNG_KEY]
-            if len(rng) == self.world_size:
-                restore_rng(rng[self.rank])
+        self._lr_scheduler = self._setup_lr_scheduler()
+        schedule = Schedule(self._schedule())
+        self._checkpoints.resume(lr_scheduler=Entry(LR_SCHEDULER_KEY, self._lr_scheduler), schedule=schedule,
+                                 rng=RNG(self.rank, self.world_size))  # fmt: skip
+        if self._is_rank_zero and (line := schedule.change(self.global_step, self._optimizer.param_groups[0]["lr"])):
+            log.info(line)
         self._ignore_index = getattr(self._loss_fn, "ignore_index", -100)
 
-    def _setup_metrics(self, saved_run_id: str | None) -> MetricsLog:
+    def _setup_metrics(self) -> MetricsLog:
         cfg = self.cfg
         wandb_mode(cfg.metric_logger.component)
-        self._wandb_run_id = wandb_run_id(cfg.metric_logger, saved_run_id)
-        resume = {"id": self._wandb_run_id, "resume": "allow"} if self._wandb_run_id else {}
+        self._wandb.id = wandb_run_id(cfg.metric_logger, self._wandb.saved)
+        resume = {"id": self._wandb.id, "resume": "allow"} if self._wandb.id else {}
         logger = config.instantiate(component(cfg, "metric_logger"), **resume)
         # torchtune writes {output_dir}/torchtune_config.yaml: give it the work folder (output_dir may be s3://…)
         logger.log_config(OmegaConf.create({**cfg.to_dict(), "output_dir": str(cfg.work_root)}))
@@ -277,62 +265,23 @@ class DocEVFinetuneRecipe:
             self._model.set_num_output_chunks(loss_fn.num_output_chunks)
         return loss_fn
 
-    def _setup_lr_scheduler(self, scheduler_state: dict[str, Any] | None) -> Any:
-        """The schedule spans every epoch's steps; ``last_epoch`` puts a resumed run at its step."""
+    def _setup_lr_scheduler(self) -> Any:
+        """The schedule spans every epoch's steps; ``last_epoch`` puts a resumed run at its step (the manager
+        then loads the scheduler's own state)."""
         if self.cfg.lr_scheduler is None:
             return None
-        scheduler = config.instantiate(
+        return config.instantiate(
             component(self.cfg, "lr_scheduler"),
             self._optimizer,
             num_training_steps=self._total_steps,
             last_epoch=self.global_step - 1,
         )
-        if scheduler_state is not None:
-            scheduler.load_state_dict(scheduler_state)
-        return scheduler
 
     def _schedule(self) -> dict[str, Any]:
         cfg = self.cfg
         values = (self.total_epochs, self.max_steps_per_epoch, cfg.batch_size, self._gradient_accumulation_steps,
                   self.world_size)  # fmt: skip
         return {**dict(zip(SCHEDULE_FIELDS, values, strict=True)), "total_steps": self._total_steps}
-
-    def _log_schedule_change(self, saved: dict[str, Any] | None, scheduler_state: dict[str, Any] | None) -> None:
-        """One line when the resumed run's schedule differs from its checkpoint's: what changed, the new total
-        steps (the progress bar's), and the lr at the resumed step before and after (the curve now spans the
-        new total). Checkpoints from before the schedule was recorded are resumed silently."""
-        if saved is None:
-            return
-        now = self._schedule()
-        changed = [f"{k} {saved.get(k)} → {now[k]}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
-        if not changed and saved.get("total_steps") == now["total_steps"]:
-            return
-        was = (scheduler_state or {}).get("_last_lr")
-        lr = self._optimizer.param_groups[0]["lr"]
-        lr_note = f"the lr at step {self.global_step} goes {was[0]:.3g} → {lr:.3g}" if was else f"the lr is {lr:.3g}"
-        log.info(
-            f"Resuming with another schedule ({', '.join(changed) or 'the data'}): total steps "
-            f"{saved.get('total_steps')} → {now['total_steps']}; the lr schedule now spans {now['total_steps']} "
-            f"steps, so {lr_note} and follows the new curve from here"
-        )
-
-    def _update_recipe_state(self, state: dict[str, Any]) -> None:
-        self.global_step = int(state[STEP_KEY])
-        self.tokens_seen = int(state[TOKENS_KEY])
-        if state[SEED_KEY] != self.seed:
-            raise ValueError(
-                f"seed: the checkpoint was trained with seed {state[SEED_KEY]}, this run has {self.seed}; "
-                "resuming would change the data order"
-            )
-        if state[WORLD_SIZE_KEY] != self.world_size:
-            utils.log_rank_zero(
-                log,
-                f"Resuming on {self.world_size} ranks from a {state[WORLD_SIZE_KEY]}-rank checkpoint: the samples "
-                "after the checkpoint differ from an uninterrupted run",
-            )
-        self._sampler.load_state_dict(state[SAMPLER_KEY])
-        if self._is_rank_zero:
-            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints, self._checkpoints.resumed_from)
 
     def _steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch: its full gradient-accumulation groups, capped by max_steps_per_epoch."""
@@ -357,7 +306,7 @@ class DocEVFinetuneRecipe:
             done = self._sampler.start_step // self._gradient_accumulation_steps
             if done >= self._steps_per_epoch[epoch]:
                 continue
-            step, t0 = _Step(), time.perf_counter()
+            step, t0 = StepStats(), time.perf_counter()
             for batch in self._dataloader:
                 self._sampler.advance(1)
                 self._forward_backward(batch, step)
@@ -371,10 +320,8 @@ class DocEVFinetuneRecipe:
                 best = None if self._eval_loss is None else self._eval_loss.maybe_run(
                     self._model, self._loss_fn, self._device, self.global_step, last, self._metrics)  # fmt: skip
                 preempted = self._preemption.agreed()
-                save_now = self.global_step % self.cfg.save_every_n_steps == 0
-                if end_of_epoch or stopping or preempted or best is not None or save_now:
-                    # published before returning when the run exits next or `best` will name the folder
-                    self.save_checkpoint(wait=preempted or best is not None)
+                self._checkpoints.maybe_save(self.global_step, end_of_epoch=end_of_epoch, last=last,
+                                             preempted=preempted, best=best is not None)  # fmt: skip
                 if best is not None:
                     self._eval_loss.mark_best(self.global_step, best)
                 if preempted and not last:  # a run that just finished ends as finished
@@ -382,16 +329,14 @@ class DocEVFinetuneRecipe:
                     raise Preempted(self.global_step)
                 if end_of_epoch or stopping:
                     break
-                step, t0 = _Step(), time.perf_counter()
+                step, t0 = StepStats(), time.perf_counter()
             if stop is not None and self.global_step >= stop:
                 utils.log_rank_zero(log, f"stop_after_steps: stopping after step {self.global_step}")
                 break
         pbar.close()
-        self._checkpoints.wait()  # the last save is complete before the run counts as done
-        if self._is_rank_zero:  # the folder this run resumed from is no longer needed for saving
-            prune_checkpoints(self._output_dir, self.cfg.keep_last_n_checkpoints)
+        self._checkpoints.finish()
 
-    def _forward_backward(self, batch: dict[str, Any], step: _Step) -> None:
+    def _forward_backward(self, batch: dict[str, Any], step: StepStats) -> None:
         """One micro-batch: forward, loss summed over its loss tokens, backward."""
         last = len(step.losses) + 1 == self._gradient_accumulation_steps
         sync_gradients(self._model, self.cfg.train.gradient_reduction, last=last, hybrid=self._hybrid)
@@ -428,27 +373,14 @@ class DocEVFinetuneRecipe:
             loss = sum(chunk.sum() for chunk in (logits if isinstance(logits, list) else [logits])) * 0.0
         del logits
         loss.backward()
-        step.losses.append(loss.detach())
-        step.sample_ids.append(list(batch["sample_ids"]))
-        step.ratios.append(int(batch["sampling_ratio"]))
-        step.tokens += int(batch["num_tokens"])
-        step.loss_tokens += int(n_loss)
-        step.slots += batch["tokens"].numel()
-        step.attention_pairs += batch["attention_pairs"]
-        if batch["image_grids"] is not None:
-            step.tiles += sum(1 + rows * cols for rows, cols in batch["image_grids"].tolist())
+        step.record(batch, loss, n_loss)
 
-    def _optimizer_step(self, step: _Step, epoch: int, t0: float, pbar: tqdm) -> None:
-        losses = torch.stack(step.losses)
-        bad = ~torch.isfinite(losses)
-        counts = [step.tokens, step.loss_tokens, step.slots, step.tiles, step.attention_pairs]
-        counts = torch.tensor(counts, dtype=torch.float64, device=self._device)
-        totals = torch.cat([losses.sum().double().reshape(1), bad.sum().double().reshape(1), counts])
-        dist.all_reduce(totals)  # one collective: loss sum, non-finite micro-batches, token counts
-        loss_sum, n_bad, tokens, loss_tokens, slots, tiles, pairs = totals.tolist()
+    def _optimizer_step(self, step: StepStats, epoch: int, t0: float, pbar: tqdm) -> None:
+        bad, totals = step.all_reduce(self._device)
+        loss_sum, n_bad, tokens, loss_tokens, slots, tiles, pairs = totals
         if n_bad or not math.isfinite(loss_sum):
             ids = [i for flag, i in zip(bad.tolist(), step.sample_ids, strict=True) if flag]
-            self._fail(f"loss is {loss_sum / max(loss_tokens, 1)}", ids)
+            fail_non_finite(f"loss is {loss_sum / max(loss_tokens, 1)}", self.global_step + 1, ids, self.world_size)
 
         # Gradients hold sums over this rank's loss tokens; FSDP averages over ranks. Scale to the mean
         # over every loss token of the step.
@@ -462,7 +394,7 @@ class DocEVFinetuneRecipe:
             grad_norm = grad_norm.full_tensor()
         grad_norm = grad_norm.item()
         if not math.isfinite(grad_norm):
-            self._fail(f"gradient norm is {grad_norm}", step.sample_ids)
+            fail_non_finite(f"gradient norm is {grad_norm}", self.global_step + 1, step.sample_ids, self.world_size)
         lr = get_lr(self._optimizer)
         self._checkpoints.wait_for_staging()  # an async save's host copy is complete before weights change
         self._optimizer.step()
@@ -475,14 +407,13 @@ class DocEVFinetuneRecipe:
         # ended) through every forward/backward, the all-reduce, grad scaling, clipping, optimizer.step,
         # zero_grad and the lr-scheduler step. Checkpoint saves and metric logging fall outside it.
         step_seconds = time.perf_counter() - t0
-        self.global_step += 1
-        self.tokens_seen += int(tokens)
+        self._progress.step += 1
+        self._progress.tokens += int(tokens)
 
         loss = loss_sum / max(loss_tokens, 1.0)
         pbar.update(1)
         pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss:.4f}")
         if self._metrics is not None and self.global_step % self._log_every_n_steps == 0:
-            ratios = set(step.ratios)
             metrics = {
                 "loss": loss,
                 "lr": lr,
@@ -490,12 +421,12 @@ class DocEVFinetuneRecipe:
                 "tokens_per_second": tokens / step_seconds,
                 "tokens_per_second_per_gpu": tokens / step_seconds / self.world_size,
                 "padding_share": 1.0 - tokens / slots,
-                "sampling_ratio": ratios.pop() if len(ratios) == 1 else sum(step.ratios) / len(step.ratios),
+                "sampling_ratio": step.sampling_ratio(),
                 "num_tokens": int(tokens),
                 "num_loss_tokens": int(loss_tokens),
                 "num_tiles": int(tiles),
                 "attention_pairs": int(pairs),
-                "tokens_seen": self.tokens_seen,
+                "tokens_seen": self._progress.tokens,
                 "step_seconds": step_seconds,
                 "epoch": epoch,
             }
@@ -506,37 +437,8 @@ class DocEVFinetuneRecipe:
                 metrics.update(training.get_memory_stats(device=self._device))
             self._metrics.log(metrics, step=self.global_step)
 
-    def _fail(self, what: str, local_ids: list[list[str]]) -> None:
-        """Every rank reaches this together (after the same collective); name the samples of every rank."""
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local_ids)
-        where = "; ".join(f"rank {r}: {ids}" for r, ids in enumerate(gathered) if ids)
-        raise NonFiniteLossError(
-            f"step {self.global_step + 1}: {what}; stopping before the optimizer step (the last checkpoint is "
-            f"intact). Samples of the offending micro-batches: {where}"
-        )
-
     # ------------------------------------------------------------------------------------------
     # checkpoints and shutdown
-
-    def save_checkpoint(self, *, wait: bool = False) -> Path | None:
-        """``step_N`` of the current step, in ``checkpoint_format`` (see ``checkpoint_manager``); then
-        ``latest``, then pruning to the last K. Collective. ``wait=True`` returns only once an async save
-        is published (a run about to exit). Returns the folder on rank 0."""
-        return self._checkpoints.save(self._model, self._optimizer, self._recipe_state(), self.global_step, wait=wait)
-
-    def _recipe_state(self) -> dict[str, Any]:
-        """Everything saved besides the model, the optimizer and the RNG states (the manager adds those)."""
-        return {
-            LR_SCHEDULER_KEY: None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
-            SAMPLER_KEY: self._sampler.state_dict(),
-            STEP_KEY: self.global_step,
-            TOKENS_KEY: self.tokens_seen,
-            SEED_KEY: self.seed,
-            WORLD_SIZE_KEY: self.world_size,
-            WANDB_RUN_KEY: self._wandb_run_id,
-            SCHEDULE_KEY: self._schedule(),
-        }
 
     def cleanup(self) -> None:
         self._preemption.uninstall()

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from docev.config import DocEVConfig
 from docev.outputs import outputs
-from docev.run.paths import VALIDATE
+from docev.run.paths import REJECTS_FILE, THUMBNAILS, VALIDATE, VALIDATE_REPORTS
+from docev.run.publish import write_bytes, write_text
 from docev.sources.manifest import iter_manifest
 from docev.sources.readers import load_source_image, source_name
 from docev.validate.rules import REASONS
@@ -57,7 +58,7 @@ def _thumbnails(cfg: DocEVConfig, out: Path, manifest: Path) -> list[tuple[str, 
         thumb.save(buf, "PNG")
         name = f"{entry['source']}-{entry['row']}.png"
         (out / "thumbnails").mkdir(exist_ok=True)
-        (out / "thumbnails" / name).write_bytes(buf.getvalue())
+        write_bytes(out / "thumbnails" / name, buf.getvalue())  # whole or not at all, as the reports
         (h, w), pages = im["size"], len(entry["images"])
         caption = (f"{w}×{h} px {im['mode']}, {im['tiles']} tiles, tokens {entry['tokens']}"
                    + (f" (page 1 of {pages})" if pages > 1 else ""))  # fmt: skip
@@ -99,8 +100,9 @@ def write_reports(
     cfg: DocEVConfig, report: dict[str, Any], examples: dict[str, dict[str, Any]], manifest: Path
 ) -> None:
     """report.json, report.md, report.html and thumbnails/ (of the accepted entries in ``manifest``), published."""
-    out = outputs(cfg).local(VALIDATE)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    outs = outputs(cfg)
+    out = outs.local(VALIDATE)
+    write_text(outs.local(VALIDATE_REPORTS["json"]), json.dumps(report, indent=2))
     thumbs = _thumbnails(cfg, out, manifest)
     split = {name: report["split"][name] for name in report["sources"]}
     passed, sentence = verdict(report)
@@ -125,7 +127,7 @@ def write_reports(
     for name, s in report["sources"].items():
         md.append(f"- {name}: " + ", ".join(f"{k} {n}" for k, n in s["tokens"].items()))
     md += ["", "## Example of each reject reason", ""]
-    md += ["Line numbers count from 1 (the `row` field of `rejects.jsonl` and the manifest counts from 0).", ""]
+    md += [f"Line numbers count from 1 (the `row` field of `{REJECTS_FILE}` and the manifest counts from 0).", ""]
     for reason, ex in sorted(examples.items()):
         md += [
             f"### `{reason}`",
@@ -139,7 +141,7 @@ def write_reports(
         ]
     md += ["## Accepted pages with their tile grid", ""]
     md += [f"![{rid}](thumbnails/{name}) {rid}: {cap}" for rid, name, cap, _ in thumbs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(outs.local(VALIDATE_REPORTS["md"]), "\n".join(md) + "\n")
 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['read']}</td><td>{s['accepted']}</td><td>{s['rejected']}</td>"
@@ -167,9 +169,8 @@ def write_reports(
         f"<th>rejected</th><th>reject share</th><th>reasons</th><th>train</th><th>held out</th></tr>{rows}</table>"
         f"<h2>Accepted pages with their tile grid</h2>{figs}<h2>Example of each reject reason</h2>{exs}"
     )
-    (out / "report.html").write_text(page)
-    outs = outputs(cfg)
-    if (out / "thumbnails").is_dir():
-        outs.publish_tree(f"{VALIDATE}/thumbnails")
-    for name in ("report.json", "report.md", "report.html"):
-        outs.publish(f"{VALIDATE}/{name}")
+    write_text(outs.local(VALIDATE_REPORTS["html"]), page)
+    if outs.local(THUMBNAILS).is_dir():
+        outs.publish_tree(THUMBNAILS)
+    for key in VALIDATE_REPORTS.values():
+        outs.publish(key)

@@ -2,7 +2,8 @@
 
 Layout under ``{output_dir}/validate/``::
 
-    parts/00000-of-00001/{accepted,rejects}.jsonl, stats.json   one per ``--shard i/n`` (atomic)
+    parts/00000-of-00001/{accepted,rejects}.jsonl, fingerprints.json, stats.json   one per ``--shard i/n``
+    sources.json      per source, per data file: size, mtime / ETag, XXH3-128 (docev.sources.fingerprints)
     manifest.jsonl    accepted records: source, file, row, offset, id, images, tokens per ratio
     rejects.jsonl     the original record + reason code + field + detail, for every reject
     report.json / report.md / report.html, thumbnails/
@@ -30,16 +31,19 @@ from docev.data.split import SplitAssigner, all_sources
 from docev.outputs import outputs
 from docev.run.paths import (
     ACCEPTED_FILE,
+    FINGERPRINTS_FILE,
     MANIFEST,
     MANIFEST_FILE,
     REJECTS,
     REJECTS_FILE,
+    SOURCE_FINGERPRINTS,
     STATS_FILE,
     VALIDATE,
     VALIDATE_REPORTS,
     validate_part,
 )
-from docev.run.publish import publish
+from docev.run.publish import publish, write_text
+from docev.sources import fingerprints
 from docev.sources.formats import original_field
 from docev.sources.readers import (
     RawRecord,
@@ -133,9 +137,10 @@ class UnitValidator:
             ]
             stats.add_accept(ok.images, ok.tokens, tiles)
             images = [
-                {"path": name, "size": list(im.size), "mode": im.mode, "tiles": n}
+                {"path": name, "size": list(im.size), "mode": im.mode, "tiles": n,
+                 "fingerprint": fingerprints.of_bytes(fetched[name][1])}
                 for name, im, n in zip(ok.record.image_files, ok.images, tiles, strict=True)
-            ]
+            ]  # fmt: skip
             accepted.append(
                 {**pos, "id": ok.record.id, "images": images, "tokens": {str(r): n for r, n in ok.tokens.items()}}
             )
@@ -211,14 +216,21 @@ def run_shard(cfg: DocEVConfig, shard: int = 0, num_shards: int = 1, workers: in
     with owned_tempdir(final.parent, f".{final.name}.") as tmp:
         _write_part(cfg, mine, workers, tmp, f"validate {shard}/{num_shards}")
         swap_in(tmp, final)
-    for name in (ACCEPTED_FILE, REJECTS_FILE, STATS_FILE):
+    for name in (ACCEPTED_FILE, REJECTS_FILE, FINGERPRINTS_FILE, STATS_FILE):
         outs.publish(f"{part}/{name}")
     return final
 
 
 def _write_part(cfg: DocEVConfig, mine: list[tuple[int, int, Unit]], workers: int, tmp: Path, desc: str) -> None:
-    """accepted.jsonl, rejects.jsonl and stats.json of these units in the folder ``tmp``."""
-    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in all_sources(cfg)}
+    """fingerprints.json, accepted.jsonl, rejects.jsonl and stats.json of these units in the folder ``tmp``."""
+    # what each data file is before a record of it is read: any later change shows up at preprocess
+    sources = all_sources(cfg)
+    files: dict[str, dict[str, Any]] = {}
+    for si, unit in sorted({(si, u.file): (si, u) for _, si, u in mine}.values(), key=lambda x: (x[0], x[1].file)):
+        store = source_store(sources[si])
+        files.setdefault(unit.source, {})[unit.file] = fingerprints.of_file(store, store.join(unit.file))
+    (tmp / FINGERPRINTS_FILE).write_text(fingerprints.dumps(files))
+    stats: dict[str, SourceStats] = {source_name(s): SourceStats() for s in sources}
     with (tmp / ACCEPTED_FILE).open("w") as acc, (tmp / REJECTS_FILE).open("w") as rej:
         bar = tqdm(total=sum(u.count for _, _, u in mine), unit="rec", desc=desc, disable=None, mininterval=1.0)
         for result in _results(cfg, mine, workers):
@@ -255,9 +267,15 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"validate merge: shard outputs missing: {', '.join(missing)}")
     stats = {source_name(s): SourceStats() for s in all_sources(cfg)}
+    recorded: dict[str, dict[str, Any]] = {}
     for p in parts:
         for name, data in json.loads(outs.read_text(f"{p}/{STATS_FILE}")).items():
             stats[name].merge(SourceStats.from_dict(data))
+        for name, files in json.loads(outs.read_text(f"{p}/{FINGERPRINTS_FILE}")).items():
+            for rel, fp in files.items():
+                seen = recorded.setdefault(name, {}).setdefault(rel, fp)
+                if what := fingerprints.difference(seen, fp):  # two shards read one file: it changed meanwhile
+                    raise fingerprints.SourceChanged(f"{name}: {rel}", f"changed while validate ran: {what}")
     sources = {source_name(s): s for s in all_sources(cfg)}
     splits = SplitAssigner(cfg)
     limit = cfg.validate_.max_line_bytes
@@ -316,6 +334,8 @@ def merge(cfg: DocEVConfig, num_shards: int = 1) -> dict[str, Any]:
                 )
         publish(tmp / REJECTS_FILE, outs.local(REJECTS))
         outs.publish(REJECTS)
+        write_text(outs.local(SOURCE_FINGERPRINTS), fingerprints.dumps(recorded))
+        outs.publish(SOURCE_FINGERPRINTS)
         report = {
             "sources": {name: s.to_dict() for name, s in stats.items()},
             "split": splits.summary(),

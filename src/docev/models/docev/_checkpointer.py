@@ -31,6 +31,7 @@ from docev.models.docev._convert_weights import (
 from docev.models.docev._dcp import is_dcp_folder, read_dcp_model
 from docev.models.docev._folder import INDEX, PEFT_META, TRAINED_FILE, save_sharded, side_files
 from docev.run.checkpoints import RECIPE_STATE, partial_folder, publish_step
+from docev.run.digests import seal, verify_checkpoint
 
 DCP_WHERE = "DCP shards"
 
@@ -46,6 +47,8 @@ class DocEVCheckpointer:
         model_type (str): must be ``DOCEV``.
         output_dir (str | Path | None): where ``save_checkpoint`` writes ``step_N/`` and ``latest``.
         max_shard_bytes (int): shard size limit of saved safetensors files.
+        verify (bool): check the folder against its ``checkpoint_manifest.json`` first, when it has one (the
+            recipe passes False: its ranks have verified the folder between them).
     """
 
     def __init__(
@@ -55,10 +58,13 @@ class DocEVCheckpointer:
         model_type: str = "DOCEV",
         output_dir: str | Path | None = None,
         max_shard_bytes: int = 5_000_000_000,
+        verify: bool = True,
     ):
         if model_type.upper() != "DOCEV":
             raise ValueError(f"checkpointer.model_type {model_type!r}: this checkpointer reads DOCEV checkpoints only")
         self.checkpoint_dir = Path(checkpoint_dir)
+        if verify:
+            verify_checkpoint(self.checkpoint_dir, required=False)
         config_path = self.checkpoint_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_path} does not exist")
@@ -130,9 +136,12 @@ class DocEVCheckpointer:
             out.update(torch.load(recipe, map_location="cpu", weights_only=True))
         return out
 
-    def save_checkpoint(self, state_dict: Mapping[str, Any], step: int) -> Path:
+    def save_checkpoint(
+        self, state_dict: Mapping[str, Any], step: int, record: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write ``output_dir/step_{step}`` (HF layout, unused checkpoint tensors carried through) and
-        point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``. Returns the folder."""
+        point ``latest`` at it. Entries besides ``model`` go to ``recipe_state.pt``; ``record`` goes into
+        the folder's manifest. Returns the folder."""
         if self.output_dir is None:
             raise ValueError("checkpointer.output_dir is not set; cannot save")
         if self.unused is None:
@@ -149,9 +158,11 @@ class DocEVCheckpointer:
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
-        return self.publish(tmp, step)
+        return self.publish(tmp, step, record)
 
-    def save_trained_checkpoint(self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any]) -> Path:
+    def save_trained_checkpoint(
+        self, state_dict: Mapping[str, Any], step: int, peft: Mapping[str, Any], record: Mapping[str, Any] | None = None
+    ) -> Path:
         """``step_{step}`` of a run that trains adapters: ``state_dict["model"]`` holds the trained tensors
         only (torchtune names, written to ``trained_model.safetensors``), ``peft`` goes to ``peft.json``; the
         frozen weights stay in the base checkpoint. Same atomic folder and ``latest`` as ``save_checkpoint``."""
@@ -163,7 +174,7 @@ class DocEVCheckpointer:
         extra = {k: v for k, v in state_dict.items() if k != "model"}
         if extra:
             torch.save(extra, tmp / RECIPE_STATE)
-        return self.publish(tmp, step)
+        return self.publish(tmp, step, record)
 
     def partial_folder(self, step: int) -> Path:
         """An empty ``.step_{step}.partial`` in ``output_dir`` (``docev.run.checkpoints``)."""
@@ -180,8 +191,11 @@ class DocEVCheckpointer:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    def publish(self, tmp: Path, step: int) -> Path:
-        """Rename the complete ``tmp`` to ``step_{step}``, then point ``latest`` at it."""
+    def publish(self, tmp: Path, step: int, record: Mapping[str, Any] | None = None) -> Path:
+        """Seal the complete ``tmp`` (the digest of every file in its ``checkpoint_manifest.json``, with
+        ``record``), rename it to ``step_{step}``, then point ``latest`` at it; ``docev.run.publish`` fsyncs
+        files and folders first, so after a power loss ``latest`` never names bytes that are not on disk."""
+        seal(tmp, step, record)
         return publish_step(self.output_dir, tmp, step)
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from docev.run.digests import record_written
 
 DCP_METADATA = ".metadata"
 MODEL_KEY = "model"
@@ -39,3 +41,16 @@ def read_dcp_model(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if MODEL_KEY not in state:
         raise ValueError(f"{folder}: the DCP checkpoint has no '{MODEL_KEY}' entry (not a DocEV training checkpoint)")
     return dict(state[MODEL_KEY]), dict(state.get(UNUSED_KEY, {}))
+
+
+class DigestingWriter(FileSystemWriter):
+    """DCP's file writer that hashes each file this rank wrote right after writing it (for async saves, in
+    the background writer) and records it beside the file for rank 0's ``seal``."""
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        results = future.wait()  # FileSystemWriter writes before it returns: this future is already done
+        folder = Path(self.path)
+        for name in sorted({r.storage_data.relative_path for r in results}):
+            record_written(folder, name)
+        return future

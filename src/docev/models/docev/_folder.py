@@ -17,14 +17,16 @@ from safetensors.torch import save_file
 
 from docev.models.docev._dcp import DCP_METADATA
 from docev.run.checkpoints import LATEST
+from docev.run.digests import MANIFEST
 
 INDEX = "model.safetensors.index.json"
 # A step folder of an adapter run: the trained tensors (torchtune names) and the adapter settings.
 TRAINED_FILE = "trained_model.safetensors"
 PEFT_META = "peft.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")  # .distcp: the shards of a DCP step
-# Written by whoever writes the folder (config with its dtype, indexes, DCP metadata, adapter settings).
-FORMAT_FILES = frozenset({"config.json", INDEX, "pytorch_model.bin.index.json", DCP_METADATA, PEFT_META, LATEST})
+# Written by whoever writes the folder (config with its dtype, indexes, DCP metadata, adapter settings, digests).
+FORMAT_FILES = frozenset({"config.json", INDEX, "pytorch_model.bin.index.json", DCP_METADATA, PEFT_META, LATEST,
+                          MANIFEST})  # fmt: skip
 
 
 def side_files(folder: Path, skip: Iterable[str] = ()) -> list[Path]:
