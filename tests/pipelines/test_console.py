@@ -100,3 +100,28 @@ def test_progress_bars_on_a_terminal_only(tmp_path, tiny_checkpoint):
     assert "\r" not in screens["pipe"] and [line.split(" ", 1)[1] for line in screens["pipe"].splitlines()] == [
         "▶ train", "✓ train 0 s", "▶ evaluate", "✓ evaluate 0 s"
     ]  # fmt: skip
+
+
+def test_handlers_made_during_the_run_go_back_to_stderr(tmp_path, tiny_checkpoint):
+    """A logging handler created while stderr was the console keeps it as its stream; after the run the console
+    is closed, so ``release_console`` points such handlers at the real stderr (else every later record through
+    them prints a "Logging error" traceback)."""
+    import contextlib
+    import logging
+    import sys
+
+    from docev.pipeline.local import release_console
+
+    cfg = tiny_config(tmp_path, tiny_checkpoint, [{"source": str(tmp_path)}])
+    console = TaskConsole(cfg, io.StringIO())
+    logger = logging.getLogger("docev.test.release_console")
+    with contextlib.redirect_stderr(console):
+        handler = logging.StreamHandler()  # takes sys.stderr: the console
+        logger.addHandler(handler)
+    try:
+        assert handler.stream is console
+        release_console(console)
+        console.close()
+        assert handler.stream is sys.__stderr__
+    finally:
+        logger.removeHandler(handler)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,16 @@ def ensure_assets(cfg: DocEVConfig) -> None:
         synth_data(data, syn.records, seed=syn.seed, fmt=syn.format)
 
 
+def release_console(console: TaskConsole) -> None:
+    """Point logging handlers made during the run back at the real stderr. A handler created while stderr was
+    redirected (kfp's, urllib3's) keeps the console as its stream; after the run the console is closed, and
+    every later log record through it would print a "Logging error" traceback."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in (h for lg in loggers for h in getattr(lg, "handlers", [])):
+        if isinstance(handler, logging.StreamHandler) and handler.stream is console:
+            handler.setStream(sys.__stderr__)
+
+
 def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None) -> dict[str, Path | str]:
     """Run the whole pipeline; ``params`` are run parameters (the knobs, as in "Clone run")."""
     from kfp import local
@@ -77,6 +88,7 @@ def run_pipeline_locally(cfg: DocEVConfig, params: dict[str, Any] | None = None)
             build_pipeline(cfg)(**run)
     finally:
         builtins.print = real_print
+        release_console(console)
         console.close()
         if progress is None:
             os.environ.pop(PROGRESS_ENV)

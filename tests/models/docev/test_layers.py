@@ -6,7 +6,7 @@ import torch
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import FusionEmbedding
 
-from docev.models.docev import docev_tiny
+from docev.models.docev import docev_tiny, image_positions
 from docev.models.docev._component_builders import docev_decoder, lora_docev_decoder
 from docev.models.docev._layers import SyncFreeFusionEmbedding
 
@@ -50,13 +50,14 @@ def test_chunked_output_is_one_call_equal_to_torchtunes_per_chunk_calls(lora):
 
 def test_forward_with_checked_inputs_reads_no_device_value(make_batch):
     """On the meta device every data-dependent op (``.tolist()``, ``.item()``, ``nonzero``, ``masked_select``)
-    raises: a forward that runs there never waits for the device."""
+    raises: a forward given the host-computed image slots runs there, so it never waits for the device."""
     batch = make_batch([[(100, 150)], [(140, 60), (80, 80)]], ratio=2)
     with torch.device("meta"):
         model = docev_tiny()
     model.check_inputs(batch["tokens"], batch["pixel_values"], batch["image_sizes"], batch["image_grids"], 2)
+    slots = image_positions(batch["tokens"], model.image_token_id)  # on the host copy, as the recipe does
     meta = {**batch, "tokens": batch["tokens"].to("meta"), "pixel_values": batch["pixel_values"].to("meta")}
-    logits = model(**meta, inputs_checked=True)
+    logits = model(**meta, image_slots=slots.to("meta"), inputs_checked=True)
     assert logits.device.type == "meta" and logits.shape[:2] == batch["tokens"].shape
     with pytest.raises((NotImplementedError, RuntimeError)):
         model(**meta)  # the checks read token values
