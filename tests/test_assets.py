@@ -7,7 +7,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from docev.assets import init_checkpoint
-from docev.models.docev._arch import hf_param_shapes, preview, siglip_head_shapes, tiny
+from docev.models.arch import hf_param_shapes, preview, siglip_head_shapes, tiny
 
 
 def _tensors(folder):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from docev.models.docev._arch import ARCHS, PROJECTOR, VISION, DocEVArch, hf_config, hf_param_shapes
+from docev.models.arch import ARCHS, PROJECTOR, VISION, DocEVArch, hf_config, hf_param_shapes
 from docev.models.docev._folder import save_sharded
 from docev.text.chat_template import bundled_template
 

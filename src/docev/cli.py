@@ -205,6 +205,7 @@ def _params(items: list[str]) -> dict[str, str]:
 def cmd_render_manifests(args: argparse.Namespace) -> int:
     from docev.k8s.admission import manifest_errors
     from docev.k8s.meta import to_yaml
+    from docev.k8s.pod import save_grace_warning
     from docev.k8s.pytorchjob import render_pytorchjob
     from docev.k8s.trainjob import render_runtime, render_trainjob
 
@@ -228,6 +229,9 @@ def cmd_render_manifests(args: argparse.Namespace) -> int:
         raise ConfigError(
             [f"{args.config}: the cluster would reject what this config renders (nothing written):"] + rejected
         )
+    warning = save_grace_warning(cfg)
+    if warning:
+        print(f"docev render-manifests: warning: {warning}", file=sys.stderr)
     if not args.out and not args.runtime_out:
         sys.stdout.write(to_yaml(job))
         return 0

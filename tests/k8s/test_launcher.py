@@ -207,6 +207,22 @@ def test_conflict_adopts_the_running_job_and_keeps_it(kind):
     assert f"[launcher] adopted existing {kind.kind} {NS}/{NAME} ({running})" in sink
 
 
+@pytest.mark.parametrize("rate, warned", [("0.2", True), ("1.0", False)])
+def test_a_preemption_save_longer_than_the_grace_is_warned_in_the_step_log(rate, warned):
+    """The preview's async save (two writes of ~134 GB) takes ~1339 s at 0.2 GB/s: past the 600 s grace."""
+    cfg = config("train.delete_job_on_success=false", f"train.checkpoint_write_gb_per_second={rate}")
+    with FakeApiServer() as fake:
+        fake.script("POST", PYTORCHJOB.jobs, Reply(409, recorded("status_409_already_exists.json", **FILL)))
+        fake.script("GET", PYTORCHJOB.job, state(cfg, "running"), state(cfg, "succeeded"))
+        script_logs(fake)
+        _, sink = launch(fake, cfg)
+    warnings = [line for line in sink if line.startswith("[launcher] warning: train.termination_grace_seconds 600 s")]
+    assert len(warnings) == warned
+    if warned:
+        assert "~1339 s = 2 × 133.9 GB (the async write in flight, then this step's) at " in warnings[0]
+        assert "train.checkpoint_write_gb_per_second 0.2 GB/s" in warnings[0]
+
+
 @BOTH
 def test_conflict_with_a_job_of_another_run_is_refused(kind):
     cfg = config(kind=kind)

@@ -221,6 +221,24 @@ def test_render_manifests_prints_yaml_and_reports_bad_names(capsys):
     assert "output_dir: outputs/tiny is not below kubernetes.mount_path" in capsys.readouterr().err
 
 
+def test_render_manifests_warns_when_the_preemption_save_outlasts_the_grace(capsys):
+    """The preview saves ~134 GB (fp32 weights + AdamW moments; sized against meta models in
+    tests/models/test_checkpoint_size.py): async, that is two writes before the pods may exit."""
+    render = ["render-manifests", "--config", str(REPO / "configs" / "docev_preview.yaml")]
+    assert main(render) == 0  # 2 × 133.9 GB at the default 1 GB/s: 268 s < 600 s
+    assert "warning" not in capsys.readouterr().err
+    assert main([*render, "train.checkpoint_write_gb_per_second=0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "docev render-manifests: warning: train.termination_grace_seconds 600 s" in err
+    assert "~1339 s = 2 × 133.9 GB (the async write in flight, then this step's)" in err
+    assert "Raise train.termination_grace_seconds to at least 1340 plus a step" in err
+    # a sync save is one write, still too long (670 s); a grace as the warning asks is enough
+    assert main([*render, "train.checkpoint_write_gb_per_second=0.2", "enable_async_checkpointing=false"]) == 0
+    assert "~670 s = 1 × 133.9 GB (one write of this step)" in capsys.readouterr().err
+    assert main([*render, "train.checkpoint_write_gb_per_second=0.2", "train.termination_grace_seconds=1400"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_wandb_secret_is_generated_from_an_ignored_file(tmp_path):
     secrets = MANIFESTS / "secrets"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(secrets / "wandb.env")], cwd=REPO, check=False)

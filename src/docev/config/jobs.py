@@ -176,7 +176,17 @@ class TrainSection(_Strict):
         gt=0,
         description="Time from SIGTERM (preemption, node drain) to SIGKILL: the pods' "
         "terminationGracePeriodSeconds and torchrun's --shutdown-timeout. Must cover finishing the step in "
-        "flight plus one checkpoint save (the log's 'Saved ... in N s').",
+        "flight plus one checkpoint save (the log's 'Saved ... in N s'); render-manifests and the launcher warn "
+        "when the save alone, sized from the model at train.checkpoint_write_gb_per_second, would not fit.",
+    )
+    checkpoint_write_gb_per_second: float = Field(
+        1.0,
+        gt=0,
+        description="Write bandwidth of the checkpoint volume in GB/s (10^9 bytes), all ranks' writes together "
+        "(an hf save is written by rank 0 alone). Sizes the preemption save against termination_grace_seconds: "
+        "one write of the step, two with enable_async_checkpointing (the save in flight first). The default "
+        "suits a parallel or networked file system; measure yours: a save's bytes over the log's 'Saved ... in "
+        "N s'.",
     )
 
     nccl_env: dict[str, str] = Field(

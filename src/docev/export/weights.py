@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from docev.config import ModelSection
+from docev.models.arch import hf_param_shapes
 from docev.models.docev import DocEVArch, DocEVCheckpointer, docev, docev_hf_to_tune, docev_tune_to_hf
-from docev.models.docev._arch import hf_param_shapes
 
 
 class ExportError(RuntimeError):

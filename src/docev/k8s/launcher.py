@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from docev.config import ConfigError, DocEVConfig
 from docev.k8s.kinds import KINDS, JobKind, LaunchError, api_message
 from docev.k8s.meta import RUN_ID_ANNOTATION, TASK_ANNOTATION, job_name
+from docev.k8s.pod import save_grace_warning
 
 # The controller enforces activeDeadlineSeconds (= train.timeout_seconds); the launcher waits this much longer
 # so the controller's own reason reaches the step, and only gives up itself when the controller does not act.
@@ -122,6 +123,9 @@ def launch_job(
     namespace = cfg.kubernetes.namespace
     name = job_name(run_id, task)
     body = kind.render(cfg, name=name, config_path=config_path, overrides=overrides, run_id=run_id, task=task)
+    warning = save_grace_warning(cfg)
+    if warning:
+        log(f"[launcher] warning: {warning}")
     if kind.preflight is not None:
         kind.preflight(custom, cfg)
     jobs = _Jobs(custom, kind, namespace, cfg.train.poll_seconds, log)

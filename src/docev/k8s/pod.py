@@ -8,11 +8,14 @@ that both kinds get every new one.
 
 from __future__ import annotations
 
+import math
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from docev.config import ConfigError, DocEVConfig
 from docev.config.jobs import parse_quantity
+from docev.models.arch import arch_of_component
+from docev.models.checkpoint_size import checkpoint_write_bytes
 from docev.run.paths import run_paths
 
 SHM_VOLUME = "dshm"
@@ -155,6 +158,41 @@ def pod_spec(cfg: DocEVConfig, containers: list[dict[str, Any]], volumes: list[d
     if k8s.tolerations:
         spec["tolerations"] = [t.model_dump(exclude_none=True) for t in k8s.tolerations]
     return spec
+
+
+def preemption_save_seconds(cfg: DocEVConfig) -> tuple[float, int, int] | None:
+    """(seconds, bytes per save, writes) of the save a preempted run makes before it exits: this step's write,
+    after the async write in flight (if any), at ``train.checkpoint_write_gb_per_second``. None for a
+    builder whose size is not known."""
+    try:
+        arch = arch_of_component(cfg.model.component)
+    except ValueError:
+        return None
+    m = cfg.model
+    nbytes = checkpoint_write_bytes(arch, master_dtype=cfg.master_dtype, decoder_trainable=bool(m.decoder_trainable),
+                                    encoder_trainable=m.encoder_trainable, fusion_trainable=m.fusion_trainable,
+                                    lora=m.lora_args() or None)  # fmt: skip
+    writes = 2 if cfg.enable_async_checkpointing else 1
+    return writes * nbytes / (cfg.train.checkpoint_write_gb_per_second * 1e9), nbytes, writes
+
+
+def save_grace_warning(cfg: DocEVConfig) -> str | None:
+    """A warning when the preemption save would outlast ``terminationGracePeriodSeconds`` (the kubelet would
+    SIGKILL the pods mid-save, and the run resume from the checkpoint before), else None."""
+    estimate = preemption_save_seconds(cfg)
+    grace = cfg.train.termination_grace_seconds
+    if estimate is None or estimate[0] <= grace:
+        return None
+    seconds, nbytes, writes = estimate
+    rate = cfg.train.checkpoint_write_gb_per_second
+    writes_text = "the async write in flight, then this step's" if writes == 2 else "one write of this step"
+    return (
+        f"train.termination_grace_seconds {grace} s (the pods' terminationGracePeriodSeconds) is shorter than the "
+        f"preemption save: ~{seconds:.0f} s = {writes} × {nbytes / 1e9:.1f} GB ({writes_text}) at "
+        f"train.checkpoint_write_gb_per_second {rate:g} GB/s, before the step in flight finishes; the pods would be "
+        f"killed mid-save. Raise train.termination_grace_seconds to at least {math.ceil(seconds)} plus a step, or "
+        "set train.checkpoint_write_gb_per_second to the volume's measured write bandwidth"
+    )
 
 
 def cluster_checks(cfg: DocEVConfig, config_path: str) -> None:

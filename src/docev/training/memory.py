@@ -43,8 +43,8 @@ from torchtune.modules import MultiHeadAttention
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
 from docev.config import LORA_DEFAULTS, ConfigError, DocEVConfig, resolve_strategy, validate_dict
+from docev.models.arch import arch_of_component
 from docev.models.docev import DocEVArch, docev_from_arch
-from docev.models.docev._arch import ARCHS
 from docev.training.parallelize import frozen_tower
 
 GIB = 2**30
@@ -81,11 +81,7 @@ class MemoryPlan:
 
 def arch_of(cfg: DocEVConfig) -> DocEVArch:
     """The architecture the config's builder builds (``docev_tiny`` / ``lora_docev_preview`` ...)."""
-    name = cfg.model.component.rpartition(".")[2]
-    for key, make in ARCHS.items():
-        if name.endswith(f"_{key}"):
-            return make()
-    raise ValueError(f"model._component_ {cfg.model.component}: plan-memory knows the *_tiny and *_preview builders")
+    return arch_of_component(cfg.model.component)
 
 
 def checkpoint_bytes(model: torch.nn.Module, master_dtype: torch.dtype, *, trained_only: bool = False) -> int:

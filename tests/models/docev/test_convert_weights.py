@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from docev.models.arch import siglip_head_shapes
 from docev.models.docev import (
     arch_from_hf_config,
     docev_hf_to_tune,
@@ -16,7 +17,6 @@ from docev.models.docev import (
     preview,
     tiny,
 )
-from docev.models.docev._arch import siglip_head_shapes
 from docev.models.docev._convert_weights import check_hf_state_dict
 
 

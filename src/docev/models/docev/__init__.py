@@ -1,6 +1,6 @@
 """DocEV Preview for torchtune: architecture sizes, builders and weight conversion."""
 
-from docev.models.docev._arch import DocEVArch, hf_config, hf_param_shapes, preview, tiny
+from docev.models.arch import DocEVArch, hf_config, hf_param_shapes, preview, tiny
 from docev.models.docev._checkpointer import DocEVCheckpointer
 from docev.models.docev._component_builders import (
     docev,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from docev.models.docev._arch import hf_param_shapes
+from docev.models.arch import hf_param_shapes
 from docev.models.docev._convert_weights import (
     arch_from_hf_config,
     check_hf_state_dict,

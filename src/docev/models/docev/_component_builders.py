@@ -1,6 +1,6 @@
 """Parameterised DocEV components from torchtune modules (DESIGN §4).
 
-Every width comes from a ``DocEVArch`` (``_arch.py``) or its fields, so the builders, the
+Every width comes from a ``DocEVArch`` (``docev.models.arch``) or its fields, so the builders, the
 checkpoint writer and the weight converter agree on shapes.
 """
 
@@ -21,7 +21,7 @@ from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.model_fusion import register_fusion_module
 from torchtune.modules.peft import LORA_ATTN_MODULES, DoRALinear, LoRALinear, get_lora_module_names
 
-from docev.models.docev._arch import DocEVArch
+from docev.models.arch import DocEVArch
 from docev.models.docev._attention import AttentionKind, attention_call
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._fusion import DocEVModel

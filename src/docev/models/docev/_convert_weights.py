@@ -1,6 +1,6 @@
 """HF ⇄ torchtune state dicts for DocEV.
 
-HF layout: ``_arch.hf_param_shapes`` (the released checkpoint). torchtune layout: the
+HF layout: ``docev.models.arch.hf_param_shapes`` (the released checkpoint). torchtune layout: the
 ``DocEVModel`` state dict. The decoder goes through torchtune's own Llama converter (key names
 and the RoPE q/k permutation); the HF embedding of ``vocab + fusion`` rows splits into the base
 ``tok_embeddings.weight`` and the trainable ``tok_embeddings.fusion_embedding.weight``. Keys the
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torchtune.models import convert_weights as tt
 
-from docev.models.docev._arch import PROJECTOR, VISION, DocEVArch, hf_param_shapes
+from docev.models.arch import PROJECTOR, VISION, DocEVArch, hf_param_shapes
 
 LANGUAGE_MODEL = "language_model."
 UNUSED_PREFIXES = (f"{VISION}.head.",)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from docev.models.docev._arch import DocEVArch, preview, tiny
+from docev.models.arch import DocEVArch, preview, tiny
 from docev.models.docev._attention import AttentionKind
 from docev.models.docev._component_builders import docev
 from docev.models.docev._fusion import DocEVModel

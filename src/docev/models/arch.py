@@ -3,7 +3,9 @@
 One dataclass holds every width so that the checkpoint writer, the torchtune builders and
 the weight converter agree on shapes; ``hf_param_shapes`` is the key layout of the released
 HF checkpoint (``vision_tower.*``, ``multi_modal_projector.*``, ``image_newline``,
-``language_model.*``), including the unused SigLIP ``head.*`` that is carried through.
+``language_model.*``), including the unused SigLIP ``head.*`` that is carried through. Kept outside
+:mod:`docev.models.docev` (which imports torch and torchtune), like ``lora_rules``, so that commands that only
+read a config (``docev render-manifests`` sizing a checkpoint) need no training stack.
 """
 
 from __future__ import annotations
@@ -75,6 +77,15 @@ def tiny() -> DocEVArch:
 
 
 ARCHS = {"preview": preview, "tiny": tiny}
+
+
+def arch_of_component(component: str) -> DocEVArch:
+    """The architecture a builder (``model._component_``: ``docev_tiny``, ``lora_docev_preview`` ...) builds."""
+    name = component.rpartition(".")[2]
+    for key, make in ARCHS.items():
+        if name.endswith(f"_{key}"):
+            return make()
+    raise ValueError(f"model._component_ {component}: only the *_tiny and *_preview builders have a known size")
 
 
 def hf_param_shapes(a: DocEVArch) -> dict[str, tuple[int, ...]]:
