@@ -103,20 +103,46 @@ def test_cuda_check_refuses_a_cpu_torch(instructions, tmp_path):
     """The build-time check in the Dockerfile, run here: this venv's CPU torch fails it, a CUDA torch passes."""
     (install,) = [i for i in instructions if i.cmd == "RUN" and "pip install" in i.value[0]]
     (check,) = [part.strip() for part in install.value[0].split("&&") if part.strip().startswith("python -c")]
+    a = args(instructions)
     env = {
         **os.environ,
-        "TORCH_VERSION": args(instructions)["TORCH_VERSION"],
+        "TORCH_VERSION": a["TORCH_VERSION"],
+        "TORCH_CUDA": a["TORCH_CUDA"],
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     cpu = subprocess.run(["/bin/sh", "-c", check], env=env, capture_output=True, text=True, check=False)
-    assert cpu.returncode == 1 and "is not CUDA" in cpu.stderr
+    assert cpu.returncode == 1 and f"is not CUDA build {a['TORCH_VERSION']}+{a['TORCH_CUDA']}" in cpu.stderr
     fake = tmp_path / "torch"
     fake.mkdir()
-    (fake / "__init__.py").write_text(
-        f"__version__ = '{env['TORCH_VERSION']}+cu130'\nclass version:\n    cuda = '13.0'\n"
-    )
-    cuda = subprocess.run(["/bin/sh", "-c", check], env={**env, "PYTHONPATH": str(tmp_path)}, check=False)
-    assert cuda.returncode == 0
+
+    def run_with(local: str, cuda: str) -> int:
+        (fake / "__init__.py").write_text(
+            f"__version__ = '{a['TORCH_VERSION']}+{local}'\nclass version:\n    cuda = '{cuda}'\n"
+        )
+        env_fake = {**env, "PYTHONPATH": str(tmp_path)}
+        return subprocess.run(["/bin/sh", "-c", check], env=env_fake, capture_output=True, check=False).returncode
+
+    assert run_with("cu130", "13.0") == 0
+    assert run_with("cu128", "12.8") == 1  # another CUDA build of the same torch is refused too
+
+
+# Minimum NVIDIA driver per CUDA major version (minor-version compatibility; NVIDIA's CUDA Compatibility guide,
+# "Minor Version Compatibility", table 1: CUDA 13.x >= 580, CUDA 12.x >= 525).
+MIN_DRIVER = {"13": "580", "12": "525"}
+
+
+def test_torch_is_the_locks_version_as_the_pinned_cuda_build_and_the_readme_names_its_driver(instructions):
+    a = args(instructions)
+    assert a["TORCH_VERSION"] == lock()["torch"]
+    assert re.fullmatch(r"cu1[0-9]{2}", a["TORCH_CUDA"])
+    (install,) = [i for i in instructions if i.cmd == "RUN" and "pip install" in i.value[0]]
+    words = shlex.split(install.value[0].split("&&")[0])
+    assert "torch==${TORCH_VERSION}+${TORCH_CUDA}" in words
+    assert words[words.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/${TORCH_CUDA}"
+    major, minor = a["TORCH_CUDA"][2:4], a["TORCH_CUDA"][4:]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"`torch=={a['TORCH_VERSION']}+{a['TORCH_CUDA']}`" in readme
+    assert f"CUDA {major}.{minor} build needs an NVIDIA driver ≥ {MIN_DRIVER[major]}" in readme
 
 
 def test_dockerignore_lets_in_exactly_what_is_copied(instructions):
