@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     from torchtune import training
 
     from docev.config import load_config
-    from docev.models.docev import DocEVCheckpointer, docev
+    from docev.models.docev import DocEVCheckpointer, docev, materialize
     from docev.run import digests as _digests
     from docev.training.checkpoint_manager import CheckpointManager
     from docev.training.parallelize import apply_fsdp, mixed_precision_policy
@@ -115,10 +115,7 @@ def worker(args: argparse.Namespace) -> None:
         model = docev(bench_arch(args.dim, args.layers))
     # the recipe's layout: decoder layers, embedding and output projection sharded, the frozen tower replicated
     apply_fsdp(model, mixed_precision_policy(torch.bfloat16, torch.bfloat16))
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    materialize(model, "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     manager = CheckpointManager(
         cfg, OmegaConf.create(cfg.to_dict()["checkpointer"]), out / "checkpoints", torch.device("cpu")

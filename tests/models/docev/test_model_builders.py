@@ -7,7 +7,7 @@ import torch
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.model_fusion import get_fusion_params
 
-from docev.models.docev import docev_tiny
+from docev.models.docev import docev_tiny, init_rope
 
 
 def _expected_groups(names):
@@ -70,9 +70,7 @@ def test_fsdp2_sharding_and_activation_checkpointing_apply(tmp_path, make_batch)
         layer = [lambda _, m: isinstance(m, TransformerSelfAttentionLayer)]
         training.shard_model(model, layer, cpu_offload=False, reshard_after_forward=True)
         training.load_from_full_model_state_dict(model, ref.state_dict(), torch.device("cpu"), strict=True)
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+        init_rope(model)
 
         batch = make_batch([[(300, 500), (200, 90)], [(480, 480)]], 3)
         outs = []
