@@ -85,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     from docev.run import digests as _digests
     from docev.training.checkpoint_manager import CheckpointManager
     from docev.training.parallelize import apply_fsdp, mixed_precision_policy
+    from docev.training.state import Progress
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -123,6 +124,9 @@ def worker(args: argparse.Namespace) -> None:
     manager.checkpointer = DocEVCheckpointer(args.base, checkpoint_files=["model.safetensors"],
                                              output_dir=out / "checkpoints")  # fmt: skip
     manager.checkpointer.unused = {}
+    progress = Progress(cfg.seed, world)  # the recipe state a save writes: the step (a recipe holds more pieces)
+    manager.attach(model, optimizer)
+    manager.resume(progress=progress)
     tokens = torch.randint(0, 32000, (1, args.seq_len), generator=torch.Generator().manual_seed(rank))
 
     def train_step() -> float:
@@ -148,14 +152,15 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")
         before, _ = _rss()
-        state = {"global_step": 2 * i - 1, "world_size": world, "sampler": {"epoch": 0, "step": 2 * i - 1}}
-        manager.save(model, optimizer, state, 2 * i - 1, wait=True)
+        progress.step = 2 * i - 1
+        manager.save(progress.step, wait=True)
         growth = max(growth, _rss()[1] - before)
         # time: the save and the training step after it
         dist.barrier()
         hashing[0] = 0.0
         t0 = time.perf_counter()
-        manager.save(model, optimizer, {**state, "global_step": 2 * i}, 2 * i)
+        progress.step = 2 * i
+        manager.save(progress.step)
         call = time.perf_counter() - t0
         train_step()  # an async save's copy and write overlap it
         blocked = time.perf_counter() - t0 - plain
