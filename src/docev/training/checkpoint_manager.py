@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,23 @@ from docev.training.state import Stateful, manifest_record, recipe_problems
 log = utils.get_logger("INFO")
 _AUTO_HINT = ("; resume_from_checkpoint: auto falls back to the newest checkpoint that verifies (docev checkpoint "
               "verify step_N checks one)")  # fmt: skip
+
+
+@cache
+def stager_stages_twice() -> bool:
+    """Whether one ``DefaultStager`` can stage more than one save. torch 2.11's closes its copier at the end of
+    every stage (``StateDictStager.close()`` empties its dispatch table, and with it the cached host copy), so
+    its second save dies on the first class object in the state dict (``KeyError: <class 'type'>``); 2.13's
+    keeps both. Probed, not read from the version: two stages of a dict holding a class."""
+    probe = DefaultStager(StagingOptions(False, False, False, False))
+    try:
+        probe.stage({"probe": int})
+        probe.stage({"probe": int})
+    except KeyError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class CheckpointManager:
@@ -109,7 +126,8 @@ class CheckpointManager:
             # stream, on CUDA. The copy runs in a thread while the next step's forward/backward runs:
             # wait_for_staging() before anything changes the parameters or the optimizer state.
             on_cuda = device.type == "cuda"
-            self._stager = DefaultStager(StagingOptions(on_cuda, False, True, on_cuda))
+            self._staging_options = StagingOptions(on_cuda, False, True, on_cuda)
+            self._stager = DefaultStager(self._staging_options)
         self._staging: Future | None = None  # every rank: the host copy of the in-flight async save
         self._pending: Future | None = None  # every rank: the in-flight async write
         self._published: Future | None = None  # rank 0: done once that write is renamed into place
@@ -328,6 +346,9 @@ class CheckpointManager:
             folder = self._publish(tmp, step, start, self._record) if self._is_rank_zero else None
             dist.barrier()
             return folder
+        if not stager_stages_twice():  # torch 2.11: a fresh stager per save (the previous one has staged)
+            self._stager.close()
+            self._stager = DefaultStager(self._staging_options)
         response = dcp.async_save(  # the writer thread digests what it wrote
             state, storage_writer=DigestingWriter(tmp), process_group=self._async_group, async_stager=self._stager
         )
