@@ -41,9 +41,11 @@ from docev.synth import synth_data
 from docev.vision.geometry import candidate_canvases, plan_tiles
 
 
-def reference_path(transform: DocEVTransform, root: Path) -> Callable[[dict], None]:
+def reference_path(transform: DocEVTransform, checkpoint: Path, root: Path) -> Callable[[dict], None]:
     """The per-sample transformers path for a UFX record: PIL decode, ``LlavaNextImageProcessorPil`` with
-    the same pinpoints/mean/std/filter, and ``apply_chat_template`` with the assistant mask."""
+    the same pinpoints/mean/std/filter, and ``AutoTokenizer.apply_chat_template`` (the checkpoint's) with the
+    assistant mask."""
+    from transformers import AutoTokenizer, PretrainedConfig
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     t = transform.tile_size
@@ -54,10 +56,12 @@ def reference_path(transform: DocEVTransform, root: Path) -> Callable[[dict], No
         resample=transform.pixels.resample, do_pad=False,
     )  # fmt: skip
 
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True, config=PretrainedConfig())
+
     def reference(rec: dict) -> None:
         images = [Image.open(root / f).convert("RGB") for f in rec["image_files"]]
         processor(images, return_tensors="np")
-        transform.tokenizer.apply_chat_template(
+        tokenizer.apply_chat_template(
             rec["context"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
 
@@ -80,7 +84,7 @@ def main() -> None:
     t = args.tile_size
 
     transform = docev_preview_transform(str(ckpt), tile_size=t, max_seq_len=65536)
-    reference = reference_path(transform, root)
+    reference = reference_path(transform, ckpt, root)
 
     def ours(rec: dict) -> dict:
         out = transform.expand(transform.encode(ufx_to_messages(rec, image_root=root)), 2)
