@@ -4,6 +4,9 @@ Every number below is measured on the same synthetic records in this command, co
 after round (``timing.interleaved``; shards removed, untimed, before every run), median of ``--repeats``:
 
 * reference (steady state): ``LlavaNextImageProcessorPil`` + ``apply_chat_template`` per record, set up once;
+* floor: decode + the two resizes (canvas, base tile) of every page, the pixel work of the reference that any
+  exact preprocess of a page it cannot keep whole pays too: reference / floor bounds the ratio when every page
+  must be tiled (tile 112);
 * preprocess (steady state): one worker's :class:`ShardBuilder`, set up once as a pool worker is, building
   every shard of the split with ``records_per_shard`` as in ``configs/docev_preview.yaml`` (2048) and as in
   ``configs/tiny.yaml`` (16: the per-shard costs — write, fsync, verify, hash, sidecar — paid 16x as often);
@@ -37,7 +40,7 @@ from functools import partial
 from pathlib import Path
 
 from timing import for_each, interleaved
-from transform_throughput import reference_path
+from transform_throughput import floor, reference_path
 
 from docev.assets import init_checkpoint
 from docev.config import load_config
@@ -144,6 +147,7 @@ def main() -> None:
                                        overrides=task_overrides, root=str(root))  # fmt: skip
         runs = {
             "reference": partial(for_each, reference, records),
+            "floor": partial(for_each, partial(floor, transform_from_config(cfg), root, base_tile=True), records),
             **{name: partial(build_all, builders[name], chunks[name]) for name in SHARD_SIZES},
             "task: reference": partial(task, [sys.executable, "-c", script]),
             "task: preprocess": partial(task, ours_task),
@@ -157,11 +161,13 @@ def main() -> None:
         timed = interleaved(runs, args.repeats, before=clean)
         wall = time.perf_counter() - start
         n = len(records)
-        rate = {name: n / timed[name].median for name in ("reference", *SHARD_SIZES)}
+        rate = {name: n / timed[name].median for name in ("reference", "floor", *SHARD_SIZES)}
         print(f"{n} records, {sum(len(r['image_files']) for r in records)} pages, tile {args.tile_size}, "
               f"{cfg.preprocess.image_format} shards, median of {args.repeats} interleaved rounds ({wall:.0f} s); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
         print(f"  reference (HF per sample, no shard written): {rate['reference']:7.1f} samples/s")
+        print(f"  floor (decode + canvas and base-tile resizes of every page): {rate['floor']:7.1f} samples/s "
+              f"= {rate['floor'] / rate['reference']:.2f}x reference")  # fmt: skip
         for name, size in SHARD_SIZES.items():
             print(f"  preprocess, one worker, {size:4d} records/shard ({name:7s}): {rate[name]:7.1f} samples/s "
                   f"= {rate[name] / rate['reference']:.2f}x reference")  # fmt: skip
