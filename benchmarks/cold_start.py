@@ -118,7 +118,7 @@ def main() -> None:
         wall = [f"{statistics.median(s[0] for s in r):5.2f} s" if r else "  n/a  " for r in (before, after)]
         imports = [f"{statistics.median(s[1] for s in r):5.2f} s" if r else "  n/a  " for r in (before, after)]
         print(f"  {name:28s} {wall[0]:>11s} {wall[1]:>7s} {imports[0]:>15s} {imports[1]:>7s}  "
-              f"{after[-1][2] or '-'} (before: {before[-1][2] if before else 'n/a'})")  # fmt: skip
+              f"{after[-1][2] or '-'} (before: {(before[-1][2] or '-') if before else 'n/a'})")  # fmt: skip
 
 
 if __name__ == "__main__":

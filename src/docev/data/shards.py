@@ -169,13 +169,43 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _offsets(lengths: list[int]) -> pa.Buffer:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ShardError(f"{offsets[-1]} bytes or items in one column of {ROWS_PER_BATCH} rows: over Arrow's 2 GiB")
+    return pa.py_buffer(offsets.astype(np.int32))
+
+
+def column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """``values`` (no nulls) as an Arrow array of ``type_``, made from buffers: pyarrow's own conversion of Python
+    values imports pandas to ask whether they are pandas objects, seconds at a preprocess task's first shard."""
+    if pa.types.is_struct(type_):
+        fields = [type_.field(i) for i in range(type_.num_fields)]
+        return pa.StructArray.from_arrays([column([v[f.name] for v in values], f.type) for f in fields], fields=fields)
+    if pa.types.is_list(type_):
+        offsets = pa.Array.from_buffers(pa.int32(), len(values) + 1, [None, _offsets([len(v) for v in values])])
+        return pa.ListArray.from_arrays(offsets, column([x for v in values for x in v], type_.value_type))
+    if pa.types.is_string(type_) or pa.types.is_binary(type_):
+        blobs = [v.encode() if isinstance(v, str) else v for v in values]
+        return pa.Array.from_buffers(type_, len(values), [None, _offsets(list(map(len, blobs))),
+                                                          pa.py_buffer(b"".join(blobs))])  # fmt: skip
+    if pa.types.is_boolean(type_):
+        data = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    else:
+        data = np.asarray(values, dtype=np.dtype(str(type_)))  # int8 … int64
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(data)])
+
+
 def write_shard(path: Path, rows: list[dict[str, Any]], ratios: list[int]) -> tuple[str, int]:
     """Write rows to ``path`` atomically (temp name, fsync, reopen and count, rename). Returns (sha256, rows)."""
     tmp = temp_name(path)
-    table = pa.Table.from_pylist(rows, schema=schema(ratios))
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
-            writer.write_batch(batch)
+    shard_schema = schema(ratios)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, shard_schema) as writer:
+        for start in range(0, len(rows), ROWS_PER_BATCH):
+            chunk = rows[start : start + ROWS_PER_BATCH]
+            columns = [column([row[f.name] for row in chunk], f.type) for f in shard_schema]
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=shard_schema))
     with pa.memory_map(str(tmp)) as mm:
         if pa.ipc.open_file(mm).read_all().num_rows != len(rows):
             raise ShardError(f"{tmp}: wrote {len(rows)} rows but read back a different count")
