@@ -112,6 +112,20 @@ def main() -> None:
             flops, secs = parts.flops[name][k], statistics.median(parts.seconds[name][k])
             rates.append(f"{k} {flops / n / 1e6:.1f} MFLOP/question at {flops / secs / 1e9:.1f}")
         print(f"  {name:<14} " + ", ".join(rates))
+    print(_ceiling(parts, n, b))
+
+
+def _ceiling(parts: _PartTimer, n: int, b: int) -> str:
+    """The best ratio batching could give on this thread: the vision tower and the prefill cost per question what
+    they cost batched (their matmuls run at the same GFLOP/s, above), less the prefill's padding; a batch's decode
+    step costs at least one prompt's step (the same ops, more rows); the host costs nothing."""
+    ms = {name: {k: 1000 * statistics.median(v) / n for k, v in parts.seconds[name].items()} for name in parts.seconds}
+    one, many = ms["one at a time"], ms[f"batch {b}"]
+    real, padded = parts.prefill_tokens[f"batch {b}"]
+    floor = many["prepare"] + many["vision"] + many["prefill"] * real / padded + one["decode"] / b
+    total = sum(one.values())
+    return (f"ceiling at batch {b} on one thread (no padding, a batch's decode step at one prompt's cost, no host "
+            f"time): {total:.1f} / {floor:.1f} ms per question = {total / floor:.2f}x")  # fmt: skip
 
 
 def _matmul_gflops(size: int = 512, repeats: int = 10) -> float:
