@@ -169,8 +169,8 @@ class CheckpointManager:
         if self.checkpointer.is_dcp:
             state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
             state[MODEL_KEY] = None
-        else:
-            state = self.checkpointer.load_checkpoint()
+        else:  # "model": each tensor read by rows, as much as this rank keeps (docev.training.load)
+            state = self.checkpointer.open_checkpoint()
         utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
         return state, resumed
 
