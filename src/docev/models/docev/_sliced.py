@@ -39,20 +39,21 @@ _PERMUTED = ("q_proj", "k_proj")  # the decoder keys torchtune's hf_to_tune perm
 
 
 class _Source:
-    """One HF tensor in its file: ``rows(a, b)`` reads rows ``a:b`` (dim 0) only."""
+    """One HF tensor in its file: ``rows(a, b)`` reads rows ``a:b`` (dim 0) only. A safetensors file is opened for
+    each read, so its mapping (whose touched pages count in the rank's RSS) lasts one slice, not the whole load."""
 
-    def __init__(self, handle, key: str, shape: Sequence[int], dtype: torch.dtype):
-        self.handle, self.key, self.shape, self.dtype = handle, key, tuple(shape), dtype
+    def __init__(self, where: Path | torch.Tensor, key: str, shape: Sequence[int], dtype: torch.dtype):
+        self.where, self.key, self.shape, self.dtype = where, key, tuple(shape), dtype
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        if isinstance(self.handle, torch.Tensor):  # a memory-mapped .bin tensor: copy only these rows
-            return self.handle[start:stop].clone()
-        return self.handle.get_slice(self.key)[start:stop]
+        if isinstance(self.where, torch.Tensor):  # a memory-mapped .bin tensor: copy only these rows
+            return self.where[start:stop].clone()
+        return safe_open(str(self.where), framework="pt").get_slice(self.key)[start:stop]
 
     def whole(self) -> torch.Tensor:
-        if isinstance(self.handle, torch.Tensor):
-            return self.handle.clone()
-        return self.handle.get_tensor(self.key)
+        if isinstance(self.where, torch.Tensor):
+            return self.where.clone()
+        return safe_open(str(self.where), framework="pt").get_tensor(self.key)
 
 
 class LazyRows:
@@ -87,11 +88,11 @@ def _sources(files: Sequence[Path]) -> tuple[dict[str, _Source], dict[str, str]]
     where: dict[str, str] = {}
     for path in files:
         if path.suffix == ".safetensors":
-            handle = safe_open(str(path), framework="pt")
+            handle = safe_open(str(path), framework="pt")  # the header only: shapes and dtypes
             found = {}
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 piece = handle.get_slice(key)
-                found[key] = _Source(handle, key, piece.get_shape(), _dtype(piece.get_dtype()))
+                found[key] = _Source(path, key, piece.get_shape(), _dtype(piece.get_dtype()))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             found = {k: _Source(t, k, t.shape, t.dtype) for k, t in tensors.items()}
