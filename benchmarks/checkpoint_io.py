@@ -81,10 +81,11 @@ def worker(args: argparse.Namespace) -> None:
     from torchtune import training
 
     from docev.config import load_config
-    from docev.models.docev import DocEVCheckpointer, docev
+    from docev.models.docev import DocEVCheckpointer, docev, materialize
     from docev.run import digests as _digests
     from docev.training.checkpoint_manager import CheckpointManager
     from docev.training.parallelize import apply_fsdp, mixed_precision_policy
+    from docev.training.state import Progress
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -115,10 +116,7 @@ def worker(args: argparse.Namespace) -> None:
         model = docev(bench_arch(args.dim, args.layers))
     # the recipe's layout: decoder layers, embedding and output projection sharded, the frozen tower replicated
     apply_fsdp(model, mixed_precision_policy(torch.bfloat16, torch.bfloat16))
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    materialize(model, "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     manager = CheckpointManager(
         cfg, OmegaConf.create(cfg.to_dict()["checkpointer"]), out / "checkpoints", torch.device("cpu")
@@ -126,6 +124,9 @@ def worker(args: argparse.Namespace) -> None:
     manager.checkpointer = DocEVCheckpointer(args.base, checkpoint_files=["model.safetensors"],
                                              output_dir=out / "checkpoints")  # fmt: skip
     manager.checkpointer.unused = {}
+    progress = Progress(cfg.seed, world)  # the recipe state a save writes: the step (a recipe holds more pieces)
+    manager.attach(model, optimizer)
+    manager.resume(progress=progress)
     tokens = torch.randint(0, 32000, (1, args.seq_len), generator=torch.Generator().manual_seed(rank))
 
     def train_step() -> float:
@@ -151,14 +152,15 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")
         before, _ = _rss()
-        state = {"global_step": 2 * i - 1, "world_size": world, "sampler": {"epoch": 0, "step": 2 * i - 1}}
-        manager.save(model, optimizer, state, 2 * i - 1, wait=True)
+        progress.step = 2 * i - 1
+        manager.save(progress.step, wait=True)
         growth = max(growth, _rss()[1] - before)
         # time: the save and the training step after it
         dist.barrier()
         hashing[0] = 0.0
         t0 = time.perf_counter()
-        manager.save(model, optimizer, {**state, "global_step": 2 * i}, 2 * i)
+        progress.step = 2 * i
+        manager.save(progress.step)
         call = time.perf_counter() - t0
         train_step()  # an async save's copy and write overlap it
         blocked = time.perf_counter() - t0 - plain

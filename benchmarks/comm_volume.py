@@ -51,7 +51,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
 from docev.config import load_config
-from docev.models.docev import docev_from_arch, preview
+from docev.models.docev import docev_from_arch, materialize, preview
 from docev.training.comm_volume import CollectiveCounter
 from docev.training.parallelize import apply_fsdp, build_mesh, sync_gradients
 
@@ -118,13 +118,7 @@ def _count(rank: int, plan: str, strategy: str, reduction: str) -> list[list[tup
     model.set_num_output_chunks(8)
     mesh = build_mesh(strategy, world_size=SIM_RANKS, ranks_per_node=SIM_PER_NODE, device_type="cpu")
     (legacy_plan if plan == "legacy" else apply_fsdp)(model, MixedPrecisionPolicy(), mesh)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            (p.to_local() if hasattr(p, "to_local") else p).normal_(std=0.02)
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+    materialize(model, "cpu")
     batch, loss_fn, counted = _batch(), CEWithChunkedOutputLoss(), []
     for micro in range(2):
         sync_gradients(model, reduction, last=micro == 1, hybrid=strategy == "hybrid")

@@ -38,7 +38,7 @@ from gpu_check import SPEC_BF16_FLOPS, TOY, arch, device, docev_reduced, model_f
 from torch.utils.checkpoint import checkpoint
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from docev.models.docev import docev_from_arch, image_positions, preview
+from docev.models.docev import docev_from_arch, image_positions, materialize, preview
 from docev.models.docev._attention import attended_pairs, document_mask
 from docev.training.host_sync import HostSyncCounter
 from docev.vision.geometry import num_image_tokens, plan_tiles
@@ -56,14 +56,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def _init(module: torch.nn.Module, dev: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    module.to_empty(device=dev)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(std=0.02)
-    for m in module.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
-    return module.to(dtype)
+    return materialize(module, dev).to(dtype)
 
 
 def _timed(fn: Any, dev: torch.device, repeats: int) -> float:

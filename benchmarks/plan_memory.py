@@ -27,6 +27,7 @@ import psutil
 import torch
 
 from docev.config import load_config
+from docev.models.docev import materialize
 from docev.training.memory import arch_of, build_meta, plan
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -41,13 +42,7 @@ def _rss() -> int:
 def measure(cfg, setup: str) -> dict[str, int]:
     torch.manual_seed(0)
     arch = arch_of(cfg)
-    model = build_meta(cfg, arch, setup).to_empty(device="cpu")
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.02)
+    model = materialize(build_meta(cfg, arch, setup), "cpu")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tokens = torch.randint(0, arch.vocab_size, (cfg.batch_size, cfg.tokenizer.max_seq_len))
     saved: dict[int, int] = {}

@@ -138,7 +138,7 @@ def _stock_worker(overrides: list[str], steps: int, result: Path) -> None:
 
     from docev.config import load_config
     from docev.data.loader import build_dataloader
-    from docev.models.docev import tiny
+    from docev.models.docev import init_rope, tiny
 
     cfg = load_config(CONFIG, overrides)
     arch = tiny()
@@ -161,10 +161,7 @@ def _stock_worker(overrides: list[str], steps: int, result: Path) -> None:
     # custom_sharded_layers: ['tok_embeddings'] (torchtune's large-vocab configs): the same FSDP units as ours
     conditions = [partial(training.get_shard_conditions, names_to_match=["tok_embeddings"])]
     training.shard_model(model=model, shard_conditions=conditions, cpu_offload=False, reshard_after_forward=True)
-    with training.set_default_dtype(torch.float32), device:
-        for m in model.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+    init_rope(model, device, torch.float32)
     training.load_from_full_model_state_dict(model, full_state, device, strict=True, cpu_offload=False)
     training.validate_no_params_on_meta_device(model)
     torch.distributed.barrier()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from docev.config import load_config
+from docev.models.docev import materialize
 from docev.training.memory import arch_of, build_meta, config_setup, plan
 from docev.training.parallelize import apply_fsdp, build_mesh, mixed_precision_policy
 
@@ -39,13 +40,7 @@ def measure(cfg, strategy: str, world: int) -> dict[str, int]:
     mesh = build_mesh(strategy, world_size=world, ranks_per_node=1 if strategy == "hybrid" else world,
                       device_type="cpu")  # fmt: skip
     apply_fsdp(master, mixed_precision_policy(torch.bfloat16, torch.float32), mesh, compute_dtype=torch.bfloat16)
-    model = master.to_empty(device="cpu")
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.02)
+    model = materialize(master, "cpu")
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     tokens = torch.randint(0, arch_of(cfg).vocab_size, (1, 64))

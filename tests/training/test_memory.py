@@ -13,6 +13,7 @@ from conftest import CONFIGS
 from torchao.dtypes.nf4tensor import to_nf4
 
 from docev.config import load_config
+from docev.models.docev import materialize
 from docev.training.memory import GIB, arch_of, build_meta, check_fits, plan, tensor_bytes
 from docev.training.parallelize import frozen_tower
 
@@ -23,14 +24,7 @@ LORA = ["model._component_=docev.models.docev.lora_docev_tiny", "model.decoder_t
 
 
 def _real(cfg, setup):
-    model = build_meta(cfg, arch_of(cfg), setup).to_empty(device="cpu")
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.02)
-    return model
+    return materialize(build_meta(cfg, arch_of(cfg), setup), "cpu")
 
 
 def test_plan_matches_a_real_cpu_step():

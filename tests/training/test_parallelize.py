@@ -11,9 +11,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
-from torchtune import training
 
-from docev.models.docev import DocEVCheckpointer, docev_tiny
+from docev.models.docev import DocEVCheckpointer, docev_tiny, init_rope
 from docev.training.parallelize import mixed_precision_policy, precision_warning, setup_model
 
 MODEL_CFG = OmegaConf.create({"_component_": "docev.models.docev.docev_tiny"})
@@ -77,10 +76,7 @@ def test_fp32_master_weights_bf16_compute(group, tiny_checkpoint):
     reference.load_state_dict(state)
     in_fp32 = reference(tokens)
     reference.to(torch.bfloat16)
-    with training.set_default_dtype(torch.bfloat16):  # RoPE caches made in the compute dtype, as setup_model does
-        for m in reference.modules():
-            if hasattr(m, "rope_init"):
-                m.rope_init()
+    init_rope(reference, dtype=torch.bfloat16)  # RoPE caches made in the compute dtype, as setup_model does
     assert torch.equal(logits, reference(tokens))  # torchtune upcasts the logits; the layers ran in bf16
     assert not torch.equal(logits, in_fp32)
 

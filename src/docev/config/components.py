@@ -1,4 +1,5 @@
-"""The parameters of a ``_component_`` callable, read from its source file when it is not imported yet.
+"""The parameters of a ``_component_`` callable, read from its source file when it is not imported yet, and
+the config's ``_component_`` sections checked against them (``component_errors``, ``tokenizer_errors``).
 
 Checking a config's ``optimizer``/``lr_scheduler``/``loss``/``metric_logger`` arguments needs only the
 callable's parameter names and defaults, but importing ``torch.optim`` or ``torchtune.training`` to get
@@ -13,6 +14,7 @@ located with the import system's finders (no module is executed), parsed with :m
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.machinery
 import inspect
@@ -20,7 +22,10 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from docev.config.sections import Component, TokenizerSection
 
 UNKNOWN = object()  # a default that is not a literal (its type is not checked)
 _MAX_HOPS = 4  # re-exports followed before giving up and importing
@@ -159,3 +164,66 @@ def _literal(node: Any) -> Any:
         return ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return UNKNOWN
+
+
+COMPONENT_SECTIONS = ("optimizer", "lr_scheduler", "loss", "metric_logger")
+# Arguments the recipe passes itself; a config must not set them.
+_RECIPE_SUPPLIED = {"params", "optimizer", "num_training_steps"}
+
+
+def resolve_component(path: str) -> Any:
+    """The callable a ``_component_`` dotted path names (``ImportError`` naming the path when there is none)."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ImportError(f"cannot import {path!r}") from None
+    if not callable(target):
+        raise ImportError(f"{path!r} is not callable")
+    return target
+
+
+def _checked_params(path: str) -> tuple[list[str], Params | None]:
+    """(the import error, if any; the callable's parameters, None when they cannot be checked: no readable
+    signature, or ``**kwargs``). The signature is read without importing where it can be."""
+    try:
+        params = component_params(path)
+    except (ImportError, AttributeError, ValueError):
+        return [f"_component_: cannot import {path!r}"], None
+    return [], None if params is None or params.var_keyword else params
+
+
+def tokenizer_errors(section: TokenizerSection) -> list[str]:
+    """``tokenizer._component_`` is instantiated with the section's fields: it must import and take them all."""
+    errors, params = _checked_params(section.component)
+    if params is None:
+        return errors
+    return [
+        f"{key}: not an argument of {section.component}" for key in section.arguments() if key not in params.defaults
+    ]
+
+
+def component_errors(section: Component | None) -> list[str]:
+    """Check a ``_component_`` section against the callable's signature: importable, known keyword
+    arguments (with a suggestion), and simple scalar types. Messages start with the sub-path. The
+    signature is read from source when the module is not imported yet (above)."""
+    if section is None:
+        return []
+    path = section.component
+    errors, params = _checked_params(path)
+    if params is None:
+        return errors
+    names = [n for n in params.defaults if n not in _RECIPE_SUPPLIED]
+    errors = []
+    for key, value in (section.model_extra or {}).items():
+        if key not in params.defaults or key in _RECIPE_SUPPLIED:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (accepted: {', '.join(names)})"
+            errors.append(f"{key}: unknown argument of {path}{hint}")
+            continue
+        expected = params.defaults[key]
+        if isinstance(expected, bool) and not isinstance(value, bool):
+            errors.append(f"{key}: expected a boolean, got {value!r}")
+        elif isinstance(expected, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+    return errors

@@ -10,7 +10,7 @@ from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params
 
 from docev.config import ConfigError, ModelSection
-from docev.models.docev import docev_from_arch, docev_tiny, lora_docev_tiny, tiny
+from docev.models.docev import docev_from_arch, docev_tiny, init_rope, lora_docev_tiny, tiny
 
 
 def test_adapters_on_the_targets_only():
@@ -71,9 +71,7 @@ def test_qlora_builds_and_trains_a_step_on_cpu():
     layer = model.decoder.layers[0]
     assert isinstance(layer.attn.q_proj.weight, NF4Tensor) and isinstance(layer.mlp.w1.weight, NF4Tensor)
     assert type(layer.attn.k_proj) is FrozenNF4Linear and isinstance(layer.attn.k_proj.weight, NF4Tensor)
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
+    init_rope(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     tokens = torch.randint(0, arch.vocab_size, (2, 16))

@@ -12,6 +12,7 @@ from docev.models.docev._component_builders import (
 from docev.models.docev._connector import LDPv2Connector
 from docev.models.docev._convert_weights import arch_from_hf_config, docev_hf_to_tune, docev_tune_to_hf
 from docev.models.docev._fusion import DocEVModel, image_feature_counts, image_positions, pack_image_features
+from docev.models.docev._materialize import init_rope, materialize
 from docev.models.docev._model_builders import (
     docev_from_arch,
     docev_preview,
@@ -40,11 +41,13 @@ __all__ = [
     "hf_param_shapes",
     "image_feature_counts",
     "image_positions",
+    "init_rope",
     "ldpv2_connector",
     "lora_docev_decoder",
     "lora_docev_preview",
     "lora_docev_tiny",
     "lora_problems",
+    "materialize",
     "pack_image_features",
     "preview",
     "tiny",

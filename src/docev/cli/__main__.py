@@ -1,0 +1,7 @@
+"""``python -m docev.cli``: the ``docev`` console script."""
+
+import sys
+
+from docev.cli import main
+
+sys.exit(main())
