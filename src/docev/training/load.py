@@ -5,8 +5,8 @@ FSDP2 shards every parameter along dim 0: a rank's local tensor is rows ``[offse
 ``state[key][offset:offset + n]``, cast by the copy to the parameter's dtype. With the ``LazyRows`` of
 ``DocEVCheckpointer.open_checkpoint`` (``docev.models.docev._sliced``) only those rows are read from the files, so
 a rank's host memory holds its shards plus one slice in flight, not the whole checkpoint twice (as read, and cast
-to fp32: ~46 GB per rank for the 11.6B preview with torchtune's ``load_from_full_model_state_dict``; numbers in
-``benchmarks/load_memory.py`` and docs/architecture.md "Loading"). A plain dict of tensors works the same (a
+to fp32 by torchtune's ``load_from_full_model_state_dict``: ~23 + 46 GB per rank for the 11.4B preview; numbers
+in ``benchmarks/load_memory.py`` and docs/architecture.md "Loading"). A plain dict of tensors works the same (a
 slice of a tensor is a view). Parameters kept whole on every rank (the frozen vision tower, ``ignored_params``)
 are read whole.
 
