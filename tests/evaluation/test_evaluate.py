@@ -106,7 +106,13 @@ class _Answers:
     def __init__(self, cfg):
         self.by_prompt = {_key(q.prompt): (i, q) for i, q in enumerate(eval_questions(cfg))}
 
-    def generate_batch(self, prompts, **_):
+    def encode(self, prompt, sampling_ratio):
+        return prompt
+
+    def prompt_length(self, prompt):
+        return len(_key(prompt))
+
+    def generate_encoded(self, prompts, **_):
         out = []
         for p in prompts:
             i, q = self.by_prompt[_key(p)]
@@ -114,6 +120,41 @@ class _Answers:
             text = [gold, gold[:-1] + ("#" if gold[-1:] != "#" else "@"), "no idea at all"][i % 3]
             out.append(type("Generated", (), {"text": text}))
         return out
+
+
+class _Lengths:
+    """A stub generator whose prompt i is i tokens long plus a scrambled offset; records each batch's lengths."""
+
+    def __init__(self, n):
+        self.length = {i: (i * 37) % n for i in range(n)}
+        self.batches = []
+
+    def encode(self, prompt, sampling_ratio):
+        return prompt
+
+    def prompt_length(self, prompt):
+        return self.length[prompt]
+
+    def generate_encoded(self, prompts, **_):
+        self.batches.append([self.length[p] for p in prompts])
+        return [type("Generated", (), {"text": f" answer {p} "}) for p in prompts]
+
+
+def test_batches_hold_prompts_of_similar_length():
+    """Each window of batches is cut from its prompts sorted by length (little padding per batch); the answers
+    come back in the questions' order."""
+    from types import SimpleNamespace
+
+    from docev.evaluation.evaluate import _WINDOW, answer_questions
+
+    n, size = 40, 4
+    questions = [SimpleNamespace(prompt=i, images=["page"] * (i % 3)) for i in range(n)]
+    stub = _Lengths(n)
+    answers = answer_questions(stub, questions, batch_size=size, max_new_tokens=4, sampling_ratio=2)
+    assert answers == [f"answer {i}" for i in range(n)]
+    windows = [sum(stub.batches[k : k + _WINDOW], []) for k in range(0, len(stub.batches), _WINDOW)]
+    assert [len(w) for w in windows] == [size * _WINDOW, n - size * _WINDOW]
+    assert all(w == sorted(w) for w in windows)
 
 
 def test_scores_are_each_rows_own_with_some_answers_right(run, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from docev.inference import DocEVGenerator, greedy_generate
+from docev.inference.generate import last_position_logits
 from docev.vision.geometry import num_image_tokens
 
 
@@ -43,10 +44,23 @@ def test_cached_equals_uncached(generator, pages, ratio):
     assert not generator.model.caches_are_setup()  # caches are dropped after each generation
 
 
+def test_prefill_computes_the_last_position_only(generator, pages):
+    """The prefill's logits are the whole sequence's last row, computed for that position alone."""
+    inputs = generator.prepare(pages[:2], "What is the total?", sampling_ratio=2)
+    tokens = inputs.pop("tokens")
+    with torch.inference_mode():
+        full = generator.model(tokens, **inputs)
+        with last_position_logits(generator.model):
+            last = generator.model(tokens, **inputs)
+        after = generator.model(tokens, **inputs)
+    assert last.shape == (1, 1, full.shape[-1]) and torch.allclose(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+    assert after.shape == full.shape  # the hook is gone after the block
+
+
 def test_stop_and_suppressed_tokens(step_checkpoint, pages):
     generator = DocEVGenerator(step_checkpoint)
     stop, image = generator.stop_token_ids[0], generator.transform.image_token_id
-    assert generator.stop_token_ids == [generator.transform.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert generator.stop_token_ids == [generator.transform.tokenizer.backend_tokenizer.token_to_id("<|im_end|>")]
     boost: list[int] = []
 
     def favour(module, inputs, logits):  # the boosted tokens' logits win at every position

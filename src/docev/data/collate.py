@@ -67,6 +67,11 @@ class DocEVCollate:
         """What ``normalize=True`` does in the collate, for uint8 pixels already on the device."""
         return normalize(pixels, self.mean, self.std, self.dtype)
 
+    def row_length(self, sample: dict[str, Any]) -> int:
+        """Tokens of ``sample``'s row once its placeholders are expanded at its ratio (what a batch lays out):
+        generation groups prompts of similar length so a batch pads little."""
+        return len(self._expand(sample, sample["ratio"])[0])
+
     def _expand(self, sample: dict[str, Any], ratio: int) -> tuple[list[int], list[int]]:
         counts = [num_image_tokens(h, w, ratio, **self.geometry) for h, w in sample["image_sizes"]]
         tokens, labels = expand_placeholders(sample["tokens"], sample["loss_mask"], self.image_token_id, counts)

@@ -2,8 +2,8 @@
 
 ``output_dir/eval/<label>/predictions.jsonl`` holds one line per question, ``metrics.json`` the
 summary (overall, per source, per question type). Questions are generated ``evaluate.batch_size`` at
-a time in one padded KV cache, grouped by image count so rows of a batch need similar work; the
-output keeps the manifest's order. Runs in one process (CPU locally, one GPU on a cluster).
+a time in one padded KV cache, grouped by prompt length so rows of a batch pad little; the output
+keeps the manifest's order. Runs in one process (CPU locally, one GPU on a cluster).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from docev.run.paths import run_paths
 from docev.run.publish import write_text
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_WINDOW = 8  # batches of prompts encoded and sorted by length together
 
 
 class NoQuestionsError(ValueError):
@@ -51,17 +52,26 @@ def answer_questions(
     tiles: HeldOutTiles | None = None,
 ) -> list[str]:
     """The model's answer to each question, in order; ``batch_size`` prompts per generation; images from
-    ``tiles`` (the eval shards) where they hold them."""
+    ``tiles`` (the eval shards) where they hold them.
+
+    A batch pads every prompt to its longest, so the prompts of ``_WINDOW`` batches at a time (the questions
+    ordered by image count first, which keeps a record's questions together) are encoded and sorted by length
+    before they are cut into batches: the prefill then computes few padding tokens. The window bounds the
+    encoded tiles held at once."""
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].images))
     answers: list[str] = [""] * len(questions)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        prompts = [tiles.prompt(questions[i]) if tiles is not None else questions[i].prompt for i in chunk]
-        gens = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, sampling_ratio=sampling_ratio)
-        for i, g in zip(chunk, gens, strict=True):
-            answers[i] = g.text.strip()
-        if progress is not None:
-            progress(len(chunk))
+    window = batch_size * _WINDOW
+    for first in range(0, len(order), window):
+        encoded = {i: generator.encode(tiles.prompt(questions[i]) if tiles is not None else questions[i].prompt,
+                                       sampling_ratio) for i in order[first : first + window]}  # fmt: skip
+        by_length = sorted(encoded, key=lambda i: generator.prompt_length(encoded[i]))
+        for start in range(0, len(by_length), batch_size):
+            chunk = by_length[start : start + batch_size]
+            gens = generator.generate_encoded([encoded.pop(i) for i in chunk], max_new_tokens=max_new_tokens)
+            for i, g in zip(chunk, gens, strict=True):
+                answers[i] = g.text.strip()
+            if progress is not None:
+                progress(len(chunk))
     return answers
 
 

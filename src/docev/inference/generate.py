@@ -9,8 +9,9 @@ step instead: the reference the cached path is tested against.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ def greedy_generate_batch(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     dtype = model.image_newline.dtype
     with local_kv_cache(model, batch_size=b, device=device, dtype=dtype, decoder_max_seq_len=total):
-        logits = model(tokens, mask=mask[:, :width], input_pos=positions[:, :width], **images)
+        with last_position_logits(model):
+            logits = model(tokens, mask=mask[:, :width], input_pos=positions[:, :width], **images)
         for pos in range(width, total):
             last = logits[:, -1].clone()
             last[:, suppress] = float("-inf")
@@ -146,6 +148,19 @@ def greedy_generate_batch(
         end = next((k for k, t in enumerate(row) if t in stop_set), None)
         results.append((row[: end + 1], True) if end is not None else (row, False))
     return results
+
+
+@contextlib.contextmanager
+def last_position_logits(model: DocEVModel) -> Iterator[None]:
+    """Forwards inside give the logits of the last position only, [B, 1, vocab]: what a prefill needs. The final
+    norm and the output projection act per position, so the row is the one the whole sequence would give, without
+    computing (and holding, in float32) logits for every prompt position: a third of a tiny model's prefill
+    FLOPs, and at a real vocabulary the largest tensor of a long prompt."""
+    handle = model.decoder.norm.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class DocEVGenerator:
@@ -216,29 +231,36 @@ class DocEVGenerator:
         prompts, inputs = self.prepare_batch([[Message(role="user", content=parts)]], sampling_ratio)
         return {"tokens": prompts[0][None], **inputs}
 
+    def encode(self, conversation: Sequence[Message], sampling_ratio: int) -> dict[str, Any]:
+        """A conversation ending in a user turn → one sample of the training collate (chat template, tiles);
+        ``prompt_length`` gives its length, ``generate_encoded`` answers a list of them."""
+        side = self.arch.patch_grid
+        if not 1 <= sampling_ratio <= side:
+            raise ValueError(f"sampling_ratio {sampling_ratio} outside 1..{side} (the tile's patch grid side)")
+        encoded = self.transform.encode(list(conversation), add_generation_prompt=True)
+        tiled = encoded.images or []
+        return {"ratio": sampling_ratio, "tokens": encoded.tokens, "loss_mask": encoded.loss_mask, "id": "",
+                "row": 0, "image_sizes": encoded.image_sizes, "image_grids": [t.plan.grid for t in tiled],
+                "images": tiled}  # fmt: skip
+
+    def prompt_length(self, sample: dict[str, Any]) -> int:
+        """The prompt's tokens, its ``<image>`` placeholders expanded: what a batch pads to the longest."""
+        return self._collate.row_length(sample)
+
     def prepare_batch(
         self, conversations: Sequence[Sequence[Message]], sampling_ratio: int
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """Conversations ending in a user turn → (one 1-D prompt per conversation, the batch's image
         inputs in conversation order), through the training transform and collate."""
-        side = self.arch.patch_grid
-        if not 1 <= sampling_ratio <= side:
-            raise ValueError(f"sampling_ratio {sampling_ratio} outside 1..{side} (the tile's patch grid side)")
-        samples = []
-        for k, messages in enumerate(conversations):
-            encoded = self.transform.encode(list(messages), add_generation_prompt=True)
-            tiled = encoded.images or []
-            samples.append({
-                "ratio": sampling_ratio, "tokens": encoded.tokens, "loss_mask": encoded.loss_mask, "id": str(k),
-                "row": 0, "image_sizes": encoded.image_sizes, "image_grids": [t.plan.grid for t in tiled],
-                "images": tiled,
-            })  # fmt: skip
-        batch = self._collate(samples)
+        return self._collated([self.encode(c, sampling_ratio) for c in conversations])
+
+    def _collated(self, samples: Sequence[dict[str, Any]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        batch = self._collate([{**s, "id": str(k)} for k, s in enumerate(samples)])  # errors name the row
         tokens = batch["tokens"].to(self.device)
         prompts = [tokens[i, :n] for i, n in enumerate(batch["row_lengths"])]
         inputs = {k: batch[k] for k in ("pixel_values", "image_sizes", "image_grids")}
         inputs = {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
-        return prompts, {**inputs, "sampling_ratio": sampling_ratio}
+        return prompts, {**inputs, "sampling_ratio": batch["sampling_ratio"]}
 
     def generate(
         self,
@@ -261,13 +283,18 @@ class DocEVGenerator:
         self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int = 64, sampling_ratio: int = 2
     ) -> list[Generation]:
         """The assistant's next answer for each conversation, all decoded together (one padded KV cache)."""
-        prompts, inputs = self.prepare_batch(conversations, sampling_ratio)
+        samples = [self.encode(c, sampling_ratio) for c in conversations]
+        return self.generate_encoded(samples, max_new_tokens=max_new_tokens)
+
+    def generate_encoded(self, samples: Sequence[dict[str, Any]], *, max_new_tokens: int = 64) -> list[Generation]:
+        """``generate_batch`` for prompts already encoded (``encode``; one sampling ratio)."""
+        prompts, inputs = self._collated(samples)
         results = greedy_generate_batch(
             self.model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids,
             suppress_token_ids=self.suppress_token_ids, pad_id=self._collate.pad_id, **inputs,
         )  # fmt: skip
         pairs = zip(results, prompts, strict=True)
-        return [self._generation(ids, stopped, len(p), sampling_ratio) for (ids, stopped), p in pairs]
+        return [self._generation(ids, stopped, len(p), inputs["sampling_ratio"]) for (ids, stopped), p in pairs]
 
     def _generation(self, ids: list[int], stopped: bool, prompt_tokens: int, sampling_ratio: int) -> Generation:
         text = self.transform.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
