@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torchtune.models import convert_weights as tt
 
-from docev.models.docev._arch import DocEVArch
+from docev.models.arch import DocEVArch
 from docev.models.docev._convert_weights import (
     BASE_EMBED,
     FUSION_EMBED,
