@@ -4,6 +4,9 @@ Every number below is measured on the same synthetic records in this command, co
 after round (``timing.interleaved``; shards removed, untimed, before every run), median of ``--repeats``:
 
 * reference (steady state): ``LlavaNextImageProcessorPil`` + ``apply_chat_template`` per record, set up once;
+* floor: decode + the two resizes (canvas, base tile) of every page, the pixel work of the reference that any
+  exact preprocess of a page it cannot keep whole pays too: reference / floor bounds the ratio when every page
+  must be tiled (tile 112);
 * preprocess (steady state): one worker's :class:`ShardBuilder`, set up once as a pool worker is, building
   every shard of the split with ``records_per_shard`` as in ``configs/docev_preview.yaml`` (2048) and as in
   ``configs/tiny.yaml`` (16: the per-shard costs — write, fsync, verify, hash, sidecar — paid 16x as often);
@@ -12,7 +15,9 @@ after round (``timing.interleaved``; shards removed, untimed, before every run),
   against a fresh ``python`` that sets up the reference and processes one record;
 * bytes per sample: the shards' image bytes against the original images';
 * the ``auto`` format's size rule (``docev.data.shards.stores_original``) against the full comparison that
-  encodes every image's tiles (untimed): how many images it decides the same way.
+  encodes every image's tiles (untimed): how many images it decides the same way;
+* the fast-effort rule (``docev.data.shards.auto_encodings``): for the pages it sends to libwebp's fastest
+  lossless effort, both efforts' bytes against the originals' and their encode time (CPU ms per image, best of 3).
 
     .venv/bin/python benchmarks/preprocess_throughput.py [--n 200] [--tile-size 560] [--repeats 3]
 
@@ -26,6 +31,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,12 +40,12 @@ from functools import partial
 from pathlib import Path
 
 from timing import for_each, interleaved
-from transform_throughput import reference_path
+from transform_throughput import floor, reference_path
 
 from docev.assets import init_checkpoint
 from docev.config import load_config
 from docev.data.preprocess import ShardBuilder, _chunks, config_hash, count_shards, shards_dir, tokenizer_fingerprint
-from docev.data.shards import image_row, stores_original
+from docev.data.shards import auto_encodings, encode_image, image_row, stores_original
 from docev.data.transform import transform_from_config
 from docev.synth import synth_data
 from docev.validate.runner import run_validate
@@ -47,6 +53,7 @@ from docev.vision.image_io import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
+ENCODINGS = ("webp_lossless_fast", "webp_lossless")  # libwebp's fastest lossless effort, method 1
 SHARD_SIZES = {"preview": 2048, "tiny": 16}  # records_per_shard of configs/docev_preview.yaml and configs/tiny.yaml
 
 REFERENCE_TASK = """
@@ -59,7 +66,7 @@ from docev.data.transform import transform_from_config
 cfg = load_config({config!r}, {overrides!r})
 root = Path({root!r})
 record = json.loads((root / "data.jsonl").read_text().splitlines()[0])
-reference_path(transform_from_config(cfg), root)(record)
+reference_path(transform_from_config(cfg), cfg.tokenizer.model_name_or_path, root)(record)
 """
 
 
@@ -74,10 +81,12 @@ def task(argv: list[str]) -> None:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
-def rule_agreement(cfg, records: list[dict], root: Path) -> tuple[int, int, int]:
-    """(images, decided by size, of those the same as encoding the tiles and comparing)."""
+def rule_agreement(cfg, records: list[dict], root: Path) -> tuple[int, int, int, dict[str, list[float]]]:
+    """(images, decided by size, of those the same as encoding the tiles and comparing, and for the images
+    sent to the fast effort first: per encoding its tiles' bytes / the original's bytes and its CPU ms)."""
     t = transform_from_config(cfg)
     total = by_size = same = 0
+    fast: dict[str, list[float]] = {k: [] for e in ENCODINGS for k in (e, f"{e} ms")} | {"original": []}
     for rec in records:
         for name in rec.get("image_files", []):
             blob = (root / name).read_bytes()
@@ -86,7 +95,23 @@ def rule_agreement(cfg, records: list[dict], root: Path) -> tuple[int, int, int]
             if stores_original("auto", tiled.plan, t.tile_size, len(blob)):
                 by_size += 1
                 same += bool(image_row(tiled, "auto", 95, blob)["original"])
-    return total, by_size, same
+            elif auto_encodings(tiled.plan, t.tile_size)[0] == "webp_lossless_fast":
+                fast["original"].append(len(blob))
+                for e in ENCODINGS:
+                    size, ms = _encode(tiled, e)
+                    fast[e].append(size)
+                    fast[f"{e} ms"].append(ms)
+    return total, by_size, same, fast
+
+
+def _encode(tiled, encoding: str) -> tuple[int, float]:
+    """Bytes of an image's tiles (base + resized) in ``encoding`` and the CPU ms to encode them (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        size = sum(len(encode_image(im, encoding, 95)) for im in (tiled.base, tiled.resized))
+        best = min(best, time.process_time() - start)
+    return size, 1e3 * best
 
 
 def main() -> None:
@@ -110,7 +135,7 @@ def main() -> None:
             run_validate(cfgs[name][0])
         records = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
         cfg = cfgs["preview"][0]
-        reference = reference_path(transform_from_config(cfg), root)
+        reference = reference_path(transform_from_config(cfg), ckpt, root)
         builders = {name: ShardBuilder(cfgs[name][0], config_hash(cfgs[name][0]), tokenizer_fingerprint(ckpt))
                     for name in SHARD_SIZES}  # fmt: skip
         chunks = {name: list(_chunks(cfgs[name][0])) for name in SHARD_SIZES}
@@ -122,6 +147,7 @@ def main() -> None:
                                        overrides=task_overrides, root=str(root))  # fmt: skip
         runs = {
             "reference": partial(for_each, reference, records),
+            "floor": partial(for_each, partial(floor, transform_from_config(cfg), root, base_tile=True), records),
             **{name: partial(build_all, builders[name], chunks[name]) for name in SHARD_SIZES},
             "task: reference": partial(task, [sys.executable, "-c", script]),
             "task: preprocess": partial(task, ours_task),
@@ -135,11 +161,13 @@ def main() -> None:
         timed = interleaved(runs, args.repeats, before=clean)
         wall = time.perf_counter() - start
         n = len(records)
-        rate = {name: n / timed[name].median for name in ("reference", *SHARD_SIZES)}
+        rate = {name: n / timed[name].median for name in ("reference", "floor", *SHARD_SIZES)}
         print(f"{n} records, {sum(len(r['image_files']) for r in records)} pages, tile {args.tile_size}, "
               f"{cfg.preprocess.image_format} shards, median of {args.repeats} interleaved rounds ({wall:.0f} s); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
         print(f"  reference (HF per sample, no shard written): {rate['reference']:7.1f} samples/s")
+        print(f"  floor (decode + canvas and base-tile resizes of every page): {rate['floor']:7.1f} samples/s "
+              f"= {rate['floor'] / rate['reference']:.2f}x reference")  # fmt: skip
         for name, size in SHARD_SIZES.items():
             print(f"  preprocess, one worker, {size:4d} records/shard ({name:7s}): {rate[name]:7.1f} samples/s "
                   f"= {rate[name] / rate['reference']:.2f}x reference")  # fmt: skip
@@ -154,9 +182,16 @@ def main() -> None:
         shard_bytes = (shards_dir(cfg) / "shard-00000.arrow").stat().st_size
         print(f"  bytes/sample: shards {shard_bytes / n:,.0f} (images {stored / n:,.0f}) vs original images "
               f"{original / n:,.0f} ({stored / original:.2f}x)")  # fmt: skip
-        total, by_size, same = rule_agreement(cfg, records, root)
+        total, by_size, same, fast = rule_agreement(cfg, records, root)
         print(f"  auto format: {by_size} of {total} images kept as their original by size alone (no encode); "
               f"encoding their tiles and comparing keeps the original for {same} of them")  # fmt: skip
+        if fast["original"]:
+            orig = sum(fast["original"])
+            for e in ENCODINGS:
+                wins = sum(b < o for b, o in zip(fast[e], fast["original"], strict=True))
+                print(f"  {len(fast['original'])} images shrunk to <= 1/4 of their pixels, tiles as {e}: "
+                      f"{sum(fast[e]) / orig:.2f}x the original bytes, smaller than the original for {wins}, "
+                      f"{statistics.median(fast[e + ' ms']):.1f} CPU ms per image (median)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def test_train_before_preprocess_names_docev_preprocess(tmp_path, tiny_checkpoin
     ]
 
 
+def test_a_tokenizer_without_tokenizer_json_is_named(tmp_path, tiny_checkpoint, synth_sources, capsys):
+    """The data steps read the tokenizer from tokenizer.json alone (no transformers to convert other forms)."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(tiny_checkpoint / "tokenizer_config.json", tok)
+    datasets = [{"source": str(synth_sources["instruct"]), "name": "instruct"}]
+    assert main(["validate", *_args(tmp_path / "out", tok, datasets)]) == PREFLIGHT_EXIT
+    assert _err(capsys) == [f"docev validate: tokenizer {tok}: no tokenizer.json; make a tiny one with `docev "
+                            f"init-checkpoint --out {tok}` or point tokenizer.model_name_or_path at a DocEV HF "
+                            "checkpoint"]  # fmt: skip
+
+
 def test_preprocess_before_validate_and_after_a_failed_validate(tmp_path, tiny_checkpoint, synth_sources, capsys):
     src = tmp_path / "src"
     shutil.copytree(synth_sources["instruct"], src)

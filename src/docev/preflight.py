@@ -19,7 +19,6 @@ from docev.run.paths import run_paths
 from docev.storage import TransientStorageError
 
 PREFLIGHT_EXIT = 3  # a prerequisite is missing: deterministic, a retry would fail the same way
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_PATTERNS = ("model.safetensors.index.json", "*.safetensors", "pytorch_model*.bin", ".metadata")
 
 
@@ -45,8 +44,8 @@ def _base_and_tokenizer(cfg: DocEVConfig, weights: bool) -> list[str]:
     if not tok.is_dir():
         if not (weights and ckpt == tok):  # said once above
             problems.append(f"tokenizer {tok}: not found; " + make.format(tok, "tokenizer.model_name_or_path"))
-    elif not any((tok / name).is_file() for name in TOKENIZER_FILES):
-        problems.append(f"tokenizer {tok}: no tokenizer.json or tokenizer_config.json; "
+    elif not (tok / "tokenizer.json").is_file():  # docev.text.tokenizer reads it (no conversion of other forms)
+        problems.append(f"tokenizer {tok}: no tokenizer.json; "
                         + make.format(tok, "tokenizer.model_name_or_path"))  # fmt: skip
     return problems
 

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
+from transformers import AutoTokenizer, PretrainedConfig
 
 from docev.data.messages import ufx_to_messages
 from docev.data.transform import (
@@ -259,7 +260,7 @@ def test_config_component_and_token_counter(tmp_path, tiny_checkpoint, synth_sou
     assert isinstance(transform, DocEVTransform) and transform.max_seq_len == cfg.tokenizer.max_seq_len
     records, _ = _records(synth_sources)
     count = build_token_counter(cfg)
-    tok = transform.tokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint), local_files_only=True, config=PretrainedConfig())
     rec = parse_record(records[4])  # style 4 has a system message
     sizes = [(842, 595)] * len(rec.image_files)
     extra = {r: sum(num_image_tokens(h, w, r, tile_size=T, patch_size=14) - 1 for h, w in sizes) for r in (2, 3)}

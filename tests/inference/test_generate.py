@@ -60,7 +60,7 @@ def test_prefill_computes_the_last_position_only(generator, pages):
 def test_stop_and_suppressed_tokens(step_checkpoint, pages):
     generator = DocEVGenerator(step_checkpoint)
     stop, image = generator.stop_token_ids[0], generator.transform.image_token_id
-    assert generator.stop_token_ids == [generator.transform.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert generator.stop_token_ids == [generator.transform.tokenizer.backend_tokenizer.token_to_id("<|im_end|>")]
     boost: list[int] = []
 
     def favour(module, inputs, logits):  # the boosted tokens' logits win at every position

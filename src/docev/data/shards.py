@@ -6,8 +6,9 @@ be read alone (the sampler reads only the length columns of millions of rows). I
 either as their original encoded bytes plus the tiling plan (tiled again at load time) or as encoded
 bytes of the aspect-resized page *without* its padding plus the base tile; the canvas is rebuilt by
 pasting into zeros, which is cheaper to store than the padded canvas and never a float tensor. The
-default ``auto`` keeps per image the smaller of the original and lossless WebP tiles, so shards cost
-about what the images cost and reproduce the online transform exactly (see docs/architecture.md).
+default ``auto`` keeps per image the original unless its lossless WebP tiles come out smaller (at libwebp's
+fastest effort for pages that shrink to a quarter of their pixels or less), so shards cost at most what the
+images cost and reproduce the online transform exactly (see docs/architecture.md).
 
 Columns: ``id``, ``source``, ``source_index``, ``tokens`` (int32, ONE ``<image>`` placeholder per
 image), ``loss_mask`` (bool), ``len_r{R}`` (int32, sequence length at sampling ratio R, placeholders
@@ -35,6 +36,7 @@ from docev.vision.image_io import load_image
 from docev.vision.tiling import TiledImage, tile_image
 
 ROWS_PER_BATCH = 32
+FAST_SHRINK = 4  # see auto_encodings
 # Length histograms (validate's per-source stats and the shard manifest) count tokens in these buckets.
 TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 IMAGE_TYPE = pa.struct([
@@ -88,9 +90,22 @@ def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
         image.save(buf, "JPEG", quality=quality, subsampling=0)
     elif fmt == "webp_lossless":  # effort 30 / method 1: within 2% of the smallest, several times faster to write
         image.save(buf, "WEBP", lossless=True, quality=30, method=1)
+    elif fmt == "webp_lossless_fast":  # libwebp's fastest lossless effort: ~3.5x faster, ~1.8x the bytes of method 1
+        image.save(buf, "WEBP", lossless=True, quality=0, method=0)
     else:
         image.save(buf, "WEBP", quality=quality, method=4)
     return buf.getvalue()
+
+
+def auto_encodings(plan: TilePlan, tile_size: int) -> tuple[str, ...]:
+    """The lossless encodings ``auto`` tries in turn, keeping the first that comes out smaller than the original.
+    A page whose tiles hold at most 1/``FAST_SHRINK`` of its pixels is tried at the fastest effort first: shrunk
+    that far its tiles are a fraction of the original's bytes even so (``benchmarks/preprocess_throughput.py``
+    measures the bytes and the rate), and the slower, smaller code is the fallback where they are not."""
+    (h, w), (rh, rw) = plan.size, plan.resized
+    if FAST_SHRINK * (tile_size * tile_size + rh * rw) <= h * w:
+        return ("webp_lossless_fast", "webp_lossless")
+    return ("webp_lossless",)
 
 
 def stores_original(fmt: str, plan: TilePlan, tile_size: int, original_bytes: int) -> bool:
@@ -117,16 +132,17 @@ def original_row(plan: TilePlan, original: bytes) -> dict[str, Any]:
 
 def image_row(tiled: TiledImage, fmt: str, quality: int, original: bytes) -> dict[str, Any]:
     """A tiled image as stored: its ``original`` encoded bytes (tiled again at load time), or the aspect-resized
-    image (the canvas without its padding) and the base tile. ``auto`` keeps whichever is smaller of the original
-    and the tiles in lossless WebP: small pages stay as they came, large scans and photos shrink to their tiles."""
+    image (the canvas without its padding) and the base tile. ``auto`` keeps the tiles in lossless WebP when they
+    come out smaller than the original (:func:`auto_encodings`), else the original: small pages stay as they
+    came, large scans and photos shrink to their tiles."""
     row = original_row(tiled.plan, original)
     if fmt == "original":
         return row
-    encoding = "webp_lossless" if fmt == "auto" else fmt
-    base, resized = encode_image(tiled.base, encoding, quality), encode_image(tiled.resized, encoding, quality)
-    if fmt == "auto" and len(original) <= len(base) + len(resized):
-        return row
-    return row | {"original": b"", "base": base, "resized": resized}
+    for encoding in auto_encodings(tiled.plan, tiled.base.width) if fmt == "auto" else (fmt,):
+        base, resized = encode_image(tiled.base, encoding, quality), encode_image(tiled.resized, encoding, quality)
+        if fmt != "auto" or len(base) + len(resized) < len(original):
+            return row | {"original": b"", "base": base, "resized": resized}
+    return row
 
 
 def stored_image(image: dict[str, Any], tiling: Tiling) -> TiledImage:
@@ -153,13 +169,43 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _offsets(lengths: list[int]) -> pa.Buffer:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ShardError(f"{offsets[-1]} bytes or items in one column of {ROWS_PER_BATCH} rows: over Arrow's 2 GiB")
+    return pa.py_buffer(offsets.astype(np.int32))
+
+
+def column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """``values`` (no nulls) as an Arrow array of ``type_``, made from buffers: pyarrow's own conversion of Python
+    values imports pandas to ask whether they are pandas objects, seconds at a preprocess task's first shard."""
+    if pa.types.is_struct(type_):
+        fields = [type_.field(i) for i in range(type_.num_fields)]
+        return pa.StructArray.from_arrays([column([v[f.name] for v in values], f.type) for f in fields], fields=fields)
+    if pa.types.is_list(type_):
+        offsets = pa.Array.from_buffers(pa.int32(), len(values) + 1, [None, _offsets([len(v) for v in values])])
+        return pa.ListArray.from_arrays(offsets, column([x for v in values for x in v], type_.value_type))
+    if pa.types.is_string(type_) or pa.types.is_binary(type_):
+        blobs = [v.encode() if isinstance(v, str) else v for v in values]
+        return pa.Array.from_buffers(type_, len(values), [None, _offsets(list(map(len, blobs))),
+                                                          pa.py_buffer(b"".join(blobs))])  # fmt: skip
+    if pa.types.is_boolean(type_):
+        data = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    else:
+        data = np.asarray(values, dtype=np.dtype(str(type_)))  # int8 … int64
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(data)])
+
+
 def write_shard(path: Path, rows: list[dict[str, Any]], ratios: list[int]) -> tuple[str, int]:
     """Write rows to ``path`` atomically (temp name, fsync, reopen and count, rename). Returns (sha256, rows)."""
     tmp = temp_name(path)
-    table = pa.Table.from_pylist(rows, schema=schema(ratios))
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
-            writer.write_batch(batch)
+    shard_schema = schema(ratios)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, shard_schema) as writer:
+        for start in range(0, len(rows), ROWS_PER_BATCH):
+            chunk = rows[start : start + ROWS_PER_BATCH]
+            columns = [column([row[f.name] for row in chunk], f.type) for f in shard_schema]
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=shard_schema))
     with pa.memory_map(str(tmp)) as mm:
         if pa.ipc.open_file(mm).read_all().num_rows != len(rows):
             raise ShardError(f"{tmp}: wrote {len(rows)} rows but read back a different count")

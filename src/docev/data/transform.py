@@ -25,19 +25,22 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from docev.config import resolve_component
 from docev.data.messages import Message, UFXType, message_dicts, message_images, ufx_to_messages
 from docev.text.chat_template import ChatTemplate, resolve_chat_template, token_loss_mask
+from docev.text.tokenizer import Tokenizer, load_tokenizer
 from docev.ufx import UFXRecord
 from docev.vision.geometry import TilePlan, num_image_tokens, plan_tiles
 from docev.vision.image_io import load_image, read_image_size
 from docev.vision.tiling import PixelConfig, TiledImage, normalize, tile_image
+
+if TYPE_CHECKING:
+    import torch
 
 OVERFLOW_STEPS = ("larger_ratio", "truncate_text", "drop")
 DROP_REASONS = ("too_long", "no_loss_after_truncation")
@@ -113,7 +116,7 @@ class DocEVTransform:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         chat_template: ChatTemplate,
         *,
         image_token: str = "<image>",
@@ -331,7 +334,7 @@ class DocEVTransform:
             out["pixel_values"] = [t.pixels(self.tile_size) for t in sample.images]
         return out
 
-    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """uint8 tiles → model input with the checkpoint's mean/std (call in the collate or on device)."""
         return normalize(pixels, self.pixels.mean, self.pixels.std, dtype)
 
@@ -350,26 +353,11 @@ def _size(source: Any) -> tuple[int, int]:
     return read_image_size(source)
 
 
-def _token_id(tokenizer: Any, token: str, what: str) -> int:
+def _token_id(tokenizer: Tokenizer, token: str, what: str) -> int:
     tid = tokenizer.backend_tokenizer.token_to_id(token)
     if tid is None:
         raise ValueError(f"{what}: {token!r} is not in the tokenizer's vocabulary")
     return tid
-
-
-def load_tokenizer(model_name_or_path: str | Path, image_token: str = "<image>") -> Any:
-    """transformers ``AutoTokenizer`` from local files only; ``image_token`` added as a special token
-    when the vocabulary lacks it (the model's embedding must then grow to cover the new id)."""
-    from transformers import AutoTokenizer, PretrainedConfig
-
-    path = Path(model_name_or_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model_name_or_path {path}: not a folder (tokenizer files are read locally)")
-    # An empty config stops AutoTokenizer from reading config.json, whose model_type it does not know.
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())
-    if tokenizer.backend_tokenizer.token_to_id(image_token) is None:
-        tokenizer.add_tokens([image_token], special_tokens=True)
-    return tokenizer
 
 
 def _check_feature_select(strategy: str, checkpoint: Path) -> None:

@@ -129,9 +129,10 @@ class CheckpointManager:
 
     def load(self) -> tuple[dict[str, Any], bool]:
         """The start folder's state and whether the run resumes. ``state["model"]`` is the full model for an
-        HF folder, None for a DCP one: its shards are read by ``load_sharded`` once model and optimizer exist.
-        The other entries are the recipe state (``recipe_state.pt``; the full optimizer for an HF folder),
-        handed to the Stateful pieces by :meth:`resume`. A resumed run prunes what the interrupted one left."""
+        HF folder (each tensor read by rows when the model is filled: ``docev.training.load``), None for a DCP
+        one: its shards are read by ``load_sharded`` once model and optimizer exist. The other entries are the
+        recipe state (``recipe_state.pt``; the full optimizer for an HF folder), handed to the Stateful pieces by
+        :meth:`resume`. A resumed run prunes what the interrupted one left."""
         state, resumed = self._load()
         self._resume_state = state
         if resumed and self._is_rank_zero:
@@ -169,8 +170,8 @@ class CheckpointManager:
         if self.checkpointer.is_dcp:
             state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
             state[MODEL_KEY] = None
-        else:
-            state = self.checkpointer.load_checkpoint()
+        else:  # "model": each tensor read by rows, as much as this rank keeps (docev.training.load)
+            state = self.checkpointer.open_checkpoint()
         utils.log_rank_zero(log, f"{'Resuming from' if resumed else 'Starting from'} {folder}")
         return state, resumed
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -62,6 +62,7 @@ from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from docev.config import FsdpStrategy, GradientReduction, resolve_strategy
+from docev.training.load import Rows, fill_model
 
 log = utils.get_logger("INFO")
 
@@ -223,20 +224,23 @@ def parallelize_model(
 
 def load_model_state(
     model: torch.nn.Module,
-    state_dict: dict[str, torch.Tensor] | None,
+    state_dict: Mapping[str, Rows] | None,
     device: torch.device,
     compute_dtype: torch.dtype,
-    fill: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.device], None] | None = None,
+    fill: Callable[[torch.nn.Module, Mapping[str, Rows], torch.device], None] | None = None,
 ) -> None:
-    """Each rank keeps its shard of the full state dict (cast to the parameters' dtype); ``None`` leaves the
-    shards allocated but unset, for a sharded (DCP) checkpoint to fill. The RoPE caches, which are not in
-    the state dict, are made in the compute dtype."""
+    """Each rank reads and keeps only its shard of the full state dict (``docev.training.load``: rows, cast to
+    the parameters' dtype); ``None`` leaves the shards allocated but unset, for a sharded (DCP) checkpoint to
+    fill. The RoPE caches, which are not in the state dict, are made in the compute dtype."""
     if state_dict is None:
         model.to_empty(device=device)
     elif fill is not None:  # an adapter run: base + trained tensors, adapters initialised (docev.training.peft)
         fill(model, state_dict, device)
     else:
-        training.load_from_full_model_state_dict(model, state_dict, device, strict=True)
+        missing, unexpected = fill_model(model, state_dict, device)
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")  # fmt: skip
     with training.set_default_dtype(compute_dtype), device:
         for m in model.modules():
             if hasattr(m, "rope_init"):
@@ -246,7 +250,7 @@ def load_model_state(
 
 def setup_model(
     model_cfg: DictConfig,
-    state_dict: dict[str, torch.Tensor] | None,
+    state_dict: Mapping[str, Rows] | None,
     device: torch.device,
     *,
     compute_dtype: torch.dtype,
@@ -254,7 +258,7 @@ def setup_model(
     compile: bool = False,
     activation_checkpointing: bool = False,
     mesh: DeviceMesh | None = None,
-    fill: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.device], None] | None = None,
+    fill: Callable[[torch.nn.Module, Mapping[str, Rows], torch.device], None] | None = None,
 ) -> torch.nn.Module:
     """Build on meta, parallelize, fill from ``state_dict`` (None: left for a sharded checkpoint); every rank
     returns with its shard."""

@@ -21,12 +21,13 @@ The recipe class is the same; with a ``lora_*`` model builder it calls this modu
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torchtune import training, utils
+from torchtune import utils
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params
 
 from docev.config import DocEVConfig
@@ -34,6 +35,7 @@ from docev.models.docev import DocEVCheckpointer
 from docev.models.docev._folder import PEFT_META
 from docev.models.docev._peft import PeftCheckpointError, PeftSpec, base_fingerprint, is_trained_only, read_trained
 from docev.run.checkpoints import RECIPE_STATE
+from docev.training.load import Rows, fill_model
 
 log = utils.get_logger("INFO")
 
@@ -74,7 +76,7 @@ class PeftRun:
     def load(self, checkpointer: DocEVCheckpointer, resumed_from: Path | None) -> dict[str, Any]:
         """The base state dict (``checkpointer`` reads the base), with a step folder's trained tensors and
         recipe state laid over it when resuming."""
-        state = checkpointer.load_checkpoint()
+        state = checkpointer.open_checkpoint()  # "model": read by rows when the model is filled
         if resumed_from is None:
             return state
         trained, meta = read_trained(resumed_from, self.spec)
@@ -87,12 +89,11 @@ class PeftRun:
         return state
 
     @staticmethod
-    def load_model(model: nn.Module, state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
+    def load_model(model: nn.Module, state_dict: Mapping[str, Rows], device: torch.device) -> None:
         """Fill the sharded model: base (+ trained) tensors; adapters the state dict lacks are initialised
         (first run only). Raises when keys other than adapters are missing, or any is unexpected."""
         adapters = set(get_adapter_params(model))
-        result = training.load_from_full_model_state_dict(model, state_dict, device, strict=False)
-        missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+        missing, unexpected = map(set, fill_model(model, state_dict, device))  # each rank reads its rows only
         not_adapters = sorted(missing - adapters)
         if not_adapters or unexpected:
             raise PeftCheckpointError(

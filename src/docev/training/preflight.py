@@ -21,6 +21,7 @@ REQUIRED_APIS: tuple[tuple[str, str], ...] = (
     ("torch.distributed.fsdp", "FSDPModule.set_requires_all_reduce"),
     ("torch.distributed.device_mesh", "init_device_mesh"),
     ("torch.distributed.tensor", "DTensor"),
+    ("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset"),  # docev.training.load
     ("torch.distributed.checkpoint", "async_save"),
     ("torch.distributed.checkpoint.staging", "DefaultStager"),
     ("torch.distributed.checkpoint.staging", "StagingOptions"),

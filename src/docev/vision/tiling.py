@@ -3,7 +3,8 @@
 The arithmetic (which canvas, which resized size) lives in :mod:`docev.vision.geometry`; this
 module only moves pixels, and keeps them uint8 until :func:`normalize`: uint8 is 4× smaller
 than float32 in shards, in the loader's queues and on the host-to-device copy, and
-normalisation is one fused multiply-add that belongs in the collate or on the device.
+normalisation is one fused multiply-add that belongs in the collate or on the device. torch is imported
+where a tensor is made, not with the module: the data steps tile (and store) images without it.
 The reference is transformers' ``LlavaNextImageProcessorPil``: the canvas is the image resized
 with the same PIL filter and padded with zeros, split evenly (the odd pixel goes after); the
 base tile is the whole image resized to tile × tile (aspect not kept).
@@ -15,12 +16,15 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from docev.vision.geometry import TilePlan, plan_tiles
+
+if TYPE_CHECKING:
+    import torch
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -95,6 +99,8 @@ class TiledImage:
         for c, band in enumerate(self.resized.split()):
             canvas[c, top : top + rh, left : left + rw] = np.asarray(band)
         if out is None:
+            import torch
+
             out = torch.empty((1 + rows * cols, 3, tile_size, tile_size), dtype=torch.uint8)
         buf = out.numpy()
         buf[0] = _planes(self.base)
@@ -128,6 +134,8 @@ def _planes(image: Image.Image) -> np.ndarray:
 
 def to_chw(image: Image.Image) -> torch.Tensor:
     """uint8 [3, H, W] copy of an RGB image's pixels."""
+    import torch
+
     return torch.from_numpy(_planes(image))
 
 
@@ -145,6 +153,8 @@ def cut_tiles(canvas: torch.Tensor, tile_size: int) -> torch.Tensor:
 def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """The constants on ``device``, made once: ``torch.tensor(..., device=cuda)`` per call is a blocking copy
     from pageable host memory every micro-batch."""
+    import torch
+
     return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
 
 
@@ -152,11 +162,13 @@ def normalize(
     pixels: torch.Tensor,
     mean: tuple[float, ...] = SIGLIP_MEAN,
     std: tuple[float, ...] = SIGLIP_STD,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """uint8 [..., 3, H, W] → ``(x / 255 - mean) / std`` in ``dtype`` (computed in float32)."""
+    """uint8 [..., 3, H, W] → ``(x / 255 - mean) / std`` in ``dtype`` (float32 when None; computed in float32)."""
+    import torch
+
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
     mean_t, std_t = _mean_std(tuple(mean), tuple(std), pixels.device)
     x = pixels.to(torch.float32)  # the same arithmetic as before, in place: one float buffer, not four
-    return x.div_(255.0).sub_(mean_t).div_(std_t).to(dtype)
+    return x.div_(255.0).sub_(mean_t).div_(std_t).to(dtype or torch.float32)

@@ -30,6 +30,7 @@ from docev.models.docev._convert_weights import (
 )
 from docev.models.docev._dcp import is_dcp_folder, read_dcp_model
 from docev.models.docev._folder import INDEX, PEFT_META, TRAINED_FILE, save_sharded, side_files
+from docev.models.docev._sliced import open_rows
 from docev.run.checkpoints import RECIPE_STATE, partial_folder, publish_step
 from docev.run.digests import seal, verify_checkpoint
 
@@ -130,11 +131,21 @@ class DocEVCheckpointer:
     def load_checkpoint(self) -> dict[str, Any]:
         """``{"model": torchtune state dict}`` plus the entries of ``recipe_state.pt`` when the folder has one."""
         model, self.unused = docev_hf_to_tune(self.load_hf_state_dict(), self.arch)
-        out: dict[str, Any] = {"model": model}
+        return {"model": model, **self.load_recipe_state()}
+
+    def open_checkpoint(self) -> dict[str, Any]:
+        """``load_checkpoint`` for a training rank: ``"model"`` maps each torchtune key to a ``LazyRows`` that reads
+        only the rows asked for (``docev.training.load`` fills a rank's shards with them); the unused tensors are
+        read whole (small). A DCP folder has no such reader: it is read sharded (``CheckpointManager``) or whole."""
+        if self.is_dcp:
+            return self.load_checkpoint()
+        model, self.unused = open_rows(self.checkpoint_files, self.arch)
+        return {"model": model, **self.load_recipe_state()}
+
+    def load_recipe_state(self) -> dict[str, Any]:
+        """The entries of the folder's ``recipe_state.pt``; empty when it has none (a base model)."""
         recipe = self.checkpoint_dir / RECIPE_STATE
-        if recipe.is_file():
-            out.update(torch.load(recipe, map_location="cpu", weights_only=True))
-        return out
+        return torch.load(recipe, map_location="cpu", weights_only=True) if recipe.is_file() else {}
 
     def save_checkpoint(
         self, state_dict: Mapping[str, Any], step: int, record: Mapping[str, Any] | None = None

@@ -19,7 +19,7 @@ from docev.models.docev._arch import PROJECTOR, VISION, DocEVArch, hf_param_shap
 
 LANGUAGE_MODEL = "language_model."
 UNUSED_PREFIXES = (f"{VISION}.head.",)
-_BASE_EMBED, _FUSION_EMBED = "tok_embeddings.weight", "tok_embeddings.fusion_embedding.weight"
+BASE_EMBED, FUSION_EMBED = "tok_embeddings.weight", "tok_embeddings.fusion_embedding.weight"
 
 _VISION_LAYER = {
     "self_attn.q_proj": "attn.q_proj",
@@ -79,7 +79,7 @@ def check_hf_state_dict(
         raise ValueError("checkpoint does not match the DocEV layout: " + "; ".join(errors[:10]) + more)
 
 
-def _decoder_args(arch: DocEVArch) -> dict[str, int]:
+def decoder_args(arch: DocEVArch) -> dict[str, int]:
     return {"num_heads": arch.heads, "num_kv_heads": arch.kv_heads, "dim": arch.dim, "head_dim": arch.head_dim}
 
 
@@ -97,9 +97,9 @@ def docev_hf_to_tune(
             model[fusion_map[key]] = value
         else:
             decoder[key.removeprefix(LANGUAGE_MODEL)] = value
-    for key, value in tt.hf_to_tune(decoder, **_decoder_args(arch)).items():
-        if key == _BASE_EMBED:
-            model[_BASE_EMBED], model[_FUSION_EMBED] = value.split([arch.vocab_size, arch.fusion_vocab_size])
+    for key, value in tt.hf_to_tune(decoder, **decoder_args(arch)).items():
+        if key == BASE_EMBED:
+            model[BASE_EMBED], model[FUSION_EMBED] = value.split([arch.vocab_size, arch.fusion_vocab_size])
         else:
             model[f"decoder.{key}"] = value
     return model, unused
@@ -114,13 +114,13 @@ def docev_tune_to_hf(state_dict: Mapping[str, torch.Tensor], arch: DocEVArch) ->
             out[fusion_map[key]] = value
         elif key.startswith("decoder."):
             decoder[key.removeprefix("decoder.")] = value
-        elif key not in (_BASE_EMBED, _FUSION_EMBED):
+        elif key not in (BASE_EMBED, FUSION_EMBED):
             raise ValueError(f"{key}: not a DocEV model parameter")
-    missing = [k for k in (_BASE_EMBED, _FUSION_EMBED) if k not in state_dict]
+    missing = [k for k in (BASE_EMBED, FUSION_EMBED) if k not in state_dict]
     if missing:
         raise ValueError(f"state dict lacks {missing}")
-    decoder[_BASE_EMBED] = torch.cat([state_dict[_BASE_EMBED], state_dict[_FUSION_EMBED]])
-    for key, value in tt.tune_to_hf(decoder, **_decoder_args(arch)).items():
+    decoder[BASE_EMBED] = torch.cat([state_dict[BASE_EMBED], state_dict[FUSION_EMBED]])
+    for key, value in tt.tune_to_hf(decoder, **decoder_args(arch)).items():
         out[f"{LANGUAGE_MODEL}{key}"] = value
     return out
 
