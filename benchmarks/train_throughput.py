@@ -9,7 +9,9 @@ micro-batch (B × S, the activation-memory budget) and the median step time for:
 3. our recipe vs torchtune's stock ``full_finetune_distributed`` loop on the same text-only batches, the
    stock loop driving a plain torchtune Llama decoder of the same size as the tiny DocEV decoder, sharded
    as the stock recipe does with ``custom_sharded_layers: ['tok_embeddings']`` (the same FSDP units as
-   ours); ratio of median step times, target ≤ 1.05. The stock recipe cannot run on CPU as shipped
+   ours); ratio of median step times, target ≤ 1.05, and the same for rank 0's CPU time over the same
+   window (``time.process_time``, every thread of the process: the recipe's ``step_cpu_seconds``), which
+   moves less with the other load on the cores than the wall clock. The stock recipe cannot run on CPU as shipped
    (``training.cleanup_before_training`` calls ``torch.cpu.empty_cache``, which does not exist, and its
    ``_setup_model`` logs ``get_memory_stats``, which raises on CPU), so this script reproduces its
    ``train()`` loop line by line minus those two calls and the profiler, and feeds it our loader's batches.
@@ -26,7 +28,10 @@ loops time the same window: from fetching a step's first micro-batch through the
 Measured (load average 12-20 on the 2 cores; earlier figures, at ~5 and with the recipe's window ending
 before the optimizer step, in brackets): batch 1 2115 tok/s (4399), batch 4 bucketed 5418 (12032), packed
 7394 (11919); compiled / eager 3.16 (1.11); ours / stock 0.56 (0.93), the old window the same day 1.28 --
-at that load the noise exceeds the effect (docs/architecture.md).
+at that load the noise exceeds the effect (docs/architecture.md). Section 3 after the grad-scaling change
+(load 2-5): step 139.2 vs 137.9 ms, ratio 1.009, CPU 55.3 vs 63.9 ms, ratio 0.866, both "inconclusive" by
+their rounds' spread (wall 0.58-1.59, CPU 0.71-1.31); where the recipe spends more per step than the stock
+loop, call by call, is in docs/architecture.md.
 
     .venv/bin/python benchmarks/train_throughput.py [--records 64] [--steps 16] [--repeats 3] [--sections 1,2,3]
 """
