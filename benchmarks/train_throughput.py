@@ -30,8 +30,10 @@ before the optimizer step, in brackets): batch 1 2115 tok/s (4399), batch 4 buck
 7394 (11919); compiled / eager 3.16 (1.11); ours / stock 0.56 (0.93), the old window the same day 1.28 --
 at that load the noise exceeds the effect (docs/architecture.md). Section 3 after the grad-scaling change
 (load 2-5): step 139.2 vs 137.9 ms, ratio 1.009, CPU 55.3 vs 63.9 ms, ratio 0.866, both "inconclusive" by
-their rounds' spread (wall 0.58-1.59, CPU 0.71-1.31); where the recipe spends more per step than the stock
-loop, call by call, is in docs/architecture.md.
+their rounds' spread (wall 0.58-1.59, CPU 0.71-1.31); run again minutes later (load 2-4): step 107.7 vs
+153.6 ms, 0.701, CPU 68.7 vs 70.5 ms, 0.974 (0.62-1.36). The CPU clock swings less than the wall clock but
+not little; where the recipe spends more per step than the stock loop, call by call, is in
+docs/architecture.md.
 
     .venv/bin/python benchmarks/train_throughput.py [--records 64] [--steps 16] [--repeats 3] [--sections 1,2,3]
 """
