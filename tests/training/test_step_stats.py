@@ -42,3 +42,10 @@ def test_scale_and_clip_matches_torchtune_scale_grads_and_clip(max_norm):
         assert norm > 1.0
         clipped = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters() if p.grad is not None])
         assert clipped.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_scale_and_clip_without_any_gradient():
+    """No trainable parameter reached by the loss: nothing to scale, the norm is 0 (as torchtune's loop gives)."""
+    model = torch.nn.Linear(3, 3)
+    assert scale_and_clip(torch.optim.AdamW(model.parameters()), 0.5, 1.0) == 0.0
+    assert model.weight.grad is None

@@ -36,7 +36,8 @@ def scale_and_clip(optimizer: torch.optim.Optimizer, scale: float, max_norm: flo
     foreach call (benchmarks/train_throughput.py section 3). The result is the same bits in fp32."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grads = [p.grad for p in params]
-    torch._foreach_mul_(grads, scale)
+    if grads:  # _foreach_mul_ refuses an empty list (no trainable parameter reached by this step's loss)
+        torch._foreach_mul_(grads, scale)
     if max_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
     else:
