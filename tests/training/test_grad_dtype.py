@@ -10,13 +10,11 @@ reducing every micro-batch: bf16 compute, fp32 accumulation in another order: 2%
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 WORKER = Path(__file__).with_name("grad_dtype_worker.py")
 
@@ -26,12 +24,7 @@ pytestmark = pytest.mark.slow  # a torchrun worker on 2 gloo ranks (`make test-f
 @pytest.fixture(scope="module")
 def results(tiny_checkpoint, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("grad_dtype") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(WORKER.parent), *sys.path])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(tiny_checkpoint), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return run_ranks(WORKER, 2, tiny_checkpoint, out=out, timeout=300)
 
 
 @pytest.mark.parametrize("pattern", ["text", "late"])

@@ -5,13 +5,11 @@ LoRA. Peak host memory is measured by benchmarks/load_memory.py, not here."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 from docev.training.load import fill_model
 
@@ -23,12 +21,7 @@ pytestmark = pytest.mark.slow  # a torchrun worker on 2 gloo ranks (`make test-f
 @pytest.fixture(scope="module")
 def results(tiny_checkpoint, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("load") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(tiny_checkpoint), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return run_ranks(WORKER, 2, tiny_checkpoint, out=out)
 
 
 @pytest.mark.parametrize("scenario", ["full", "full_bf16_master", "hybrid", "replicated", "trainable_tower", "lora"])

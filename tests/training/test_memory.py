@@ -2,7 +2,6 @@
 shards of 2 gloo ranks (memory_worker.py)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONFIGS
+from gloo_ranks import run_ranks
 from torchao.dtypes.nf4tensor import to_nf4
 
 from docev.config import load_config
@@ -87,12 +87,7 @@ def test_cli_prints_the_preview_table():
 @pytest.fixture(scope="module")
 def gloo(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("memory") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return run_ranks(WORKER, 2, out=out)
 
 
 @pytest.mark.parametrize("case", ["full/full", "full/hybrid", "lora/full", "lora/hybrid"])

@@ -10,13 +10,11 @@ fp32: losses to 2%, gradients to 5% relative norm per tensor.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 from docev.models.docev import docev_tiny
 from docev.training.comm_volume import Collective
@@ -31,12 +29,7 @@ NODE0, REPLICAS0 = (0, 1), (0, 2)  # rank 0's shard group (its node) and replica
 @pytest.fixture(scope="module")
 def results(tiny_checkpoint, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(WORKER),
-           str(tiny_checkpoint), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return run_ranks(WORKER, 4, tiny_checkpoint, out=out, timeout=900)
 
 
 def _collectives(res: dict, micro: int) -> list[Collective]:

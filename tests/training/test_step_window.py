@@ -1,6 +1,7 @@
-"""What ``step_seconds`` (and the tokens/s made from it) covers: the whole optimizer step, not only the
-forward/backward passes. One process in this interpreter, on a clock of the test's own: it moves only
-inside ``optimizer.step`` and the lr-scheduler step, so the step window must read exactly their sum."""
+"""What ``step_seconds`` (and the tokens/s made from it) and ``step_cpu_seconds`` cover: the whole optimizer
+step, not only the forward/backward passes. One process in this interpreter, on clocks of the test's own (wall
+and CPU): they move only inside ``optimizer.step`` and the lr-scheduler step, so the step window must read exactly
+their sum."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import CONFIGS, one_process_group
 
 from docev.config import load_config
 from docev.data.preprocess import run_preprocess
-from docev.training import recipe
+from docev.training import recipe, step_stats
 from docev.training.metrics_log import read_metrics
 from docev.validate.runner import run_validate
 
@@ -49,9 +50,13 @@ def test_step_seconds_include_the_optimizer_and_lr_steps(tmp_path, tiny_checkpoi
     assert cfg.optimizer.component == "torch.optim.AdamW"
     assert cfg.lr_scheduler.component == "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
     clock = Clock()
-    monkeypatch.setattr(recipe, "time", SimpleNamespace(perf_counter=clock.perf_counter))
-    monkeypatch.setattr(torch.optim.AdamW, "step", clock.costs(OPTIMIZER_SECONDS, torch.optim.AdamW.step))
-    scheduler_step = clock.costs(SCHEDULER_SECONDS, torch.optim.lr_scheduler.LambdaLR.step)
+    cpu = Clock()  # the CPU clock advances at half the wall clock's pace inside the same calls
+    monkeypatch.setattr(step_stats, "time", SimpleNamespace(perf_counter=clock.perf_counter,
+                                                            process_time=cpu.perf_counter))  # fmt: skip
+    optimizer_step = cpu.costs(OPTIMIZER_SECONDS / 2, torch.optim.AdamW.step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", clock.costs(OPTIMIZER_SECONDS, optimizer_step))
+    scheduler_step = cpu.costs(SCHEDULER_SECONDS / 2, torch.optim.lr_scheduler.LambdaLR.step)
+    scheduler_step = clock.costs(SCHEDULER_SECONDS, scheduler_step)
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", scheduler_step)
     one_process_group(monkeypatch)
 
@@ -61,4 +66,5 @@ def test_step_seconds_include_the_optimizer_and_lr_steps(tmp_path, tiny_checkpoi
     for r in rows:  # the window holds the optimizer step and the lr-scheduler step (the forward/backward passes
         # and the all-reduce are in it too, but take no time on this clock)
         assert r["step_seconds"] == OPTIMIZER_SECONDS + SCHEDULER_SECONDS, r
+        assert r["step_cpu_seconds"] == (OPTIMIZER_SECONDS + SCHEDULER_SECONDS) / 2, r
         assert r["tokens_per_second"] == pytest.approx(r["num_tokens"] / r["step_seconds"])

@@ -29,7 +29,7 @@ from PIL import Image
 
 from docev.config import DatasetSource
 from docev.sources import formats
-from docev.storage import Store, is_url, store_for
+from docev.storage import Store, is_url, store_for, with_retries
 from docev.vision.image_io import load_image
 
 CHUNK_ROWS = 512
@@ -138,8 +138,11 @@ def _table_rows(store: Store, kind: str, path: str) -> int:
 
 
 def _open_table(store: Store, path: str) -> Any:
-    """Local files memory-mapped; objects through the retrying reader (parquet reads footer + row groups)."""
-    return pa.memory_map(path) if store.local else store.open_read(path)
+    """Local files memory-mapped; objects through the retrying reader (parquet reads footer + row groups). A local
+    open that fails transiently (EIO/ESTALE on an NFS or FUSE volume) is retried like any read."""
+    if not store.local:
+        return store.open_read(path)
+    return with_retries(lambda: pa.memory_map(path), f"open {store.display(path)}", store.options)
 
 
 _JSON_CACHE: dict[tuple[str, int], tuple[list[Any], str | None]] = {}

@@ -32,7 +32,6 @@ import math
 import os
 import socket
 import sys
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -40,7 +39,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.tensor import DTensor
 from torchtune import config, training, utils
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 from torchtune.training.lr_schedulers import get_lr
@@ -77,7 +75,7 @@ from docev.training.state import (
     Schedule,
     WandbRun,
 )
-from docev.training.step_stats import StepStats, fail_non_finite
+from docev.training.step_stats import StepStats, fail_non_finite, scale_and_clip
 
 log = utils.get_logger("INFO")
 
@@ -306,13 +304,13 @@ class DocEVFinetuneRecipe:
             done = self._sampler.start_step // self._gradient_accumulation_steps
             if done >= self._steps_per_epoch[epoch]:
                 continue
-            step, t0 = StepStats(), time.perf_counter()
+            step = StepStats()
             for batch in self._dataloader:
                 self._sampler.advance(1)
                 self._forward_backward(batch, step)
                 if len(step.losses) < self._gradient_accumulation_steps:
                     continue
-                self._optimizer_step(step, epoch, t0, pbar)
+                self._optimizer_step(step, epoch, pbar)
                 done += 1
                 end_of_epoch = done == self._steps_per_epoch[epoch]
                 stopping = stop is not None and self.global_step >= stop
@@ -329,7 +327,7 @@ class DocEVFinetuneRecipe:
                     raise Preempted(self.global_step)
                 if end_of_epoch or stopping:
                     break
-                step, t0 = StepStats(), time.perf_counter()
+                step = StepStats()
             if stop is not None and self.global_step >= stop:
                 utils.log_rank_zero(log, f"stop_after_steps: stopping after step {self.global_step}")
                 break
@@ -375,24 +373,15 @@ class DocEVFinetuneRecipe:
         loss.backward()
         step.record(batch, loss, n_loss)
 
-    def _optimizer_step(self, step: StepStats, epoch: int, t0: float, pbar: tqdm) -> None:
+    def _optimizer_step(self, step: StepStats, epoch: int, pbar: tqdm) -> None:
         bad, totals = step.all_reduce(self._device)
-        loss_sum, n_bad, tokens, loss_tokens, slots, tiles, pairs = totals
+        loss_sum, n_bad, tokens, loss_tokens = totals[:4]
         if n_bad or not math.isfinite(loss_sum):
             ids = [i for flag, i in zip(bad.tolist(), step.sample_ids, strict=True) if flag]
             fail_non_finite(f"loss is {loss_sum / max(loss_tokens, 1)}", self.global_step + 1, ids, self.world_size)
-
         # Gradients hold sums over this rank's loss tokens; FSDP averages over ranks. Scale to the mean
         # over every loss token of the step.
-        training.scale_grads(self._model, torch.tensor(self.world_size / max(loss_tokens, 1.0)))
-        params = [p for p in self._model.parameters() if p.grad is not None]
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self._clip_grad_norm))
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
+        grad_norm = scale_and_clip(self._optimizer, self.world_size / max(loss_tokens, 1.0), self._clip_grad_norm)
         if not math.isfinite(grad_norm):
             fail_non_finite(f"gradient norm is {grad_norm}", self.global_step + 1, step.sample_ids, self.world_size)
         lr = get_lr(self._optimizer)
@@ -403,33 +392,17 @@ class DocEVFinetuneRecipe:
             self._lr_scheduler.step()
         if self._device.type == "cuda":  # the optimizer's kernels belong to this step, not to the next one
             torch.cuda.synchronize(self._device)
-        # The step window: from fetching the step's first micro-batch (t0, taken when the previous step
+        # The step window: from fetching the step's first micro-batch (StepStats() taken when the previous step
         # ended) through every forward/backward, the all-reduce, grad scaling, clipping, optimizer.step,
         # zero_grad and the lr-scheduler step. Checkpoint saves and metric logging fall outside it.
-        step_seconds = time.perf_counter() - t0
+        seconds = step.elapsed()
         self._progress.step += 1
         self._progress.tokens += int(tokens)
-
-        loss = loss_sum / max(loss_tokens, 1.0)
         pbar.update(1)
-        pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss:.4f}")
+        pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss_sum / max(loss_tokens, 1.0):.4f}")
         if self._metrics is not None and self.global_step % self._log_every_n_steps == 0:
-            metrics = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_second": tokens / step_seconds,
-                "tokens_per_second_per_gpu": tokens / step_seconds / self.world_size,
-                "padding_share": 1.0 - tokens / slots,
-                "sampling_ratio": step.sampling_ratio(),
-                "num_tokens": int(tokens),
-                "num_loss_tokens": int(loss_tokens),
-                "num_tiles": int(tiles),
-                "attention_pairs": int(pairs),
-                "tokens_seen": self._progress.tokens,
-                "step_seconds": step_seconds,
-                "epoch": epoch,
-            }
+            metrics = step.metrics(totals, lr=lr, grad_norm=grad_norm, seconds=seconds, epoch=epoch,
+                                   tokens_seen=self._progress.tokens, world_size=self.world_size)  # fmt: skip
             if self.cfg.compile:  # bounded by the padding buckets (dataloader.pad_to_multiple_of, packed rows)
                 metrics["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 metrics["graphs_per_code_object"] = max(graphs_per_code_object().values())
