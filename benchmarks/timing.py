@@ -48,15 +48,17 @@ def spread(seconds: list[float]) -> str:
 
 
 def ratio_verdict(ours: list[float], theirs: list[float], target: float) -> tuple[float, float, float, str]:
-    """Ratio of the medians of two contestants' rounds, its lowest and highest value the rounds allow
-    (fastest ours / slowest theirs, slowest ours / fastest theirs), and whether ``ratio <= target`` holds over
-    that whole range, fails over it, or is inconclusive (the spread of the rounds straddles the target)."""
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    low, high = min(ours) / max(theirs), max(ours) / min(theirs)
-    if high <= target:
-        verdict = f"meets <= {target}"
-    elif low > target:
-        verdict = f"misses <= {target}"
+    """Paired ratios of two contestants run in interleaved rounds (round i of ours over round i of theirs:
+    both saw the same drift of the shared cores), their median, lowest and highest, and a verdict on
+    ``ratio <= target``: met when at least two thirds of the rounds meet it, missed when at least two
+    thirds miss it, else inconclusive (the rounds disagree)."""
+    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    ratio, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    met = sum(r <= target for r in ratios)
+    if 3 * met >= 2 * len(ratios):
+        verdict = f"meets <= {target} in {met} of {len(ratios)} rounds"
+    elif 3 * (len(ratios) - met) >= 2 * len(ratios):
+        verdict = f"misses <= {target} in {len(ratios) - met} of {len(ratios)} rounds"
     else:
-        verdict = f"inconclusive: the rounds' spread allows {low:.3f} to {high:.3f}, across {target}"
+        verdict = f"inconclusive: {met} of {len(ratios)} rounds meet <= {target} (ratios {low:.3f} to {high:.3f})"
     return ratio, low, high, verdict
