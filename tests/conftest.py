@@ -1,5 +1,8 @@
 """Shared fixtures: the tiny checkpoint and a small synthetic corpus, made once per session."""
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,17 @@ def one_process_group(monkeypatch) -> None:
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+
+
+@contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's ``size=`` option) mounted on a new ``folder``, unmounted afterwards: a real
+    full disk for the disk-full tests. Skips the test where mounting is not allowed (not root)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the disk-full test did not run")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

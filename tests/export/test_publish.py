@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, tiny_config
+from conftest import CONFIGS, small_tmpfs, tiny_config
 
 import docev.export.publish as publish_module
 import docev.run.publish as run_publish
@@ -161,17 +160,10 @@ def test_an_export_with_a_users_file_is_not_replaced(tmp_path):
 def test_a_full_disk_is_named_and_leaves_nothing(export_run, tiny_checkpoint, synth_sources, tmp_path):
     """The export's folder on a 1 MB tmpfs (the tiny weights are ~3 MB): the error names the staging folder, the
     bytes needed and free, instead of a safetensors traceback; no staging folder or lock is left behind."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the disk-full test did not run")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mnt:
         cfg = tiny_config(export_run, tiny_checkpoint, sources_list(synth_sources))
         with pytest.raises(ExportError, match=rf"writing {mnt}/\.export\.partial-\w+: no space left: it needs "
                                               r"~[\d,]+ bytes .*, [\d,]+ bytes .* free; free space or choose another "
                                               r"--out"):  # fmt: skip
             export_checkpoint(cfg, "latest", str(mnt / "export"))
         assert os.listdir(mnt) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)

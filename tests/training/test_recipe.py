@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, small_tmpfs
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -620,12 +620,7 @@ def test_disk_full_is_named_and_a_restart_does_not_retrain(data, tmp_path):
     """checkpointer.output_dir on a 12 MB tmpfs (one tiny HF checkpoint is ~8 MB): training warns that two do not
     fit, the save of step 4 fits, the next one runs out of space and names the folder, the bytes needed and free;
     the restart, the disk still full, resumes step 4 and refuses before it trains a step or rewrites a log line."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the disk-full test did not run")
-    try:
+    with small_tmpfs(tmp_path / "small", "12m") as mnt:
         out = _out(data, "disk_full")
         args = _args(data, out, f"checkpointer.output_dir={mnt}", "epochs=1")
         first = _train(args)
@@ -645,5 +640,3 @@ def test_disk_full_is_named_and_a_restart_does_not_retrain(data, tmp_path):
                          rf"{need}; .* training did not start", log), log[-3000:]  # fmt: skip
         assert (out / "logs" / "metrics.jsonl").read_text() == logged  # no step trained, no line rewritten
         assert not any(p.name.endswith(".partial") for p in mnt.iterdir())  # the resume pruned the failed save
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
